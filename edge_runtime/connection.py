@@ -1,0 +1,145 @@
+"""The edge's end of the websocket: handshake, then many sessions multiplexed on it.
+
+Each session has at most one request in flight, so replies are matched to requests by
+session id alone.  A reader task dispatches replies; if the connection drops, every
+waiting request fails with `ConnectionLost` and the session objects decide whether to
+recover on a new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+import torch
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from fedsea_shared.protocol import (
+    WIRE_DTYPES,
+    Close,
+    Closed,
+    Error,
+    ErrorCode,
+    Hello,
+    Open,
+    Opened,
+    Output,
+    ProtocolError,
+    Step,
+    Welcome,
+    decode,
+    encode,
+    tensor_meta,
+)
+
+log = logging.getLogger("fedsea.edge.connection")
+
+
+class ServerError(Exception):
+    """The server refused a request; `code` is a protocol ErrorCode value."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"server refused: {message} ({code})")
+        self.code = code
+        self.message = message
+
+
+class ConnectionLost(ServerError):
+    def __init__(self, message: str = "connection to the server runtime was lost"):
+        super().__init__("connection_lost", message)
+
+
+class ServerConnection:
+    def __init__(self, ws: ClientConnection, welcome: Welcome, wire_dtype: str):
+        self.ws = ws
+        self.welcome = welcome
+        self.wire_dtype = WIRE_DTYPES[wire_dtype]
+        self._sids = itertools.count()
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, url: str, hello: Hello, open_timeout: float = 10) -> "ServerConnection":
+        ws = await connect(url, compression=None, max_size=None, open_timeout=open_timeout)
+        try:
+            await ws.send(encode(hello))
+            message, _ = decode(await ws.recv())
+        except BaseException:
+            await ws.close()
+            raise
+        if isinstance(message, Error):
+            await ws.close()
+            raise ServerError(message.code.value, message.message)
+        if not isinstance(message, Welcome):
+            await ws.close()
+            raise ServerError(ErrorCode.BAD_FRAME.value, f"expected welcome, got {message.type}")
+        return cls(ws, message, hello.dtype)
+
+    def new_sid(self) -> int:
+        return next(self._sids)
+
+    async def open(self, sid: int, noise: float) -> None:
+        await self._request(sid, encode(Open(sid=sid, noise=noise)), Opened)
+
+    async def step(self, sid: int, pos: int, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.to(self.wire_dtype)
+        frame = encode(Step(sid=sid, pos=pos, tensor=tensor_meta(hidden)), hidden)
+        _, tensor = await self._request(sid, frame, Output)
+        return tensor
+
+    async def close_session(self, sid: int) -> None:
+        if not self.closed:
+            await self._request(sid, encode(Close(sid=sid)), Closed)
+
+    async def close(self) -> None:
+        self.closed = True
+        await self.ws.close()
+        self._reader.cancel()
+
+    async def _request(self, sid: int, frame: bytes, expect: type):
+        if self.closed:
+            raise ConnectionLost()
+        if sid in self._waiting:
+            raise RuntimeError(f"session {sid} already has a request in flight")
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[sid] = fut
+        try:
+            await self.ws.send(frame)
+            message, tensor = await fut
+        except ConnectionClosed:
+            raise ConnectionLost() from None
+        finally:
+            self._waiting.pop(sid, None)
+        if not isinstance(message, expect):
+            raise ServerError(ErrorCode.BAD_FRAME.value, f"expected {expect.__name__}, got {message.type}")
+        return message, tensor
+
+    async def _read(self) -> None:
+        reason = "connection to the server runtime was lost"
+        try:
+            async for data in self.ws:
+                try:
+                    message, tensor = decode(data)
+                except ProtocolError as e:
+                    log.error("undecodable frame from server: %s", e)
+                    continue
+                sid = getattr(message, "sid", None)
+                fut = self._waiting.get(sid) if sid is not None else None
+                if isinstance(message, Error):
+                    log.warning("server error: %s: %s (session %s)", message.code.value, message.message, sid)
+                    if message.fatal:
+                        reason = f"server closed the connection: {message.message}"
+                    if fut is not None and not fut.done():
+                        fut.set_exception(ServerError(message.code.value, message.message))
+                elif fut is not None and not fut.done():
+                    fut.set_result((message, tensor))
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closed = True
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionLost(reason))

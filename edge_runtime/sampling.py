@@ -1,0 +1,85 @@
+"""Turning logits into the next token: penalties, temperature, top-k, top-p, seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    seed: int | None = None  # fixes sampling and the edge's noise
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0  # OpenAI semantics, over generated tokens
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # HF semantics, over prompt and generated tokens
+    logprobs: int | None = None  # return this many top alternatives per token (0..20)
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (0 <= self.temperature <= 2, "temperature must be in [0, 2]"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be in [0, 20]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class Sample:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] | None  # (token id, logprob) of the most likely tokens
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+    if params.repetition_penalty != 1.0:
+        seen = torch.cat([prompt, generated]).unique()
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and generated.numel():
+        counts = torch.bincount(generated, minlength=logits.shape[0]).to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    prompt: torch.Tensor,
+    generated: torch.Tensor,
+) -> Sample:
+    logits = apply_penalties(logits.float().clone(), params, prompt, generated)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if params.temperature == 0:
+        token = int(torch.argmax(logits))
+    else:
+        scaled = logits / params.temperature
+        if params.top_k:
+            kth = torch.topk(scaled, min(params.top_k, scaled.shape[0])).values[-1]
+            scaled[scaled < kth] = float("-inf")
+        if params.top_p < 1.0:
+            sorted_logits, order = torch.sort(scaled, descending=True)
+            cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+            # Drop a token once the mass before it already reaches top_p (keeps >= 1).
+            drop = cum - torch.softmax(sorted_logits, dim=-1) >= params.top_p
+            scaled[order[drop]] = float("-inf")
+        probs = torch.softmax(scaled, dim=-1)
+        token = int(torch.multinomial(probs, 1, generator=generator))
+    top = None
+    if params.logprobs is not None:
+        values, ids = torch.topk(logprobs, params.logprobs) if params.logprobs else (torch.empty(0), torch.empty(0))
+        top = [(int(i), float(v)) for i, v in zip(ids, values)]
+    return Sample(token, float(logprobs[token]), top)

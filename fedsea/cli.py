@@ -1,0 +1,70 @@
+"""The `fedsea` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from fedsea_shared import defaults
+
+
+def _split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=defaults.MODEL, help="checkpoint directory or packaged model name (default: %(default)s)")
+    p.add_argument("--head", type=int, default=defaults.HEAD, help="blocks before the server's range, kept on the edge (default: %(default)s)")
+    p.add_argument("--tail", type=int, default=defaults.TAIL, help="blocks after the server's range, kept on the edge (default: %(default)s)")
+
+
+def _server_parser(sub) -> None:
+    p = sub.add_parser("server", help="run the server runtime (middle blocks) for remote edges")
+    _split_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=defaults.SERVER_PORT)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--kv-cache-memory", default="1GiB", help="KV pool size: bytes (2GiB, 512MiB) or a fraction of free GPU memory (0.8)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-context", type=int, default=8192)
+    p.add_argument("--token-budget", type=int, default=512, help="tokens per batched forward (chunked prefill)")
+    p.add_argument("--noise-min", type=float, default=0.0, help="lowest noise scale an edge may declare")
+    p.add_argument("--noise-max", type=float, default=4.0, help="highest noise scale an edge may declare")
+    p.add_argument("--max-sessions-per-connection", type=int, default=256)
+    p.add_argument("--idle-timeout", type=float, default=600.0, help="seconds before an idle session's cache is freed")
+    p.add_argument("--wait-timeout", type=float, default=30.0, help="seconds a request may wait for KV capacity")
+
+
+def _run_server(args) -> None:
+    from server_runtime.app import ServerSettings, run_server
+    from server_runtime.engine import EngineSettings
+
+    settings = ServerSettings(
+        model=args.model, head=args.head, tail=args.tail, host=args.host, port=args.port,
+        device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+        block_size=args.block_size, noise_min=args.noise_min, noise_max=args.noise_max,
+        max_sessions_per_connection=args.max_sessions_per_connection,
+        engine=EngineSettings(
+            max_context=args.max_context, token_budget=args.token_budget,
+            wait_timeout=args.wait_timeout, idle_timeout=args.idle_timeout,
+        ),
+    )
+    asyncio.run(run_server(settings))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fedsea", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _server_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        {"server": _run_server}[args.command](args)
+    except KeyboardInterrupt:
+        pass
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"fedsea {args.command}: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The wire protocol between edge and server: one websocket, binary frames, many sessions.
+
+Frame layout (every message, both directions):
+
+    [u32 big-endian: header length N][N bytes: orjson header][payload: raw tensor bytes]
+
+The header is one of the pydantic models below (its `type` field selects which).  A
+header whose `tensor` field is set is followed by exactly prod(shape) * itemsize bytes in
+row-major order; nothing else is ever on the wire: no pickle, no torch.load, no masks, no
+KV tensors, no token ids.  docs/protocol.md documents each message.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from enum import Enum
+from typing import Annotated, Literal, Union
+
+import orjson
+import torch
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 16 * 1024
+
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class ErrorCode(str, Enum):
+    BAD_FRAME = "bad_frame"  # not a frame, unparsable header, unknown type, bad field
+    BAD_TENSOR = "bad_tensor"  # wrong shape or dtype, payload size mismatch
+    NON_FINITE = "non_finite"  # NaN or Inf in a hidden state
+    TOO_LARGE = "too_large"  # message over the negotiated max_message_bytes
+    VERSION = "version"  # protocol version mismatch
+    NOT_READY = "not_ready"  # a session message before the hello handshake
+    PARTITION_MISMATCH = "partition_mismatch"  # edge and server disagree on the split
+    UNKNOWN_SESSION = "unknown_session"
+    SESSION_EXISTS = "session_exists"
+    SESSION_BUSY = "session_busy"  # a step while the previous one is still running
+    POSITION_MISMATCH = "position_mismatch"  # step.pos differs from the server's length
+    CONTEXT_OVERFLOW = "context_overflow"  # session would exceed max_context
+    NOISE_OUT_OF_BOUNDS = "noise_out_of_bounds"
+    LIMIT = "limit"  # too many sessions on this connection
+    CAPACITY = "capacity"  # KV pool full: retry later
+    INTERNAL = "internal"
+
+
+class TensorMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dtype: Literal["float32", "float16", "bfloat16"]
+    shape: list[Annotated[int, Field(ge=0)]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * WIRE_DTYPES[self.dtype].itemsize
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- edge -> server ------------------------------------------------------------------
+
+
+class Hello(_Message):
+    """First message on a connection: which cut of which model the edge runs."""
+
+    type: Literal["hello"] = "hello"
+    v: int = PROTOCOL_VERSION
+    num_layers: int
+    hidden_size: int
+    layers: tuple[int, int]  # the server range [start, end) the edge expects
+    dtype: Literal["float32", "float16", "bfloat16"]  # wire dtype of hidden states
+
+
+class Open(_Message):
+    """Open a session (one sequence).  `noise` is the scale the edge applies (relative
+    to per-token RMS); the server refuses one outside its bounds."""
+
+    type: Literal["open"] = "open"
+    sid: Annotated[int, Field(ge=0, lt=2**53)]
+    noise: Annotated[float, Field(ge=0)]
+
+
+class Step(_Message):
+    """Hidden states of the next tokens at positions [pos, pos + n): the whole prompt at
+    prefill, one token per decode step.  Tensor: [n, hidden_size]."""
+
+    type: Literal["step"] = "step"
+    sid: int
+    pos: Annotated[int, Field(ge=0)]
+    tensor: TensorMeta
+
+
+class Close(_Message):
+    type: Literal["close"] = "close"
+    sid: int
+
+
+# ---- server -> edge ------------------------------------------------------------------
+
+
+class Welcome(_Message):
+    type: Literal["welcome"] = "welcome"
+    v: int = PROTOCOL_VERSION
+    layers: tuple[int, int]
+    dtype: Literal["float32", "float16", "bfloat16"]
+    noise_min: float
+    noise_max: float
+    max_context: int
+    max_sessions: int  # per connection
+    max_message_bytes: int
+
+
+class Opened(_Message):
+    type: Literal["opened"] = "opened"
+    sid: int
+
+
+class Output(_Message):
+    """The middle blocks' output for the tokens of one Step.  Tensor: [n, hidden_size]."""
+
+    type: Literal["output"] = "output"
+    sid: int
+    pos: int
+    tensor: TensorMeta
+
+
+class Closed(_Message):
+    type: Literal["closed"] = "closed"
+    sid: int
+
+
+class Error(_Message):
+    """A refused message.  `sid` names the session it concerns, if any; `fatal` means
+    the server closes the connection after sending it."""
+
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    sid: int | None = None
+    fatal: bool = False
+
+
+Message = Annotated[
+    Union[Hello, Open, Step, Close, Welcome, Opened, Output, Closed, Error],
+    Field(discriminator="type"),
+]
+_MESSAGE = TypeAdapter(Message)
+
+
+class ProtocolError(Exception):
+    """A message that cannot be accepted; carries what the peer should be told."""
+
+    def __init__(self, code: ErrorCode, message: str, sid: int | None = None):
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+        self.sid = sid
+
+    def to_message(self, fatal: bool = False) -> Error:
+        return Error(code=self.code, message=self.message, sid=self.sid, fatal=fatal)
+
+
+def tensor_meta(t: torch.Tensor) -> TensorMeta:
+    for name, dt in WIRE_DTYPES.items():
+        if t.dtype == dt:
+            return TensorMeta(dtype=name, shape=list(t.shape))
+    raise ValueError(f"dtype {t.dtype} cannot go on the wire")
+
+
+def encode(message: _Message, tensor: torch.Tensor | None = None) -> bytes:
+    header = orjson.dumps(message.model_dump(mode="json", exclude_none=True))
+    if tensor is None:
+        return struct.pack(">I", len(header)) + header
+    payload = tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    return struct.pack(">I", len(header)) + header + payload
+
+
+def decode(data: bytes | str) -> tuple[_Message, torch.Tensor | None]:
+    """Parse one frame; raise ProtocolError (never anything else) on malformed input."""
+    if isinstance(data, str):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "text frames are not accepted; send binary frames")
+    if len(data) < 4:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"frame of {len(data)} bytes is shorter than its length prefix")
+    (n,) = struct.unpack_from(">I", data)
+    if n > MAX_HEADER_BYTES or 4 + n > len(data):
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"header length {n} does not fit the {len(data)}-byte frame")
+    try:
+        raw = orjson.loads(data[4 : 4 + n])
+    except orjson.JSONDecodeError as e:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"header is not JSON: {e}") from None
+    sid = raw.get("sid") if isinstance(raw, dict) and isinstance(raw.get("sid"), int) else None
+    try:
+        message = _MESSAGE.validate_python(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"invalid header at {where or 'top level'}: {first['msg']}", sid) from None
+    payload = memoryview(data)[4 + n :]
+    meta: TensorMeta | None = getattr(message, "tensor", None)
+    if meta is None:
+        if len(payload):
+            raise ProtocolError(ErrorCode.BAD_FRAME, f"{len(payload)} payload bytes after a header with no tensor", sid)
+        return message, None
+    if math.prod(meta.shape) == 0:
+        raise ProtocolError(ErrorCode.BAD_TENSOR, f"empty tensor of shape {meta.shape}", sid)
+    if len(payload) != meta.nbytes:
+        raise ProtocolError(
+            ErrorCode.BAD_TENSOR,
+            f"payload is {len(payload)} bytes but {meta.dtype}{meta.shape} needs {meta.nbytes}",
+            sid,
+        )
+    tensor = torch.frombuffer(bytearray(payload), dtype=WIRE_DTYPES[meta.dtype]).reshape(meta.shape)
+    return message, tensor

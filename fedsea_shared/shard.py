@@ -1,0 +1,259 @@
+"""LLaMA-family model shards: which decoder blocks a side holds, and how it runs them.
+
+Both sides run the same `DecoderBlock` code, so a split forward computes exactly what the
+centralized model computes.  Tensors are flat: `hidden` is [tokens, hidden_size] for all
+sequences of a batch back to back, and attention is delegated to an `AttentionFn` that
+each runtime implements over its own KV cache (the edge: per-sequence buffers; the
+server: the paged pool).  Parameter names follow the Hugging Face checkpoint
+(`model.layers.7.self_attn.q_proj.weight`) so a shard loads straight from safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Where the model is cut: the edge keeps `head` blocks before and `tail` blocks after
+    the server's range [head, num_layers - tail)."""
+
+    num_layers: int
+    head: int
+    tail: int
+
+    def __post_init__(self) -> None:
+        if self.head < 1 or self.tail < 1:
+            raise ValueError(f"head and tail must each be >= 1 (got head={self.head}, tail={self.tail})")
+        if self.head + self.tail >= self.num_layers:
+            raise ValueError(
+                f"head={self.head} + tail={self.tail} leaves no block for the server "
+                f"(the model has {self.num_layers} blocks)"
+            )
+
+    @property
+    def server_range(self) -> tuple[int, int]:
+        return self.head, self.num_layers - self.tail
+
+    @property
+    def head_layers(self) -> range:
+        return range(0, self.head)
+
+    @property
+    def server_layers(self) -> range:
+        return range(*self.server_range)
+
+    @property
+    def tail_layers(self) -> range:
+        return range(self.num_layers - self.tail, self.num_layers)
+
+
+def load_config(model_dir: str | Path) -> LlamaConfig:
+    """Read a checkpoint's config.json (never a hub download)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model directory: no config.json")
+    raw = json.loads(path.read_text())
+    if raw.get("model_type") not in ("llama", None):
+        raise ValueError(f"only LLaMA-family checkpoints are supported, not model_type={raw.get('model_type')!r}")
+    config = LlamaConfig.from_pretrained(str(model_dir), local_files_only=True)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def head_dim(config: LlamaConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class AttentionFn(Protocol):
+    """Attention over a runtime's own KV cache for the tokens of one flat batch.
+
+    q: [tokens, num_heads, head_dim]; k, v: [tokens, num_kv_heads, head_dim], already
+    rotated.  The callee stores k/v in its cache and returns [tokens, num_heads * head_dim].
+    """
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One sequence's attention: q holds the last q_len positions of the k/v context.
+
+    q: [q_len, heads, d]; k, v: [ctx_len, kv_heads, d] -> [q_len, heads * d].  The causal
+    mask is rebuilt from lengths alone, which is why no mask ever crosses the wire.
+    """
+    q_len, ctx_len = q.shape[0], k.shape[0]
+    groups = q.shape[1] // k.shape[1]
+    qt = q.transpose(0, 1)
+    kt = k.transpose(0, 1).repeat_interleave(groups, dim=0)
+    vt = v.transpose(0, 1).repeat_interleave(groups, dim=0)
+    if q_len == 1:
+        mask = None
+    else:
+        offset = ctx_len - q_len
+        mask = torch.ones(q_len, ctx_len, dtype=torch.bool, device=q.device).tril(diagonal=offset)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1).reshape(q_len, -1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim(config)
+        self.scale = self.head_dim**-0.5
+        bias = getattr(config, "attention_bias", False)
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        # apply_rotary_pos_emb expects [..., heads, tokens, d]; cos/sin are [tokens, d].
+        q, k = apply_rotary_pos_emb(q.transpose(0, 1), k.transpose(0, 1), cos, sin, unsqueeze_dim=0)
+        out = attend(self.layer, q.transpose(0, 1), k.transpose(0, 1), v)
+        return self.o_proj(out)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = SelfAttention(config, layer)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Blocks(nn.Module):
+    """Holds decoder blocks under their global indices, as `model.layers.<i>` does."""
+
+    def __init__(self, config: LlamaConfig, layers: list[int]):
+        super().__init__()
+        self.layers = nn.ModuleDict({str(i): DecoderBlock(config, i) for i in layers})
+
+
+class ModelShard(nn.Module):
+    """The part of the model one side holds.  The edge holds embedding, head and tail
+    blocks, final norm and LM head; the server holds only its range of blocks."""
+
+    def __init__(self, config: LlamaConfig, layers: list[int], with_edge_parts: bool):
+        super().__init__()
+        self.config = config
+        self.model = _Blocks(config, layers)
+        self.rotary = LlamaRotaryEmbedding(config)
+        if with_edge_parts:
+            self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.model.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def rotary_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        probe = torch.empty(0, dtype=dtype, device=positions.device)
+        cos, sin = self.rotary(probe, positions[None])
+        return cos[0], sin[0]
+
+    def run_blocks(
+        self, layers: range, hidden: torch.Tensor, positions: torch.Tensor, attend: AttentionFn
+    ) -> torch.Tensor:
+        cos, sin = self.rotary_tables(positions, hidden.dtype)
+        for i in layers:
+            hidden = self.model.layers[str(i)](hidden, cos, sin, attend)
+        return hidden
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(token_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(hidden))
+
+
+def shard_tensor_names(config: LlamaConfig, layers: list[int], with_edge_parts: bool) -> list[str]:
+    """The checkpoint tensors a shard needs, and no others."""
+    shard = _meta_shard(config, layers, with_edge_parts)
+    return [n for n in shard.state_dict() if not n.startswith("rotary.")]
+
+
+def _meta_shard(config: LlamaConfig, layers: list[int], with_edge_parts: bool) -> ModelShard:
+    with torch.device("meta"):
+        return ModelShard(config, layers, with_edge_parts)
+
+
+def load_shard(
+    model_dir: str | Path,
+    layers: list[int],
+    with_edge_parts: bool,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    config: LlamaConfig | None = None,
+) -> ModelShard:
+    """Build a shard and read only its own tensors from the checkpoint's safetensors files.
+
+    The module is created on the meta device, so tensors of other sides are never
+    allocated, and each needed tensor is read by name from the file index.
+    """
+    model_dir = Path(model_dir)
+    config = config or load_config(model_dir)
+    shard = _meta_shard(config, layers, with_edge_parts)
+    wanted = set(shard_tensor_names(config, layers, with_edge_parts))
+    tied = with_edge_parts and config.tie_word_embeddings
+    if tied:
+        wanted.discard("lm_head.weight")
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for name in wanted.intersection(f.keys()):
+                state[name] = f.get_tensor(name).to(dtype)
+    missing = wanted - state.keys()
+    if missing:
+        raise ValueError(f"checkpoint {model_dir} lacks tensors: {sorted(missing)[:5]}")
+    shard.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        shard.lm_head.weight = shard.model.embed_tokens.weight
+    # Rotary tables are computed, not stored: rebuild them off the meta device.
+    with torch.device(device):
+        shard.rotary = LlamaRotaryEmbedding(config)
+    return shard.eval().requires_grad_(False)
+
+
+def edge_layers(partition: Partition) -> list[int]:
+    return [*partition.head_layers, *partition.tail_layers]
+
+
+def load_edge_shard(model_dir, partition: Partition, **kw) -> ModelShard:
+    return load_shard(model_dir, edge_layers(partition), with_edge_parts=True, **kw)
+
+
+def load_server_shard(model_dir, partition: Partition, **kw) -> ModelShard:
+    return load_shard(model_dir, list(partition.server_layers), with_edge_parts=False, **kw)
+
+
+def resident_bytes(module: nn.Module) -> int:
+    """Bytes of parameters and buffers, counting tied tensors once."""
+    seen: dict[int, int] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())

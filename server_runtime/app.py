@@ -1,0 +1,282 @@
+"""The server runtime's network face: one websocket endpoint for edges, plus /health and
+/metrics over plain HTTP on the same port.
+
+Each connection is checked once (hello: protocol version and partition) and then carries
+any number of sessions.  Every refused message gets a typed Error frame and a log line;
+only a failed handshake closes the connection, and nothing a peer sends can take the
+process or other sessions down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import torch
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from fedsea_shared import defaults
+from fedsea_shared.models import resolve_model
+from fedsea_shared.protocol import (
+    PROTOCOL_VERSION,
+    WIRE_DTYPES,
+    Close,
+    Closed,
+    ErrorCode,
+    Hello,
+    Open,
+    Opened,
+    Output,
+    ProtocolError,
+    Step,
+    Welcome,
+    decode,
+    encode,
+    tensor_meta,
+)
+from fedsea_shared.shard import Partition, head_dim, load_config, load_server_shard
+
+from .engine import Engine, EngineSettings
+from .kv_pool import KVPool, parse_memory
+from .metrics import ServerMetrics
+from .model_runner import ModelRunner
+
+log = logging.getLogger("fedsea.server")
+
+
+@dataclass
+class ServerSettings:
+    model: str = defaults.MODEL
+    head: int = defaults.HEAD
+    tail: int = defaults.TAIL
+    host: str = "127.0.0.1"
+    port: int = defaults.SERVER_PORT
+    device: str = "cpu"
+    dtype: str = "float32"  # compute and KV dtype
+    kv_cache_memory: str = "1GiB"  # bytes, or a fraction of free accelerator memory
+    block_size: int = 16
+    noise_min: float = 0.0
+    noise_max: float = 4.0
+    max_sessions_per_connection: int = 256
+    max_message_bytes: int = 64 * 2**20
+    engine: EngineSettings = field(default_factory=EngineSettings)
+
+
+@dataclass
+class _Connection:
+    id: int
+    ws: ServerConnection
+    hello: Hello | None = None
+    sessions: set[int] = field(default_factory=set)
+    tasks: set[asyncio.Task] = field(default_factory=set)
+
+    @property
+    def peer(self) -> str:
+        return "%s:%s" % tuple(self.ws.remote_address[:2]) if self.ws.remote_address else "?"
+
+
+class ServerRuntime:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        model_dir = resolve_model(settings.model)
+        self.config = load_config(model_dir)
+        self.partition = Partition(self.config.num_hidden_layers, settings.head, settings.tail)
+        dtype = WIRE_DTYPES[settings.dtype]
+        self.shard = load_server_shard(model_dir, self.partition, dtype=dtype, device=settings.device, config=self.config)
+        layers = self.partition.server_layers
+        per_block = KVPool.bytes_per_block(
+            len(layers), settings.block_size, self.config.num_key_value_heads, head_dim(self.config), dtype
+        )
+        free = torch.cuda.mem_get_info()[0] if settings.device.startswith("cuda") else None
+        num_blocks = parse_memory(settings.kv_cache_memory, free) // per_block
+        self.pool = KVPool(
+            len(layers), num_blocks, settings.block_size, self.config.num_key_value_heads,
+            head_dim(self.config), dtype, settings.device,
+        )
+        self.metrics = ServerMetrics()
+        runner = ModelRunner(self.shard, layers, self.pool, settings.device)
+        self.engine = Engine(runner, self.pool, settings.engine, self.metrics)
+        self._ids = itertools.count()
+        log.info(
+            "server runtime: layers [%d, %d) of %d, KV pool %d blocks x %d tokens (%.1f MiB)",
+            *self.partition.server_range, self.config.num_hidden_layers,
+            num_blocks, settings.block_size, self.pool.nbytes / 2**20,
+        )
+
+    async def serve(self) -> Server:
+        return await serve(
+            self._handle,
+            self.settings.host,
+            self.settings.port,
+            process_request=self._http,
+            compression=None,  # hidden states do not compress; deflate only costs CPU
+            # Frames up to max_message_bytes get a typed error; beyond twice that the
+            # websocket library closes the connection (code 1009) before reading it all.
+            max_size=2 * self.settings.max_message_bytes,
+        )
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    # ---- HTTP -----------------------------------------------------------------------------
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/health":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if request.path == "/metrics":
+            headers = Headers([("Content-Type", "text/plain; version=0.0.4; charset=utf-8")])
+            return Response(200, "OK", headers, self.metrics.render())
+        return None
+
+    # ---- websocket ------------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn = _Connection(next(self._ids), ws)
+        self.metrics.connections.inc()
+        log.info("edge connected from %s (connection %d)", conn.peer, conn.id)
+        try:
+            async for data in ws:
+                try:
+                    await self._on_frame(conn, data)
+                except ProtocolError as e:
+                    await self._refuse(conn, e)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.metrics.connections.dec()
+            for task in conn.tasks:
+                task.cancel()
+            for sid in conn.sessions:
+                self.engine.close((conn.id, sid))
+            log.info("edge %s disconnected; freed %d sessions", conn.peer, len(conn.sessions))
+
+    async def _refuse(self, conn: _Connection, error: ProtocolError, fatal: bool = False) -> None:
+        self.metrics.errors.labels(error.code.value).inc()
+        log.warning("refused from %s: %s%s", conn.peer, error, " (closing)" if fatal else "")
+        try:
+            await conn.ws.send(encode(error.to_message(fatal)))
+            if fatal:
+                await conn.ws.close(1008, error.code.value)
+        except ConnectionClosed:
+            pass
+
+    async def _on_frame(self, conn: _Connection, data: bytes | str) -> None:
+        if len(data) > self.settings.max_message_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"message of {len(data)} bytes exceeds the limit of {self.settings.max_message_bytes}")
+        message, tensor = decode(data)
+        if isinstance(message, Hello):
+            return await self._on_hello(conn, message)
+        if conn.hello is None:
+            raise ProtocolError(ErrorCode.NOT_READY, "send hello first", getattr(message, "sid", None))
+        if isinstance(message, Open):
+            return self._spawn(conn, self._on_open(conn, message))
+        if isinstance(message, Step):
+            self._check_step(conn, message, tensor)
+            return self._spawn(conn, self._on_step(conn, message, tensor))
+        if isinstance(message, Close):
+            return await self._on_close(conn, message)
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"{message.type!r} is a server message; an edge may not send it")
+
+    def _spawn(self, conn: _Connection, coro) -> None:
+        task = asyncio.create_task(coro)
+        conn.tasks.add(task)
+        task.add_done_callback(conn.tasks.discard)
+
+    async def _on_hello(self, conn: _Connection, hello: Hello) -> None:
+        expected = self.partition.server_range
+        if hello.v != PROTOCOL_VERSION:
+            error = ProtocolError(ErrorCode.VERSION, f"edge speaks protocol v{hello.v}, server speaks v{PROTOCOL_VERSION}")
+        elif hello.num_layers != self.config.num_hidden_layers or hello.hidden_size != self.config.hidden_size:
+            error = ProtocolError(
+                ErrorCode.PARTITION_MISMATCH,
+                f"edge model has {hello.num_layers} layers of width {hello.hidden_size}; this server serves "
+                f"{self.config.num_hidden_layers} layers of width {self.config.hidden_size} (a different model)",
+            )
+        elif tuple(hello.layers) != expected:
+            error = ProtocolError(
+                ErrorCode.PARTITION_MISMATCH,
+                f"edge expects the server to run layers [{hello.layers[0]}, {hello.layers[1]}) but this server "
+                f"runs [{expected[0]}, {expected[1]}) (head={self.partition.head}, tail={self.partition.tail}); "
+                f"start the edge with --head {self.partition.head} --tail {self.partition.tail}",
+            )
+        elif conn.hello is not None:
+            error = ProtocolError(ErrorCode.BAD_FRAME, "hello was already sent on this connection")
+        else:
+            conn.hello = hello
+            s = self.settings
+            await conn.ws.send(encode(Welcome(
+                layers=expected, dtype=hello.dtype, noise_min=s.noise_min, noise_max=s.noise_max,
+                max_context=s.engine.max_context, max_sessions=s.max_sessions_per_connection,
+                max_message_bytes=s.max_message_bytes,
+            )))
+            return
+        await self._refuse(conn, error, fatal=error.code != ErrorCode.BAD_FRAME)
+
+    async def _on_open(self, conn: _Connection, msg: Open) -> None:
+        s = self.settings
+        try:
+            if not s.noise_min <= msg.noise <= s.noise_max:
+                raise ProtocolError(ErrorCode.NOISE_OUT_OF_BOUNDS, f"noise {msg.noise} is outside the server's bounds [{s.noise_min}, {s.noise_max}]", msg.sid)
+            if msg.sid in conn.sessions:
+                raise ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open on this connection", msg.sid)
+            if len(conn.sessions) >= s.max_sessions_per_connection:
+                raise ProtocolError(ErrorCode.LIMIT, f"this connection already has {len(conn.sessions)} sessions (limit {s.max_sessions_per_connection})", msg.sid)
+            conn.sessions.add(msg.sid)
+            try:
+                await asyncio.wrap_future(self.engine.open((conn.id, msg.sid)))
+            except BaseException:
+                conn.sessions.discard(msg.sid)
+                raise
+            await conn.ws.send(encode(Opened(sid=msg.sid)))
+        except ProtocolError as e:
+            e.sid = msg.sid
+            await self._refuse(conn, e)
+        except ConnectionClosed:
+            pass
+
+    def _check_step(self, conn: _Connection, msg: Step, tensor: torch.Tensor) -> None:
+        if msg.sid not in conn.sessions:
+            raise ProtocolError(ErrorCode.UNKNOWN_SESSION, "no such session on this connection", msg.sid)
+        hidden = self.config.hidden_size
+        if tensor.dim() != 2 or tensor.shape[1] != hidden:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"hidden states must be [tokens, {hidden}], got {list(tensor.shape)}", msg.sid)
+        if msg.tensor.dtype != conn.hello.dtype:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"dtype {msg.tensor.dtype} but {conn.hello.dtype} was negotiated", msg.sid)
+        if not torch.isfinite(tensor).all():
+            raise ProtocolError(ErrorCode.NON_FINITE, "hidden states contain NaN or Inf", msg.sid)
+
+    async def _on_step(self, conn: _Connection, msg: Step, tensor: torch.Tensor) -> None:
+        try:
+            out = await asyncio.wrap_future(self.engine.step((conn.id, msg.sid), msg.pos, tensor))
+            out = out.to("cpu", WIRE_DTYPES[conn.hello.dtype])
+            await conn.ws.send(encode(Output(sid=msg.sid, pos=msg.pos, tensor=tensor_meta(out)), out))
+        except ProtocolError as e:
+            e.sid = msg.sid
+            await self._refuse(conn, e)
+        except ConnectionClosed:
+            pass
+
+    async def _on_close(self, conn: _Connection, msg: Close) -> None:
+        if msg.sid not in conn.sessions:
+            raise ProtocolError(ErrorCode.UNKNOWN_SESSION, "no such session on this connection", msg.sid)
+        conn.sessions.discard(msg.sid)
+        await asyncio.wrap_future(self.engine.close((conn.id, msg.sid)))
+        await conn.ws.send(encode(Closed(sid=msg.sid)))
+
+
+async def run_server(settings: ServerSettings, ready: asyncio.Event | None = None) -> None:
+    runtime = ServerRuntime(settings)
+    try:
+        async with await runtime.serve() as server:
+            log.info("listening on ws://%s:%d", settings.host, settings.port)
+            if ready is not None:
+                ready.set()
+            await server.serve_forever()
+    finally:
+        runtime.close()

@@ -1,0 +1,230 @@
+"""The engine: sessions, scheduler, KV pool and model runner on one worker thread.
+
+The websocket side never touches model state: it calls the thread-safe methods of
+`EngineBackend` (open/step/close), which enqueue a command and return a Future.  The
+worker thread applies commands, schedules a tick, runs it and resolves futures, so the
+event loop never waits on the model and all engine state has a single owner.  A
+different engine (e.g. one driving vLLM) only has to implement `EngineBackend`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import Callable, Hashable, Protocol
+
+import torch
+
+from fedsea_shared.protocol import ErrorCode, ProtocolError
+
+from .kv_pool import BlockTable, KVPool
+from .metrics import ServerMetrics
+from .model_runner import ModelRunner
+from .scheduler import Scheduler, Session, StepWork
+
+log = logging.getLogger("fedsea.server.engine")
+
+
+class EngineBackend(Protocol):
+    def open(self, key: Hashable) -> Future: ...
+    def step(self, key: Hashable, pos: int, hidden: torch.Tensor) -> Future: ...
+    def close(self, key: Hashable) -> Future: ...
+    def shutdown(self) -> None: ...
+
+
+@dataclass
+class EngineSettings:
+    max_context: int = 8192
+    token_budget: int = 512  # tokens per tick (decode rows + prefill chunks)
+    wait_timeout: float = 30.0  # seconds a step or an open may wait for KV blocks
+    idle_timeout: float = 600.0  # seconds before an idle session is freed
+    admission_free_blocks: int = 1  # an open waits until at least this many blocks are free
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, pool: KVPool, settings: EngineSettings, metrics: ServerMetrics):
+        self.runner = runner
+        self.pool = pool
+        self.settings = settings
+        self.metrics = metrics
+        self.scheduler = Scheduler(pool, settings.token_budget, settings.wait_timeout)
+        self.sessions: dict[Hashable, Session] = {}
+        self._opens: list[tuple[Hashable, Future, float]] = []  # waiting for capacity
+        self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="fedsea-engine", daemon=True)
+        self._running = True
+        self._thread.start()
+        self._publish()
+
+    # ---- thread-safe API -------------------------------------------------------------
+
+    def open(self, key: Hashable) -> Future:
+        return self._submit(lambda fut: self._open(key, fut))
+
+    def step(self, key: Hashable, pos: int, hidden: torch.Tensor) -> Future:
+        return self._submit(lambda fut: self._step(key, pos, hidden, fut))
+
+    def close(self, key: Hashable) -> Future:
+        return self._submit(lambda fut: _resolve(fut, self._close(key)))
+
+    def shutdown(self) -> None:
+        self._running = False
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    def _submit(self, command: Callable[[Future], None]) -> Future:
+        fut: Future = Future()
+        self._inbox.put(lambda: command(fut))
+        return fut
+
+    # ---- worker thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while self._running:
+            busy = len(self.scheduler) > 0 or self._opens
+            try:
+                first = self._inbox.get(timeout=0.05 if busy else 0.5)
+            except queue.Empty:
+                first = None
+            commands = [first] if first else []
+            while True:
+                try:
+                    commands.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for command in commands:
+                if command is not None:
+                    command()
+            try:
+                self._tick()
+            except Exception:  # a bug must not kill the engine: fail the tick's steps
+                log.exception("engine tick failed")
+                for work in list(self.scheduler.queue):
+                    self._fail(work, ProtocolError(ErrorCode.INTERNAL, "server error while running the step"))
+            self._housekeeping()
+            self._publish()
+
+    def _tick(self) -> None:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return
+        t0 = time.monotonic()
+        for c in chunks:
+            if c.start == 0:
+                self.metrics.queue_wait.observe(t0 - c.work.enqueued)
+        outputs = self.runner.run(chunks)
+        tokens = sum(c.end - c.start for c in chunks)
+        self.metrics.tick_seconds.observe(time.monotonic() - t0)
+        self.metrics.tokens_per_tick.observe(tokens)
+        self.metrics.tokens.inc(tokens)
+        now = time.monotonic()
+        for work in self.scheduler.complete(chunks, outputs):
+            work.session.work = None
+            work.session.last_active = now
+            self.metrics.step_latency.observe(now - work.enqueued)
+            result = torch.cat(work.outputs) if len(work.outputs) > 1 else work.outputs[0]
+            _resolve(work.future, result)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        for work in self.scheduler.expired(now):
+            self._fail(work, ProtocolError(
+                ErrorCode.CAPACITY,
+                f"the server's KV cache stayed full for {self.settings.wait_timeout:.0f}s; retry later",
+            ))
+        still = []
+        for key, fut, since in self._opens:
+            if fut.done():
+                continue
+            if self.pool.allocator.num_free >= self.settings.admission_free_blocks:
+                self._admit(key, fut)
+            elif now - since > self.settings.wait_timeout:
+                self._fail_future(fut, ProtocolError(
+                    ErrorCode.CAPACITY,
+                    f"server at capacity: no KV cache free for {self.settings.wait_timeout:.0f}s; retry later",
+                ))
+            else:
+                still.append((key, fut, since))
+        self._opens = still
+        for key, s in list(self.sessions.items()):
+            if s.work is None and now - s.last_active > self.settings.idle_timeout:
+                log.info("session %s idle for %.0fs: freed", key, now - s.last_active)
+                self._close(key)
+
+    def _publish(self) -> None:
+        free = self.pool.allocator.num_free
+        self.metrics.kv_blocks_free.set(free)
+        self.metrics.kv_blocks_used.set(self.pool.allocator.num_blocks - free)
+        self.metrics.sessions.set(len(self.sessions))
+        self.metrics.queue_depth.set(len(self.scheduler))
+
+    # ---- commands (run on the worker thread) -------------------------------------------
+
+    def _open(self, key: Hashable, fut: Future) -> None:
+        if key in self.sessions or any(k == key for k, _, _ in self._opens):
+            self._fail_future(fut, ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open", key[-1]))
+        elif self.pool.allocator.num_free >= self.settings.admission_free_blocks:
+            self._admit(key, fut)
+        else:
+            self._opens.append((key, fut, time.monotonic()))
+
+    def _admit(self, key: Hashable, fut: Future) -> None:
+        self.sessions[key] = Session(key, BlockTable(self.pool.block_size))
+        _resolve(fut, None)
+
+    def _step(self, key: Hashable, pos: int, hidden: torch.Tensor, fut: Future) -> None:
+        sid = key[-1]
+        session = self.sessions.get(key)
+        if session is None:
+            return self._fail_future(fut, ProtocolError(ErrorCode.UNKNOWN_SESSION, "no such session (never opened, closed or expired)", sid))
+        if session.work is not None:
+            return self._fail_future(fut, ProtocolError(ErrorCode.SESSION_BUSY, "the previous step of this session has not finished", sid))
+        length = session.table.num_tokens
+        if pos != length:
+            return self._fail_future(fut, ProtocolError(ErrorCode.POSITION_MISMATCH, f"step at position {pos} but the session holds {length} tokens", sid))
+        if length + hidden.shape[0] > self.settings.max_context:
+            return self._fail_future(fut, ProtocolError(
+                ErrorCode.CONTEXT_OVERFLOW,
+                f"{length} + {hidden.shape[0]} tokens exceed the server's max context of {self.settings.max_context}",
+                sid,
+            ))
+        session.last_active = time.monotonic()
+        session.work = StepWork(session, hidden, length, fut)
+        self.scheduler.add(session.work)
+
+    def _close(self, key: Hashable) -> bool:
+        for entry in self._opens:
+            if entry[0] == key:
+                self._fail_future(entry[1], ProtocolError(ErrorCode.UNKNOWN_SESSION, "closed while waiting to open", key[-1]))
+        session = self.sessions.pop(key, None)
+        if session is None:
+            return False
+        if session.work is not None:
+            self.scheduler.remove(session.work)
+            self._fail_future(session.work.future, ProtocolError(ErrorCode.UNKNOWN_SESSION, "session closed during its step", key[-1]))
+        self.pool.free(session.table)
+        return True
+
+    def _fail(self, work: StepWork, error: ProtocolError) -> None:
+        self.scheduler.remove(work)
+        work.session.work = None
+        error.sid = work.session.key[-1]
+        self._fail_future(work.future, error)
+
+    @staticmethod
+    def _fail_future(fut: Future, error: ProtocolError) -> None:
+        try:
+            fut.set_exception(error)
+        except InvalidStateError:  # the asker gave up (disconnected) meanwhile
+            pass
+
+
+def _resolve(fut: Future, value) -> None:
+    try:
+        fut.set_result(value)
+    except InvalidStateError:
+        pass

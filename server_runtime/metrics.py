@@ -1,0 +1,29 @@
+"""Prometheus metrics of one server runtime (a registry per instance, so several can run
+in one process, as the tests do)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions = Gauge("fedsea_sessions", "Open sessions", registry=r)
+        self.connections = Gauge("fedsea_connections", "Open edge connections", registry=r)
+        self.kv_blocks_used = Gauge("fedsea_kv_blocks_used", "KV pool blocks in use", registry=r)
+        self.kv_blocks_free = Gauge("fedsea_kv_blocks_free", "KV pool blocks free", registry=r)
+        self.queue_depth = Gauge("fedsea_queue_depth", "Steps waiting for the model", registry=r)
+        self.tokens_per_tick = Histogram(
+            "fedsea_tokens_per_tick", "Tokens in one batched forward", registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+        )
+        self.queue_wait = Histogram("fedsea_queue_wait_seconds", "Time a step waits before its first chunk runs", registry=r)
+        self.step_latency = Histogram("fedsea_step_latency_seconds", "Time from a step's arrival to its output", registry=r)
+        self.tick_seconds = Histogram("fedsea_tick_seconds", "Duration of one batched forward", registry=r)
+        self.tokens = Counter("fedsea_tokens", "Tokens through the middle blocks", registry=r)
+        self.errors = Counter("fedsea_errors", "Refused messages by error code", ["code"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
