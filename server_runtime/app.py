@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -280,3 +281,51 @@ async def run_server(settings: ServerSettings, ready: asyncio.Event | None = Non
             await server.serve_forever()
     finally:
         runtime.close()
+
+
+class ServerThread:
+    """A server runtime on its own event-loop thread: the embedded server of `fedsea
+    serve`, and the tests' in-process server.  port=0 picks a free port."""
+
+    def __init__(self, settings: ServerSettings):
+        self.runtime = ServerRuntime(settings)
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fedsea-server", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout=30):
+            raise RuntimeError("server runtime did not start")
+        if self._error:
+            raise self._error
+
+    _error: BaseException | None = None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._server = self._loop.run_until_complete(self.runtime.serve())
+        except BaseException as e:  # e.g. the port is taken
+            self._error = e
+            self._started.set()
+            return
+        self._started.set()
+        self._loop.run_forever()
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.runtime.settings.host}:{self.port}"
+
+    def stop(self) -> None:
+        async def shutdown():
+            self._server.close()
+            await self._server.wait_closed()
+
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=15)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=15)
+        self.runtime.close()

