@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import signal
 import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -275,6 +276,8 @@ async def run_server(settings: ServerSettings, ready: asyncio.Event | None = Non
     runtime = ServerRuntime(settings)
     try:
         async with await runtime.serve() as server:
+            # SIGTERM (docker stop, kill) closes connections cleanly, freeing sessions.
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.close)
             log.info("listening on ws://%s:%d", settings.host, settings.port)
             if ready is not None:
                 ready.set()

@@ -1,0 +1,92 @@
+"""What the server receives: never the prompt's token ids or text; noised states that
+differ between identical requests unless the caller fixes the seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edge_runtime import EdgeClient
+from fedsea_shared.protocol import Step, decode
+
+PROMPT = "My name is Alice Carrington and my PIN is 4921. What should I cook tonight?"
+
+
+@pytest.fixture
+def recorded(start_server, tiny_model_dir):
+    """A server that records every frame it receives, and an edge client for it."""
+    server = start_server(tiny_model_dir, noise_min=0.0)
+    frames: list[bytes] = []
+    runtime = server.runtime
+    original = runtime._on_frame
+
+    async def spy(conn, data):
+        frames.append(bytes(data))
+        return await original(conn, data)
+
+    runtime._on_frame = spy
+    yield server, frames
+
+
+def id_patterns(ids: list[int]) -> list[bytes]:
+    """The prompt's ids in every integer encoding a leak could use, as windows of 4 ids."""
+    out = []
+    for dtype in (np.int64, np.int32, np.uint16, np.float32):
+        arr = np.array(ids, dtype=dtype)
+        out += [arr[i : i + 4].tobytes() for i in range(0, len(ids) - 4, 4)]
+    out += [str(ids[i : i + 4])[1:-1].encode() for i in range(0, len(ids) - 4, 4)]
+    return out
+
+
+def test_server_never_receives_prompt_text_or_ids(recorded, tiny_model_dir):
+    server, frames = recorded
+    with EdgeClient(server.url, model=str(tiny_model_dir), noise=0.5) as client:
+        messages = [{"role": "user", "content": PROMPT}]
+        client.generate(messages, max_tokens=8, temperature=0)
+        ids = client._client.chat_prompt(messages)
+    wire = b"".join(frames)
+    assert len(frames) >= 9  # hello, open, prefill, decode steps, close
+    for word in ("Alice", "Carrington", "4921", "cook tonight", "user"):
+        assert word.encode() not in wire and word.encode("utf-16-le") not in wire
+    for pattern in id_patterns(ids):
+        assert pattern not in wire
+    steps = [decode(f) for f in frames if b'"step"' in f[:200]]
+    assert steps and all(isinstance(m, Step) for m, _ in steps)
+    # The prefill carries one hidden state per prompt token and nothing else.
+    assert steps[0][1].shape == (len(ids), 64)
+
+
+def prefill_states(server, tiny_model_dir, frames, **params):
+    frames.clear()
+    with EdgeClient(server.url, model=str(tiny_model_dir), noise=0.5) as client:
+        client.generate([{"role": "user", "content": PROMPT}], max_tokens=1, **params)
+    return [t for m, t in (decode(f) for f in frames) if isinstance(m, Step)][0]
+
+
+def test_identical_requests_send_different_noise(recorded, tiny_model_dir):
+    server, frames = recorded
+    a = prefill_states(server, tiny_model_dir, frames, temperature=0)
+    b = prefill_states(server, tiny_model_dir, frames, temperature=0)
+    assert a.shape == b.shape and not torch.equal(a, b)
+    # Relative noise 0.5 moves every token by about half its RMS.
+    assert (a - b).pow(2).mean().sqrt() > 0.1 * a.pow(2).mean().sqrt()
+
+
+def test_a_seed_makes_the_noise_reproducible(recorded, tiny_model_dir):
+    server, frames = recorded
+    a = prefill_states(server, tiny_model_dir, frames, temperature=0, seed=3)
+    b = prefill_states(server, tiny_model_dir, frames, temperature=0, seed=3)
+    assert torch.equal(a, b)
+
+
+def test_zero_noise_sends_the_exact_hidden_states(recorded, tiny_model_dir):
+    server, frames = recorded
+    with EdgeClient(server.url, model=str(tiny_model_dir), noise=0.0) as client:
+        client.generate([{"role": "user", "content": PROMPT}], max_tokens=1, temperature=0)
+    a = [t for m, t in (decode(f) for f in frames) if isinstance(m, Step)][0]
+    frames.clear()
+    with EdgeClient(server.url, model=str(tiny_model_dir), noise=0.0) as client:
+        client.generate([{"role": "user", "content": PROMPT}], max_tokens=1, temperature=0)
+    b = [t for m, t in (decode(f) for f in frames) if isinstance(m, Step)][0]
+    assert torch.equal(a, b)

@@ -1,0 +1,123 @@
+"""Shard loading: each side materialises only its own tensors, and the split forward is
+the centralized forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from conftest import make_tiny_model
+from fedsea_shared import shard as shard_mod
+from fedsea_shared.shard import (
+    Partition,
+    causal_attention,
+    load_config,
+    load_edge_shard,
+    load_server_shard,
+    resident_bytes,
+)
+
+
+def layer_names(names, i):
+    return {n for n in names if n.startswith(f"model.layers.{i}.")}
+
+
+def test_partition_ranges_and_validation():
+    p = Partition(30, head=2, tail=3)
+    assert p.server_range == (2, 27)
+    assert list(p.head_layers) == [0, 1] and list(p.tail_layers) == [27, 28, 29]
+    for head, tail in [(0, 2), (2, 0), (15, 15), (29, 1)]:
+        with pytest.raises(ValueError):
+            Partition(30, head, tail)
+
+
+def test_each_side_holds_only_its_parameters(tiny_model_dir):
+    p = Partition(6, head=2, tail=1)
+    edge = {n for n, _ in load_edge_shard(tiny_model_dir, p).named_parameters(remove_duplicate=False)}
+    server = {n for n, _ in load_server_shard(tiny_model_dir, p).named_parameters()}
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= edge
+    for i in (0, 1, 5):
+        assert layer_names(edge, i) and not layer_names(server, i)
+    for i in (2, 3, 4):
+        assert layer_names(server, i) and not layer_names(edge, i)
+    assert not any("embed" in n or "lm_head" in n or n == "model.norm.weight" for n in server)
+    # Nothing left on the meta device: every parameter was really loaded.
+    for shard in (load_edge_shard(tiny_model_dir, p), load_server_shard(tiny_model_dir, p)):
+        assert all(t.device.type == "cpu" for t in shard.state_dict().values())
+
+
+def test_loading_reads_only_own_tensors(tiny_model_dir, monkeypatch):
+    """Spy on the safetensors reader: the server never reads edge tensors and vice versa."""
+    read: list[str] = []
+    real_open = shard_mod.safe_open
+
+    class Spy:
+        def __init__(self, *a, **kw):
+            self.f = real_open(*a, **kw)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.inner.get_tensor(name)
+
+    monkeypatch.setattr(shard_mod, "safe_open", Spy)
+    p = Partition(6, head=1, tail=1)
+    load_server_shard(tiny_model_dir, p)
+    assert read and all(any(n.startswith(f"model.layers.{i}.") for i in range(1, 5)) for n in read)
+    read.clear()
+    load_edge_shard(tiny_model_dir, p)
+    assert "model.embed_tokens.weight" in read
+    assert not any(n.startswith(f"model.layers.{i}.") for n in read for i in range(1, 5))
+
+
+def full_attend(scale):
+    def attend(layer, q, k, v):
+        return causal_attention(q, k, v, scale)
+
+    return attend
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # GQA + tied embeddings
+        {"tie_word_embeddings": False, "num_key_value_heads": 4},  # MHA, separate LM head (Llama 2 style)
+        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 64}},  # Llama 3.x rope scaling
+    ],
+    ids=["gqa-tied", "mha-untied", "llama3-rope"],
+)
+def test_split_forward_matches_transformers(tmp_path, default_model_dir, overrides):
+    model_dir = make_tiny_model(tmp_path, default_model_dir, **overrides)
+    reference = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, 49152, (1, 90))  # longer than original_max_position_embeddings
+    with torch.no_grad():
+        expected = reference(ids).logits[0]
+    p = Partition(6, head=2, tail=2)
+    edge, server = load_edge_shard(model_dir, p), load_server_shard(model_dir, p)
+    attend = full_attend(edge.model.layers["0"].self_attn.scale)
+    pos = torch.arange(90)
+    with torch.no_grad():
+        h = edge.run_blocks(p.head_layers, edge.embed(ids[0]), pos, attend)
+        h = server.run_blocks(p.server_layers, h, pos, attend)
+        got = edge.logits(edge.run_blocks(p.tail_layers, h, pos, attend))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_resident_bytes_counts_tied_weights_once(tiny_model_dir):
+    cfg = load_config(tiny_model_dir)
+    p = Partition(6, 1, 1)
+    edge = load_edge_shard(tiny_model_dir, p)
+    embed = cfg.vocab_size * cfg.hidden_size * 4
+    assert resident_bytes(edge) < 2 * embed  # lm_head shares the embedding's storage
