@@ -98,6 +98,11 @@ class AsyncEdgeClient:
             dtype=self.wire_dtype,
         )
 
+    @property
+    def connected(self) -> bool:
+        """Whether the shared connection is up now (no reconnect is attempted)."""
+        return self._conn is not None and not self._conn.closed
+
     async def connection(self) -> ServerConnection:
         """The shared connection, (re)connected on demand."""
         if self._connect_lock is None:

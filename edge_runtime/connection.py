@@ -58,6 +58,9 @@ class ServerConnection:
         self.wire_dtype = WIRE_DTYPES[wire_dtype]
         self._sids = itertools.count()
         self._waiting: dict[int, asyncio.Future] = {}
+        # Sessions whose request was cancelled (a client went away mid-step): the server
+        # still answers it, and that late reply must not be taken for the next request's.
+        self._abandoned: set[int] = set()
         self._reader = asyncio.get_running_loop().create_task(self._read())
         self.closed = False
 
@@ -106,11 +109,17 @@ class ServerConnection:
             raise RuntimeError(f"session {sid} already has a request in flight")
         fut = asyncio.get_running_loop().create_future()
         self._waiting[sid] = fut
+        sent = False
         try:
             await self.ws.send(frame)
+            sent = True
             message, tensor = await fut
         except ConnectionClosed:
             raise ConnectionLost() from None
+        except asyncio.CancelledError:
+            if sent and not fut.done():
+                self._abandoned.add(sid)
+            raise
         finally:
             self._waiting.pop(sid, None)
         if not isinstance(message, expect):
@@ -127,6 +136,9 @@ class ServerConnection:
                     log.error("undecodable frame from server: %s", e)
                     continue
                 sid = getattr(message, "sid", None)
+                if sid in self._abandoned and not isinstance(message, Closed):
+                    self._abandoned.discard(sid)  # the reply to a cancelled request
+                    continue
                 fut = self._waiting.get(sid) if sid is not None else None
                 if isinstance(message, Error):
                     log.warning("server error: %s: %s (session %s)", message.code.value, message.message, sid)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from fedsea_shared import defaults
@@ -34,6 +35,65 @@ def _server_parser(sub) -> None:
     p.add_argument("--wait-timeout", type=float, default=30.0, help="seconds a request may wait for KV capacity")
 
 
+def _edge_args(p: argparse.ArgumentParser) -> None:
+    """The edge and OpenAI API side, shared by `serve` and `gateway`."""
+    p.add_argument("--noise", type=float, default=defaults.NOISE, help="noise added to hidden states before they leave this machine, relative to their RMS (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address of the OpenAI-compatible API (default: %(default)s)")
+    p.add_argument("--port", type=int, default=defaults.GATEWAY_PORT, help="port of the OpenAI-compatible API (default: %(default)s)")
+    p.add_argument("--api-key", default=os.environ.get("FEDSEA_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1 (default: $FEDSEA_API_KEY, else no key)")
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="the embedded default: server runtime (loopback) + edge + OpenAI API in one process")
+    _split_args(p)
+    _edge_args(p)
+    p.add_argument("--server-port", type=int, default=0, help="loopback port of the embedded server runtime (default: a free one)")
+    p.add_argument("--device", default="cpu", help="device of the server runtime's middle blocks")
+    p.add_argument("--kv-cache-memory", default="1GiB", help="KV pool size of the server runtime")
+
+
+def _gateway_parser(sub) -> None:
+    p = sub.add_parser("gateway", help="edge + OpenAI API against a remote server runtime (`fedsea server`)")
+    _split_args(p)
+    _edge_args(p)
+    p.add_argument("--server", default=f"ws://127.0.0.1:{defaults.SERVER_PORT}", help="websocket URL of the server runtime (default: %(default)s)")
+
+
+def _gateway_settings(args, server_url: str):
+    from gateway import GatewaySettings
+
+    return GatewaySettings(
+        server_url=server_url, model=args.model, head=args.head, tail=args.tail, noise=args.noise,
+        host=args.host, port=args.port, api_key=args.api_key,
+    )
+
+
+def _run_serve(args) -> None:
+    from fedsea_shared.models import resolve_model
+    from gateway import run_gateway
+    from server_runtime.app import ServerSettings, ServerThread
+
+    resolve_model(args.model)  # prepares the default model once; safe when two processes start together
+    server = ServerThread(ServerSettings(
+        model=args.model, head=args.head, tail=args.tail, host="127.0.0.1", port=args.server_port,
+        device=args.device, kv_cache_memory=args.kv_cache_memory,
+    ))
+    try:
+        run_gateway(_gateway_settings(args, server.url), log_level=args.log_level.lower())
+    finally:
+        server.stop()
+
+
+def _run_gateway(args) -> None:
+    from fedsea_shared.models import resolve_model
+    from gateway import run_gateway
+
+    if not args.server.startswith(("ws://", "wss://")):
+        raise ValueError(f"--server must be a ws:// or wss:// URL, got {args.server!r}")
+    resolve_model(args.model)
+    run_gateway(_gateway_settings(args, args.server), log_level=args.log_level.lower())
+
+
 def _run_server(args) -> None:
     from server_runtime.app import ServerSettings, run_server
     from server_runtime.engine import EngineSettings
@@ -56,10 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     _server_parser(sub)
+    _serve_parser(sub)
+    _gateway_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        {"server": _run_server}[args.command](args)
+        {"server": _run_server, "serve": _run_serve, "gateway": _run_gateway}[args.command](args)
     except KeyboardInterrupt:
         pass
     except (ValueError, FileNotFoundError) as e:

@@ -1,0 +1,179 @@
+"""The gateway's edge: one `AsyncEdgeClient` shared by every request.
+
+All generations share its single connection to the server runtime and its EdgeWorker,
+which batches their head/tail/LM-head work.  A supervisor task loads the edge model off
+the event loop, then keeps the connection up: a gateway started before its server (or
+whose server restarts) waits and retries instead of exiting, and /health says 503 until
+the edge is loaded and connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from dataclasses import dataclass, replace
+from typing import AsyncIterator
+
+from websockets.exceptions import WebSocketException
+
+from edge_runtime.client import AsyncEdgeClient, TokenEvent
+from edge_runtime.connection import ServerError
+from edge_runtime.sampling import SamplingParams
+from fedsea_shared import defaults
+
+from . import errors
+from .metrics import GatewayMetrics
+
+log = logging.getLogger("fedsea.gateway")
+
+RETRY_MAX_SECONDS = 10.0
+
+
+@dataclass
+class GatewaySettings:
+    server_url: str = f"ws://127.0.0.1:{defaults.SERVER_PORT}"
+    model: str = defaults.MODEL
+    head: int = defaults.HEAD
+    tail: int = defaults.TAIL
+    noise: float = defaults.NOISE
+    host: str = "127.0.0.1"
+    port: int = defaults.GATEWAY_PORT
+    api_key: str | None = None  # when set, /v1 requires "Authorization: Bearer <key>"
+
+    @property
+    def model_id(self) -> str:
+        """The name clients use: the alias, or the checkpoint directory's name."""
+        return Path(self.model).name
+
+
+class Backend:
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.client: AsyncEdgeClient | None = None
+        self.problem = "loading the edge model"  # why we are not ready, for /health
+        self._supervisor: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.client is not None and self.client.connected
+
+    def start(self) -> None:
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def close(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        if self.client is not None:
+            await self.client.aclose()
+
+    async def _supervise(self) -> None:
+        s = self.settings
+        try:
+            self.client = await asyncio.to_thread(AsyncEdgeClient, s.server_url, s.model, s.head, s.tail, s.noise)
+        except Exception as e:
+            self.problem = f"the edge model failed to load: {e}"
+            log.exception("edge model failed to load")
+            return
+        delay = 0.5
+        while True:
+            try:
+                conn = await self.client.connection()
+            except ServerError as e:  # the server refused the handshake (a different model or split)
+                self.problem = f"the server runtime at {s.server_url} refused this edge: {e.message}"
+                log.error("%s; retrying in %.0fs", self.problem, delay)
+            except (OSError, TimeoutError, WebSocketException) as e:
+                self.problem = f"waiting for the server runtime at {s.server_url} ({str(e) or type(e).__name__})"
+                log.warning("%s; retrying in %.1fs", self.problem, delay)
+            else:
+                bounds = (conn.welcome.noise_min, conn.welcome.noise_max)
+                if not bounds[0] <= s.noise <= bounds[1]:
+                    log.error("noise %s is outside the server's bounds %s: every request will fail", s.noise, bounds)
+                self.metrics.ready.set(1)
+                log.info("edge ready: connected to %s (layers %s on the server, noise %s)", s.server_url, conn.welcome.layers, s.noise)
+                await conn.ws.wait_closed()
+                self.metrics.ready.set(0)
+                self.problem = f"lost the connection to {s.server_url}; reconnecting"
+                log.warning(self.problem)
+                delay = 0.5
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RETRY_MAX_SECONDS)
+
+    def require_client(self) -> AsyncEdgeClient:
+        if self.client is None:
+            raise errors.APIError(503, f"not ready: {self.problem}", "server_error", code="loading")
+        return self.client
+
+    async def generate(
+        self, prompts: list[list[int]], n: int, params: SamplingParams, max_tokens: int | None
+    ) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """Run n choices per prompt concurrently; yield (choice index, event) as they come.
+
+        Choice i = prompt_index * n + j uses seed + i, so the choices differ while a seeded
+        request stays reproducible (noise included: the edge derives it from the seed).
+        Leaving the iteration early (a client disconnect) cancels every choice, and each
+        closes its server session on the way out.
+        """
+        client = self.require_client()
+        try:
+            conn = await client.connection()
+        except Exception as e:
+            raise errors.from_edge(e, self.settings.server_url) from e
+        welcome = conn.welcome
+        if not welcome.noise_min <= client.noise <= welcome.noise_max:
+            raise errors.APIError(
+                502, f"the server runtime only accepts noise in [{welcome.noise_min}, {welcome.noise_max}]; "
+                f"this gateway runs with --noise {client.noise}", "server_error", code="noise_out_of_bounds",
+            )
+        limit = min(welcome.max_context, client.config.max_position_embeddings)
+        jobs = []
+        for p, prompt in enumerate(prompts):
+            room = limit - len(prompt)
+            if room < 1 or (max_tokens is not None and max_tokens > room):
+                asked = f" and {max_tokens} to generate" if max_tokens is not None else ""
+                raise errors.context_too_long(
+                    f"this model's maximum context length is {limit} tokens; the prompt has {len(prompt)}{asked}"
+                )
+            for j in range(n):
+                i = p * n + j
+                seed = None if params.seed is None else params.seed + i
+                jobs.append((i, prompt, replace(params, max_tokens=max_tokens or room, seed=seed)))
+
+        queue: asyncio.Queue = asyncio.Queue()
+        started = time.monotonic()
+        tasks = [asyncio.create_task(self._choice(i, prompt, ps, queue, started)) for i, prompt, ps in jobs]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise errors.from_edge(item, self.settings.server_url)
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _choice(self, index: int, prompt: list[int], params: SamplingParams, queue: asyncio.Queue, started: float) -> None:
+        m = self.metrics
+        m.running.inc()
+        m.prompt_tokens.inc(len(prompt))
+        last = None
+        try:
+            async for event in self.client.stream_tokens(prompt, params):
+                now = time.monotonic()
+                (m.ttft if last is None else m.inter_token).observe(now - (started if last is None else last))
+                last = now
+                m.generation_tokens.inc()
+                if event.finish_reason:
+                    m.finished.labels(event.finish_reason).inc()
+                queue.put_nowait((index, event))
+            queue.put_nowait((index, None))
+        except Exception as e:
+            queue.put_nowait((index, e))
+        finally:
+            m.running.dec()
