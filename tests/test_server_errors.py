@@ -1,0 +1,193 @@
+"""Bad input on the wire: each gets a typed error frame and a log line, and the server
+keeps serving the offending connection's other sessions and every other connection."""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+import orjson
+import pytest
+import torch
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from edge_runtime import AsyncEdgeClient
+from fedsea_shared.protocol import Close, Error, Hello, Open, Opened, Output, Step, Welcome, decode, encode, tensor_meta
+from server_runtime.engine import EngineSettings
+
+HIDDEN = 64  # the tiny model's width
+HELLO = Hello(num_layers=6, hidden_size=HIDDEN, layers=(2, 4), dtype="float32")
+
+
+@pytest.fixture
+def server(start_server, tiny_model_dir):
+    return start_server(
+        tiny_model_dir, max_message_bytes=64 * 1024, max_sessions_per_connection=3,
+        noise_max=2.0, engine=EngineSettings(max_context=64),
+    )
+
+
+_open_sockets: list = []
+
+
+@pytest.fixture(autouse=True)
+async def close_sockets(server):
+    """Close every test websocket while its event loop still runs."""
+    yield
+    while _open_sockets:
+        await _open_sockets.pop().close()
+
+
+async def raw_ws(server):
+    ws = await connect(server.url, compression=None, max_size=None)
+    _open_sockets.append(ws)
+    return ws
+
+
+async def session_ws(server):
+    ws = await raw_ws(server)
+    await ws.send(encode(HELLO))
+    msg, _ = decode(await ws.recv())
+    assert isinstance(msg, Welcome)
+    return ws
+
+
+async def request(ws, frame: bytes):
+    await ws.send(frame)
+    return decode(await ws.recv())
+
+
+def step(sid: int, pos: int, t: torch.Tensor) -> bytes:
+    return encode(Step(sid=sid, pos=pos, tensor=tensor_meta(t)), t)
+
+
+async def open_session(ws, sid: int) -> None:
+    msg, _ = await request(ws, encode(Open(sid=sid, noise=0.1)))
+    assert isinstance(msg, Opened), msg
+
+
+async def assert_still_serves(ws, sid: int) -> None:
+    """A fresh session on the same connection still runs a prefill and a decode step."""
+    await open_session(ws, sid)
+    msg, out = await request(ws, step(sid, 0, torch.randn(5, HIDDEN)))
+    assert isinstance(msg, Output) and out.shape == (5, HIDDEN) and torch.isfinite(out).all()
+    msg, out = await request(ws, step(sid, 5, torch.randn(1, HIDDEN)))
+    assert isinstance(msg, Output) and out.shape == (1, HIDDEN)
+    msg, _ = await request(ws, encode(Close(sid=sid)))
+    assert msg.type == "closed"
+
+
+def raw(header: dict, payload: bytes = b"") -> bytes:
+    h = orjson.dumps(header)
+    return struct.pack(">I", len(h)) + h + payload
+
+
+BAD_INPUTS = {
+    "malformed": (raw({"type": "step", "sid": 0}), "bad_frame"),
+    "not_json": (struct.pack(">I", 2) + b"{]", "bad_frame"),
+    "text_frame": ("hello", "bad_frame"),
+    "wrong_shape": (step(0, 0, torch.randn(3, HIDDEN // 2)), "bad_tensor"),
+    "wrong_rank": (step(0, 0, torch.randn(3, 2, HIDDEN)), "bad_tensor"),
+    "wrong_dtype": (step(0, 0, torch.randn(3, HIDDEN).half()), "bad_tensor"),
+    "nan": (step(0, 0, torch.full((2, HIDDEN), float("nan"))), "non_finite"),
+    "inf": (step(0, 0, torch.full((2, HIDDEN), float("inf"))), "non_finite"),
+    "unknown_session": (step(99, 0, torch.randn(1, HIDDEN)), "unknown_session"),
+    "close_unknown": (encode(Close(sid=42)), "unknown_session"),
+    "position": (step(0, 7, torch.randn(1, HIDDEN)), "position_mismatch"),
+    "context": (step(0, 0, torch.randn(65, HIDDEN)), "context_overflow"),
+    "oversize": (step(0, 0, torch.randn(300, HIDDEN)), "too_large"),  # 76.8 kB > 64 KiB
+    "noise_bounds": (encode(Open(sid=5, noise=3.0)), "noise_out_of_bounds"),
+    "duplicate_open": (encode(Open(sid=0, noise=0.1)), "session_exists"),
+    "server_message": (encode(Opened(sid=0)), "bad_frame"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+async def test_bad_input_gets_typed_error_and_connection_survives(server, case, caplog):
+    frame, code = BAD_INPUTS[case]
+    ws = await session_ws(server)
+    try:
+        await open_session(ws, 0)
+        with caplog.at_level(logging.WARNING, logger="fedsea.server"):
+            msg, _ = await request(ws, frame)
+        assert isinstance(msg, Error) and msg.code.value == code and not msg.fatal
+        assert msg.message
+        assert any(code in r.getMessage() for r in caplog.records)
+        # Session 0 is intact and the connection keeps working.
+        msg, out = await request(ws, step(0, 0, torch.randn(3, HIDDEN)))
+        assert isinstance(msg, Output) and out.shape == (3, HIDDEN)
+        await assert_still_serves(ws, 1)
+    finally:
+        await ws.close()
+
+
+async def test_partition_mismatch_is_refused_with_the_right_flags(server):
+    ws = await raw_ws(server)
+    await ws.send(encode(Hello(num_layers=6, hidden_size=HIDDEN, layers=(1, 5), dtype="float32")))
+    msg, _ = decode(await ws.recv())
+    assert isinstance(msg, Error) and msg.code.value == "partition_mismatch" and msg.fatal
+    assert "--head 2 --tail 2" in msg.message
+    with pytest.raises(ConnectionClosed):
+        await ws.recv()
+
+
+async def test_different_model_is_refused(server):
+    ws = await raw_ws(server)
+    await ws.send(encode(Hello(num_layers=30, hidden_size=576, layers=(2, 4), dtype="float32")))
+    msg, _ = decode(await ws.recv())
+    assert msg.code.value == "partition_mismatch" and "different model" in msg.message
+
+
+async def test_edge_client_surfaces_partition_mismatch(server, tiny_model_dir):
+    client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), head=1, tail=2, noise=0.0)
+    with pytest.raises(Exception, match="partition_mismatch|runs \\[2, 4\\)"):
+        await client.generate([{"role": "user", "content": "hi"}], max_tokens=2)
+    await client.aclose()
+
+
+async def test_messages_before_hello_are_refused(server):
+    ws = await raw_ws(server)
+    msg, _ = await request(ws, encode(Open(sid=0, noise=0.1)))
+    assert msg.code.value == "not_ready"
+    await ws.send(encode(HELLO))
+    assert isinstance(decode(await ws.recv())[0], Welcome)
+    await assert_still_serves(ws, 0)
+
+
+async def test_session_limit_per_connection(server):
+    ws = await session_ws(server)
+    for sid in range(3):
+        await open_session(ws, sid)
+    msg, _ = await request(ws, encode(Open(sid=3, noise=0.1)))
+    assert msg.code.value == "limit"
+    await request(ws, encode(Close(sid=0)))
+    await open_session(ws, 3)
+
+
+async def test_huge_frame_drops_only_that_connection(server, tiny_model_dir):
+    """Beyond twice the limit the websocket layer closes the connection (1009) without
+    reading it all; other connections carry on."""
+    good = await session_ws(server)
+    await open_session(good, 0)
+    bad = await session_ws(server)
+    await bad.send(step(0, 0, torch.randn(1000, HIDDEN)))  # 256 kB > 2 x 64 KiB
+    with pytest.raises(ConnectionClosed) as info:
+        await bad.recv()
+    assert info.value.rcvd.code == 1009
+    msg, out = await request(good, step(0, 0, torch.randn(4, HIDDEN)))
+    assert isinstance(msg, Output)
+
+
+async def test_generation_on_another_connection_is_unaffected(server, tiny_model_dir):
+    client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0)
+    messages = [{"role": "user", "content": "Count to five."}]
+    before = await client.generate(messages, max_tokens=12, temperature=0)
+    ws = await session_ws(server)
+    await open_session(ws, 0)
+    for frame, _ in BAD_INPUTS.values():
+        await ws.send(frame)
+    after = await client.generate(messages, max_tokens=12, temperature=0)
+    assert after.token_ids == before.token_ids
+    await client.aclose()
+    await ws.close()
