@@ -48,6 +48,10 @@ class ErrorCode(str, Enum):
     LIMIT = "limit"  # too many sessions on this connection
     CAPACITY = "capacity"  # KV pool full: retry later
     INTERNAL = "internal"
+    # split fine-tuning (train_* messages)
+    UNKNOWN_JOB = "unknown_job"  # a train message before train_join on this connection
+    JOB_MISMATCH = "job_mismatch"  # joining a job with different settings, or a taken client id
+    UNKNOWN_STEP = "unknown_step"  # backward for a step never forwarded, or freed on timeout
 
 
 class TensorMeta(BaseModel):
@@ -147,8 +151,160 @@ class Error(_Message):
     fatal: bool = False
 
 
+# ---- split fine-tuning (both directions) ------------------------------------------------
+# One connection is one client of one training job.  Every request carries a `sid` that is
+# unique among the connection's requests in flight; the reply (or an Error) carries it back.
+
+
+class LoraSpec(_Message):
+    """LoRA adapter shape, the same on the edge's and the server's blocks."""
+
+    rank: Annotated[int, Field(ge=1, le=512)] = 8
+    alpha: Annotated[float, Field(gt=0)] = 16.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class OptimSpec(_Message):
+    """AdamW settings; the server applies them to its own adapter."""
+
+    lr: Annotated[float, Field(gt=0)] = 1e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    total_steps: Annotated[int, Field(ge=1)] = 1000  # optimizer steps of one client
+    grad_clip: Annotated[float, Field(ge=0)] = 1.0  # max global norm; 0 = off
+    grad_accum: Annotated[int, Field(ge=1)] = 1  # micro-batches per optimizer step
+
+
+TrainMode = Literal["sequential", "batched", "hierarchical"]
+
+
+class TrainJoin(_Message):
+    """Join training job `job` as client `client` (creating the job if it is new).  All
+    clients of a job must send the same mode/lora/optim/seed.  Tensor (optional, float32,
+    flat): the server adapter to start from when the job is new (resume from checkpoint)."""
+
+    type: Literal["train_join"] = "train_join"
+    sid: int
+    job: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+    client: Annotated[int, Field(ge=0, lt=4096)]
+    clients: Annotated[int, Field(ge=1, le=4096)]  # how many clients the job expects
+    mode: TrainMode = "sequential"
+    lora: LoraSpec = LoraSpec()
+    optim: OptimSpec = OptimSpec()
+    seed: int = 0
+    tensor: TensorMeta | None = None
+
+
+class TrainJoined(_Message):
+    type: Literal["train_joined"] = "train_joined"
+    sid: int
+    job: str
+    params: int  # size of the server adapter (values of the flat vector)
+    resumed: bool  # the job already existed on the server
+
+
+class TrainForward(_Message):
+    """Hidden states of a packed batch after the edge's head blocks (noise added).  Sample i
+    owns the next lengths[i] rows; its positions are 0..lengths[i]-1.  No mask is sent: the
+    server rebuilds each sample's causal mask from its length.  `backward=False` is a
+    validation pass: the server keeps no state for it.  Tensor: [sum(lengths), hidden]."""
+
+    type: Literal["train_forward"] = "train_forward"
+    sid: int
+    lengths: list[Annotated[int, Field(ge=1)]]
+    backward: bool = True
+    tensor: TensorMeta
+
+
+class TrainOutput(_Message):
+    """The middle blocks' output for a TrainForward.  Tensor: [tokens, hidden]."""
+
+    type: Literal["train_output"] = "train_output"
+    sid: int
+    tensor: TensorMeta
+
+
+class TrainBackward(_Message):
+    """The loss gradient at the edge's tail input for step `sid` (the sid of its
+    TrainForward).  Tensor: [tokens, hidden]."""
+
+    type: Literal["train_backward"] = "train_backward"
+    sid: int
+    tensor: TensorMeta
+
+
+class TrainGrad(_Message):
+    """The gradient at the server's input for step `sid`; `stepped` says whether the
+    server adapter took an optimizer step with it.  Tensor: [tokens, hidden]."""
+
+    type: Literal["train_grad"] = "train_grad"
+    sid: int
+    stepped: bool
+    tensor: TensorMeta
+
+
+class TrainAggregate(_Message):
+    """FedAvg round `round`: this client's edge adapter (flat float32 tensor), weighted by
+    the samples it trained on since the last round.  The reply comes when every client of
+    the job has sent its round (or the server's timeout drops the missing ones)."""
+
+    type: Literal["train_aggregate"] = "train_aggregate"
+    sid: int
+    round: Annotated[int, Field(ge=0)]
+    samples: Annotated[int, Field(ge=1)]
+    tensor: TensorMeta
+
+
+class TrainAggregated(_Message):
+    """The sample-weighted average edge adapter of a round (hierarchical mode averages the
+    clients' server adapters the same way at the same time)."""
+
+    type: Literal["train_aggregated"] = "train_aggregated"
+    sid: int
+    round: int
+    clients: int  # how many clients the average covers
+    tensor: TensorMeta
+
+
+class TrainExport(_Message):
+    """Ask for the server adapter (to save with a checkpoint or the final adapter)."""
+
+    type: Literal["train_export"] = "train_export"
+    sid: int
+
+
+class TrainState(_Message):
+    """The server adapter as a flat float32 vector, in the order of the adapter's
+    parameter names (sorted).  Hierarchical mode sends the clients' average."""
+
+    type: Literal["train_state"] = "train_state"
+    sid: int
+    tensor: TensorMeta
+
+
+class TrainLeave(_Message):
+    """This client is done: batched rounds and FedAvg stop waiting for it."""
+
+    type: Literal["train_leave"] = "train_leave"
+    sid: int
+
+
+class TrainLeft(_Message):
+    type: Literal["train_left"] = "train_left"
+    sid: int
+
+
+TRAINING_REQUESTS = (TrainJoin, TrainForward, TrainBackward, TrainAggregate, TrainExport, TrainLeave)
+
+
 Message = Annotated[
-    Union[Hello, Open, Step, Close, Welcome, Opened, Output, Closed, Error],
+    Union[
+        Hello, Open, Step, Close, Welcome, Opened, Output, Closed, Error,
+        TrainJoin, TrainJoined, TrainForward, TrainOutput, TrainBackward, TrainGrad,
+        TrainAggregate, TrainAggregated, TrainExport, TrainState, TrainLeave, TrainLeft,
+    ],
     Field(discriminator="type"),
 ]
 _MESSAGE = TypeAdapter(Message)

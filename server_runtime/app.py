@@ -37,6 +37,7 @@ from fedsea_shared.protocol import (
     Output,
     ProtocolError,
     Step,
+    TRAINING_REQUESTS,
     Welcome,
     decode,
     encode,
@@ -48,6 +49,7 @@ from .engine import Engine, EngineSettings
 from .kv_pool import KVPool, parse_memory
 from .metrics import ServerMetrics
 from .model_runner import ModelRunner
+from .training_service import TrainingService, TrainingSettings
 
 log = logging.getLogger("fedsea.server")
 
@@ -68,6 +70,7 @@ class ServerSettings:
     max_sessions_per_connection: int = 256
     max_message_bytes: int = 64 * 2**20
     engine: EngineSettings = field(default_factory=EngineSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
 
 
 @dataclass
@@ -104,6 +107,7 @@ class ServerRuntime:
         self.metrics = ServerMetrics()
         runner = ModelRunner(self.shard, layers, self.pool, settings.device)
         self.engine = Engine(runner, self.pool, settings.engine, self.metrics)
+        self.training = TrainingService(self.shard, self.partition, settings.device, settings.training)
         self._ids = itertools.count()
         log.info(
             "server runtime: layers [%d, %d) of %d, KV pool %d blocks x %d tokens (%.1f MiB)",
@@ -125,6 +129,7 @@ class ServerRuntime:
 
     def close(self) -> None:
         self.engine.shutdown()
+        self.training.close()
 
     # ---- HTTP -----------------------------------------------------------------------------
 
@@ -156,6 +161,7 @@ class ServerRuntime:
                 task.cancel()
             for sid in conn.sessions:
                 self.engine.close((conn.id, sid))
+            self.training.disconnect(conn.id)
             log.info("edge %s disconnected; freed %d sessions", conn.peer, len(conn.sessions))
 
     async def _refuse(self, conn: _Connection, error: ProtocolError, fatal: bool = False) -> None:
@@ -183,7 +189,19 @@ class ServerRuntime:
             return self._spawn(conn, self._on_step(conn, message, tensor))
         if isinstance(message, Close):
             return await self._on_close(conn, message)
+        if isinstance(message, TRAINING_REQUESTS):
+            return self._spawn(conn, self._on_training(conn, message, tensor))
         raise ProtocolError(ErrorCode.BAD_FRAME, f"{message.type!r} is a server message; an edge may not send it")
+
+    async def _on_training(self, conn: _Connection, message, tensor: torch.Tensor | None) -> None:
+        try:
+            reply, out = await self.training.handle(conn.id, message, tensor)
+            await conn.ws.send(encode(reply, out))
+        except ProtocolError as e:
+            e.sid = message.sid
+            await self._refuse(conn, e)
+        except ConnectionClosed:
+            pass
 
     def _spawn(self, conn: _Connection, coro) -> None:
         task = asyncio.create_task(coro)

