@@ -3,13 +3,7 @@ in-process server runtimes on free ports."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -66,41 +60,3 @@ def start_server():
     for server in servers:
         server.stop()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def server_process(model: Path | str, head: int, tail: int, *extra: str, log_path: Path | None = None):
-    """`fedsea server` in a separate process; yields its ws:// URL once /health answers."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "fedsea.cli", "server", "--model", str(model),
-           "--head", str(head), "--tail", str(tail), "--port", str(port), *extra]
-    log = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"fedsea server exited with {proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("fedsea server did not become healthy")
-            time.sleep(0.2)
-        yield f"ws://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if log_path:
-            log.close()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import server_process
+from server_runtime.process import server_process
 from edge_runtime import EdgeClient
 
 PROMPTS = [
