@@ -118,16 +118,17 @@ async def respond(events: AsyncIterator, out: Output, stream: bool, include_usag
     first = await anext(events)
 
     async def body():
+        exclude = None if include_usage else {"usage"}  # other chunks: usage null only if asked
         try:
             for chunk in out.opening():
-                yield _sse(chunk)
+                yield _sse(chunk, exclude)
             item = first
             while item is not None:
                 index, event = item
                 out.add(index, event)
                 chunk = out.chunk(index, event)
                 if chunk is not None:
-                    yield _sse(chunk, exclude=None if include_usage else {"usage"})
+                    yield _sse(chunk, exclude)
                 item = await anext(events, None)
             if include_usage:
                 yield _sse(out.usage_chunk())
