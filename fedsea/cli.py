@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from audit import cli as audit_cli
 from fedsea_shared import defaults
 
 
@@ -62,6 +63,8 @@ def _gateway_parser(sub) -> None:
 def _gateway_settings(args, server_url: str):
     from gateway import GatewaySettings
 
+    if args.noise < 0:
+        raise ValueError(f"--noise must be >= 0, got {args.noise}")
     return GatewaySettings(
         server_url=server_url, model=args.model, head=args.head, tail=args.tail, noise=args.noise,
         host=args.host, port=args.port, api_key=args.api_key,
@@ -118,10 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     _server_parser(sub)
     _serve_parser(sub)
     _gateway_parser(sub)
+    audit_cli.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        {"server": _run_server, "serve": _run_serve, "gateway": _run_gateway}[args.command](args)
+        {"server": _run_server, "serve": _run_serve, "gateway": _run_gateway, "audit": audit_cli.run}[args.command](args)
     except KeyboardInterrupt:
         pass
     except (ValueError, FileNotFoundError) as e:

@@ -13,7 +13,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import GatewaySettings, GatewayThread
+from gateway import GatewaySettings, GatewayThread, create_app
 from server_runtime.app import ServerSettings, ServerThread
 from server_runtime.engine import EngineSettings
 
@@ -212,6 +212,17 @@ def test_api_key(start_server, start_gateway, tiny_model_dir):
 # ---- readiness and the server runtime's availability ---------------------------------------
 
 
+async def test_503_while_the_edge_loads(tiny_model_dir):
+    """Before the lifespan has loaded the edge (here: never started), health and the API
+    answer 503."""
+    app = create_app(GatewaySettings(model=str(tiny_model_dir)))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        r = await client.get("/health")
+        assert r.status_code == 503 and "loading" in r.json()["detail"]
+        body = {"model": app.state.model_id, "messages": USER}
+        assert_error(await client.post("/v1/chat/completions", json=body), 503, code="loading")
+
+
 def test_gateway_waits_for_its_server(start_gateway, tiny_model_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -273,7 +284,7 @@ BAD_CHAT = [
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user"}]}, "messages.0"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, None),
-    ({"stop": ["a", "b", "c", "d", "e"]}, None),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"stream_options": {"include_usage": True}}, None),  # without stream
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"logit_bias": {"42": 5}}, None),
