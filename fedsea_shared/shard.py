@@ -97,17 +97,24 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     mask is rebuilt from lengths alone, which is why no mask ever crosses the wire.
     """
     q_len, ctx_len = q.shape[0], k.shape[0]
-    groups = q.shape[1] // k.shape[1]
-    qt = q.transpose(0, 1)
-    kt = k.transpose(0, 1).repeat_interleave(groups, dim=0)
-    vt = v.transpose(0, 1).repeat_interleave(groups, dim=0)
-    if q_len == 1:
-        mask = None
-    else:
-        offset = ctx_len - q_len
-        mask = torch.ones(q_len, ctx_len, dtype=torch.bool, device=q.device).tril(diagonal=offset)
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    mask = None
+    if q_len > 1:
+        mask = torch.ones(q_len, ctx_len, dtype=torch.bool, device=q.device).tril(diagonal=ctx_len - q_len)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True
+    )
     return out.transpose(0, 1).reshape(q_len, -1)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one new token per sequence over padded contexts, for many sequences in
+    one kernel call.  q: [batch, heads, d]; k, v: [batch, ctx, kv_heads, d];
+    valid: [batch, ctx] bool (False marks padding) -> [batch, heads * d]."""
+    out = F.scaled_dot_product_attention(
+        q[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True,
+    )
+    return out.reshape(q.shape[0], -1)
 
 
 class SelfAttention(nn.Module):

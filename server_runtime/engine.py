@@ -134,7 +134,7 @@ class Engine:
         for work in self.scheduler.expired(now):
             self._fail(work, ProtocolError(
                 ErrorCode.CAPACITY,
-                f"the server's KV cache stayed full for {self.settings.wait_timeout:.0f}s; retry later",
+                f"the server's KV cache stayed full for {self.settings.wait_timeout:g}s; retry later",
             ))
         still = []
         for key, fut, since in self._opens:
@@ -145,7 +145,7 @@ class Engine:
             elif now - since > self.settings.wait_timeout:
                 self._fail_future(fut, ProtocolError(
                     ErrorCode.CAPACITY,
-                    f"server at capacity: no KV cache free for {self.settings.wait_timeout:.0f}s; retry later",
+                    f"server at capacity: no KV cache free for {self.settings.wait_timeout:g}s; retry later",
                 ))
             else:
                 still.append((key, fut, since))

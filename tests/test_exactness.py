@@ -3,12 +3,14 @@ model, with the server runtime in a separate process behind a real websocket."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from server_runtime.process import server_process
-from edge_runtime import EdgeClient
+from edge_runtime import AsyncEdgeClient, EdgeClient
 
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
@@ -49,3 +51,15 @@ def test_split_greedy_equals_transformers_generate(default_model_dir, reference,
                     top = torch.topk(ref, 5)
                     assert [i for i, _ in event.top_logprobs] == top.indices.tolist()
                     assert max(abs(v - r) for (_, v), r in zip(event.top_logprobs, top.values.tolist())) < LOGPROB_ATOL
+
+
+async def test_greedy_output_is_the_same_alone_or_batched_with_15_others(default_model_dir, start_server):
+    server = start_server(default_model_dir)
+    client = AsyncEdgeClient(server.url, model=str(default_model_dir), noise=0.0)
+    topics = ["cats", "the sea", "bread", "rain", "chess", "trains", "owls", "jazz",
+              "maps", "tea", "snow", "bees", "clocks", "kites", "salt", "glass"]
+    chats = [[{"role": "user", "content": f"Tell me one fact about {t}."}] for t in topics]
+    alone = [(await client.generate(c, max_tokens=16, temperature=0)).token_ids for c in chats]
+    batched = await asyncio.gather(*(client.generate(c, max_tokens=16, temperature=0) for c in chats))
+    assert [b.token_ids for b in batched] == alone
+    await client.aclose()
