@@ -69,6 +69,7 @@ class AsyncEdgeClient:
         dtype: str = "float32",
         wire_dtype: str = "float32",
         device: str = "cpu",
+        api_key: str | None = None,
     ):
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}")
@@ -76,6 +77,7 @@ class AsyncEdgeClient:
         self.model_name = model
         self.noise = noise
         self.wire_dtype = wire_dtype
+        self.api_key = api_key
         model_dir = resolve_model(model)
         self.config = load_config(model_dir)
         self.partition = Partition(self.config.num_hidden_layers, head, tail)
@@ -109,7 +111,7 @@ class AsyncEdgeClient:
             self._connect_lock = asyncio.Lock()
         async with self._connect_lock:
             if self._conn is None or self._conn.closed:
-                self._conn = await ServerConnection.connect(self.server_url, self.hello)
+                self._conn = await ServerConnection.connect(self.server_url, self.hello, self.api_key)
             return self._conn
 
     async def aclose(self) -> None:

@@ -14,7 +14,7 @@ import logging
 
 import torch
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from fedsea_shared.protocol import (
     WIRE_DTYPES,
@@ -65,8 +65,16 @@ class ServerConnection:
         self.closed = False
 
     @classmethod
-    async def connect(cls, url: str, hello: Hello, open_timeout: float = 10) -> "ServerConnection":
-        ws = await connect(url, compression=None, max_size=None, open_timeout=open_timeout)
+    async def connect(
+        cls, url: str, hello: Hello, api_key: str | None = None, open_timeout: float = 10
+    ) -> "ServerConnection":
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        try:
+            ws = await connect(url, compression=None, max_size=None, open_timeout=open_timeout, additional_headers=headers)
+        except InvalidStatus as e:
+            if e.response.status_code == 401:
+                raise ServerError("unauthorized", "the server runtime refused the API key") from None
+            raise
         try:
             await ws.send(encode(hello))
             message, _ = decode(await ws.recv())

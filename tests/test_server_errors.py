@@ -12,7 +12,7 @@ import torch
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from edge_runtime import AsyncEdgeClient
+from edge_runtime import AsyncEdgeClient, ServerError
 from fedsea_shared.protocol import Close, Error, Hello, Open, Opened, Output, Step, Welcome, decode, encode, tensor_meta
 from server_runtime.engine import EngineSettings
 
@@ -191,3 +191,26 @@ async def test_generation_on_another_connection_is_unaffected(server, tiny_model
     assert after.token_ids == before.token_ids
     await client.aclose()
     await ws.close()
+
+
+async def test_api_keys_gate_connections_and_cap_sessions(start_server, tiny_model_dir):
+    server = start_server(tiny_model_dir, api_keys=("k1", "k2"), max_sessions_per_key=2)
+    with pytest.raises(ServerError) as info:
+        await AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0).connection()
+    assert info.value.code == "unauthorized"
+    wrong = AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0, api_key="nope")
+    with pytest.raises(ServerError):
+        await wrong.connection()
+    # Two connections with the same key share its session cap; another key has its own.
+    conns = [await AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0, api_key=k).connection()
+             for k in ("k1", "k1", "k2")]
+    await conns[0].open(0, 0.1)
+    await conns[1].open(0, 0.1)
+    with pytest.raises(ServerError) as info:
+        await conns[1].open(1, 0.1)
+    assert info.value.code == "limit"
+    await conns[2].open(0, 0.1)
+    await conns[0].close_session(0)
+    await conns[1].open(1, 0.1)  # the key's count went down on close
+    for c in conns:
+        await c.close()
