@@ -1,0 +1,117 @@
+"""Edge runtime: sampling, text output, session recovery."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from edge_runtime import AsyncEdgeClient
+from edge_runtime.sampling import SamplingParams, sample
+from edge_runtime.text import IncrementalDetokenizer, StopMatcher
+
+EMPTY = torch.tensor([], dtype=torch.long)
+
+
+def draw(logits, n=400, **kw):
+    params = SamplingParams(**kw)
+    gen = torch.Generator().manual_seed(0)
+    return [sample(logits.clone(), params, gen, EMPTY, EMPTY).token_id for _ in range(n)]
+
+
+def test_greedy_top_k_top_p():
+    logits = torch.tensor([0.0, 3.0, 2.9, 1.0, -5.0])
+    assert set(draw(logits, 20, temperature=0)) == {1}
+    assert set(draw(logits, temperature=1.0, top_k=2)) == {1, 2}
+    # p(1) ~ 0.45, p(2) ~ 0.41: top_p=0.5 keeps tokens until 0.5 is reached -> {1, 2}
+    assert set(draw(logits, temperature=1.0, top_p=0.5)) == {1, 2}
+    assert set(draw(logits, temperature=1.0, top_p=0.3)) == {1}
+    assert 4 not in draw(logits, temperature=1.0)  # p ~ 2e-4: never in 400 draws (seeded)
+
+
+def test_seed_reproduces_and_temperature_spreads():
+    logits = torch.randn(100)
+    assert draw(logits, 50, temperature=1.0) == draw(logits, 50, temperature=1.0)
+    assert len(set(draw(logits, 200, temperature=2.0))) > len(set(draw(logits, 200, temperature=0.3)))
+
+
+def test_penalties():
+    logits = torch.tensor([2.0, 1.9, 0.0])
+    params = SamplingParams(temperature=0, frequency_penalty=0.5)
+    generated = torch.tensor([0])
+    assert sample(logits, params, None, EMPTY, generated).token_id == 1
+    params = SamplingParams(temperature=0, repetition_penalty=1.2)
+    assert sample(logits, params, None, torch.tensor([0]), EMPTY).token_id == 1  # 2.0/1.2 < 1.9
+    params = SamplingParams(temperature=0, presence_penalty=-1.0)  # negative: encourages
+    assert sample(torch.tensor([2.0, 1.9]), params, None, EMPTY, torch.tensor([1])).token_id == 1
+
+
+def test_logprobs_are_log_softmax_of_the_logits():
+    logits = torch.randn(50)
+    s = sample(logits, SamplingParams(temperature=0, logprobs=3), None, EMPTY, EMPTY)
+    ref = torch.log_softmax(logits, -1)
+    assert s.logprob == pytest.approx(float(ref.max()), abs=1e-6)
+    assert [i for i, _ in s.top] == torch.topk(ref, 3).indices.tolist()
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=3), dict(top_p=0), dict(max_tokens=0),
+                                 dict(top_k=-1), dict(presence_penalty=3), dict(logprobs=21)])
+def test_invalid_params_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad).validate()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    return AutoTokenizer.from_pretrained(str(default_model_dir))
+
+
+def test_detokenizer_never_emits_broken_utf8(tokenizer):
+    text = "Crème brûlée 🍮 costs 5€ — 東京 🇯🇵!"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.push(i) for i in ids]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert any(p == "" for p in pieces)  # some tokens are partial characters
+
+
+@pytest.mark.parametrize(
+    "chunks, stops, emitted, stopped",
+    [
+        (["Hello wo", "rld. END", " more"], ["END"], "Hello world. ", True),
+        (["ab", "c<", "|st", "op|>x"], ["<|stop|>"], "abc", True),
+        (["a<", "b"], ["<|"], "a<b", False),  # held back, then released
+        (["x", "y"], [], "xy", False),
+    ],
+)
+def test_stop_strings_across_token_boundaries(chunks, stops, emitted, stopped):
+    m = StopMatcher(stops)
+    out, hit = "", False
+    for c in chunks:
+        text, hit = m.push(c)
+        out += text
+        if hit:
+            break
+    if not hit:
+        out += m.flush()
+    assert (out, hit) == (emitted, stopped)
+
+
+async def test_session_recovers_after_the_connection_drops(start_server, tiny_model_dir):
+    """The edge replays what it sent on a new connection: the output is unchanged."""
+    server = start_server(tiny_model_dir)
+    client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0)
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    expected = (await client.generate(messages, max_tokens=12, temperature=0)).token_ids
+    got = []
+    async for event in client.stream(messages, max_tokens=12, temperature=0):
+        got.append(event.token_id)
+        if len(got) in (3, 7):
+            await (await client.connection()).ws.close()  # the network drops
+    assert got == expected
+    await client.aclose()
+    await asyncio.sleep(0.1)
+    assert server.runtime.pool.allocator.num_free == server.runtime.pool.allocator.num_blocks
