@@ -8,7 +8,7 @@ a subprocess, driven over HTTP by the official `openai` client.
    transformers' `generate` of the full model (same prompts, greedy), in this process
    after the gateway phase (never at the same time).
 
-    python benchmarks/gateway_bench.py [--max-tokens 64]
+    python benchmarks/gateway_bench.py [--max-tokens 64] [--threads N]
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from fedsea_shared import defaults
 from fedsea_shared.models import resolve_model
+from server_runtime.process import _healthy, free_port
 
 RESULTS = Path(__file__).parent / "results"
 PROMPTS = [
@@ -48,26 +48,18 @@ PROMPTS = [
 
 
 @contextmanager
-def fedsea_serve(log_path: Path):
+def fedsea_serve(log_path: Path, threads: int):
     """`fedsea serve` with its defaults on a free port; yields the /v1 URL once healthy."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
+    env = os.environ | {"OMP_NUM_THREADS": str(threads)}  # torch's intra-op threads in that process
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "fedsea.cli", "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        cmd = [sys.executable, "-m", "fedsea.cli", "serve", "--port", str(port)]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + 300
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"fedsea serve exited with {proc.returncode}; see {log_path}")
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError("fedsea serve did not become healthy")
+            while not _healthy(port):  # the gateway's /health: 200 once the edge is connected
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"fedsea serve did not become healthy; see {log_path}")
                 time.sleep(0.2)
             yield f"http://127.0.0.1:{port}/v1"
         finally:
@@ -159,10 +151,12 @@ def _mean(xs) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads of both (default: %(default)s)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     RESULTS.mkdir(exist_ok=True)
     load_before = os.getloadavg()
-    with fedsea_serve(RESULTS / "gateway_bench_serve.log") as url:
+    with fedsea_serve(Path(tempfile.gettempdir()) / "fedsea_gateway_bench_serve.log", args.threads) as url:
         gw = asyncio.run(gateway_phase(url, args.max_tokens))
     hf = transformers_phase(args.max_tokens)
     load_after = os.getloadavg()
@@ -187,14 +181,15 @@ def main() -> None:
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (machine shared with other jobs)")
 
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "loadavg_before": load_before, "loadavg_after": load_after},
-        "settings": {"model": defaults.MODEL, "head": defaults.HEAD, "tail": defaults.TAIL, "noise": defaults.NOISE, "max_tokens": args.max_tokens},
+        "settings": {"model": defaults.MODEL, "head": defaults.HEAD, "tail": defaults.TAIL, "noise": defaults.NOISE, "max_tokens": args.max_tokens, "threads": args.threads},
         "concurrency": gw | {"ratio": ratio},
         "latency": {"fedsea_serve": alone, "transformers": hf, "ttft_ratio": ttft_ratio, "decode_ratio": decode_ratio},
     }
-    (RESULTS / "gateway_bench.json").write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {RESULTS / 'gateway_bench.json'}")
+    out = RESULTS / f"gateway_bench_threads{args.threads}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
