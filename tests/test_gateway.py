@@ -4,7 +4,10 @@ against a real server runtime over a real websocket (tiny random model)."""
 from __future__ import annotations
 
 import asyncio
-import socket
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -16,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import GatewaySettings, GatewayThread, create_app
 from server_runtime.app import ServerSettings, ServerThread
 from server_runtime.engine import EngineSettings
+from server_runtime.process import _healthy, free_port
 
 USER = [{"role": "user", "content": "Tell me a story about a lighthouse."}]
 
@@ -224,9 +228,7 @@ async def test_503_while_the_edge_loads(tiny_model_dir):
 
 
 def test_gateway_waits_for_its_server(start_gateway, tiny_model_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     gw = start_gateway(f"ws://127.0.0.1:{port}", wait=False)
     health = gw.url.removesuffix("/v1") + "/health"
     wait_until(lambda: gw.backend.problem.startswith("waiting for the server runtime"))
@@ -366,3 +368,25 @@ def test_metrics(gw):
     after = scrape()
     assert after[ok] == before.get(ok, 0) + 1 and after[tokens] == before[tokens] + 3
     assert after[("fedsea_gateway_ready", ())] == 1 and after[("fedsea_gateway_generations_running", ())] == 0
+
+
+def test_fedsea_gateway_command(start_server, tiny_model_dir, tmp_path):
+    """`fedsea gateway` as users start it: its own process, API key from the environment."""
+    server = start_server(tiny_model_dir)
+    port = free_port()
+    cmd = [sys.executable, "-m", "fedsea.cli", "gateway", "--model", str(tiny_model_dir), "--server", server.url, "--port", str(port)]
+    log = tmp_path / "gateway.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"FEDSEA_API_KEY": "k"})
+    try:
+        wait_until(lambda: proc.poll() is None and _healthy(port), timeout=120)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        r = client.chat.completions.create(model=tiny_model_dir.name, messages=USER, max_tokens=3)
+        assert r.usage.completion_tokens == 3
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+    finally:
+        proc.terminate()
+        # uvicorn shuts down gracefully, then re-raises the signal for the exit status
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM), log.read_text()
+    text = log.read_text()
+    assert f"http://127.0.0.1:{port}/v1" in text and "Application shutdown complete" in text
