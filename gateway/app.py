@@ -67,7 +67,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def chat(req: ChatCompletionRequest) -> Response:
         check_model(req.model)
         client = backend.require_client()
-        prompt = client.chat_prompt([m.for_template() for m in req.messages])
+        try:
+            prompt = client.chat_prompt([m.for_template() for m in req.messages])
+        except Exception as e:  # templates may refuse, e.g. roles that do not alternate
+            raise errors.bad_request(f"the model's chat template rejected these messages: {e}", param="messages") from e
         logprobs = req.top_alternatives
         out = ChatOutput(model_id, client.tokenizer, req.n, len(prompt), logprobs is not None)
         events = backend.generate([prompt], req.n, req.sampling(logprobs), req.token_limit)

@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import AsyncIterator
-
-from websockets.exceptions import WebSocketException
 
 from edge_runtime.client import AsyncEdgeClient, TokenEvent
 from edge_runtime.connection import ServerError
@@ -84,7 +82,7 @@ class Backend:
             except ServerError as e:  # the server refused the handshake (a different model or split)
                 self.problem = f"the server runtime at {s.server_url} refused this edge: {e.message}"
                 log.error("%s; retrying in %.0fs", self.problem, delay)
-            except (OSError, TimeoutError, WebSocketException) as e:
+            except Exception as e:  # not up (yet): refused, timed out, not a websocket server
                 self.problem = f"waiting for the server runtime at {s.server_url} ({str(e) or type(e).__name__})"
                 log.warning("%s; retrying in %.1fs", self.problem, delay)
             else:
