@@ -62,16 +62,17 @@ def _gateway_parser(sub) -> None:
     _split_args(p)
     _edge_args(p)
     p.add_argument("--server", default=f"ws://127.0.0.1:{defaults.SERVER_PORT}", help="websocket URL of the server runtime (default: %(default)s)")
+    p.add_argument("--server-api-key", default=os.environ.get("FEDSEA_SERVER_API_KEY"), help="key this edge presents to the server runtime (default: $FEDSEA_SERVER_API_KEY, else none)")
 
 
-def _gateway_settings(args, server_url: str):
+def _gateway_settings(args, server_url: str, server_api_key: str | None = None):
     from gateway import GatewaySettings
 
     if args.noise < 0:
         raise ValueError(f"--noise must be >= 0, got {args.noise}")
     return GatewaySettings(
-        server_url=server_url, model=args.model, head=args.head, tail=args.tail, noise=args.noise,
-        host=args.host, port=args.port, api_key=args.api_key,
+        server_url=server_url, server_api_key=server_api_key, model=args.model, head=args.head, tail=args.tail,
+        noise=args.noise, host=args.host, port=args.port, api_key=args.api_key,
     )
 
 
@@ -98,7 +99,7 @@ def _run_gateway(args) -> None:
     if not args.server.startswith(("ws://", "wss://")):
         raise ValueError(f"--server must be a ws:// or wss:// URL, got {args.server!r}")
     resolve_model(args.model)
-    run_gateway(_gateway_settings(args, args.server), log_level=args.log_level.lower())
+    run_gateway(_gateway_settings(args, args.server, args.server_api_key), log_level=args.log_level.lower())
 
 
 def _run_server(args) -> None:

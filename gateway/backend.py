@@ -32,6 +32,7 @@ RETRY_MAX_SECONDS = 10.0
 @dataclass
 class GatewaySettings:
     server_url: str = f"ws://127.0.0.1:{defaults.SERVER_PORT}"
+    server_api_key: str | None = None  # the key this edge presents to the server runtime
     model: str = defaults.MODEL
     head: int = defaults.HEAD
     tail: int = defaults.TAIL
@@ -70,7 +71,9 @@ class Backend:
     async def _supervise(self) -> None:
         s = self.settings
         try:
-            self.client = await asyncio.to_thread(AsyncEdgeClient, s.server_url, s.model, s.head, s.tail, s.noise)
+            self.client = await asyncio.to_thread(
+                AsyncEdgeClient, s.server_url, s.model, s.head, s.tail, s.noise, api_key=s.server_api_key
+            )
         except Exception as e:
             self.problem = f"the edge model failed to load: {e}"
             log.exception("edge model failed to load")
@@ -81,7 +84,7 @@ class Backend:
                 conn = await self.client.connection()
             except ServerError as e:  # the server refused the handshake (a different model or split)
                 self.problem = f"the server runtime at {s.server_url} refused this edge: {e.message}"
-                log.error("%s; retrying in %.0fs", self.problem, delay)
+                log.error("%s; retrying in %.1fs", self.problem, delay)
             except Exception as e:  # not up (yet): refused, timed out, not a websocket server
                 self.problem = f"waiting for the server runtime at {s.server_url} ({str(e) or type(e).__name__})"
                 log.warning("%s; retrying in %.1fs", self.problem, delay)

@@ -243,6 +243,18 @@ def test_gateway_waits_for_its_server(start_gateway, tiny_model_dir):
         server.stop()
 
 
+def test_server_api_key(start_server, start_gateway, tiny_model_dir):
+    """A server that requires keys: the gateway presents --server-api-key; without it the
+    gateway keeps retrying, says why on /health, and requests get a 502."""
+    server = start_server(tiny_model_dir, api_keys=("edge-key",))
+    assert chat(start_gateway(server.url, server_api_key="edge-key"), max_tokens=2).usage.completion_tokens == 2
+    gw = start_gateway(server.url, wait=False)
+    wait_until(lambda: "API key" in gw.backend.problem)
+    assert httpx.get(gw.url.removesuffix("/v1") + "/health").status_code == 503
+    e = assert_error(post(gw, {"model": gw.settings.model_id, "messages": USER, "max_tokens": 2}), 502, code="unauthorized")
+    assert "API key" in e["message"]
+
+
 def test_server_gone_is_502_then_health_503(start_server, start_gateway, tiny_model_dir):
     server = start_server(tiny_model_dir)
     gw = start_gateway(server.url)
@@ -351,8 +363,10 @@ def test_server_at_capacity(start_server, start_gateway, tiny_model_dir):
 
 
 def test_too_many_sessions_is_429(start_server, start_gateway, tiny_model_dir):
-    gw = start_gateway(start_server(tiny_model_dir, max_sessions_per_connection=1).url)
+    server = start_server(tiny_model_dir, max_sessions_per_connection=1)
+    gw = start_gateway(server.url)
     assert_error(post(gw, {"model": gw.settings.model_id, "messages": USER, "max_tokens": 4, "n": 2}), 429, code="limit")
+    wait_until(lambda: not server.runtime.engine.sessions)  # choice 0 was cancelled; its close is async
     assert post(gw, {"model": gw.settings.model_id, "messages": USER, "max_tokens": 4}).status_code == 200
 
 
