@@ -15,6 +15,7 @@ and a saved adapter loads with `PeftModel.from_pretrained` on the unsplit model.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -52,7 +53,9 @@ def inject_lora(shard: nn.Module, spec: LoraSpec, layers: list[int], adapter: st
         r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
         target_modules=list(spec.targets), layers_to_transform=layers, layers_pattern="layers",
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft warns when a second adapter is added; several named adapters are the point here.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         torch.manual_seed(seed)
         inject_adapter_in_model(config, shard, adapter_name=adapter)
     # peft leaves only the first (active) adapter trainable; every adapter here trains.

@@ -131,6 +131,13 @@ class _Job:
         self.flush_timer: asyncio.TimerHandle | None = None
         self.rounds: dict[int, _Round] = {}
         self.row_adapters: list[str] | None = None  # read by the LoRA pre-hooks during a pass
+        self.joined: set[int] = set()  # clients that ever joined
+        self.absent: set[int] = set()  # clients that left or vanished: rounds stop waiting for them
+        self.all_joined = asyncio.Event()  # the start barrier: every expected client is in
+
+    def expected(self) -> set[int]:
+        """Clients a FedAvg round waits for: all of the job's, until they leave or vanish."""
+        return set(range(self.spec.clients)) - self.absent
 
 
 def _settings_of(msg: TrainJoin) -> TrainJoin:
@@ -150,6 +157,7 @@ class TrainingService:
         self.steps: dict[tuple[int, int], _Group] = {}  # (conn, sid) -> group awaiting backward
         self.freed_steps = 0  # steps whose backward never came (timeout or disconnect)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedsea-train")
+        self._join_lock = asyncio.Lock()
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
@@ -161,9 +169,24 @@ class TrainingService:
 
     async def handle(self, conn: int, msg, tensor: torch.Tensor | None) -> tuple[Any, torch.Tensor | None]:
         """Answer one train_* request: returns (reply header, reply tensor) or raises
-        ProtocolError."""
+        ProtocolError (a bug becomes an `internal` error for this request only)."""
+        try:
+            return await self._handle(conn, msg, tensor)
+        except (ProtocolError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            log.exception("training request %s failed", msg.type)
+            raise ProtocolError(ErrorCode.INTERNAL, f"{msg.type} failed on the server: {e!r}", msg.sid) from None
+
+    async def _handle(self, conn: int, msg, tensor: torch.Tensor | None) -> tuple[Any, torch.Tensor | None]:
         if isinstance(msg, TrainJoin):
-            return await self._join(conn, msg, tensor)
+            async with self._join_lock:  # two clients creating the same job at once
+                reply, job = await self._join(conn, msg, tensor)
+            try:  # start together, so the first rounds already fuse (a missing client: timeout)
+                await asyncio.wait_for(job.all_joined.wait(), self.settings.aggregate_timeout)
+            except TimeoutError:
+                log.warning("job %r: starting with %d of %d clients", job.name, len(job.members), job.spec.clients)
+            return reply, None
         member = self.members.get(conn)
         if member is None:
             raise ProtocolError(ErrorCode.UNKNOWN_JOB, "send train_join before other train messages", msg.sid)
@@ -187,7 +210,7 @@ class TrainingService:
 
     # ---- join / leave --------------------------------------------------------------------
 
-    async def _join(self, conn: int, msg: TrainJoin, tensor: torch.Tensor | None) -> tuple[TrainJoined, None]:
+    async def _join(self, conn: int, msg: TrainJoin, tensor: torch.Tensor | None) -> tuple[TrainJoined, _Job]:
         if conn in self.members:
             raise ProtocolError(ErrorCode.JOB_MISMATCH, f"this connection already joined job {self.members[conn].job.name!r}", msg.sid)
         if msg.client >= msg.clients:
@@ -209,9 +232,13 @@ class TrainingService:
         member = _Member(conn, msg.client, job)
         self.members[conn] = member
         job.members[msg.client] = member
+        job.joined.add(msg.client)
+        job.absent.discard(msg.client)
+        if len(job.joined) >= msg.clients:
+            job.all_joined.set()
         params = sum(p.numel() for p in lora_parameters(job.shard, member.adapter).values())
         log.info("client %d joined training job %r (%s, %d/%d clients)", msg.client, msg.job, msg.mode, len(job.members), msg.clients)
-        return TrainJoined(sid=msg.sid, job=msg.job, params=params, resumed=resumed), None
+        return TrainJoined(sid=msg.sid, job=msg.job, params=params, resumed=resumed), job
 
     def _create_adapters(self, msg: TrainJoin, resume: torch.Tensor | None) -> tuple[ModelShard, dict[str, AdapterOptimizer]]:
         with torch.device("meta"):
@@ -255,6 +282,7 @@ class TrainingService:
             return
         job = member.job
         job.members.pop(member.client, None)
+        job.absent.add(member.client)
         for p in [p for p in job.pending if p.member is member]:
             job.pending.remove(p)
             p.reply.cancel()
@@ -266,7 +294,7 @@ class TrainingService:
             self._maybe_finish_round(job, number, rnd)
         if job.pending and len(job.pending) >= len(job.members):
             self._flush(job)
-        if left and not job.members:
+        if left and not job.members and self.jobs.get(job.name) is job:
             del self.jobs[job.name]
         log.info("client %d %s training job %r", member.client, "left" if left else "disconnected from", job.name)
 
@@ -461,7 +489,7 @@ class TrainingService:
         return TrainAggregated(sid=msg.sid, round=msg.round, clients=clients, tensor=tensor_meta(avg)), avg
 
     def _maybe_finish_round(self, job: _Job, number: int, rnd: _Round) -> None:
-        if rnd.contributions and set(job.members) <= set(rnd.contributions):
+        if rnd.contributions and job.expected() <= set(rnd.contributions):
             self._finish_round(job, number, rnd)
 
     def _finish_round(self, job: _Job, number: int, rnd: _Round) -> None:

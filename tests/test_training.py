@@ -1,0 +1,252 @@
+"""Split fine-tuning: the server's training service (fusion, per-row adapters, freed steps,
+bad requests), data loading, and the federated run with checkpoints (tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from edge_runtime.connection import ServerError
+from fedsea_shared.protocol import Hello, LoraSpec, OptimSpec, TrainJoin
+from fedsea_shared.shard import Partition, load_config
+from fedsea_shared.training import flatten, load_flat, lora_parameters
+from server_runtime.training_service import TrainingSettings
+from training.checkpoint import Checkpoints
+from training.connection import TrainingConnection
+from training.data import DataError, build_dataset, read_jsonl, shard
+from training.federation import FinetuneConfig, run
+
+HIDDEN = 64  # the tiny model's width
+
+
+def _hello(model_dir) -> Hello:
+    config = load_config(model_dir)
+    partition = Partition(config.num_hidden_layers, 2, 2)
+    return Hello(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size, layers=partition.server_range, dtype="float32")
+
+
+def _join(client: int, clients: int, mode: str = "sequential", job: str = "job") -> TrainJoin:
+    return TrainJoin(sid=0, job=job, client=client, clients=clients, mode=mode, lora=LoraSpec(rank=2),
+                     optim=OptimSpec(total_steps=4), seed=0)
+
+
+async def _clients(server, n: int, mode: str, job: str = "job") -> list[TrainingConnection]:
+    conns = [await TrainingConnection.connect(server.url, _hello(server.runtime.settings.model)) for _ in range(n)]
+    await asyncio.gather(*(c.join(_join(i, n, mode, job)) for i, c in enumerate(conns)))
+    return conns
+
+
+async def _until(predicate, what: str) -> None:
+    for _ in range(200):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for: {what}")
+
+
+def _hidden(seed: int, tokens: int) -> torch.Tensor:
+    return torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("mode", ["batched", "hierarchical"])
+async def test_fused_pass_equals_each_client_alone(tiny_model_dir, start_server, mode):
+    """Concurrent clients' rows fused into one pass give each client what it gets alone,
+    through its own server adapter in hierarchical mode."""
+    server = start_server(tiny_model_dir)
+    conns = await _clients(server, 2, mode)
+    job = server.runtime.training.jobs["job"]
+    if mode == "hierarchical":  # make the clients' adapters differ
+        for i, name in enumerate(job.optimizers):
+            params = lora_parameters(job.shard, name)
+            load_flat(params, torch.randn(flatten(params).numel(), generator=torch.Generator().manual_seed(i)) * 0.3)
+    lengths = [[5, 3], [4]]
+    hidden = [_hidden(i, sum(n)) for i, n in enumerate(lengths)]
+    alone = [(await c.forward(n, h, backward=False))[1] for c, n, h in zip(conns, lengths, hidden)]
+    if mode == "hierarchical":
+        assert not torch.allclose(alone[0][:4], alone[1][:4])  # same rows, other adapter
+    fused = await asyncio.gather(*(c.forward(n, h) for c, n, h in zip(conns, lengths, hidden)))
+    assert len(server.runtime.training.steps) == 2
+    assert len({id(g) for g in server.runtime.training.steps.values()}) == 1  # one pass
+    for (_, out), ref in zip(fused, alone):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    grads = await asyncio.gather(*(c.backward(sid, torch.ones_like(out)) for c, (sid, out) in zip(conns, fused)))
+    for (g, stepped), h in zip(grads, hidden):
+        assert g.shape == h.shape and stepped
+    assert not server.runtime.training.steps
+    for c in conns:
+        await c.close()
+
+
+async def test_vanished_client_step_is_freed_and_others_continue(tiny_model_dir, start_server):
+    server = start_server(tiny_model_dir, training=TrainingSettings(step_timeout=0.5))
+    service = server.runtime.training
+    a, b = await _clients(server, 2, "sequential")
+    # a forwards, then disappears mid-step: its autograd state and its turn are freed.
+    await a.forward([4], _hidden(0, 4))
+    assert len(service.steps) == 1
+    await a.close()
+    await _until(lambda: not service.steps and service.freed_steps == 1, "the vanished client's step is freed")
+    sid, out = await b.forward([3], _hidden(1, 3))
+    await b.backward(sid, torch.ones_like(out))
+    # b forwards and never sends the backward: the timeout frees it; a late backward is refused.
+    sid, out = await b.forward([3], _hidden(2, 3))
+    await _until(lambda: service.freed_steps == 2, "the abandoned step times out")
+    with pytest.raises(ServerError) as e:
+        await b.backward(sid, torch.ones_like(out))
+    assert e.value.code == "unknown_step"
+    sid, out = await b.forward([2], _hidden(3, 2))  # the turn was released
+    await b.backward(sid, torch.ones_like(out))
+    await b.close()
+
+
+async def test_bad_training_requests_get_typed_errors(tiny_model_dir, start_server):
+    server = start_server(tiny_model_dir)
+    conn = await TrainingConnection.connect(server.url, _hello(tiny_model_dir))
+    other = await TrainingConnection.connect(server.url, _hello(tiny_model_dir))
+    try:
+        cases = [
+            (conn.forward([2], _hidden(0, 2)), "unknown_job"),
+            (conn.join(_join(client=3, clients=2)), "bad_frame"),
+        ]
+        for request, code in cases:
+            with pytest.raises(ServerError) as e:
+                await request
+            assert e.value.code == code, e.value
+        await conn.join(_join(0, 1))
+        cases = [
+            (other.join(_join(0, 1)), "job_mismatch"),  # client 0 is taken
+            (other.join(_join(0, 1).model_copy(update={"mode": "batched"})), "job_mismatch"),
+            (conn.forward([3], _hidden(0, 2)), "bad_tensor"),  # lengths do not cover the rows
+            (conn.forward([2], torch.full((2, HIDDEN), float("nan"))), "non_finite"),
+            (conn.backward(99, torch.zeros(2, HIDDEN)), "unknown_step"),
+            (conn.aggregate(0, 1, torch.zeros(3, 3)), "bad_tensor"),
+        ]
+        for request, code in cases:
+            with pytest.raises(ServerError) as e:
+                await request
+            assert e.value.code == code, e.value
+        sid, out = await conn.forward([2, 1], _hidden(1, 3))  # still serving this client
+        grad, _ = await conn.backward(sid, torch.ones_like(out))
+        assert torch.isfinite(grad).all()
+    finally:
+        await conn.close()
+        await other.close()
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    return AutoTokenizer.from_pretrained(str(default_model_dir), local_files_only=True)
+
+
+def test_jsonl_skips_malformed_lines_and_rejects_empty_data(tmp_path, caplog):
+    good = tmp_path / "data.jsonl"
+    good.write_text("\n".join([
+        json.dumps({"prompt": "2+2?", "completion": "4"}),
+        "{not json",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}),
+        json.dumps({"messages": [{"role": "user", "content": "no answer"}]}),
+        json.dumps(["a list"]),
+    ]))
+    with caplog.at_level(logging.WARNING):
+        records = read_jsonl(good)
+    assert len(records) == 2
+    assert "skipped 3 malformed line(s)" in caplog.text and "line 2" in caplog.text and "line 4" in caplog.text
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="empty"):
+        read_jsonl(empty)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("nope\n")
+    with pytest.raises(DataError, match="no usable records"):
+        read_jsonl(bad)
+    with pytest.raises(DataError, match="neither a JSONL file nor a built-in"):
+        build_dataset("no-such-dataset", None, 64)
+
+
+def test_loss_covers_completion_only_and_long_sequences_keep_their_answer(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    long_prompt = "word " * 300
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Capital of France?", "completion": "Paris"},
+        {"prompt": long_prompt, "completion": "short answer"},
+        {"prompt": "x", "completion": "answer " * 300},  # the answer alone is too long: cut
+    ]))
+    ds = build_dataset(str(path), tokenizer, max_length=64, valid_fraction=0.01)
+    assert len(ds.train) + len(ds.valid) == 3
+    for ex in ds.train + ds.valid:
+        assert len(ex.ids) <= 64 and any(ex.target)
+    paris = next(ex for ex in ds.train + ds.valid if len(ex.ids) < 64)
+    answer = tokenizer.decode([t for t, m in zip(paris.ids, paris.target) if m])
+    assert answer.startswith("Paris") and "Capital" not in answer
+    assert not any(paris.target[: paris.prompt_len])
+
+
+def test_builtin_datasets_split_deterministically_into_disjoint_shards(tokenizer):
+    a = build_dataset("bbc-news", tokenizer, 128, seed=1, max_train=60, max_valid=10)
+    b = build_dataset("bbc-news", tokenizer, 128, seed=1, max_train=60, max_valid=10)
+    assert [e.ids for e in a.train] == [e.ids for e in b.train]
+    assert a.labels == ["business", "entertainment", "politics", "sport", "tech"]
+    assert not {tuple(e.ids) for e in a.train} & {tuple(e.ids) for e in a.valid}
+    for by_label in (False, True):
+        shards = [shard(a.train, 3, c, by_label) for c in range(3)]
+        seen = [tuple(e.ids) for s in shards for e in s]
+        assert len(seen) == len(set(seen))
+    label_sets = [{e.label for e in shard(a.train, 3, c, True)} for c in range(3)]
+    assert sum(map(len, label_sets)) < 3 * 5  # non-IID: clients see fewer labels
+    for name in ("tweet-sentiment", "chitchat"):
+        ds = build_dataset(name, tokenizer, 128, max_train=8, max_valid=2)
+        assert len(ds.train) == 8 and all(any(e.target) for e in ds.train)
+
+
+# ---- federated runs -----------------------------------------------------------------------
+
+
+def _config(tmp_path, model_dir, **kw) -> FinetuneConfig:
+    base = dict(data="bbc-news", out=str(tmp_path / "run"), model=str(model_dir), steps=4, batch_size=2, fedavg_every=2,
+                max_train=24, max_valid=6, noise=0.0, lora=LoraSpec(rank=2), optim=OptimSpec(lr=1e-3), progress=False)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def test_two_client_processes_train_and_save_a_peft_adapter(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir, clients=2, mode="batched")
+    report = run(cfg)
+    assert report["train"]["steps"] == 4 and report["after"]["loss"] < report["before"]["loss"]
+    adapter = tmp_path / "run" / "adapter"
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    layers = {int(name.split(".")[4]) for name in tensors}
+    assert layers == set(range(6))  # head, middle (from the server) and tail
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_model_dir), str(adapter))
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(tensors)
+    ckpt = Checkpoints(tmp_path / "run" / "checkpoint")
+    assert ckpt.common_step(2) == 4
+
+
+def test_resume_after_a_crash_and_a_server_restart(tmp_path, tiny_model_dir, start_server, caplog):
+    first = start_server(tiny_model_dir)
+    cfg = _config(tmp_path, tiny_model_dir, server=first.url, steps=4)
+    run(cfg)
+    ckpt = Checkpoints(tmp_path / "run" / "checkpoint")
+    # A crash while writing step 4: the files of step 2 are still complete.
+    (tmp_path / "run" / "checkpoint" / "client0-step4.pt").unlink()
+    assert ckpt.common_step(1) == 2
+    _, server_at_2 = ckpt.load(0, 2)
+    first.stop()
+    second = start_server(tiny_model_dir)  # a fresh server: it has no job state at all
+    with caplog.at_level(logging.INFO):
+        report = run(cfg.model_copy(update={"server": second.url, "steps": 6}))
+    assert "resuming all 1 clients from the checkpoint of step 2" in caplog.text
+    assert report["train"]["steps"] == 6 and ckpt.common_step(1) == 6
+    assert not torch.equal(ckpt.load(0, 6)[1], server_at_2)
+    with pytest.raises(ValueError, match="other settings"):
+        run(cfg.model_copy(update={"server": second.url, "mode": "batched"}))

@@ -1,0 +1,264 @@
+"""A federated split fine-tuning run: N client processes against one server runtime.
+
+Each client owns a disjoint shard of the data, its own edge (head + tail LoRA) and one
+connection.  Every `fedavg_every` steps the clients average their edge adapters through
+the server's aggregation endpoint (and checkpoint); client 0 also validates, exports the
+server adapter and writes the final adapter and report.  Without `server`, the run
+starts an embedded server runtime in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from edge_runtime.connection import ServerError
+from fedsea_shared import defaults
+from fedsea_shared.models import resolve_model
+from fedsea_shared.protocol import Hello, LoraSpec, OptimSpec, TrainJoin, TrainMode
+from fedsea_shared.shard import Partition, load_config
+
+from .checkpoint import Checkpoints, save_adapter, server_adapter_names
+from .connection import TrainingConnection
+from .data import Dataset, DataError, Example, build_dataset, shard
+from .edge import EdgeTrainer
+
+log = logging.getLogger("fedsea.finetune")
+
+
+class FinetuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str
+    out: str
+    model: str = defaults.MODEL
+    head: int = defaults.HEAD
+    tail: int = defaults.TAIL
+    noise: float = Field(defaults.NOISE, ge=0)
+    clients: int = Field(1, ge=1)
+    mode: TrainMode = "sequential"
+    steps: int | None = Field(None, ge=1)  # per client; else derived from epochs
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(256, ge=8)
+    lora: LoraSpec = LoraSpec()
+    optim: OptimSpec = OptimSpec()
+    fedavg_every: int = Field(10, ge=1)  # R: local steps between FedAvg rounds (and checkpoints)
+    eval_every: int = Field(0, ge=0)  # steps between validations (0: before and after only)
+    eval_batch_size: int = Field(16, ge=1)
+    by_label: bool = False  # non-IID shards: each client gets a run of the label-sorted data
+    valid_fraction: float = Field(0.1, gt=0, lt=1)
+    max_train: int | None = Field(None, ge=1)
+    max_valid: int | None = Field(None, ge=1)
+    seed: int = 0
+    server: str | None = None  # ws://host:port; None: embedded server runtime
+    progress: bool = True
+
+    @property
+    def job(self) -> str:
+        """Stable across reruns of the same --out, so a live server's job is rejoined."""
+        path = str(Path(self.out).resolve())
+        return f"{Path(self.out).name[:40] or 'run'}-{hashlib.sha1(path.encode()).hexdigest()[:8]}".replace(" ", "_")
+
+    def fingerprint(self) -> dict:
+        """Settings a resumed run must share with the checkpoints it resumes."""
+        return self.model_dump(include={"data", "model", "head", "tail", "clients", "mode", "lora", "seed", "by_label", "batch_size"})
+
+
+class ClientRun:
+    """One client's training loop."""
+
+    def __init__(self, cfg: FinetuneConfig, client: int, url: str, resume_step: int):
+        self.cfg = cfg
+        self.client = client
+        self.url = url
+        self.resume_step = resume_step
+        model_dir = resolve_model(cfg.model)
+        self.config = load_config(model_dir)
+        self.partition = Partition(self.config.num_hidden_layers, cfg.head, cfg.tail)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self.dataset: Dataset = build_dataset(
+            cfg.data, self.tokenizer, cfg.max_length, cfg.seed, cfg.valid_fraction, cfg.max_train, cfg.max_valid
+        )
+        self.examples = shard(self.dataset.train, cfg.clients, client, cfg.by_label)
+        # Every client runs the same number of steps so FedAvg rounds line up.
+        self.steps_per_epoch = max(1, len(self.dataset.train) // cfg.clients // cfg.batch_size)
+        self.total_steps = cfg.steps or math.ceil(cfg.epochs * self.steps_per_epoch)
+        self.optim = cfg.optim.model_copy(update={"total_steps": max(1, math.ceil(self.total_steps / cfg.optim.grad_accum))})
+        self.trainer = EdgeTrainer(model_dir, self.partition, cfg.lora, self.optim, cfg.noise, seed=cfg.seed)
+        self.checkpoints = Checkpoints(Path(cfg.out) / "checkpoint")
+        self.label_tokens = self._label_tokens()
+
+    def _label_tokens(self) -> dict[str, int] | None:
+        if not self.dataset.labels:
+            return None
+        first = {label: self.tokenizer(label, add_special_tokens=False).input_ids[0] for label in self.dataset.labels}
+        if len(set(first.values())) < len(first):
+            log.warning("labels share their first token; accuracy is not measured")
+            return None
+        return first
+
+    def batch(self, step: int) -> list[Example]:
+        """The batch of a step: a fixed function of (seed, client, step), so a resumed run
+        sees exactly the batches the crashed one would have."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = list(range(len(self.examples)))
+        random.Random(f"{self.cfg.seed}-{self.client}-{epoch}").shuffle(order)
+        size = self.cfg.batch_size
+        picked = order[(index * size) % len(order):][:size] or order[:size]
+        return [self.examples[i] for i in picked]
+
+    def hello(self) -> Hello:
+        return Hello(num_layers=self.config.num_hidden_layers, hidden_size=self.config.hidden_size,
+                     layers=self.partition.server_range, dtype="float32")
+
+    async def evaluate(self, conn: TrainingConnection) -> dict[str, float]:
+        return await self.trainer.evaluate(conn, self.dataset.valid, self.label_tokens, self.cfg.eval_batch_size)
+
+    async def run(self) -> dict | None:
+        cfg = self.cfg
+        step, rnd, server_resume, state = 0, 0, None, None
+        if self.resume_step:
+            state, server_resume = self.checkpoints.load(self.client, self.resume_step)
+            step, rnd = state["step"], state["round"]
+            self.trainer.load_adapter_vector(state["edge"])
+            self.trainer.optimizer.load_state_dict(state["optimizer"])
+        conn = await TrainingConnection.connect(self.url, self.hello())
+        try:
+            join = TrainJoin(sid=0, job=cfg.job, client=self.client, clients=cfg.clients, mode=cfg.mode,
+                             lora=cfg.lora, optim=self.optim, seed=cfg.seed)
+            await conn.join(join, resume=server_resume)
+            report = None
+            if self.client == 0:
+                report = state["report"] if state else {"before": await self.evaluate(conn)}
+                log.info("validation before: %s", _fmt(report["before"]))
+            await self._train(conn, step, rnd, report)
+            if self.client == 0:
+                report["after"] = await self.evaluate(conn)
+                log.info("validation after: %s", _fmt(report["after"]))
+                await self._save_adapter(conn)
+            await conn.leave()
+            return report
+        finally:
+            await conn.close()
+
+    async def _train(self, conn: TrainingConnection, step: int, rnd: int, report: dict | None) -> None:
+        cfg = self.cfg
+        bar = tqdm(total=self.total_steps, initial=step, position=self.client, desc=f"client {self.client}",
+                   disable=not cfg.progress, dynamic_ncols=True, leave=True)
+        samples, tokens, since, started = 0, 0, 0, time.perf_counter()
+        wire = {"mask_bytes": 0, "padding_bytes": 0, "lengths_bytes": 0}
+        while step < self.total_steps:
+            batch = self.batch(step)
+            loss, _ = await self.trainer.train_step(conn, batch)
+            step += 1
+            samples += len(batch)
+            since += len(batch)
+            tokens += sum(len(ex.ids) for ex in batch)
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{samples / elapsed:.2f}", tok_s=f"{tokens / elapsed:.0f}")
+            bar.update()
+            if step % cfg.fedavg_every == 0 or step == self.total_steps:
+                avg, _ = await conn.aggregate(rnd, since, self.trainer.adapter_vector())
+                self.trainer.load_adapter_vector(avg)
+                rnd, since = rnd + 1, 0
+                server = await conn.export() if self.client == 0 else None
+                state = {"step": step, "round": rnd, "edge": avg, "optimizer": self.trainer.optimizer.state_dict(), "report": report}
+                self.checkpoints.save(self.client, step, state, server)
+            if report is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
+                result = await self.evaluate(conn)
+                report.setdefault("during", []).append({"step": step, **result})
+                bar.write(f"step {step}: validation {_fmt(result)}")
+        bar.close()
+        if report is not None:
+            elapsed = time.perf_counter() - started
+            report["train"] = {"steps": self.total_steps, "samples": samples, "tokens": tokens, "seconds": elapsed}
+
+    async def _save_adapter(self, conn: TrainingConnection) -> None:
+        server_flat = await conn.export()
+        names = server_adapter_names(self.config, self.partition, self.cfg.lora)
+        save_adapter(Path(self.cfg.out) / "adapter", self.cfg.model, self.cfg.lora, self.partition,
+                     dict(self.trainer.params), names, server_flat)
+
+
+def _fmt(result: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+
+
+def _client_main(cfg_json: str, client: int, url: str, resume_step: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s client {client} %(levelname)s %(name)s: %(message)s")
+    cfg = FinetuneConfig.model_validate_json(cfg_json)
+    try:
+        report = asyncio.run(ClientRun(cfg, client, url, resume_step).run())
+    except (ServerError, DataError, OSError) as e:
+        sys.exit(f"client {client}: {e}")
+    if report is not None:
+        _write_report(cfg, report)
+
+
+def _write_report(cfg: FinetuneConfig, report: dict) -> None:
+    report = {"config": json.loads(cfg.model_dump_json()), **report}
+    (Path(cfg.out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Train (resuming from cfg.out's checkpoints if any) and return client 0's report."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = out / "run.json"
+    if fingerprint.is_file() and json.loads(fingerprint.read_text()) != json.loads(json.dumps(cfg.fingerprint())):
+        raise ValueError(f"{out} holds a run with other settings ({fingerprint}); pick another --out or delete it")
+    fingerprint.write_text(json.dumps(cfg.fingerprint(), indent=2) + "\n")
+    resume_step = Checkpoints(out / "checkpoint").common_step(cfg.clients)
+    if resume_step:
+        log.info("resuming all %d clients from the checkpoint of step %d", cfg.clients, resume_step)
+    server = None
+    if cfg.server is None:
+        from server_runtime.app import ServerSettings, ServerThread
+
+        server = ServerThread(ServerSettings(model=cfg.model, head=cfg.head, tail=cfg.tail, port=0, kv_cache_memory="64MiB"))
+    url = cfg.server or server.url
+    started = time.perf_counter()
+    try:
+        if cfg.clients == 1:
+            report = asyncio.run(ClientRun(cfg, 0, url, resume_step).run())
+            _write_report(cfg, report)
+        else:
+            _run_processes(cfg, url, resume_step)
+    finally:
+        if server is not None:
+            server.stop()
+    report = json.loads((out / "report.json").read_text())
+    report["wall_seconds"] = time.perf_counter() - started
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _run_processes(cfg: FinetuneConfig, url: str, resume_step: int) -> None:
+    ctx = mp.get_context("spawn")  # a clean interpreter per client: no shared torch state
+    threads = max(1, (os.cpu_count() or 1) // cfg.clients)
+    procs = [ctx.Process(target=_client_main, args=(cfg.model_dump_json(), c, url, resume_step, threads), name=f"client{c}")
+             for c in range(cfg.clients)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [p.name for p in procs if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{', '.join(failed)} failed (see their messages above); rerun the same command to resume "
+                           f"from the last checkpoint in {Path(cfg.out) / 'checkpoint'}")
