@@ -93,8 +93,9 @@ class EdgeModel:
 class EdgeWorker:
     """Batches concurrent head/tail requests and runs them off the event loop."""
 
-    def __init__(self, model: EdgeModel):
+    def __init__(self, model: EdgeModel, coalesce_s: float = 0.002):
         self.model = model
+        self.coalesce_s = coalesce_s
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fedsea-edge")
         self._pending: dict[str, list[tuple[_Item, asyncio.Future]]] = {"head": [], "tail": []}
         self._running = False
@@ -118,6 +119,9 @@ class EdgeWorker:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
+        # Replies for many sessions arrive frame by frame; linger a moment so the burst
+        # becomes one batch rather than a first batch of one and a second of the rest.
+        await asyncio.sleep(self.coalesce_s)
         try:
             while any(self._pending.values()):
                 for kind in ("tail", "head"):

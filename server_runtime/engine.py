@@ -43,6 +43,7 @@ class EngineSettings:
     wait_timeout: float = 30.0  # seconds a step or an open may wait for KV blocks
     idle_timeout: float = 600.0  # seconds before an idle session is freed
     admission_free_blocks: int = 1  # an open waits until at least this many blocks are free
+    coalesce_s: float = 0.002  # when idle, how long to gather a burst of steps into one tick
 
 
 class Engine:
@@ -84,34 +85,44 @@ class Engine:
     # ---- worker thread ----------------------------------------------------------------
 
     def _loop(self) -> None:
+        wait = 0.5
         while self._running:
-            busy = len(self.scheduler) > 0 or self._opens
-            try:
-                first = self._inbox.get(timeout=0.05 if busy else 0.5)
-            except queue.Empty:
-                first = None
-            commands = [first] if first else []
-            while True:
-                try:
-                    commands.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
-            for command in commands:
+            for command in self._collect(wait):
                 if command is not None:
                     command()
             try:
-                self._tick()
+                ran = self._tick()
             except Exception:  # a bug must not kill the engine: fail the tick's steps
                 log.exception("engine tick failed")
                 for work in list(self.scheduler.queue):
                     self._fail(work, ProtocolError(ErrorCode.INTERNAL, "server error while running the step"))
+                ran = False
             self._housekeeping()
             self._publish()
+            # Runnable work: loop straight on.  Work blocked on capacity: poll. Else sleep.
+            wait = 0.0 if ran else 0.05 if (len(self.scheduler) or self._opens) else 0.5
 
-    def _tick(self) -> None:
+    def _collect(self, wait: float) -> list[Callable[[], None] | None]:
+        """Commands in the inbox.  When idle, block up to `wait` for the first one, then
+        linger `coalesce_s` for more: the steps of many sessions arrive as a burst, and
+        taking the burst whole makes one tick of them instead of several."""
+        commands: list[Callable[[], None] | None] = []
+        timeout = wait
+        while True:
+            try:
+                command = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
+            except queue.Empty:
+                return commands
+            commands.append(command)
+            if command is None:
+                return commands
+            if wait > 0:
+                timeout = self.settings.coalesce_s
+
+    def _tick(self) -> bool:
         chunks = self.scheduler.schedule()
         if not chunks:
-            return
+            return False
         t0 = time.monotonic()
         for c in chunks:
             if c.start == 0:
@@ -128,6 +139,7 @@ class Engine:
             self.metrics.step_latency.observe(now - work.enqueued)
             result = torch.cat(work.outputs) if len(work.outputs) > 1 else work.outputs[0]
             _resolve(work.future, result)
+        return True
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
