@@ -162,8 +162,9 @@ class AsyncEdgeClient:
         noise_gen = torch.Generator().manual_seed(seed)
         sample_gen = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
 
-        session = await InferenceSession(self.connection, noise, noise_gen).open()
+        session = InferenceSession(self.connection, noise, noise_gen)
         try:
+            await session.open()
             async for event in self._decode(session, prompt_ids, params, sample_gen, max_context):
                 yield event
         finally:

@@ -9,6 +9,7 @@ again, never new information about the text.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Awaitable, Callable
 
@@ -16,7 +17,7 @@ import torch
 
 from fedsea_shared.noise import add_noise
 
-from .connection import ConnectionLost, ServerConnection
+from .connection import ConnectionLost, ServerConnection, ServerError
 
 log = logging.getLogger("fedsea.edge.session")
 
@@ -36,8 +37,13 @@ class InferenceSession:
 
     async def open(self) -> "InferenceSession":
         self.conn = await self._connect()
-        self.sid = self.conn.new_sid()
-        await self.conn.open(self.sid, self.noise)
+        sid = self.conn.new_sid()
+        try:
+            await self.conn.open(sid, self.noise)
+        except asyncio.CancelledError:
+            self.sid = sid  # the server may open it all the same: close() must free it
+            raise
+        self.sid = sid
         return self
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -70,4 +76,6 @@ class InferenceSession:
                 await self.conn.close_session(self.sid)
             except ConnectionLost:
                 pass  # the server frees a dropped connection's sessions itself
+            except ServerError as e:  # e.g. it had already expired: gone either way
+                log.debug("closing session %s: %s", self.sid, e)
         self.sid = None
