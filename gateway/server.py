@@ -16,13 +16,20 @@ from .backend import GatewaySettings
 
 log = logging.getLogger("fedsea.gateway")
 
+GRACEFUL_SHUTDOWN_S = 5
+
 
 def _config(settings: GatewaySettings, log_level: str) -> uvicorn.Config:
-    return uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=log_level, lifespan="on")
+    # On shutdown, streams still running after the grace period are cut (they would
+    # otherwise hold the process until their max_tokens).
+    return uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
+        lifespan="on", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
 
 
 def api_url(host: str, port: int) -> str:
-    shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}/v1"
 
 
