@@ -115,3 +115,23 @@ async def test_session_recovers_after_the_connection_drops(start_server, tiny_mo
     await client.aclose()
     await asyncio.sleep(0.1)
     assert server.runtime.pool.allocator.num_free == server.runtime.pool.allocator.num_blocks
+
+
+@pytest.mark.parametrize("wire_dtype", ["float16", "bfloat16"])
+async def test_half_precision_wire(start_server, tiny_model_dir, wire_dtype):
+    """The negotiated wire dtype is what travels; the split still generates."""
+    server = start_server(tiny_model_dir)
+    seen = []
+    original = server.runtime._on_frame
+
+    async def spy(conn, data):
+        seen.append(bytes(data))
+        return await original(conn, data)
+
+    server.runtime._on_frame = spy
+    client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0, wire_dtype=wire_dtype)
+    out = await client.generate([{"role": "user", "content": "hello"}], max_tokens=5, temperature=0)
+    assert out.completion_tokens == 5
+    steps = [f for f in seen if b'"step"' in f[:100]]
+    assert steps and all(f'"dtype":"{wire_dtype}"'.encode() in f[:200] for f in steps)
+    await client.aclose()
