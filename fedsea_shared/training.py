@@ -117,15 +117,22 @@ class AdapterOptimizer:
 
     def micro_step(self) -> bool:
         """Count one accumulated micro-batch; step when grad_accum of them are in."""
-        self.micro += 1
-        if self.micro % self.spec.grad_accum:
+        if not self.accumulate():
             return False
+        self.step()
+        return True
+
+    def accumulate(self) -> bool:
+        """Count one micro-batch; True when an optimizer step is due."""
+        self.micro += 1
+        return self.micro % self.spec.grad_accum == 0
+
+    def step(self) -> None:
         if self.spec.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.spec.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return True
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "micro": self.micro}

@@ -132,6 +132,11 @@ class _Job:
         self.rounds: dict[int, _Round] = {}
         self.row_adapters: list[str] | None = None  # read by the LoRA pre-hooks during a pass
         self.joined: set[int] = set()  # clients that ever joined
+        # Passes whose graph is alive (forward queued or awaiting backward).  An optimizer
+        # step changes the adapter in place, which would corrupt those graphs, so steps
+        # that come due meanwhile wait (`due`) until the last open pass is done.
+        self.open_passes = 0
+        self.due: set[str] = set()
         self.absent: set[int] = set()  # clients that left or vanished: rounds stop waiting for them
         self.all_joined = asyncio.Event()  # the start barrier: every expected client is in
 
@@ -343,6 +348,7 @@ class TrainingService:
         for p in batch:
             p.flushed = True
         if batch:
+            job.open_passes += 1
             asyncio.get_running_loop().create_task(self._run_group(job, batch))
 
     async def _run_group(self, job: _Job, batch: list[_Pending]) -> None:
@@ -353,6 +359,7 @@ class TrainingService:
             for p in batch:
                 if not p.reply.done():
                     p.reply.set_exception(ProtocolError(ErrorCode.INTERNAL, f"server forward failed: {e}", p.sid))
+            job.open_passes -= 1
             if job.spec.mode == "sequential":
                 job.turn.release()
             return
@@ -429,10 +436,12 @@ class TrainingService:
                 del self.steps[key]
         try:
             if group.grads:
-                grads, stepped = await self._run(self._group_backward, group)
+                grads, stepped = await self._run(self._group_backward, group, job.open_passes == 1)
                 for key, reply in group.waiters.items():
                     if not reply.done():
                         reply.set_result((grads[group.rows[key]].to("cpu", group.grads[key].dtype), stepped))
+            elif job.open_passes == 1 and job.due:  # the last open pass was abandoned
+                await self._run(self._step_due, job)
             if group.gone:
                 self.freed_steps += len(group.gone)
                 log.warning("job %r: freed %d step(s) whose client never sent the backward", job.name, len(group.gone))
@@ -442,11 +451,12 @@ class TrainingService:
                 if not reply.done():
                     reply.set_exception(ProtocolError(ErrorCode.INTERNAL, f"server backward failed: {e}", key[1]))
         finally:
+            job.open_passes -= 1
             group.inp = group.out = None  # drop the autograd graph
             if job.spec.mode == "sequential" and job.turn.locked():
                 job.turn.release()
 
-    def _group_backward(self, group: _Group) -> tuple[torch.Tensor, bool]:
+    def _group_backward(self, group: _Group, may_step: bool) -> tuple[torch.Tensor, bool]:
         job = group.job
         grad = torch.zeros_like(group.out)
         for key, g in group.grads.items():
@@ -456,8 +466,18 @@ class TrainingService:
         scale = len(group.rows) if job.spec.mode == "batched" else 1
         group.out.backward(grad / scale)
         inp_grad = group.inp.grad * scale
-        stepped = [job.optimizers[name].micro_step() for name in sorted({group.adapter_of[k] for k in group.grads})]
-        return inp_grad, any(stepped)
+        for name in {group.adapter_of[k] for k in group.grads}:
+            if job.optimizers[name].accumulate():
+                job.due.add(name)
+        return inp_grad, may_step and self._step_due(job)
+
+    @staticmethod
+    def _step_due(job: _Job) -> bool:
+        stepped = bool(job.due)
+        for name in sorted(job.due):
+            job.optimizers[name].step()
+        job.due.clear()
+        return stepped
 
     def _expire(self, group: _Group) -> None:
         """step_timeout passed: members without a backward count as gone."""

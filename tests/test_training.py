@@ -84,6 +84,21 @@ async def test_fused_pass_equals_each_client_alone(tiny_model_dir, start_server,
         await c.close()
 
 
+async def test_optimizer_step_waits_for_open_passes(tiny_model_dir, start_server):
+    """Two unfused passes of one shared adapter: the first backward must not step the
+    adapter in place while the second pass's graph still uses it."""
+    server = start_server(tiny_model_dir, training=TrainingSettings(fuse_window=0.01))
+    a, b = await _clients(server, 2, "batched")
+    sid_a, out_a = await a.forward([3], _hidden(0, 3))  # alone: the window expires
+    sid_b, out_b = await b.forward([2], _hidden(1, 2))
+    assert len({id(g) for g in server.runtime.training.steps.values()}) == 2
+    _, stepped_a = await a.backward(sid_a, torch.ones_like(out_a))
+    grad_b, stepped_b = await b.backward(sid_b, torch.ones_like(out_b))
+    assert (stepped_a, stepped_b) == (False, True) and torch.isfinite(grad_b).all()
+    await a.close()
+    await b.close()
+
+
 async def test_vanished_client_step_is_freed_and_others_continue(tiny_model_dir, start_server):
     server = start_server(tiny_model_dir, training=TrainingSettings(step_timeout=0.5))
     service = server.runtime.training
