@@ -18,7 +18,7 @@ from .backend import Backend, GatewaySettings
 from .errors import APIError, json_response
 from .metrics import GatewayMetrics, RequestCounter
 from .outputs import ChatOutput, CompletionOutput, Output
-from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
 log = logging.getLogger("fedsea.gateway")
 
@@ -81,6 +81,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         check_model(req.model)
         client = backend.require_client()
         vocab = client.config.vocab_size
+        if not 1 <= len(req.prompts) * req.n <= MAX_CHOICES:
+            raise errors.bad_request(f"a request makes 1 to {MAX_CHOICES} choices (prompts x n)", param="prompt")
         prompts = []
         for p in req.prompts:
             ids = client.tokenizer(p).input_ids if isinstance(p, str) else p

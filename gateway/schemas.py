@@ -17,6 +17,7 @@ from edge_runtime.sampling import SamplingParams
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 MAX_STOPS = 4
+MAX_CHOICES = 128  # OpenAI's limit on n; applied to prompts x n of a batch too
 
 
 class _Request(BaseModel):
@@ -78,7 +79,7 @@ class _SamplingRequest(_Request):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=128)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stop: str | list[str] | None = None
     seed: Int64 | None = None
     presence_penalty: Penalty | None = None

@@ -332,6 +332,8 @@ def test_completion_errors(gw):
     assert_error(post(gw, {"model": model, "prompt": "hi", "logprobs": 6}, "/completions"), 400, "logprobs")
     assert_error(post(gw, {"model": model, "prompt": [10**6]}, "/completions"), 400, "prompt")
     assert_error(post(gw, {"model": model, "prompt": ""}, "/completions"), 400, "prompt")
+    assert_error(post(gw, {"model": model, "prompt": []}, "/completions"), 400, "prompt")
+    assert_error(post(gw, {"model": model, "prompt": ["a"] * 65, "n": 2}, "/completions"), 400, "prompt")
 
 
 def test_too_long_for_the_context(gw):
