@@ -55,6 +55,7 @@ class Engine:
         self.scheduler = Scheduler(pool, settings.token_budget, settings.wait_timeout)
         self.sessions: dict[Hashable, Session] = {}
         self._opens: list[tuple[Hashable, Future, float]] = []  # waiting for capacity
+        self._next_idle_sweep = 0.0
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="fedsea-engine", daemon=True)
         self._running = True
@@ -162,6 +163,9 @@ class Engine:
             else:
                 still.append((key, fut, since))
         self._opens = still
+        if now < self._next_idle_sweep:
+            return
+        self._next_idle_sweep = now + 1.0
         for key, s in list(self.sessions.items()):
             if s.work is None and now - s.last_active > self.settings.idle_timeout:
                 log.info("session %s idle for %.0fs: freed", key, now - s.last_active)

@@ -107,8 +107,9 @@ class Scheduler:
             work.done = chunk.end
             work.session.table.num_tokens = chunk.positions[1]
             if work.remaining == 0:
-                self.queue.remove(work)
                 finished.append(work)
+        if finished:  # one pass, not a remove() per finished step: ticks may finish hundreds
+            self.queue = deque(w for w in self.queue if w.remaining)
         return finished
 
     def expired(self, now: float) -> list[StepWork]:
