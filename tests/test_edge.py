@@ -135,3 +135,26 @@ async def test_half_precision_wire(start_server, tiny_model_dir, wire_dtype):
     steps = [f for f in seen if b'"step"' in f[:100]]
     assert steps and all(f'"dtype":"{wire_dtype}"'.encode() in f[:200] for f in steps)
     await client.aclose()
+
+
+async def test_edge_worker_batches_concurrent_generations(start_server, tiny_model_dir):
+    """Concurrent generations share head/tail forward passes instead of one each."""
+    server = start_server(tiny_model_dir)
+    client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0)
+    model = client.worker.model
+    calls = {"head": [], "tail": []}
+    for kind in calls:
+        real = getattr(model, kind)
+
+        def spy(items, real=real, kind=kind):
+            calls[kind].append(len(items))
+            return real(items)
+
+        setattr(model, kind, spy)
+    chats = [[{"role": "user", "content": f"Story number {i}"}] for i in range(8)]
+    results = await asyncio.gather(*(client.generate(c, max_tokens=6, temperature=0) for c in chats))
+    assert all(r.completion_tokens == 6 for r in results)
+    assert sum(calls["tail"]) == 8 * 6  # every sequence's tail ran once per token...
+    assert len(calls["tail"]) < 8 * 6 / 2  # ...in far fewer forward passes
+    assert max(calls["head"]) > 1
+    await client.aclose()
