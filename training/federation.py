@@ -137,7 +137,10 @@ class ClientRun:
             step, rnd = state["step"], state["round"]
             self.trainer.load_adapter_vector(state["edge"])
             self.trainer.optimizer.load_state_dict(state["optimizer"])
-        conn = await TrainingConnection.connect(self.url, self.hello())
+        try:
+            conn = await TrainingConnection.connect(self.url, self.hello())
+        except OSError as e:
+            raise ServerError("connection_lost", f"cannot reach the server runtime at {self.url} ({e})") from None
         try:
             join = TrainJoin(sid=0, job=cfg.job, client=self.client, clients=cfg.clients, mode=cfg.mode,
                              lora=cfg.lora, optim=self.optim, seed=cfg.seed)
@@ -146,7 +149,11 @@ class ClientRun:
             if self.client == 0:
                 report = state["report"] if state else {"before": await self.evaluate(conn)}
                 log.info("validation before: %s", _fmt(report["before"]))
-            await self._train(conn, step, rnd, report)
+            # A first FedAvg round as a start line: every client waits for the others
+            # (and for client 0's validation) and starts from the same edge adapter.
+            avg, _ = await conn.aggregate(rnd, 1, self.trainer.adapter_vector())
+            self.trainer.load_adapter_vector(avg)
+            await self._train(conn, step, rnd + 1, report)
             if self.client == 0:
                 report["after"] = await self.evaluate(conn)
                 log.info("validation after: %s", _fmt(report["after"]))
@@ -161,7 +168,6 @@ class ClientRun:
         bar = tqdm(total=self.total_steps, initial=step, position=self.client, desc=f"client {self.client}",
                    disable=not cfg.progress, dynamic_ncols=True, leave=True)
         samples, tokens, since, started = 0, 0, 0, time.perf_counter()
-        wire = {"mask_bytes": 0, "padding_bytes": 0, "lengths_bytes": 0}
         while step < self.total_steps:
             batch = self.batch(step)
             loss, _ = await self.trainer.train_step(conn, batch)
@@ -236,7 +242,10 @@ def run(cfg: FinetuneConfig) -> dict:
     started = time.perf_counter()
     try:
         if cfg.clients == 1:
-            report = asyncio.run(ClientRun(cfg, 0, url, resume_step).run())
+            try:
+                report = asyncio.run(ClientRun(cfg, 0, url, resume_step).run())
+            except ServerError as e:
+                raise RuntimeError(f"client 0: {e}; {_resume_hint(cfg)}") from None
             _write_report(cfg, report)
         else:
             _run_processes(cfg, url, resume_step)
@@ -260,5 +269,8 @@ def _run_processes(cfg: FinetuneConfig, url: str, resume_step: int) -> None:
         p.join()
     failed = [p.name for p in procs if p.exitcode != 0]
     if failed:
-        raise RuntimeError(f"{', '.join(failed)} failed (see their messages above); rerun the same command to resume "
-                           f"from the last checkpoint in {Path(cfg.out) / 'checkpoint'}")
+        raise RuntimeError(f"{', '.join(failed)} failed (see their messages above); {_resume_hint(cfg)}")
+
+
+def _resume_hint(cfg: FinetuneConfig) -> str:
+    return f"rerun the same command to resume from the last checkpoint in {Path(cfg.out) / 'checkpoint'}"
