@@ -123,8 +123,10 @@ class EdgeTrainer:
                     choices = torch.tensor(list(label_tokens.values()))
                     picked = logits[n:][:, choices].argmax(-1).tolist()
                     names = list(label_tokens)
-                    correct += sum(names[p] == ex.label for p, ex in zip(picked, batch))
-                    counted += len(batch)
+                    # A sample cut so short that no prompt is left has no answer position.
+                    scored = [(p, ex) for p, ex in zip(picked, batch) if ex.prompt_len > 0]
+                    correct += sum(names[p] == ex.label for p, ex in scored)
+                    counted += len(scored)
         finally:
             self.shard.train()
         result = {"loss": total_loss / max(1, total_tokens)}
