@@ -1,0 +1,177 @@
+"""Attacks the server can mount on the hidden states it receives, cheapest first.
+
+Every attack maps server-side states [N, T, H] to guessed token ids [N, T].  The model's
+weights are public (the server holds the middle blocks of a public checkpoint), so the
+attacker knows the embedding table and the edge's head blocks; what it lacks is the noise.
+
+- `nearest_embedding`: cosine nearest neighbour in the embedding table.
+- `nearest_probe`: cosine nearest neighbour among the head's outputs for every vocabulary
+  token placed alone right after the chat prefix (a position-aware single-token probe).
+- `train_inverter`: a learned inverter (per-token MLP or a small bidirectional transformer
+  over the window) trained on the attacker's own text run through the public head blocks
+  with noise of the same scale, as in the paper's collusion attack and BiSR.  It predicts a
+  point in embedding space and is trained contrastively against the embeddings of the
+  tokens in the batch, so it decodes over the whole vocabulary at the cost of a small one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedsea_shared.noise import add_noise
+from fedsea_shared.shard import ModelShard
+
+
+def nearest(queries: torch.Tensor, table: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Index of the most cosine-similar row of `table` for each query. [N, H] -> [N]."""
+    keys = F.normalize(table.float(), dim=-1)
+    out = [
+        (F.normalize(q.float(), dim=-1) @ keys.T).argmax(-1)
+        for q in queries.split(chunk)
+    ]
+    return torch.cat(out)
+
+
+def nearest_embedding(states: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    return nearest(states.flatten(0, 1), embedding).view(states.shape[:2])
+
+
+@torch.no_grad()
+def probe_table(shard: ModelShard, prefix_ids: list[int], depths: list[int], chunk: int = 8192) -> dict[int, torch.Tensor]:
+    """Head output at each depth for every vocabulary token alone after the prefix.
+
+    The prefix's keys and values are computed once and every candidate attends to them and
+    to itself, so the table costs one token per vocabulary entry.  -> {depth: [V, H]}.
+    """
+    prefix = torch.tensor(prefix_ids)
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(layer, q, k, v):
+        cache[layer] = (k, v)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
+        )
+        return out.transpose(0, 1).reshape(q.shape[0], -1)
+
+    deepest = max(depths)
+    shard.run_blocks(range(deepest), shard.embed(prefix), torch.arange(len(prefix)), record)
+
+    def attend_after_prefix(layer, q, k, v):
+        pk, pv = cache[layer]
+        n = q.shape[0]
+        keys = torch.cat([pk.expand(n, *pk.shape), k[:, None]], dim=1).transpose(1, 2)
+        vals = torch.cat([pv.expand(n, *pv.shape), v[:, None]], dim=1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q[:, :, None], keys, vals, enable_gqa=True)
+        return out.reshape(n, -1)
+
+    vocab = shard.model.embed_tokens.weight.shape[0]
+    tables: dict[int, list[torch.Tensor]] = {d: [] for d in depths}
+    for start in range(0, vocab, chunk):
+        ids = torch.arange(start, min(vocab, start + chunk))
+        hidden = shard.embed(ids)
+        position = torch.full((len(ids),), len(prefix))
+        done = 0
+        for depth in sorted(depths):
+            hidden = shard.run_blocks(range(done, depth), hidden, position, attend_after_prefix)
+            done = depth
+            tables[depth].append(hidden.clone())
+    return {d: torch.cat(t) for d, t in tables.items()}
+
+
+def _rms_normalise(x: torch.Tensor) -> torch.Tensor:
+    # Cut states carry a few huge outlier dimensions; compare directions, not magnitudes.
+    return x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
+
+
+class _Inverter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        # Softmax temperature of the contrastive loss (log scale), learned with the rest.
+        self.log_temp = nn.Parameter(torch.tensor(3.0))
+
+
+class TokenMLP(_Inverter):
+    """Per-token inverter: sees one hidden state, guesses its token."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        width = min(512, 2 * hidden)
+        self.net = nn.Sequential(
+            nn.LayerNorm(hidden), nn.Linear(hidden, width), nn.GELU(),
+            nn.Linear(width, width), nn.GELU(), nn.Linear(width, hidden),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
+        return self.net(_rms_normalise(x))
+
+
+class SequenceInverter(_Inverter):
+    """Window inverter: a small bidirectional transformer, so each guess can use the
+    neighbouring states (the server receives a whole prompt at once)."""
+
+    def __init__(self, hidden: int, max_len: int, layers: int = 2):
+        super().__init__()
+        width = min(256, 2 * hidden)
+        self.inp = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, width))
+        self.pos = nn.Parameter(torch.zeros(max_len, width))
+        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(_rms_normalise(x)) + self.pos[: x.shape[1]]
+        return self.out(self.encoder(h))
+
+
+INVERTERS = ("mlp", "seq")
+
+
+def make_inverter(kind: str, hidden: int, max_len: int) -> _Inverter:
+    if kind == "mlp":
+        return TokenMLP(hidden)
+    if kind == "seq":
+        return SequenceInverter(hidden, max_len)
+    raise ValueError(f"unknown inverter {kind!r}; choose from {INVERTERS}")
+
+
+def train_inverter(
+    model: _Inverter,
+    clean: torch.Tensor,
+    targets: torch.Tensor,
+    embedding: torch.Tensor,
+    noise: float,
+    steps: int,
+    batch: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> _Inverter:
+    """Train on the attacker's clean cut states [N, T, H] with fresh noise every step.
+
+    The loss is a softmax over the embeddings of the distinct tokens in the batch (the
+    hard negatives are the tokens that actually co-occur).  `model` may already be trained (e.g. at a lower noise), training continues from it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    keys = F.normalize(embedding.float(), dim=-1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)  # linear decay to 0
+    model.train()
+    for _ in range(steps):
+        rows = torch.randint(0, clean.shape[0], (batch,), generator=gen)
+        x = add_noise(clean[rows], noise, gen)
+        y = targets[rows].reshape(-1)
+        cands, labels = torch.unique(y, return_inverse=True)
+        pred = F.normalize(model(x).reshape(-1, x.shape[-1]), dim=-1)
+        loss = F.cross_entropy(pred @ keys[cands].T * model.log_temp.exp(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def invert(model: nn.Module, states: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    pred = torch.cat([model(s) for s in states.split(64)])
+    return nearest(pred.flatten(0, 1), embedding).view(states.shape[:2])
