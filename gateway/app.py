@@ -23,6 +23,9 @@ from .schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, Mode
 log = logging.getLogger("fedsea.gateway")
 
 DONE = b"data: [DONE]\n\n"
+# Far above any prompt that fits the context (128 prompts x 8k token ids fit); a larger
+# body is refused with 413 before it is read into memory.
+MAX_BODY_BYTES = 16 * 2**20
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -36,7 +39,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         yield
         await backend.close()
 
-    app = FastAPI(title="fedsea gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="fedsea gateway", lifespan=lifespan, docs_url=None, redoc_url=None, max_body_size=MAX_BODY_BYTES)
     app.state.backend = backend
     app.state.model_id = model_id
     errors.install(app)

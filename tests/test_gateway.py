@@ -318,6 +318,8 @@ def test_request_shape_errors(gw):
     assert_error(post(gw, {"messages": USER}), 400, "model")
     assert_error(post(gw, {"model": "gpt-4o", "messages": USER}), 404, "model", "model_not_found")
     assert_error(httpx.get(gw.url + "/nope"), 404)
+    huge = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * (16 * 2**20) + b'"}]}'
+    assert post(gw, {}, raw=huge).status_code == 413
     # unknown fields are ignored; OpenAI's content parts and the developer role are read
     r = post(gw, {"model": model, "max_tokens": 2, "no_such_field": {"x": 1}, "user": "u1",
                   "messages": [{"role": "developer", "content": "Be brief."},
