@@ -33,24 +33,11 @@ from fedsea_shared.models import resolve_model
 from fedsea_shared.protocol import LoraSpec, OptimSpec
 from fedsea_shared.shard import load_config
 from fedsea_shared.training import AdapterOptimizer
-from training.data import build_dataset, shard
+from training.data import build_dataset, padded, shard
 from training.edge import Packed
 from training.federation import FinetuneConfig, run
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def padded(batch, pad_id: int):
-    longest = max(len(ex.ids) for ex in batch)
-    ids = torch.full((len(batch), longest), pad_id)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, ex in enumerate(batch):
-        n = len(ex.ids)
-        ids[i, :n] = torch.tensor(ex.ids)
-        mask[i, :n] = 1
-        labels[i, :n] = torch.tensor([t if m else -100 for t, m in zip(ex.ids, ex.target)])
-    return ids, mask, labels
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from fedsea_shared.protocol import Hello, LoraSpec, OptimSpec, TrainJoin
 from fedsea_shared.shard import Partition, load_config
 from fedsea_shared.training import flatten, load_flat, lora_parameters
 from training.connection import TrainingConnection
-from training.data import Example
+from training.data import Example, padded
 from training.edge import EdgeTrainer
 
 LORA = LoraSpec(rank=4, alpha=8.0, dropout=0.0)
@@ -77,15 +77,7 @@ async def test_split_gradients_match_centralized_peft(tiny_model_dir, start_serv
     with torch.no_grad():
         for names, flat in ((list(trainer.params), edge_flat), (list(server_grads), server_flat)):
             load_flat({n: full[peft_name(n)] for n in names}, flat)
-    longest = max(len(ex.ids) for ex in batch)
-    ids = torch.full((len(batch), longest), 2)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, ex in enumerate(batch):
-        n = len(ex.ids)
-        ids[i, :n] = torch.tensor(ex.ids)
-        mask[i, :n] = 1
-        labels[i, :n] = torch.tensor([t if m else -100 for t, m in zip(ex.ids, ex.target)])
+    ids, mask, labels = padded(batch, pad_id=2)
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     (out.loss / OPTIM.grad_accum).backward()
 

@@ -17,6 +17,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger("fedsea.finetune.data")
 
 
@@ -233,3 +235,18 @@ def shard(examples: list[Example], clients: int, client: int, by_label: bool = F
     ordered = sorted(examples, key=lambda e: e.label)
     size = len(ordered) // clients
     return ordered[client * size : (client + 1) * size if client < clients - 1 else None]
+
+
+def padded(batch: list[Example], pad_id: int):
+    """The same batch as a padded `transformers` input (ids, attention mask, labels with
+    -100 off target): what the unsplit baseline consumes."""
+    longest = max(len(ex.ids) for ex in batch)
+    ids = torch.full((len(batch), longest), pad_id)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, ex in enumerate(batch):
+        n = len(ex.ids)
+        ids[i, :n] = torch.tensor(ex.ids)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor([t if m else -100 for t, m in zip(ex.ids, ex.target)])
+    return ids, mask, labels
