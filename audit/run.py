@@ -68,92 +68,116 @@ def _best(results: dict[str, AttackResult]) -> tuple[AttackResult, str]:
     return best, max(results, key=lambda a: results[a].token_recovery)
 
 
+class _Sweep:
+    """The shared inputs of every cell: the model, the three corpora's windows and their
+    clean cut states at every audited depth, and the probe tables."""
+
+    def __init__(self, config: AuditConfig):
+        self.config = config
+        model_dir = resolve_model(config.model)
+        self.model_config = load_config(model_dir)
+        layers = self.model_config.num_hidden_layers
+        too_deep = [h for h in config.heads if h + config.tail >= layers]
+        if too_deep:
+            raise ValueError(f"heads {too_deep} + tail {config.tail} leave no block for the server ({layers} blocks)")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        # One shard with every block: the audit plays edge and server at once.
+        self.shard = load_shard(model_dir, list(range(layers)), with_edge_parts=True, config=self.model_config)
+        self.embedding = self.shard.model.embed_tokens.weight
+
+        # Attacker and victims write different corpora; the victim, utility and defense
+        # windows come from disjoint ranges of conversations.
+        chats = data.chitchat_conversations()
+        third = len(chats) // 3
+        maker = data.WindowMaker(self.tokenizer, config.window)
+        self.attacker = maker.plain(data.bbc_articles(), config.attacker_windows, per_text=2)
+        self.victims = maker.with_canaries(chats[:third], config.victim_windows, seed=config.seed)
+        self.long_maker = data.WindowMaker(self.tokenizer, config.utility_window)
+        self.held_out = self.long_maker.plain(chats[third : 2 * third], config.utility_windows)
+        self.defense_chats = chats[2 * third :]
+
+        depths = config.heads
+        log.info("cut states for %d attacker, %d victim, %d utility windows",
+                 len(self.attacker.ids), len(self.victims.ids), len(self.held_out.ids))
+        self.attacker_cut = head_states(self.shard, self.attacker.ids, depths)
+        self.victim_cut = head_states(self.shard, self.victims.ids, depths)
+        self.utility_cut = head_states(self.shard, self.held_out.ids, depths)
+        wanted = [d for d in depths if d > 0] if "probe" in config.attacks else []
+        self.probes = attacks.probe_table(self.shard, maker.prefix_ids, wanted) if wanted else {}
+        # Without noise the split model computes exactly the unsplit one: one baseline for all.
+        self.baseline = self.perplexity(depths[0], 0.0)
+
+    def score(self, guess: torch.Tensor) -> AttackResult:
+        truth = self.victims.content
+        return AttackResult(
+            token_recovery=metrics.token_recovery(guess, truth),
+            rouge_l=metrics.mean_rouge_l(self.tokenizer, guess, truth),
+            canary=metrics.canary_recovery(guess, truth, self.victims.canaries),
+        )
+
+    def leakage(self, head: int, noise: float, level: int, inverters: dict) -> dict[str, AttackResult]:
+        """Every attack on the victims' states at this cell; the inverters train on."""
+        config, p = self.config, self.victims.prefix
+        seen = server_view(self.victim_cut[head], noise, config.seed + 1)[:, p:]
+        results: dict[str, AttackResult] = {}
+        if "embedding" in config.attacks:
+            results["embedding"] = self.score(attacks.nearest_embedding(seen, self.embedding))
+        if head in self.probes:
+            results["probe"] = self.score(attacks.nearest(seen.flatten(0, 1), self.probes[head]).view(seen.shape[:2]))
+        for kind, model in inverters.items():
+            steps = config.inverter_steps if level == 0 else config.inverter_warm_steps
+            attacks.train_inverter(
+                model, self.attacker_cut[head][:, p:], self.attacker.content, self.embedding, noise, steps,
+                seed=config.seed + level,
+            )
+            results[kind] = self.score(attacks.invert(model, seen, self.embedding))
+        return results
+
+    def perplexity(self, head: int, noise: float, clean_prefix: int = 0) -> float:
+        h = self.held_out
+        return perplexity(self.shard, head, self.utility_cut[head], h.ids, h.prefix, noise, self.config.seed + 2, clean_prefix)
+
+    def adapted_tail(self, head: int):
+        train = self.long_maker.plain(self.defense_chats, self.config.defense_windows)
+        log.info("head %d: adapting the tail to noise", head)
+        return defense.adapt_tail(
+            self.shard, head, self.config.tail, head_states(self.shard, train.ids, [head])[head], train.ids,
+            train.prefix, self.config.noises, epochs=self.config.defense_epochs, seed=self.config.seed,
+        )
+
+    def defended(self, head: int, noise: float, tail) -> dict[str, float]:
+        """Perplexity under each defense (none applies to head 0, which is no split)."""
+        out: dict[str, float] = {}
+        if "clean-prefix" in self.config.defenses and head > 0:
+            out["clean-prefix"] = self.perplexity(head, noise, self.held_out.prefix)
+        if tail is not None:
+            with defense.swapped_tail(self.shard, tail):
+                out["adapted-tail"] = self.perplexity(head, noise)
+        return out
+
+
 def run_audit(config: AuditConfig) -> AuditReport:
     start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(config.seed)
-    model_dir = resolve_model(config.model)
-    model_config = load_config(model_dir)
-    num_layers = model_config.num_hidden_layers
-    too_deep = [h for h in config.heads if h + config.tail >= num_layers]
-    if too_deep:
-        raise ValueError(f"heads {too_deep} + tail {config.tail} leave no block for the server ({num_layers} blocks)")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    # One shard with every block: the audit plays edge and server at once.
-    shard = load_shard(model_dir, list(range(num_layers)), with_edge_parts=True, config=model_config)
-    embedding = shard.model.embed_tokens.weight
-
-    # Attacker and victims write different corpora; the victim, utility and defense
-    # windows come from disjoint ranges of conversations.
-    chats = data.chitchat_conversations()
-    third = len(chats) // 3
-    maker = data.WindowMaker(tokenizer, config.window)
-    attacker = maker.plain(data.bbc_articles(), config.attacker_windows, per_text=2)
-    victims = maker.with_canaries(chats[:third], config.victim_windows, seed=config.seed)
-    long_maker = data.WindowMaker(tokenizer, config.utility_window)
-    held_out = long_maker.plain(chats[third : 2 * third], config.utility_windows)
-    p = victims.prefix
-
-    depths = config.heads
-    log.info("cut states for %d attacker, %d victim, %d utility windows", len(attacker.ids), len(victims.ids), len(held_out.ids))
-    attacker_cut = head_states(shard, attacker.ids, depths)
-    victim_cut = head_states(shard, victims.ids, depths)
-    utility_cut = head_states(shard, held_out.ids, depths)
-    probes = attacks.probe_table(shard, maker.prefix_ids, [d for d in depths if d > 0]) if "probe" in config.attacks else {}
-    truth = victims.content
-    # Without noise the split model computes exactly the unsplit one: one baseline for all.
-    baseline = perplexity(shard, depths[0], utility_cut[depths[0]], held_out.ids, held_out.prefix, 0.0, config.seed)
-
-    def score(guess: torch.Tensor) -> AttackResult:
-        return AttackResult(
-            token_recovery=metrics.token_recovery(guess, truth),
-            rouge_l=metrics.mean_rouge_l(tokenizer, guess, truth),
-            canary=metrics.canary_recovery(guess, truth, victims.canaries),
-        )
-
+    sweep = _Sweep(config)
     cells: list[Cell] = []
-    for head in depths:
+    for head in config.heads:
         inverters = {
-            kind: attacks.make_inverter(kind, model_config.hidden_size, victims.ids.shape[1])
+            kind: attacks.make_inverter(kind, sweep.model_config.hidden_size, sweep.victims.ids.shape[1])
             for kind in attacks.INVERTERS if kind in config.attacks
         }
-        tail = None
-        if "adapted-tail" in config.defenses and head > 0:
-            train = long_maker.plain(chats[2 * third :], config.defense_windows)
-            log.info("head %d: adapting the tail to noise", head)
-            tail = defense.adapt_tail(
-                shard, head, config.tail, head_states(shard, train.ids, [head])[head], train.ids, train.prefix,
-                config.noises, epochs=config.defense_epochs, seed=config.seed,
-            )
+        tail = sweep.adapted_tail(head) if "adapted-tail" in config.defenses and head > 0 else None
         for level, noise in enumerate(config.noises):
-            seen = server_view(victim_cut[head], noise, config.seed + 1)[:, p:]
-            results: dict[str, AttackResult] = {}
-            if "embedding" in config.attacks:
-                results["embedding"] = score(attacks.nearest_embedding(seen, embedding))
-            if head in probes:
-                results["probe"] = score(attacks.nearest(seen.flatten(0, 1), probes[head]).view(seen.shape[:2]))
-            for kind, model in inverters.items():
-                steps = config.inverter_steps if level == 0 else config.inverter_warm_steps
-                attacks.train_inverter(
-                    model, attacker_cut[head][:, p:], attacker.content, embedding, noise, steps, seed=config.seed + level
-                )
-                results[kind] = score(attacks.invert(model, seen, embedding))
-            def ppl(clean_prefix: int = 0) -> float:
-                return perplexity(
-                    shard, head, utility_cut[head], held_out.ids, held_out.prefix, noise, config.seed + 2, clean_prefix
-                )
-
-            plain = ppl()
-            defended = {}
-            if "clean-prefix" in config.defenses and head > 0:
-                defended["clean-prefix"] = ppl(held_out.prefix)
-            if tail is not None:
-                with defense.swapped_tail(shard, tail):
-                    defended["adapted-tail"] = ppl()
+            results = sweep.leakage(head, noise, level, inverters)
+            plain = sweep.perplexity(head, noise)
+            defended = sweep.defended(head, noise, tail)
             best, best_attack = _best(results)
             cells.append(Cell(
-                head=head, noise=noise, perplexity=plain, perplexity_ratio=plain / baseline, defended=defended,
+                head=head, noise=noise, perplexity=plain, perplexity_ratio=plain / sweep.baseline, defended=defended,
                 attacks=results, best=best, best_attack=best_attack,
             ))
             log.info("head %d noise %g: recovery %.3f (%s), ppl %.1f %s", head, noise, best.token_recovery, best_attack, plain, defended)
-    return AuditReport(config=config, num_layers=num_layers, baseline_perplexity=baseline, cells=cells,
-                       wall_s=time.perf_counter() - start, cpu_s=time.process_time() - cpu_start)
+    return AuditReport(
+        config=config, num_layers=sweep.model_config.num_hidden_layers, baseline_perplexity=sweep.baseline,
+        cells=cells, wall_s=time.perf_counter() - start, cpu_s=time.process_time() - cpu_start,
+    )
