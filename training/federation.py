@@ -90,6 +90,8 @@ class ClientRun:
         model_dir = resolve_model(cfg.model)
         self.config = load_config(model_dir)
         self.partition = Partition(self.config.num_hidden_layers, cfg.head, cfg.tail)
+        if cfg.max_length > self.config.max_position_embeddings:
+            raise DataError(f"--max-length {cfg.max_length} exceeds the model's context of {self.config.max_position_embeddings} tokens")
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.dataset: Dataset = build_dataset(
             cfg.data, self.tokenizer, cfg.max_length, cfg.seed, cfg.valid_fraction, cfg.max_train, cfg.max_valid
