@@ -21,6 +21,7 @@ from server_runtime.training_service import TrainingSettings
 from training.checkpoint import Checkpoints
 from training.connection import TrainingConnection
 from training.data import DataError, build_dataset, read_jsonl, shard
+from training.edge import protect_gradient
 from training.federation import FinetuneConfig, run
 
 HIDDEN = 64  # the tiny model's width
@@ -153,6 +154,18 @@ async def test_bad_training_requests_get_typed_errors(tiny_model_dir, start_serv
     finally:
         await conn.close()
         await other.close()
+
+
+def test_gradient_sent_to_the_server_can_be_clipped_and_noised():
+    grad = torch.cat([torch.full((3, 4), 5.0), torch.full((2, 4), 0.01)])
+    clipped = protect_gradient(grad, [3, 2], clip=1.0, noise=0.0)
+    norms = [g.norm().item() for g in clipped.split([3, 2])]
+    assert norms[0] == pytest.approx(1.0) and norms[1] == pytest.approx(grad[3:].norm().item())
+    assert torch.equal(protect_gradient(grad, [3, 2], clip=0.0, noise=0.0), grad)
+    noised = protect_gradient(grad, [3, 2], clip=1.0, noise=0.5, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(noised, clipped) and (noised - clipped).std().item() == pytest.approx(0.5, rel=0.5)
+    with pytest.raises(ValueError, match="clip"):
+        FinetuneConfig(data="x", out="y", send_grad_noise=1.0)
 
 
 # ---- data ---------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--head", type=int, default=defaults.HEAD, help="blocks kept on the edge before the server's range")
     p.add_argument("--tail", type=int, default=defaults.TAIL, help="blocks kept on the edge after it")
     p.add_argument("--noise", type=float, default=defaults.NOISE, help="noise on the hidden states sent, relative to per-token RMS")
+    p.add_argument("--send-grad-clip", type=float, default=0.0,
+                   help="clip each sample's gradient sent to the server to this L2 norm (it can leak labels; 0: off)")
+    p.add_argument("--send-grad-noise", type=float, default=0.0, help="Gaussian noise on that gradient, std relative to the clip bound")
     p.add_argument("--clients", type=int, default=1, help="client processes, each with its own data shard")
     p.add_argument("--mode", choices=["sequential", "batched", "hierarchical"], default="sequential")
     p.add_argument("--server", help="ws://host:port of a running `fedsea server` (default: an embedded one)")
@@ -62,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
 def config_from_args(args) -> FinetuneConfig:
     return FinetuneConfig(
         data=args.data, out=args.out, model=args.model, head=args.head, tail=args.tail, noise=args.noise,
+        send_grad_clip=args.send_grad_clip, send_grad_noise=args.send_grad_noise,
         clients=args.clients, mode=args.mode, server=args.server, steps=args.steps, epochs=args.epochs,
         batch_size=args.batch_size, max_length=args.max_length, max_train=args.max_train, max_valid=args.max_valid,
         valid_fraction=args.valid_fraction, fedavg_every=args.fedavg_every, by_label=args.by_label,
@@ -90,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         report = run(config_from_args(args))
     except ValidationError as e:
         first = e.errors()[0]
-        sys.exit(f"fedsea-finetune: invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}")
+        where = ".".join(map(str, first["loc"]))
+        sys.exit(f"fedsea-finetune: invalid option{' ' + where if where else ''}: {first['msg']}")
     except (DataError, ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         sys.exit(f"fedsea-finetune: {e}")
     except KeyboardInterrupt:

@@ -63,13 +63,34 @@ class Packed:
         return {"mask_bytes": b * longest * longest * 4, "padding_bytes": (b * longest - sum(self.lengths)) * hidden_size * itemsize}
 
 
+def protect_gradient(grad: torch.Tensor, lengths: list[int], clip: float, noise: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Clip each sample's share of the gradient sent to the server to L2 norm `clip`, then
+    add N(0, (noise * clip)^2) per value.  The gradient at the tail input depends on the
+    targets, so an unprotected one lets the server infer labels; this bounds how much any
+    one sample can move what the server sees (the server's adapter then learns from the
+    protected gradient).  clip=0: unchanged."""
+    if clip <= 0:
+        return grad
+    parts = [g * (clip / g.norm().clamp_min(clip)) for g in grad.split(lengths)]
+    out = torch.cat(parts)
+    if noise > 0:
+        out = out + torch.randn(out.shape, generator=generator, dtype=out.dtype) * (noise * clip)
+    return out
+
+
 class EdgeTrainer:
     def __init__(
         self, model_dir, partition: Partition, lora: LoraSpec, optim: OptimSpec, noise: float,
         seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
+        send_grad_clip: float = 0.0, send_grad_noise: float = 0.0,
     ):
+        if send_grad_noise > 0 and send_grad_clip <= 0:
+            raise ValueError("gradient noise is relative to the clip bound: set a gradient clip too")
         self.partition = partition
         self.noise = noise
+        self.send_grad_clip = send_grad_clip
+        self.send_grad_noise = send_grad_noise
         self.seed = seed
         self.device = device
         self.dtype = dtype
@@ -96,7 +117,8 @@ class EdgeTrainer:
         mid = mid.to(self.device, head_out.dtype).requires_grad_()
         loss = F.cross_entropy(self._tail_logits(packed, mid, packed.rows), packed.labels.to(self.device))
         (loss / self.optimizer.spec.grad_accum).backward()
-        grad_in, _ = await conn.backward(sid, mid.grad)
+        sent = protect_gradient(mid.grad, packed.lengths, self.send_grad_clip, self.send_grad_noise, self._noise_gen)
+        grad_in, _ = await conn.backward(sid, sent)
         head_out.backward(grad_in.to(self.device, head_out.dtype))
         return loss.item(), self.optimizer.micro_step()
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -49,6 +49,8 @@ class FinetuneConfig(BaseModel):
     head: int = defaults.HEAD
     tail: int = defaults.TAIL
     noise: float = Field(defaults.NOISE, ge=0)
+    send_grad_clip: float = Field(0.0, ge=0)  # per-sample L2 bound on the gradient sent to the server (0: off)
+    send_grad_noise: float = Field(0.0, ge=0)  # Gaussian noise on it, std as a multiple of the bound
     clients: int = Field(1, ge=1)
     mode: TrainMode = "sequential"
     steps: int | None = Field(None, ge=1)  # per client; else derived from epochs
@@ -67,6 +69,12 @@ class FinetuneConfig(BaseModel):
     seed: int = 0
     server: str | None = None  # ws://host:port; None: embedded server runtime
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "FinetuneConfig":
+        if self.send_grad_noise > 0 and self.send_grad_clip <= 0:
+            raise ValueError("send_grad_noise is relative to the clip bound: set send_grad_clip too")
+        return self
 
     @property
     def job(self) -> str:
@@ -101,7 +109,8 @@ class ClientRun:
         self.steps_per_epoch = max(1, len(self.dataset.train) // cfg.clients // cfg.batch_size)
         self.total_steps = cfg.steps or math.ceil(cfg.epochs * self.steps_per_epoch)
         self.optim = cfg.optim.model_copy(update={"total_steps": max(1, math.ceil(self.total_steps / cfg.optim.grad_accum))})
-        self.trainer = EdgeTrainer(model_dir, self.partition, cfg.lora, self.optim, cfg.noise, seed=cfg.seed)
+        self.trainer = EdgeTrainer(model_dir, self.partition, cfg.lora, self.optim, cfg.noise, seed=cfg.seed,
+                                   send_grad_clip=cfg.send_grad_clip, send_grad_noise=cfg.send_grad_noise)
         self.checkpoints = Checkpoints(Path(cfg.out) / "checkpoint")
         self.label_tokens = self._label_tokens()
 
