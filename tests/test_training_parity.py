@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 
 from fedsea_shared.protocol import Hello, LoraSpec, OptimSpec, TrainJoin
 from fedsea_shared.shard import Partition, load_config
-from fedsea_shared.training import flatten, load_flat, lora_parameters
+from fedsea_shared.training import flatten, load_flat
 from training.connection import TrainingConnection
 from training.data import Example, padded
 from training.edge import EdgeTrainer
