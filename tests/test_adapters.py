@@ -22,7 +22,7 @@ from fedsea_shared.adapters import LoraAdapter, merged_shard, parse_adapter_args
 from fedsea_shared.protocol import Error, Hello, Open, Opened, Welcome, decode, encode
 from fedsea_shared.shard import Partition, load_edge_shard, load_server_shard
 from gateway import GatewaySettings, GatewayThread
-from tests.conftest import make_tiny_model
+from conftest import make_tiny_model, spy_safetensors
 
 NAME = "tiny-lora"
 PROMPTS = [[1, 504, 3622, 314, 253, 1345], [1, 2030, 1095, 36, 9012]]
@@ -132,28 +132,7 @@ def test_gateway_lists_and_serves_adapters_by_model_name(tiny_model_dir, adapter
 
 
 def test_each_side_reads_only_its_own_lora_tensors_and_shares_the_rest(tiny_model_dir, adapter_dir, monkeypatch):
-    read: list[str] = []
-    real = adapters_mod.safe_open
-
-    class Spy:
-        def __init__(self, *a, **kw):
-            self.f = real(*a, **kw)
-
-        def __enter__(self):
-            self.inner = self.f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-        def keys(self):
-            return self.inner.keys()
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self.inner.get_tensor(key)
-
-    monkeypatch.setattr(adapters_mod, "safe_open", Spy)
+    read = spy_safetensors(monkeypatch, adapters_mod)
     partition = Partition(6, 2, 2)
     adapter = LoraAdapter.read(adapter_dir)
     for load, layers in ((load_server_shard, {2, 3}), (load_edge_shard, {0, 1, 4, 5})):
