@@ -7,21 +7,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import time
 
 import httpx
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 from websockets.asyncio.client import connect
 
 import fedsea_shared.adapters as adapters_mod
 from edge_runtime import AsyncEdgeClient, ServerError
 from edge_runtime.sampling import SamplingParams
 from fedsea_shared.adapters import LoraAdapter, merged_shard, parse_adapter_args
-from fedsea_shared.protocol import Error, Hello, Open, Opened, Welcome, decode, encode
+from fedsea_shared.protocol import Error, Hello, LoraSpec, Open, Opened, OptimSpec, Welcome, decode, encode
 from fedsea_shared.shard import Partition, load_edge_shard, load_server_shard
 from gateway import GatewaySettings, GatewayThread
+from server_runtime.process import _healthy, free_port
+from training.federation import FinetuneConfig, run
 from conftest import make_tiny_model, spy_safetensors
 
 NAME = "tiny-lora"
@@ -187,3 +192,38 @@ def test_adapter_names_from_the_command_line(tmp_path):
         parse_adapter_args([str(tmp_path / "a"), str(tmp_path / "x" / "a")], "base")
     with pytest.raises(ValueError, match="two models would be called 'base'"):
         parse_adapter_args([str(tmp_path / "base")], "base")
+
+
+def test_a_fedsea_finetune_adapter_served_by_fedsea_serve(tiny_model_dir, tmp_path):
+    """End to end as a user does it: fine-tune (1 client, a few steps), then `fedsea serve
+    --adapter RUN/adapter`; the served adapter generates what the peft-merged model does."""
+    cfg = FinetuneConfig(
+        data="bbc-news", out=str(tmp_path / "run"), model=str(tiny_model_dir), steps=3, batch_size=2, fedavg_every=3,
+        max_train=12, max_valid=4, noise=0.0, lora=LoraSpec(rank=2), optim=OptimSpec(lr=5e-2), progress=False,
+    )
+    run(cfg)
+    adapter = tmp_path / "run" / "adapter"
+    merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_model_dir), str(adapter)).merge_and_unload().eval()
+    expected = _reference(merged, PROMPTS[1])
+    assert expected != _reference(LlamaForCausalLM.from_pretrained(tiny_model_dir).eval(), PROMPTS[1]), "training changed nothing"
+    port = free_port()
+    cmd = [sys.executable, "-m", "fedsea.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+           "--noise", "0", "--adapter", f"tuned={adapter}"]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (proc.poll() is None and _healthy(port)):
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}/v1"
+        assert [m["id"] for m in httpx.get(f"{url}/models").json()["data"]] == [tiny_model_dir.name, "tuned"]
+        body = {"model": "tuned", "prompt": PROMPTS[1], "max_tokens": NEW_TOKENS, "temperature": 0}
+        r = httpx.post(f"{url}/completions", json=body, timeout=60).json()
+        assert r["model"] == "tuned"
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        assert r["choices"][0]["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
