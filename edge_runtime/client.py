@@ -166,7 +166,7 @@ class AsyncEdgeClient:
             raise ValueError(f"this edge has no adapter {adapter!r} (loaded: {sorted(a for a in self.workers if a) or 'none'})")
         noise = self.noise if noise is None else noise
         conn = await self.connection()
-        if adapter is not None and adapter not in conn.welcome.adapters:
+        if adapter is not None and adapter not in (conn.welcome.adapters or []):
             raise ServerError(
                 ErrorCode.UNKNOWN_ADAPTER.value,
                 f"the server runtime does not serve adapter {adapter!r} (it serves: {conn.welcome.adapters or 'none'}); "

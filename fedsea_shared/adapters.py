@@ -98,8 +98,11 @@ class LoraAdapter:
             raise ValueError(
                 f"adapter {self.path} was trained on {self.base_model!r}, not on the served model {model!r}"
             )
-        with safe_open(str(self.path / WEIGHTS_FILE), framework="pt") as f:
-            keys = list(f.keys())
+        try:
+            with safe_open(str(self.path / WEIGHTS_FILE), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as e:  # safetensors raises its own error type on a corrupt file
+            raise ValueError(f"adapter {self.path}: cannot read {WEIGHTS_FILE}: {e}") from e
         for key in keys:
             m = _LORA_KEY.match(key)
             if m is None:

@@ -122,7 +122,9 @@ class Welcome(_Message):
     max_context: int
     max_sessions: int  # per connection
     max_message_bytes: int
-    adapters: list[str] = []  # fine-tuned adapters a session may open with, by name
+    # Fine-tuned adapters a session may open with, by name; None (left off the wire, so
+    # edges that predate adapters still parse the welcome) when the server serves none.
+    adapters: list[str] | None = None
 
 
 class Opened(_Message):

@@ -94,7 +94,7 @@ class Backend:
                 bounds = (conn.welcome.noise_min, conn.welcome.noise_max)
                 if not bounds[0] <= s.noise <= bounds[1]:
                     log.error("noise %s is outside the server's bounds %s: every request will fail", s.noise, bounds)
-                missing = sorted(set(s.adapters) - set(conn.welcome.adapters))
+                missing = sorted(set(s.adapters) - set(conn.welcome.adapters or []))
                 if missing:
                     log.error("the server runtime does not serve adapters %s: requests for them will fail", missing)
                 self.metrics.ready.set(1)

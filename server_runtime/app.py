@@ -256,7 +256,7 @@ class ServerRuntime:
             await conn.ws.send(encode(Welcome(
                 layers=expected, dtype=hello.dtype, noise_min=s.noise_min, noise_max=s.noise_max,
                 max_context=s.engine.max_context, max_sessions=s.max_sessions_per_connection,
-                max_message_bytes=s.max_message_bytes, adapters=list(s.adapters),
+                max_message_bytes=s.max_message_bytes, adapters=list(s.adapters) or None,
             )))
             return
         await self._refuse(conn, error, fatal=error.code != ErrorCode.BAD_FRAME)

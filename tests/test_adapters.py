@@ -9,6 +9,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -181,6 +182,10 @@ def test_adapters_that_do_not_fit_are_refused(tiny_model_dir, adapter_dir, defau
         LoraAdapter.read(lying)
     with pytest.raises(FileNotFoundError, match="not a LoRA adapter directory"):
         LoraAdapter.read(tmp_path)
+    (lying / "adapter_config.json").write_text(json.dumps(cfg))
+    (lying / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="cannot read adapter_model.safetensors"):
+        LoraAdapter.read(lying).check_base(str(tiny_model_dir), 6)
     # A server asked to serve a bad adapter refuses to start, saying why.
     with pytest.raises(FileNotFoundError, match="not a LoRA adapter directory"):
         start_server(tiny_model_dir, adapters={"x": str(tmp_path)})
@@ -227,3 +232,31 @@ def test_a_fedsea_finetune_adapter_served_by_fedsea_serve(tiny_model_dir, tmp_pa
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_tick_mixing_models_runs_one_forward_per_model(tiny_model_dir, adapter_dir, start_server):
+    engine = start_server(tiny_model_dir, adapters={NAME: str(adapter_dir)}).runtime.engine
+    calls: list[tuple[str | None, int]] = []
+    for name, runner in engine.runners.items():
+        def spy(chunks, real=runner.run, name=name):
+            calls.append((name, len(chunks)))
+            return real(chunks)
+        runner.run = spy
+    hidden = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    alone = {}
+    for model in (None, NAME):
+        engine.open(("alone", model), model).result(timeout=30)
+        alone[model] = engine.step(("alone", model), 0, hidden).result(timeout=30)
+    assert not torch.allclose(alone[None], alone[NAME], atol=1e-3)
+    models = [None, NAME, None]
+    for i, model in enumerate(models):
+        engine.open(("mixed", i), model).result(timeout=30)
+    # Hold the worker so that the three steps are taken as one burst, hence one tick.
+    gate = threading.Event()
+    engine._submit(lambda fut: gate.wait(30))
+    calls.clear()
+    futures = [engine.step(("mixed", i), 0, hidden) for i in range(len(models))]
+    gate.set()
+    for model, fut in zip(models, futures):
+        torch.testing.assert_close(fut.result(timeout=30), alone[model], atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2 and dict(calls) == {None: 2, NAME: 1}
