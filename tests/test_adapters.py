@@ -21,6 +21,7 @@ from websockets.asyncio.client import connect
 
 import fedsea_shared.adapters as adapters_mod
 from edge_runtime import AsyncEdgeClient, ServerError
+from fedsea import cli
 from edge_runtime.sampling import SamplingParams
 from fedsea_shared.adapters import LoraAdapter, merged_shard, parse_adapter_args
 from fedsea_shared.protocol import Error, Hello, LoraSpec, Open, Opened, OptimSpec, Welcome, decode, encode
@@ -260,3 +261,10 @@ def test_a_tick_mixing_models_runs_one_forward_per_model(tiny_model_dir, adapter
     for model, fut in zip(models, futures):
         torch.testing.assert_close(fut.result(timeout=30), alone[model], atol=1e-5, rtol=1e-5)
     assert len(calls) == 2 and dict(calls) == {None: 2, NAME: 1}
+
+
+def test_fedsea_server_with_a_bad_adapter_exits_with_a_clear_message(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="fedsea server: .* is not a LoRA adapter directory"):
+        cli.main(["server", "--model", str(tiny_model_dir), "--port", "0", "--adapter", str(tmp_path)])
+    with pytest.raises(SystemExit, match="two models would be called"):
+        cli.main(["gateway", "--model", str(tiny_model_dir), "--adapter", f"{tmp_path}/a", "--adapter", f"{tmp_path}/b/a"])
