@@ -23,11 +23,12 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from fedsea_shared import defaults
+from fedsea_shared.adapters import load_adapters
 from fedsea_shared.models import resolve_model
-from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, Hello
+from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello
 from fedsea_shared.shard import Partition, load_config, load_edge_shard
 
-from .connection import ServerConnection
+from .connection import ServerConnection, ServerError
 from .model import EdgeModel, EdgeWorker, SequenceCache
 from .sampling import SamplingParams, sample
 from .session import InferenceSession
@@ -70,7 +71,10 @@ class AsyncEdgeClient:
         wire_dtype: str = "float32",
         device: str = "cpu",
         api_key: str | None = None,
+        adapters: dict[str, str] | None = None,
     ):
+        """`adapters`: fine-tuned LoRA adapters by name (-> directory) a generation may
+        pick; the server must serve each under the same name."""
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}")
         self.server_url = server_url
@@ -83,6 +87,9 @@ class AsyncEdgeClient:
         self.partition = Partition(self.config.num_hidden_layers, head, tail)
         shard = load_edge_shard(model_dir, self.partition, dtype=WIRE_DTYPES[dtype], device=device, config=self.config)
         self.worker = EdgeWorker(EdgeModel(shard, self.partition))
+        self.workers: dict[str | None, EdgeWorker] = {None: self.worker}
+        for name, adapted in load_adapters(shard, model, adapters or {}).items():
+            self.workers[name] = EdgeWorker(EdgeModel(adapted, self.partition))
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.eos_ids = _eos_ids(model_dir, self.tokenizer)
         self._conn: ServerConnection | None = None
@@ -117,7 +124,8 @@ class AsyncEdgeClient:
     async def aclose(self) -> None:
         if self._conn is not None:
             await self._conn.close()
-        self.worker.close()
+        for worker in self.workers.values():
+            worker.close()
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -128,13 +136,15 @@ class AsyncEdgeClient:
 
     async def stream(self, messages: list[dict], **params) -> AsyncIterator[TokenEvent]:
         noise = params.pop("noise", None)
-        async for event in self.stream_tokens(self.chat_prompt(messages), SamplingParams(**params), noise):
+        adapter = params.pop("adapter", None)
+        async for event in self.stream_tokens(self.chat_prompt(messages), SamplingParams(**params), noise, adapter):
             yield event
 
     async def generate(self, messages: list[dict], **params) -> Completion:
         prompt = self.chat_prompt(messages)
         noise = params.pop("noise", None)
-        events = [e async for e in self.stream_tokens(prompt, SamplingParams(**params), noise)]
+        adapter = params.pop("adapter", None)
+        events = [e async for e in self.stream_tokens(prompt, SamplingParams(**params), noise, adapter)]
         return Completion(
             text="".join(e.text for e in events),
             token_ids=[e.token_id for e in events],
@@ -144,14 +154,24 @@ class AsyncEdgeClient:
         )
 
     async def stream_tokens(
-        self, prompt_ids: list[int], params: SamplingParams, noise: float | None = None
+        self, prompt_ids: list[int], params: SamplingParams, noise: float | None = None, adapter: str | None = None
     ) -> AsyncIterator[TokenEvent]:
-        """Generate after `prompt_ids`; the last event carries finish_reason."""
+        """Generate after `prompt_ids` with the base model or the named adapter; the last
+        event carries finish_reason."""
         params.validate()
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        worker = self.workers.get(adapter)
+        if worker is None:
+            raise ValueError(f"this edge has no adapter {adapter!r} (loaded: {sorted(a for a in self.workers if a) or 'none'})")
         noise = self.noise if noise is None else noise
         conn = await self.connection()
+        if adapter is not None and adapter not in (conn.welcome.adapters or []):
+            raise ServerError(
+                ErrorCode.UNKNOWN_ADAPTER.value,
+                f"the server runtime does not serve adapter {adapter!r} (it serves: {conn.welcome.adapters or 'none'}); "
+                f"start it with --adapter for the same directory",
+            )
         bounds = (conn.welcome.noise_min, conn.welcome.noise_max)
         if not bounds[0] <= noise <= bounds[1]:
             raise ValueError(f"noise {noise} is outside the server's bounds [{bounds[0]}, {bounds[1]}]")
@@ -162,16 +182,16 @@ class AsyncEdgeClient:
         noise_gen = torch.Generator().manual_seed(seed)
         sample_gen = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
 
-        session = InferenceSession(self.connection, noise, noise_gen)
+        session = InferenceSession(self.connection, noise, noise_gen, adapter=adapter)
         try:
             await session.open()
-            async for event in self._decode(session, prompt_ids, params, sample_gen, max_context):
+            async for event in self._decode(worker, session, prompt_ids, params, sample_gen, max_context):
                 yield event
         finally:
             # Close even when the consumer stops early (a client disconnect cancels us).
             await asyncio.shield(session.close())
 
-    async def _decode(self, session, prompt_ids, params, sample_gen, max_context) -> AsyncIterator[TokenEvent]:
+    async def _decode(self, worker, session, prompt_ids, params, sample_gen, max_context) -> AsyncIterator[TokenEvent]:
         cache = SequenceCache()
         prompt = torch.tensor(prompt_ids)
         generated: list[int] = []
@@ -179,9 +199,9 @@ class AsyncEdgeClient:
         stops = StopMatcher(params.stop)
         pos, x = 0, prompt
         while True:
-            hidden = await self.worker.head(cache, pos, x)
+            hidden = await worker.head(cache, pos, x)
             out = await session.step(hidden)
-            logits = await self.worker.tail(cache, pos, out)
+            logits = await worker.tail(cache, pos, out)
             pos += x.shape[0]
             s = sample(logits, params, sample_gen, prompt, torch.tensor(generated, dtype=torch.long))
             generated.append(s.token_id)
@@ -230,9 +250,10 @@ class EdgeClient:
     def generate(self, messages: list[dict], **params) -> Completion:
         return self._run(self._client.generate(messages, **params))
 
-    def generate_tokens(self, prompt_ids: list[int], params: SamplingParams, noise: float | None = None) -> list[TokenEvent]:
+    def generate_tokens(self, prompt_ids: list[int], params: SamplingParams, noise: float | None = None,
+                        adapter: str | None = None) -> list[TokenEvent]:
         async def collect():
-            return [e async for e in self._client.stream_tokens(prompt_ids, params, noise)]
+            return [e async for e in self._client.stream_tokens(prompt_ids, params, noise, adapter)]
 
         return self._run(collect())
 

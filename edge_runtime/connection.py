@@ -92,8 +92,8 @@ class ServerConnection:
     def new_sid(self) -> int:
         return next(self._sids)
 
-    async def open(self, sid: int, noise: float) -> None:
-        await self._request(sid, encode(Open(sid=sid, noise=noise)), Opened)
+    async def open(self, sid: int, noise: float, adapter: str | None = None) -> None:
+        await self._request(sid, encode(Open(sid=sid, noise=noise, adapter=adapter)), Opened)
 
     async def step(self, sid: int, pos: int, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.to(self.wire_dtype)

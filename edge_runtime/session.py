@@ -25,9 +25,11 @@ Connector = Callable[[], Awaitable[ServerConnection]]
 
 
 class InferenceSession:
-    def __init__(self, connect: Connector, noise: float, generator: torch.Generator | None, max_retries: int = 2):
+    def __init__(self, connect: Connector, noise: float, generator: torch.Generator | None, max_retries: int = 2,
+                 adapter: str | None = None):
         self._connect = connect
         self.noise = noise
+        self.adapter = adapter  # the fine-tuned model the server runs for this session
         self.generator = generator
         self.max_retries = max_retries
         self.conn: ServerConnection | None = None
@@ -39,7 +41,7 @@ class InferenceSession:
         self.conn = await self._connect()
         sid = self.conn.new_sid()
         try:
-            await self.conn.open(sid, self.noise)
+            await self.conn.open(sid, self.noise, self.adapter)
         except asyncio.CancelledError:
             self.sid = sid  # the server may open it all the same: close() must free it
             raise
@@ -66,7 +68,7 @@ class InferenceSession:
         """Reopen on a (new) connection and replay the sent history to rebuild the cache."""
         self.conn = await self._connect()
         self.sid = self.conn.new_sid()
-        await self.conn.open(self.sid, self.noise)
+        await self.conn.open(self.sid, self.noise, self.adapter)
         if self._sent:
             await self.conn.step(self.sid, 0, torch.cat(self._sent))
 

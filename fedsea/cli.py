@@ -16,6 +16,17 @@ def _split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=defaults.MODEL, help="checkpoint directory or packaged model name (default: %(default)s)")
     p.add_argument("--head", type=int, default=defaults.HEAD, help="blocks before the server's range, kept on the edge (default: %(default)s)")
     p.add_argument("--tail", type=int, default=defaults.TAIL, help="blocks after the server's range, kept on the edge (default: %(default)s)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                   help="also serve this fine-tuned LoRA adapter (a fedsea-finetune adapter/ directory) as model NAME "
+                        "(default: the directory's name); repeatable. Edge and server need the same adapters")
+
+
+def _adapters(args) -> dict[str, str]:
+    from pathlib import Path
+
+    from fedsea_shared.adapters import parse_adapter_args
+
+    return {name: str(path) for name, path in parse_adapter_args(args.adapter, Path(args.model).name).items()}
 
 
 def _server_parser(sub) -> None:
@@ -72,7 +83,7 @@ def _gateway_settings(args, server_url: str, server_api_key: str | None = None):
         raise ValueError(f"--noise must be >= 0, got {args.noise}")
     return GatewaySettings(
         server_url=server_url, server_api_key=server_api_key, model=args.model, head=args.head, tail=args.tail,
-        noise=args.noise, host=args.host, port=args.port, api_key=args.api_key,
+        noise=args.noise, host=args.host, port=args.port, api_key=args.api_key, adapters=_adapters(args),
     )
 
 
@@ -84,7 +95,7 @@ def _run_serve(args) -> None:
     resolve_model(args.model)  # prepares the default model once; safe when two processes start together
     server = ServerThread(ServerSettings(
         model=args.model, head=args.head, tail=args.tail, host="127.0.0.1", port=args.server_port,
-        device=args.device, kv_cache_memory=args.kv_cache_memory,
+        device=args.device, kv_cache_memory=args.kv_cache_memory, adapters=_adapters(args),
     ))
     try:
         run_gateway(_gateway_settings(args, server.url), log_level=args.log_level.lower())
@@ -112,7 +123,7 @@ def _run_server(args) -> None:
         block_size=args.block_size, noise_min=args.noise_min, noise_max=args.noise_max,
         max_sessions_per_connection=args.max_sessions_per_connection,
         api_keys=tuple(args.api_key) + tuple(k for k in os.environ.get("FEDSEA_SERVER_API_KEYS", "").split(",") if k),
-        max_sessions_per_key=args.max_sessions_per_key,
+        max_sessions_per_key=args.max_sessions_per_key, adapters=_adapters(args),
         engine=EngineSettings(
             max_context=args.max_context, token_budget=args.token_budget,
             wait_timeout=args.wait_timeout, idle_timeout=args.idle_timeout,

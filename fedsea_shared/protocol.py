@@ -48,6 +48,7 @@ class ErrorCode(str, Enum):
     LIMIT = "limit"  # too many sessions on this connection
     CAPACITY = "capacity"  # KV pool full: retry later
     INTERNAL = "internal"
+    UNKNOWN_ADAPTER = "unknown_adapter"  # open names an adapter the server does not serve
     # split fine-tuning (train_* messages)
     UNKNOWN_JOB = "unknown_job"  # a train message before train_join on this connection
     JOB_MISMATCH = "job_mismatch"  # joining a job with different settings, or a taken client id
@@ -84,11 +85,13 @@ class Hello(_Message):
 
 class Open(_Message):
     """Open a session (one sequence).  `noise` is the scale the edge applies (relative
-    to per-token RMS); the server refuses one outside its bounds."""
+    to per-token RMS); the server refuses one outside its bounds.  `adapter` picks a
+    fine-tuned adapter the server serves (one of `Welcome.adapters`); None: the base model."""
 
     type: Literal["open"] = "open"
     sid: Annotated[int, Field(ge=0, lt=2**53)]
     noise: Annotated[float, Field(ge=0)]
+    adapter: Annotated[str, Field(max_length=128)] | None = None
 
 
 class Step(_Message):
@@ -119,6 +122,9 @@ class Welcome(_Message):
     max_context: int
     max_sessions: int  # per connection
     max_message_bytes: int
+    # Fine-tuned adapters a session may open with, by name; None (left off the wire, so
+    # edges that predate adapters still parse the welcome) when the server serves none.
+    adapters: list[str] | None = None
 
 
 class Opened(_Message):

@@ -32,6 +32,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     metrics = GatewayMetrics()
     backend = Backend(settings, metrics)
     model_id = settings.model_id
+    # Model ids clients may ask for -> the adapter that serves them (None: the base model).
+    served: dict[str, str | None] = {model_id: None, **{name: name for name in settings.adapters}}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -51,37 +53,39 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
             raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
-    def check_model(name: str) -> None:
-        if name != model_id:
-            raise APIError(404, f"the model {name!r} does not exist; this gateway serves {model_id!r}", param="model", code="model_not_found")
+    def check_model(name: str) -> str | None:
+        """The adapter serving model `name` (None: the base model); 404 if none does."""
+        if name not in served:
+            raise APIError(404, f"the model {name!r} does not exist; this gateway serves {sorted(served)}", param="model", code="model_not_found")
+        return served[name]
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
     @v1.get("/models")
     async def models() -> Response:
-        return json_response(ModelList(data=[ModelCard(id=model_id, created=0)]))
+        return json_response(ModelList(data=[ModelCard(id=name, created=0) for name in served]))
 
     @v1.get("/models/{name:path}")
     async def model(name: str) -> Response:
         check_model(name)
-        return json_response(ModelCard(id=model_id, created=0))
+        return json_response(ModelCard(id=name, created=0))
 
     @v1.post("/chat/completions")
     async def chat(req: ChatCompletionRequest) -> Response:
-        check_model(req.model)
+        adapter = check_model(req.model)
         client = backend.require_client()
         try:
             prompt = client.chat_prompt([m.for_template() for m in req.messages])
         except Exception as e:  # templates may refuse, e.g. roles that do not alternate
             raise errors.bad_request(f"the model's chat template rejected these messages: {e}", param="messages") from e
         logprobs = req.top_alternatives
-        out = ChatOutput(model_id, client.tokenizer, req.n, len(prompt), logprobs is not None)
-        events = backend.generate([prompt], req.n, req.sampling(logprobs), req.token_limit)
+        out = ChatOutput(req.model, client.tokenizer, req.n, len(prompt), logprobs is not None)
+        events = backend.generate([prompt], req.n, req.sampling(logprobs), req.token_limit, adapter)
         return await respond(events, out, req.stream, req.include_usage)
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest) -> Response:
-        check_model(req.model)
+        adapter = check_model(req.model)
         client = backend.require_client()
         vocab = client.config.vocab_size
         if not 1 <= len(req.prompts) * req.n <= MAX_CHOICES:
@@ -94,8 +98,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             if max(ids) >= vocab:
                 raise errors.bad_request(f"token id {max(ids)} is outside the vocabulary (size {vocab})", param="prompt")
             prompts.append(ids)
-        out = CompletionOutput(model_id, client.tokenizer, len(prompts) * req.n, sum(map(len, prompts)), req.logprobs is not None)
-        events = backend.generate(prompts, req.n, req.sampling(req.logprobs), req.token_limit)
+        out = CompletionOutput(req.model, client.tokenizer, len(prompts) * req.n, sum(map(len, prompts)), req.logprobs is not None)
+        events = backend.generate(prompts, req.n, req.sampling(req.logprobs), req.token_limit, adapter)
         return await respond(events, out, req.stream, req.include_usage)
 
     app.include_router(v1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -40,6 +40,7 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = defaults.GATEWAY_PORT
     api_key: str | None = None  # when set, /v1 requires "Authorization: Bearer <key>"
+    adapters: dict[str, str] = field(default_factory=dict)  # fine-tuned LoRA adapters: model id -> dir
 
     @property
     def model_id(self) -> str:
@@ -72,7 +73,8 @@ class Backend:
         s = self.settings
         try:
             self.client = await asyncio.to_thread(
-                AsyncEdgeClient, s.server_url, s.model, s.head, s.tail, s.noise, api_key=s.server_api_key
+                AsyncEdgeClient, s.server_url, s.model, s.head, s.tail, s.noise, api_key=s.server_api_key,
+                adapters=s.adapters,
             )
         except Exception as e:
             self.problem = f"the edge model failed to load: {e}"
@@ -92,6 +94,9 @@ class Backend:
                 bounds = (conn.welcome.noise_min, conn.welcome.noise_max)
                 if not bounds[0] <= s.noise <= bounds[1]:
                     log.error("noise %s is outside the server's bounds %s: every request will fail", s.noise, bounds)
+                missing = sorted(set(s.adapters) - set(conn.welcome.adapters or []))
+                if missing:
+                    log.error("the server runtime does not serve adapters %s: requests for them will fail", missing)
                 self.metrics.ready.set(1)
                 log.info("edge ready: connected to %s (layers %s on the server, noise %s)", s.server_url, conn.welcome.layers, s.noise)
                 await conn.ws.wait_closed()
@@ -108,9 +113,11 @@ class Backend:
         return self.client
 
     async def generate(
-        self, prompts: list[list[int]], n: int, params: SamplingParams, max_tokens: int | None
+        self, prompts: list[list[int]], n: int, params: SamplingParams, max_tokens: int | None,
+        adapter: str | None = None,
     ) -> AsyncIterator[tuple[int, TokenEvent]]:
-        """Run n choices per prompt concurrently; yield (choice index, event) as they come.
+        """Run n choices per prompt concurrently, with the base model or the named adapter;
+        yield (choice index, event) as they come.
 
         Choice i = prompt_index * n + j uses seed + i, so the choices differ while a seeded
         request stays reproducible (noise included: the edge derives it from the seed).
@@ -144,7 +151,7 @@ class Backend:
 
         queue: asyncio.Queue = asyncio.Queue()
         started = time.monotonic()
-        tasks = [asyncio.create_task(self._choice(i, prompt, ps, queue, started)) for i, prompt, ps in jobs]
+        tasks = [asyncio.create_task(self._choice(i, prompt, ps, adapter, queue, started)) for i, prompt, ps in jobs]
         try:
             remaining = len(tasks)
             while remaining:
@@ -159,13 +166,14 @@ class Backend:
             for task in tasks:
                 task.cancel()
 
-    async def _choice(self, index: int, prompt: list[int], params: SamplingParams, queue: asyncio.Queue, started: float) -> None:
+    async def _choice(self, index: int, prompt: list[int], params: SamplingParams, adapter: str | None,
+                      queue: asyncio.Queue, started: float) -> None:
         m = self.metrics
         m.running.inc()
         m.prompt_tokens.inc(len(prompt))
         last = None
         try:
-            async for event in self.client.stream_tokens(prompt, params):
+            async for event in self.client.stream_tokens(prompt, params, adapter=adapter):
                 now = time.monotonic()
                 (m.ttft if last is None else m.inter_token).observe(now - (started if last is None else last))
                 last = now

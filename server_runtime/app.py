@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from fedsea_shared import defaults
+from fedsea_shared.adapters import load_adapters
 from fedsea_shared.models import resolve_model
 from fedsea_shared.protocol import (
     PROTOCOL_VERSION,
@@ -70,6 +71,7 @@ class ServerSettings:
     noise_min: float = 0.0
     noise_max: float = 4.0
     max_sessions_per_connection: int = 256
+    adapters: dict[str, str] = field(default_factory=dict)  # fine-tuned LoRA adapters served: name -> dir
     api_keys: tuple[str, ...] = ()  # empty: no authentication (loopback / trusted network)
     max_sessions_per_key: int = 1024  # across all connections presenting the same key
     max_message_bytes: int = 64 * 2**20
@@ -110,15 +112,19 @@ class ServerRuntime:
             head_dim(self.config), dtype, settings.device,
         )
         self.metrics = ServerMetrics()
-        runner = ModelRunner(self.shard, layers, self.pool, settings.device)
-        self.engine = Engine(runner, self.pool, settings.engine, self.metrics)
+        # Merged before training can wrap the shard's linears in LoRA layers.
+        adapted = load_adapters(self.shard, settings.model, settings.adapters)
+        self.engine = Engine(
+            ModelRunner(self.shard, layers, self.pool, settings.device), self.pool, settings.engine, self.metrics,
+            {name: ModelRunner(shard, layers, self.pool, settings.device) for name, shard in adapted.items()},
+        )
         self.training = TrainingService(self.shard, self.partition, settings.device, settings.training)
         self._ids = itertools.count()
         self._sessions_per_key: Counter[str | None] = Counter()
         log.info(
-            "server runtime: layers [%d, %d) of %d, KV pool %d blocks x %d tokens (%.1f MiB)",
+            "server runtime: layers [%d, %d) of %d, KV pool %d blocks x %d tokens (%.1f MiB), adapters: %s",
             *self.partition.server_range, self.config.num_hidden_layers,
-            num_blocks, settings.block_size, self.pool.nbytes / 2**20,
+            num_blocks, settings.block_size, self.pool.nbytes / 2**20, ", ".join(settings.adapters) or "none",
         )
 
     async def serve(self) -> Server:
@@ -250,7 +256,7 @@ class ServerRuntime:
             await conn.ws.send(encode(Welcome(
                 layers=expected, dtype=hello.dtype, noise_min=s.noise_min, noise_max=s.noise_max,
                 max_context=s.engine.max_context, max_sessions=s.max_sessions_per_connection,
-                max_message_bytes=s.max_message_bytes,
+                max_message_bytes=s.max_message_bytes, adapters=list(s.adapters) or None,
             )))
             return
         await self._refuse(conn, error, fatal=error.code != ErrorCode.BAD_FRAME)
@@ -258,6 +264,9 @@ class ServerRuntime:
     async def _on_open(self, conn: _Connection, msg: Open) -> None:
         s = self.settings
         try:
+            if msg.adapter is not None and msg.adapter not in s.adapters:
+                served = ", ".join(s.adapters) or "none"
+                raise ProtocolError(ErrorCode.UNKNOWN_ADAPTER, f"this server serves no adapter {msg.adapter!r} (adapters: {served})", msg.sid)
             if not s.noise_min <= msg.noise <= s.noise_max:
                 raise ProtocolError(ErrorCode.NOISE_OUT_OF_BOUNDS, f"noise {msg.noise} is outside the server's bounds [{s.noise_min}, {s.noise_max}]", msg.sid)
             if msg.sid in conn.sessions:
@@ -269,7 +278,7 @@ class ServerRuntime:
             conn.sessions.add(msg.sid)
             self._sessions_per_key[conn.api_key] += 1
             try:
-                await asyncio.wrap_future(self.engine.open((conn.id, msg.sid)))
+                await asyncio.wrap_future(self.engine.open((conn.id, msg.sid), msg.adapter))
             except BaseException:
                 conn.sessions.discard(msg.sid)
                 self._sessions_per_key[conn.api_key] -= 1

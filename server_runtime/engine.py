@@ -30,7 +30,7 @@ log = logging.getLogger("fedsea.server.engine")
 
 
 class EngineBackend(Protocol):
-    def open(self, key: Hashable) -> Future: ...
+    def open(self, key: Hashable, model: str | None = None) -> Future: ...
     def step(self, key: Hashable, pos: int, hidden: torch.Tensor) -> Future: ...
     def close(self, key: Hashable) -> Future: ...
     def shutdown(self) -> None: ...
@@ -47,14 +47,18 @@ class EngineSettings:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, pool: KVPool, settings: EngineSettings, metrics: ServerMetrics):
-        self.runner = runner
+    """`runner` runs the base model; `adapters` are runners of fine-tuned models by name,
+    over the same KV pool.  A session runs one model for its lifetime."""
+
+    def __init__(self, runner: ModelRunner, pool: KVPool, settings: EngineSettings, metrics: ServerMetrics,
+                 adapters: dict[str, ModelRunner] | None = None):
+        self.runners: dict[str | None, ModelRunner] = {None: runner, **(adapters or {})}
         self.pool = pool
         self.settings = settings
         self.metrics = metrics
         self.scheduler = Scheduler(pool, settings.token_budget, settings.wait_timeout)
         self.sessions: dict[Hashable, Session] = {}
-        self._opens: list[tuple[Hashable, Future, float]] = []  # waiting for capacity
+        self._opens: list[tuple[Hashable, str | None, Future, float]] = []  # waiting for capacity
         self._next_idle_sweep = 0.0
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="fedsea-engine", daemon=True)
@@ -64,8 +68,8 @@ class Engine:
 
     # ---- thread-safe API -------------------------------------------------------------
 
-    def open(self, key: Hashable) -> Future:
-        return self._submit(lambda fut: self._open(key, fut))
+    def open(self, key: Hashable, model: str | None = None) -> Future:
+        return self._submit(lambda fut: self._open(key, model, fut))
 
     def step(self, key: Hashable, pos: int, hidden: torch.Tensor) -> Future:
         return self._submit(lambda fut: self._step(key, pos, hidden, fut))
@@ -128,7 +132,7 @@ class Engine:
         for c in chunks:
             if c.start == 0:
                 self.metrics.queue_wait.observe(t0 - c.work.enqueued)
-        outputs = self.runner.run(chunks)
+        outputs = self._run(chunks)
         tokens = sum(c.end - c.start for c in chunks)
         self.metrics.tick_seconds.observe(time.monotonic() - t0)
         self.metrics.tokens_per_tick.observe(tokens)
@@ -142,6 +146,19 @@ class Engine:
             _resolve(work.future, result)
         return True
 
+    def _run(self, chunks: list) -> list[torch.Tensor]:
+        """One forward per model among the tick's chunks; outputs in chunk order."""
+        groups: dict[str | None, list[int]] = {}
+        for i, c in enumerate(chunks):
+            groups.setdefault(c.session.model, []).append(i)
+        if len(groups) == 1:
+            return self.runners[chunks[0].session.model].run(chunks)
+        outputs: list = [None] * len(chunks)
+        for model, idx in groups.items():
+            for i, out in zip(idx, self.runners[model].run([chunks[i] for i in idx])):
+                outputs[i] = out
+        return outputs
+
     def _housekeeping(self) -> None:
         now = time.monotonic()
         for work in self.scheduler.expired(now):
@@ -150,18 +167,18 @@ class Engine:
                 f"the server's KV cache stayed full for {self.settings.wait_timeout:g}s; retry later",
             ))
         still = []
-        for key, fut, since in self._opens:
+        for key, model, fut, since in self._opens:
             if fut.done():
                 continue
             if self.pool.allocator.num_free >= self.settings.admission_free_blocks:
-                self._admit(key, fut)
+                self._admit(key, model, fut)
             elif now - since > self.settings.wait_timeout:
                 self._fail_future(fut, ProtocolError(
                     ErrorCode.CAPACITY,
                     f"server at capacity: no KV cache free for {self.settings.wait_timeout:g}s; retry later",
                 ))
             else:
-                still.append((key, fut, since))
+                still.append((key, model, fut, since))
         self._opens = still
         if now < self._next_idle_sweep:
             return
@@ -180,16 +197,18 @@ class Engine:
 
     # ---- commands (run on the worker thread) -------------------------------------------
 
-    def _open(self, key: Hashable, fut: Future) -> None:
-        if key in self.sessions or any(k == key for k, _, _ in self._opens):
+    def _open(self, key: Hashable, model: str | None, fut: Future) -> None:
+        if model not in self.runners:
+            self._fail_future(fut, ProtocolError(ErrorCode.UNKNOWN_ADAPTER, f"no adapter {model!r} on this server", key[-1]))
+        elif key in self.sessions or any(k == key for k, _, _, _ in self._opens):
             self._fail_future(fut, ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open", key[-1]))
         elif self.pool.allocator.num_free >= self.settings.admission_free_blocks:
-            self._admit(key, fut)
+            self._admit(key, model, fut)
         else:
-            self._opens.append((key, fut, time.monotonic()))
+            self._opens.append((key, model, fut, time.monotonic()))
 
-    def _admit(self, key: Hashable, fut: Future) -> None:
-        self.sessions[key] = Session(key, BlockTable(self.pool.block_size))
+    def _admit(self, key: Hashable, model: str | None, fut: Future) -> None:
+        self.sessions[key] = Session(key, BlockTable(self.pool.block_size), model)
         _resolve(fut, None)
 
     def _step(self, key: Hashable, pos: int, hidden: torch.Tensor, fut: Future) -> None:
@@ -215,7 +234,7 @@ class Engine:
     def _close(self, key: Hashable) -> bool:
         for entry in self._opens:
             if entry[0] == key:
-                self._fail_future(entry[1], ProtocolError(ErrorCode.UNKNOWN_SESSION, "closed while waiting to open", key[-1]))
+                self._fail_future(entry[2], ProtocolError(ErrorCode.UNKNOWN_SESSION, "closed while waiting to open", key[-1]))
         session = self.sessions.pop(key, None)
         if session is None:
             return False

@@ -25,6 +25,7 @@ from .kv_pool import BlockTable, KVPool, OutOfBlocks
 class Session:
     key: Hashable
     table: BlockTable
+    model: str | None = None  # the adapter this session runs (None: the base model)
     last_active: float = field(default_factory=time.monotonic)
     work: "StepWork | None" = None  # at most one step in flight per session
 

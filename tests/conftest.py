@@ -40,6 +40,33 @@ def make_tiny_model(path: Path, default_model_dir: Path, **overrides) -> Path:
     return path
 
 
+def spy_safetensors(monkeypatch, module) -> list[str]:
+    """Record the name of every tensor `module` reads through its `safe_open`."""
+    read: list[str] = []
+    real_open = module.safe_open
+
+    class Spy:
+        def __init__(self, *a, **kw):
+            self.f = real_open(*a, **kw)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.inner.get_tensor(name)
+
+    monkeypatch.setattr(module, "safe_open", Spy)
+    return read
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), default_model_dir)

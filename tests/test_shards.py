@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, spy_safetensors
 from fedsea_shared import shard as shard_mod
 from fedsea_shared.shard import (
     Partition,
@@ -49,28 +49,7 @@ def test_each_side_holds_only_its_parameters(tiny_model_dir):
 
 def test_loading_reads_only_own_tensors(tiny_model_dir, monkeypatch):
     """Spy on the safetensors reader: the server never reads edge tensors and vice versa."""
-    read: list[str] = []
-    real_open = shard_mod.safe_open
-
-    class Spy:
-        def __init__(self, *a, **kw):
-            self.f = real_open(*a, **kw)
-
-        def __enter__(self):
-            self.inner = self.f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-        def keys(self):
-            return self.inner.keys()
-
-        def get_tensor(self, name):
-            read.append(name)
-            return self.inner.get_tensor(name)
-
-    monkeypatch.setattr(shard_mod, "safe_open", Spy)
+    read = spy_safetensors(monkeypatch, shard_mod)
     p = Partition(6, head=1, tail=1)
     load_server_shard(tiny_model_dir, p)
     assert read and all(any(n.startswith(f"model.layers.{i}.") for i in range(1, 5)) for n in read)
