@@ -250,13 +250,6 @@ class EdgeClient:
     def generate(self, messages: list[dict], **params) -> Completion:
         return self._run(self._client.generate(messages, **params))
 
-    def generate_tokens(self, prompt_ids: list[int], params: SamplingParams, noise: float | None = None,
-                        adapter: str | None = None) -> list[TokenEvent]:
-        async def collect():
-            return [e async for e in self._client.stream_tokens(prompt_ids, params, noise, adapter)]
-
-        return self._run(collect())
-
     def stream(self, messages: list[dict], **params) -> Iterator[TokenEvent]:
         agen = self._client.stream(messages, **params)
         try:

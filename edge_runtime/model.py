@@ -23,7 +23,6 @@ from fedsea_shared.shard import ModelShard, Partition, causal_attention
 class SequenceCache:
     """K/V of one sequence for the edge's own layers, in buffers that double as they fill."""
 
-    length: int = 0  # tokens in the cache (same for every edge layer once a step finishes)
     k: dict[int, torch.Tensor] = field(default_factory=dict)
     v: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -84,8 +83,6 @@ class EdgeModel:
         """Middle-block outputs -> logits of each sequence's last token (float32)."""
         hidden = torch.cat([it.x for it in items]).to(self.dtype)
         out, spans = self._run(self.partition.tail_layers, items, hidden)
-        for it in items:
-            it.cache.length = it.start + it.x.shape[0]
         last = torch.stack([out[b - 1] for _, b in spans])
         return list(self.shard.logits(last).float())
 

@@ -321,15 +321,13 @@ class ServerRuntime:
         await conn.ws.send(encode(Closed(sid=msg.sid)))
 
 
-async def run_server(settings: ServerSettings, ready: asyncio.Event | None = None) -> None:
+async def run_server(settings: ServerSettings) -> None:
     runtime = ServerRuntime(settings)
     try:
         async with await runtime.serve() as server:
             # SIGTERM (docker stop, kill) closes connections cleanly, freeing sessions.
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.close)
             log.info("listening on ws://%s:%d", settings.host, settings.port)
-            if ready is not None:
-                ready.set()
             await server.serve_forever()
     finally:
         runtime.close()
