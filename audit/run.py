@@ -31,10 +31,6 @@ class AttackResult(BaseModel):
     rouge_l: float
     canary: dict[str, float] = Field(description="fraction of planted names / numbers recovered exactly")
 
-    @property
-    def canary_all(self) -> float:
-        return sum(self.canary.values()) / max(1, len(self.canary))
-
 
 class Cell(BaseModel):
     head: int

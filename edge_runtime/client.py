@@ -78,7 +78,6 @@ class AsyncEdgeClient:
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}")
         self.server_url = server_url
-        self.model_name = model
         self.noise = noise
         self.wire_dtype = wire_dtype
         self.api_key = api_key
