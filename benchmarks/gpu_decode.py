@@ -1,0 +1,158 @@
+"""Decode step time of the server runtime's middle blocks against the memory roofline and
+Hugging Face eager decode of the same blocks, measured in one run.
+
+Default shape: Llama-2-7B (hidden 4096, 32 heads, 11008 MLP), the middle 28 of 32 blocks,
+random weights, context 512, batches 1/8/32/64 (issue 3's GPU acceptance).  Roofline for
+a batch: (middle-block weight bytes + the batch's KV bytes read per step) / measured copy
+bandwidth.  `--tiny` swaps in a small shape so the script runs anywhere (CPU smoke test).
+
+    python benchmarks/gpu_decode.py --device cuda --dtype bfloat16      # on an H100
+    python benchmarks/gpu_decode.py --device cpu --tiny                  # anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaModel
+
+from fedsea_shared.shard import ModelShard, head_dim
+from server_runtime.kv_pool import BlockTable, KVPool
+from server_runtime.model_runner import ModelRunner
+from server_runtime.scheduler import Chunk, Session, StepWork
+
+RESULTS = Path(__file__).parent / "results"
+
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                 vocab_size=32000, max_position_embeddings=4096)
+TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=1000, max_position_embeddings=4096)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, steps: int) -> float:
+    """Mean seconds per call after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timed(lambda: dst.copy_(src), device, 10)  # read + write
+
+
+def fedsea_step(config, layers, dtype, device, batch, context, steps) -> float:
+    """Seconds per decode tick of `batch` sessions holding `context` tokens each."""
+    with torch.device("meta"):
+        shard = ModelShard(config, list(layers), with_edge_parts=False)
+    shard = shard.to_empty(device=device).to(dtype)
+    for p in shard.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    with torch.device(device):
+        shard.rotary = type(shard.rotary)(config)
+    block = 16
+    per_session = -(-(context + steps + 4) // block)
+    pool = KVPool(len(layers), batch * per_session, block, config.num_key_value_heads, head_dim(config), dtype, device)
+    pool.k.normal_()
+    pool.v.normal_()
+    runner = ModelRunner(shard.eval().requires_grad_(False), layers, pool, device)
+    sessions = []
+    for i in range(batch):
+        table = BlockTable(block)
+        pool.grow(table, context + steps + 4)
+        table.num_tokens = context
+        sessions.append(Session(i, table))
+    hidden = torch.randn(1, config.hidden_size, dtype=dtype, device=device)
+
+    def tick():
+        # Same context every tick: the KV read per step stays `context` tokens per session.
+        runner.run([Chunk(StepWork(s, hidden, context, Future()), 0, 1) for s in sessions])
+
+    seconds = timed(tick, device, steps)
+    del runner, pool, shard
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return seconds
+
+
+def hf_step(config, num_layers, dtype, device, batch, context, steps) -> float:
+    cfg = LlamaConfig(**{**config.to_dict(), "num_hidden_layers": num_layers})
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):  # initialise on the device: a 7B shape is slow to build on the CPU
+        model = LlamaModel(cfg).to(dtype).eval()
+    with torch.inference_mode():
+        cache = DynamicCache(config=cfg)
+        prompt = torch.randn(batch, context, cfg.hidden_size, dtype=dtype, device=device)
+        model(inputs_embeds=prompt, cache=cache, use_cache=True)
+        x = torch.randn(batch, 1, cfg.hidden_size, dtype=dtype, device=device)
+
+        def step():
+            model(inputs_embeds=x, cache=cache, use_cache=True)
+            cache.crop(-1)  # drop the new token: the context stays fixed, as on the fedsea side
+
+        seconds = timed(step, device, steps)
+    del model, cache
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--tiny", action="store_true", help="a small shape instead of Llama-2-7B")
+    p.add_argument("--layers", type=int, default=28, help="middle blocks (of 32)")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--out", default=str(RESULTS / "gpu_decode.json"))
+    args = p.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    config = LlamaConfig(**(TINY if args.tiny else LLAMA2_7B), num_hidden_layers=32)
+    layers = range(2, 2 + args.layers)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    with torch.device("meta"):
+        probe = ModelShard(config, list(layers), with_edge_parts=False)
+    weight_bytes = sum(t.numel() for t in probe.parameters()) * itemsize
+    kv_per_token = 2 * args.layers * config.num_key_value_heads * head_dim(config) * itemsize
+    bandwidth = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**26)
+    rows = []
+    for batch in args.batches:
+        roofline = (weight_bytes + batch * args.context * kv_per_token) / bandwidth
+        ours = fedsea_step(config, layers, dtype, device, batch, args.context, args.steps)
+        hf = hf_step(config, args.layers, dtype, device, batch, args.context, args.steps)
+        rows.append({"batch": batch, "fedsea_ms": 1e3 * ours, "hf_eager_ms": 1e3 * hf, "roofline_ms": 1e3 * roofline,
+                     "fedsea_tok_s": batch / ours, "hf_eager_tok_s": batch / hf, "roofline_tok_s": batch / roofline,
+                     "fedsea_over_roofline": ours / roofline})
+        r = rows[-1]
+        print(f"batch {batch:>3}: fedsea {r['fedsea_ms']:8.2f} ms ({r['fedsea_tok_s']:8.0f} tok/s)  "
+              f"HF eager {r['hf_eager_ms']:8.2f} ms  roofline {r['roofline_ms']:7.2f} ms  "
+              f"-> {r['fedsea_over_roofline']:.2f}x roofline", flush=True)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": args.dtype,
+              "shape": "tiny" if args.tiny else "llama-2-7b", "middle_layers": args.layers, "context": args.context,
+              "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token,
+              "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
