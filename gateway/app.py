@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from .schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, Mode
 log = logging.getLogger("fedsea.gateway")
 
 DONE = b"data: [DONE]\n\n"
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 # Far above any prompt that fits the context (128 prompts x 8k token ids fit); a larger
 # body is refused with 413 before it is read into memory.
 MAX_BODY_BYTES = 16 * 2**20
@@ -71,7 +73,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return json_response(ModelCard(id=name, created=0))
 
     @v1.post("/chat/completions")
-    async def chat(req: ChatCompletionRequest) -> Response:
+    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         adapter = check_model(req.model)
         client = backend.require_client()
         try:
@@ -81,10 +83,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         logprobs = req.top_alternatives
         out = ChatOutput(req.model, client.tokenizer, req.n, len(prompt), logprobs is not None)
         events = backend.generate([prompt], req.n, req.sampling(logprobs), req.token_limit, adapter)
-        return await respond(events, out, req.stream, req.include_usage)
+        return await respond(request, events, out, req.stream, req.include_usage)
 
     @v1.post("/completions")
-    async def completions(req: CompletionRequest) -> Response:
+    async def completions(req: CompletionRequest, request: Request) -> Response:
         adapter = check_model(req.model)
         client = backend.require_client()
         vocab = client.config.vocab_size
@@ -100,7 +102,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             prompts.append(ids)
         out = CompletionOutput(req.model, client.tokenizer, len(prompts) * req.n, sum(map(len, prompts)), req.logprobs is not None)
         events = backend.generate(prompts, req.n, req.sampling(req.logprobs), req.token_limit, adapter)
-        return await respond(events, out, req.stream, req.include_usage)
+        return await respond(request, events, out, req.stream, req.include_usage)
 
     app.include_router(v1)
 
@@ -119,11 +121,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     return app
 
 
-async def respond(events: AsyncIterator, out: Output, stream: bool, include_usage: bool) -> Response:
+async def respond(request: Request, events: AsyncIterator, out: Output, stream: bool, include_usage: bool) -> Response:
     if not stream:
-        async for index, event in events:
-            out.add(index, event)
-        return json_response(out.response())
+        return await _collect_unless_disconnected(request, events, out)
 
     # Wait for the first token before answering, so that a request refused up front
     # (capacity, unreachable server) gets a real status code rather than a broken stream.
@@ -153,6 +153,29 @@ async def respond(events: AsyncIterator, out: Output, stream: bool, include_usag
             await events.aclose()
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _collect_unless_disconnected(request: Request, events: AsyncIterator, out: Output) -> Response:
+    """A non-streaming answer.  Nothing is written until it is complete, so a client that
+    gives up is only seen by polling: then the generations are cancelled, which closes
+    their server sessions, instead of running to max_tokens for nobody."""
+
+    async def collect() -> None:
+        try:
+            async for index, event in events:
+                out.add(index, event)
+        finally:
+            await events.aclose()
+
+    task = asyncio.create_task(collect())
+    while not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            log.info("client disconnected before its answer was complete; generation cancelled")
+            return Response(status_code=499)
+    task.result()  # re-raises an APIError for the error envelope
+    return json_response(out.response())
 
 
 def _sse(model, exclude: set[str] | None = None) -> bytes:

@@ -204,6 +204,17 @@ def test_client_disconnect_cancels_and_closes_session(start_server, start_gatewa
     assert chat(gw, max_tokens=2).choices[0].finish_reason == "length"
 
 
+def test_non_streaming_client_disconnect_cancels_too(start_server, start_gateway, tiny_model_dir):
+    server = start_server(tiny_model_dir)
+    gw = start_gateway(server.url)
+    body = {"model": gw.settings.model_id, "messages": USER, "max_tokens": 1500}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gw.url}/chat/completions", json=body, timeout=1.0)  # gives up long before 1500 tokens
+    wait_until(lambda: not server.runtime.engine.sessions and gw.backend.metrics.running._value.get() == 0)
+    assert gw.backend.metrics.generation_tokens._value.get() < 1500  # stopped, not run to the end
+    assert chat(gw, max_tokens=2).choices[0].finish_reason == "length"
+
+
 def test_api_key(start_server, start_gateway, tiny_model_dir):
     gw = start_gateway(start_server(tiny_model_dir).url, api_key="s3cret")
     assert oai(gw, api_key="s3cret").chat.completions.create(model=gw.settings.model_id, messages=USER, max_tokens=1).choices
