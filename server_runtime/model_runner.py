@@ -37,8 +37,8 @@ class ModelRunner:
             lo, hi = c.positions
             spans.append((offset, offset + hi - lo))
             positions.append(torch.arange(lo, hi))
-            new_slots.append(c.session.table.slots(lo, hi))
-            ctx = c.session.table.slots(0, hi)
+            ctx = c.session.table.slots(0, hi)  # the new tokens' slots are its tail
+            new_slots.append(ctx[lo:])
             if hi - lo == 1:
                 decode_rows.append(offset)
                 decode_ctx.append(ctx)
