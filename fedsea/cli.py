@@ -38,6 +38,12 @@ def _server_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV pool size: bytes (2GiB, 512MiB) or a fraction of free GPU memory (0.8)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--decode-attention", default="auto", choices=["auto", "gather", "flex"],
+                   help="decode attention over the KV pool: flex reads blocks in place (compiled per batch size), "
+                        "gather copies each context out first; auto = flex on CUDA, gather on CPU")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run decode ticks eagerly instead of replaying captured CUDA graphs")
+    p.add_argument("--max-graph-batch", type=int, default=64, help="largest decode batch replayed as a CUDA graph")
     p.add_argument("--max-context", type=int, default=8192)
     p.add_argument("--token-budget", type=int, default=512, help="tokens per batched forward (chunked prefill)")
     p.add_argument("--noise-min", type=float, default=0.0, help="lowest noise scale an edge may declare")
@@ -120,7 +126,8 @@ def _run_server(args) -> None:
     settings = ServerSettings(
         model=args.model, head=args.head, tail=args.tail, host=args.host, port=args.port,
         device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
-        block_size=args.block_size, noise_min=args.noise_min, noise_max=args.noise_max,
+        block_size=args.block_size, decode_attention=args.decode_attention, cuda_graphs=args.cuda_graphs,
+        max_graph_batch=args.max_graph_batch, noise_min=args.noise_min, noise_max=args.noise_max,
         max_sessions_per_connection=args.max_sessions_per_connection,
         api_keys=tuple(args.api_key) + tuple(k for k in os.environ.get("FEDSEA_SERVER_API_KEYS", "").split(",") if k),
         max_sessions_per_key=args.max_sessions_per_key, adapters=_adapters(args),

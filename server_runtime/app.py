@@ -68,6 +68,9 @@ class ServerSettings:
     dtype: str = "float32"  # compute and KV dtype
     kv_cache_memory: str = "1GiB"  # bytes, or a fraction of free accelerator memory
     block_size: int = 16
+    decode_attention: str = "auto"  # gather | flex | auto: flex (reads the pool in place) on CUDA, gather on CPU
+    cuda_graphs: bool = True  # replay decode-only ticks as CUDA graphs (CUDA with flex attention only)
+    max_graph_batch: int = 64  # decode ticks up to this many sessions use a graph
     noise_min: float = 0.0
     noise_max: float = 4.0
     max_sessions_per_connection: int = 256
@@ -106,7 +109,7 @@ class ServerRuntime:
             len(layers), settings.block_size, self.config.num_key_value_heads, head_dim(self.config), dtype
         )
         free = torch.cuda.mem_get_info()[0] if settings.device.startswith("cuda") else None
-        num_blocks = parse_memory(settings.kv_cache_memory, free) // per_block
+        num_blocks = parse_memory(settings.kv_cache_memory, free) // per_block - 1  # minus the scratch block
         self.pool = KVPool(
             len(layers), num_blocks, settings.block_size, self.config.num_key_value_heads,
             head_dim(self.config), dtype, settings.device,
@@ -114,17 +117,27 @@ class ServerRuntime:
         self.metrics = ServerMetrics()
         # Merged before training can wrap the shard's linears in LoRA layers.
         adapted = load_adapters(self.shard, settings.model, settings.adapters)
-        self.engine = Engine(
-            ModelRunner(self.shard, layers, self.pool, settings.device), self.pool, settings.engine, self.metrics,
-            {name: ModelRunner(shard, layers, self.pool, settings.device) for name, shard in adapted.items()},
-        )
+        on_cuda = torch.device(settings.device).type == "cuda"
+        attention = settings.decode_attention
+        if attention == "auto":
+            attention = "flex" if on_cuda else "gather"
+        graphs = settings.cuda_graphs and on_cuda and attention == "flex"
+
+        def runner(shard):
+            return ModelRunner(shard, layers, self.pool, settings.device, attention, graphs,
+                               settings.max_graph_batch, settings.engine.max_context)
+
+        self.engine = Engine(runner(self.shard), self.pool, settings.engine, self.metrics,
+                             {name: runner(shard) for name, shard in adapted.items()})
         self.training = TrainingService(self.shard, self.partition, settings.device, settings.training)
         self._ids = itertools.count()
         self._sessions_per_key: Counter[str | None] = Counter()
         log.info(
-            "server runtime: layers [%d, %d) of %d, KV pool %d blocks x %d tokens (%.1f MiB), adapters: %s",
+            "server runtime: layers [%d, %d) of %d, KV pool %d blocks x %d tokens (%.1f MiB), "
+            "decode attention %s%s, adapters: %s",
             *self.partition.server_range, self.config.num_hidden_layers,
-            num_blocks, settings.block_size, self.pool.nbytes / 2**20, ", ".join(settings.adapters) or "none",
+            num_blocks, settings.block_size, self.pool.nbytes / 2**20,
+            attention, " + CUDA graphs" if graphs else "", ", ".join(settings.adapters) or "none",
         )
 
     async def serve(self) -> Server:

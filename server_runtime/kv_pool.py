@@ -6,7 +6,9 @@ block at a time as it generates.  Nothing is reserved for a session's future len
 a 256-token chat costs 256 tokens of cache, not a max_length reservation.
 
 Storage is flat per layer: slot s = block * block_size + offset holds one token's K (and
-V) for every KV head, so writing a batch's new tokens is one index_copy per layer.
+V) for every KV head, so writing a batch's new tokens is one index_copy per layer.  One
+extra block, never allocated, is scratch space: rows that only pad a batch to a compiled
+size write and read there, so they never touch a session's cache.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class KVPool:
     ):
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.scratch_block = num_blocks
+        shape = (num_layers, (num_blocks + 1) * block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 

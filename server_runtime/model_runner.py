@@ -3,35 +3,45 @@
 All chunks' tokens are concatenated into one [tokens, hidden] tensor, so every linear
 layer runs once per tick for all sessions, and each layer writes every new token's K/V
 into the paged pool with one scatter.  Attention: all decode rows (one new token per
-session) are served by one call over their padded block-gathered contexts; prefill
-chunks attend per session.  This is the CPU path (gather + SDPA); a CUDA deployment
-wants a paged kernel that reads the blocks in place (see README).
+session) are served by one `DecodeAttention` call per layer; prefill chunks attend per
+session over their gathered context (a prefill chunk's many queries amortise the copy).
+A tick of decode rows only goes to `DecodeGraphs` when the runner has them (CUDA).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fedsea_shared.shard import ModelShard, causal_attention, decode_attention
+from fedsea_shared.shard import ModelShard, causal_attention
 
+from .decode_graphs import DecodeGraphs
 from .kv_pool import KVPool
+from .paged_attention import DecodeAttention, DecodeRows, FlexPagedAttention, make_decode_attention, padded_batch
 from .scheduler import Chunk
 
 
 class ModelRunner:
-    def __init__(self, shard: ModelShard, layers: range, pool: KVPool, device: str | torch.device = "cpu"):
+    def __init__(self, shard: ModelShard, layers: range, pool: KVPool, device: str | torch.device = "cpu",
+                 decode_attention: str = "gather", decode_graphs: bool = False,
+                 max_graph_batch: int = 64, max_context: int = 8192):
         self.shard = shard
         self.layers = layers
         self.pool = pool
         self.device = torch.device(device)
         self.dtype = next(shard.parameters()).dtype
         self.scale = shard.model.layers[str(layers[0])].self_attn.scale
+        self.attention: DecodeAttention = make_decode_attention(decode_attention, pool, self.scale)
+        self.graphs = None
+        if decode_graphs:
+            if not isinstance(self.attention, FlexPagedAttention):
+                raise ValueError("decode graphs need the flex decode attention (it reads the pool in place)")
+            self.graphs = DecodeGraphs(shard, layers, pool, self.attention, max_graph_batch, max_context, self.device)
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         hidden = torch.cat([c.hidden for c in chunks]).to(self.device, self.dtype)
         spans, positions, new_slots = [], [], []
-        decode_rows, decode_ctx, prefill = [], [], []
+        decode_rows, decode_tables, decode_lengths, prefill = [], [], [], []
         offset = 0
         for c in chunks:
             lo, hi = c.positions
@@ -41,17 +51,21 @@ class ModelRunner:
             new_slots.append(ctx[lo:])
             if hi - lo == 1:
                 decode_rows.append(offset)
-                decode_ctx.append(ctx)
+                decode_tables.append(c.session.table.blocks)
+                decode_lengths.append(hi)
             else:
                 prefill.append((offset, offset + hi - lo, ctx.to(self.device)))
             offset += hi - lo
         pos = torch.cat(positions).to(self.device)
         slots = torch.cat(new_slots).to(self.device)
+        if not prefill and self.graphs is not None and self.graphs.fits(len(chunks)):
+            result = self.graphs.run(hidden, pos, slots, decode_tables, decode_lengths)
+            return [result[a:b] for a, b in spans]
         if decode_rows:
+            n = len(decode_rows)
             rows = torch.tensor(decode_rows, device=self.device)
-            ctx_index = torch.nn.utils.rnn.pad_sequence(decode_ctx, batch_first=True).to(self.device)
-            lengths = torch.tensor([len(c) for c in decode_ctx], device=self.device)
-            valid = torch.arange(ctx_index.shape[1], device=self.device)[None, :] < lengths[:, None]
+            padded = padded_batch(n) if self.attention.pads_batch else n
+            plan = self.attention.plan(DecodeRows.build(decode_tables, decode_lengths, self.pool, padded, self.device))
         first_layer = self.layers[0]
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -59,9 +73,10 @@ class ModelRunner:
             self.pool.write(local, slots, k, v)
             out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
             if decode_rows:
-                kc, vc = self.pool.read(local, ctx_index.flatten())
-                shape = (*ctx_index.shape, *kc.shape[1:])
-                out[rows] = decode_attention(q[rows], kc.view(shape), vc.view(shape), valid, self.scale)
+                qd = q[rows]
+                if padded > n:
+                    qd = torch.cat([qd, qd.new_zeros(padded - n, *qd.shape[1:])])
+                out[rows] = self.attention.attend(plan, qd, self.pool.k[local], self.pool.v[local])[:n]
             for a, b, ctx in prefill:
                 kc, vc = self.pool.read(local, ctx)
                 out[a:b] = causal_attention(q[a:b], kc, vc, self.scale)

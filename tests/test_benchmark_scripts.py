@@ -14,8 +14,10 @@ def test_gpu_decode_benchmark_runs_on_cpu(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "r.json"
-    module.main(["--device", "cpu", "--tiny", "--dtype", "float32", "--batches", "1", "3",
+    module.main(["--device", "cpu", "--shape", "tiny", "--dtype", "float32", "--batches", "1", "3",
                  "--context", "40", "--steps", "2", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 3]
-    assert all(r["fedsea_ms"] > 0 and r["hf_eager_ms"] > 0 and r["roofline_ms"] > 0 for r in rows)
+    assert all(r["hf_eager_ms"] > 0 and r["roofline_ms"] > 0 for r in rows)
+    assert all(set(r["modes"]) == {"gather", "flex", "flex+graphs"} for r in rows)
+    assert all(m["ms"] > 0 for r in rows for m in r["modes"].values())

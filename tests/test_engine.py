@@ -121,10 +121,11 @@ def test_chunked_prefill_matches_one_shot(start_server, tiny_model_dir):
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
 
 
-def test_decode_batched_with_others_matches_alone(start_server, tiny_model_dir):
+@pytest.mark.parametrize("attention", ["gather", "flex"])
+def test_decode_batched_with_others_matches_alone(start_server, tiny_model_dir, attention):
     """One tick packing 16 sessions' decode rows (padded contexts) and a prefill gives
-    each session what it gets alone."""
-    engine = start_server(tiny_model_dir).runtime.engine
+    each session what it gets alone, with either decode attention kernel."""
+    engine = start_server(tiny_model_dir, decode_attention=attention).runtime.engine
     torch.manual_seed(0)
     prompts = [torch.randn(random.Random(i).randint(3, 30), HIDDEN) for i in range(16)]
     token = torch.randn(1, HIDDEN)
@@ -144,8 +145,9 @@ def test_decode_batched_with_others_matches_alone(start_server, tiny_model_dir):
 
 
 def test_full_pool_makes_new_sessions_wait_then_fail_with_capacity(start_server, tiny_model_dir):
-    # 8 KiB per block for the tiny model's 2 middle layers: 4 blocks = 64 tokens.
-    server = start_server(tiny_model_dir, kv_cache_memory="32KiB",
+    # 8 KiB per block for the tiny model's 2 middle layers: 5 blocks, one of them the
+    # scratch block, leave 4 = 64 tokens.
+    server = start_server(tiny_model_dir, kv_cache_memory="40KiB",
                           engine=EngineSettings(wait_timeout=0.5, admission_free_blocks=1))
     engine = server.runtime.engine
     assert server.runtime.pool.allocator.num_blocks == 4
@@ -166,7 +168,7 @@ def test_full_pool_makes_new_sessions_wait_then_fail_with_capacity(start_server,
 
 
 async def test_capacity_error_reaches_the_edge(start_server, tiny_model_dir):
-    server = start_server(tiny_model_dir, kv_cache_memory="32KiB", engine=EngineSettings(wait_timeout=0.3))
+    server = start_server(tiny_model_dir, kv_cache_memory="40KiB", engine=EngineSettings(wait_timeout=0.3))
     client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0)
     with pytest.raises(ServerError) as info:
         await client.generate([{"role": "user", "content": "word " * 80}], max_tokens=2)

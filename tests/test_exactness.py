@@ -53,8 +53,9 @@ def test_split_greedy_equals_transformers_generate(default_model_dir, reference,
                     assert max(abs(v - r) for (_, v), r in zip(event.top_logprobs, top.values.tolist())) < LOGPROB_ATOL
 
 
-async def test_greedy_output_is_the_same_alone_or_batched_with_15_others(default_model_dir, start_server):
-    server = start_server(default_model_dir)
+@pytest.mark.parametrize("attention", ["gather", "flex"])
+async def test_greedy_output_is_the_same_alone_or_batched_with_15_others(default_model_dir, start_server, attention):
+    server = start_server(default_model_dir, decode_attention=attention)
     client = AsyncEdgeClient(server.url, model=str(default_model_dir), noise=0.0)
     topics = ["cats", "the sea", "bread", "rain", "chess", "trains", "owls", "jazz",
               "maps", "tea", "snow", "bees", "clocks", "kites", "salt", "glass"]

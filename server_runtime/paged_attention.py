@@ -1,0 +1,158 @@
+"""Attention of a tick's decode rows (one new token per session) over the paged KV pool.
+
+`DecodeRows` describes the rows once per tick: each row's page table (its blocks, in
+order) and context length.  Two kernels read the pool through it:
+
+- `GatherAttention` copies every row's context out of the pool into one padded batch and
+  runs one SDPA call.  Nothing to compile, and on a CPU the copy is cheap next to the
+  matmuls: the CPU default.
+- `FlexPagedAttention` runs FlexAttention over the pool in place: the block mask lists
+  each row's blocks, so the kernel reads exactly those blocks from the pool and copies
+  nothing.  Compiled (Triton on CUDA, C++ on CPU) once per padded batch size, which is
+  why its rows are padded to `BATCH_BUCKETS`: the CUDA default.
+
+Padding rows point at the pool's scratch block with a context of one token, so a padded
+batch is computed like a real one and its extra outputs are dropped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from fedsea_shared.shard import decode_attention
+
+from .kv_pool import KVPool
+
+# Batch sizes compiled kernels (and CUDA graphs) are built for; vLLM captures a similar ladder.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def padded_batch(n: int) -> int:
+    """The bucket a batch of n rows is padded to (multiples of 64 past the ladder)."""
+    i = bisect.bisect_left(BATCH_BUCKETS, n)
+    return BATCH_BUCKETS[i] if i < len(BATCH_BUCKETS) else -(-n // 64) * 64
+
+
+@dataclass
+class DecodeRows:
+    page_table: torch.Tensor  # [rows, width] int32: each row's blocks in order, 0 past its end
+    lengths: torch.Tensor  # [rows] int32: tokens of context, the new one included
+
+    @classmethod
+    def build(cls, tables: list[list[int]], lengths: list[int], pool: KVPool, rows: int,
+              device: torch.device) -> "DecodeRows":
+        """Rows for `tables`, padded to `rows` with one-token rows on the scratch block."""
+        width = max(len(t) for t in tables)
+        page_table = torch.zeros(rows, width, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            page_table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        page_table[len(tables):, 0] = pool.scratch_block
+        padded = torch.ones(rows, dtype=torch.int32)
+        padded[: len(lengths)] = torch.tensor(lengths, dtype=torch.int32)
+        return cls(page_table.to(device), padded.to(device))
+
+
+class DecodeAttention(Protocol):
+    pads_batch: bool  # whether DecodeRows must be padded to a bucket
+
+    def plan(self, rows: DecodeRows) -> Any:
+        """Per-tick work shared by all layers (index tensors, masks)."""
+
+    def attend(self, plan: Any, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """q: [rows, heads, d]; k_cache, v_cache: one layer of the pool, [slots, kv_heads, d].
+        Returns [rows, heads * d]."""
+
+
+class GatherAttention:
+    pads_batch = False
+
+    def __init__(self, block_size: int, scale: float):
+        self.block_size = block_size
+        self.scale = scale
+
+    def plan(self, rows: DecodeRows) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(int(rows.lengths.max()), device=rows.lengths.device)
+        valid = pos[None, :] < rows.lengths[:, None]
+        # Past a row's end the block index is clamped: those slots are read, then masked.
+        page = (pos // self.block_size).clamp(max=rows.page_table.shape[1] - 1)
+        slots = rows.page_table[:, page].long() * self.block_size + pos % self.block_size
+        return slots, valid
+
+    def attend(self, plan, q, k_cache, v_cache):
+        slots, valid = plan
+        shape = (*slots.shape, *k_cache.shape[1:])
+        k = k_cache.index_select(0, slots.flatten()).view(shape)
+        v = v_cache.index_select(0, slots.flatten()).view(shape)
+        return decode_attention(q, k, v, valid, self.scale)
+
+
+class FlexPagedAttention:
+    pads_batch = True
+
+    def __init__(self, pool: KVPool, scale: float):
+        self.block_size = pool.block_size
+        self.num_blocks = pool.k.shape[1] // pool.block_size  # the scratch block included
+        self.scale = scale
+        self._threads = threading.local()
+        # dynamic=False: one kernel per padded batch size (dynamic shapes do not lower on
+        # the CPU backend, and CUDA graphs want static shapes anyway).
+        self._flex = torch.compile(flex_attention, dynamic=False)
+
+    def plan(self, rows: DecodeRows) -> BlockMask:
+        """A block mask whose row b lists row b's blocks: all but the last as full blocks
+        (no mask evaluated), the last as a partial block cut at the row's length."""
+        table, lengths, P = rows.page_table, rows.lengths, self.block_size
+        n, width = table.shape
+        device = table.device
+        used = (lengths + P - 1) // P
+        full = lengths // P
+        last_block = table.gather(1, (used - 1)[:, None].long())[:, 0]
+        last_fill = lengths - (used - 1) * P
+        full_idx = torch.zeros(n, 1, 1, self.num_blocks, dtype=torch.int32, device=device)
+        full_idx[:, 0, 0, :width] = table
+        part_idx = torch.zeros_like(full_idx)
+        part_idx[:, 0, 0, 0] = last_block
+        # owner[block] = the row holding it, so the mask is true exactly on a row's own
+        # tokens even where a kernel evaluates it (entries past a row's end go to a dump slot).
+        in_use = torch.arange(width, device=device)[None, :] < used[:, None]
+        owner = torch.full((self.num_blocks + 1,), -1, dtype=torch.int32, device=device)
+        row_ids = torch.arange(n, dtype=torch.int32, device=device)[:, None].expand(n, width)
+        owner.scatter_(0, torch.where(in_use, table, self.num_blocks).flatten().long(), row_ids.flatten())
+
+        def own_tokens(b, h, q_idx, kv_idx):
+            block = kv_idx // P
+            return (owner[block] == b) & ((block != last_block[b]) | (kv_idx % P < last_fill[b]))
+
+        return BlockMask.from_kv_blocks(
+            (used > full).to(torch.int32)[:, None, None], part_idx,
+            full.to(torch.int32)[:, None, None], full_idx,
+            BLOCK_SIZE=(128, P), mask_mod=own_tokens, seq_lengths=(1, self.num_blocks * P),
+            compute_q_blocks=False,
+        )
+
+    def attend(self, plan, q, k_cache, v_cache):
+        if not getattr(self._threads, "limit_raised", False):
+            # Every padded batch size (and pool shape) is one more compiled variant of
+            # flex_attention; past dynamo's default limit of 8 it would silently fall back
+            # to the unfused path.  Dynamo's config is per thread: set it in the caller's.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._threads.limit_raised = True
+        # The pool as one sequence of every slot: [1, kv_heads, slots, d], a view, no copy.
+        k = k_cache.permute(1, 0, 2)[None]
+        v = v_cache.permute(1, 0, 2)[None]
+        out = self._flex(q[:, :, None], k, v, block_mask=plan, scale=self.scale, enable_gqa=True)
+        return out.reshape(q.shape[0], -1)
+
+
+def make_decode_attention(kind: str, pool: KVPool, scale: float) -> DecodeAttention:
+    if kind == "gather":
+        return GatherAttention(pool.block_size, scale)
+    if kind == "flex":
+        return FlexPagedAttention(pool, scale)
+    raise ValueError(f"unknown decode attention {kind!r} (gather or flex)")

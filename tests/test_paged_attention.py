@@ -1,0 +1,151 @@
+"""Decode attention over the paged pool: the gather and in-place (FlexAttention) kernels,
+batch padding onto the scratch block, and the static decode-graph path, each checked
+against plain per-session attention on the tiny model (CPU; the graphs themselves are
+captured only on CUDA, over this same code)."""
+
+from __future__ import annotations
+
+import random
+import threading
+from concurrent.futures import Future
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedsea_shared.shard import Partition, load_server_shard
+from server_runtime.kv_pool import BlockTable, KVPool
+from server_runtime.model_runner import ModelRunner
+from server_runtime.paged_attention import (
+    BATCH_BUCKETS, DecodeRows, FlexPagedAttention, GatherAttention, padded_batch,
+)
+from server_runtime.scheduler import Chunk, Session, StepWork
+
+BLOCK = 4
+
+
+def test_padded_batch_ladder():
+    assert [padded_batch(n) for n in (1, 3, 8, 9, 33, 256, 257, 300)] == [1, 4, 8, 16, 48, 256, 320, 320]
+    assert all(padded_batch(b) == b for b in BATCH_BUCKETS)
+
+
+def reference(q, pool, tables, lengths, scale):
+    out = []
+    for i, (blocks, n) in enumerate(zip(tables, lengths)):
+        slots = BlockTable(BLOCK, list(blocks)).slots(0, n)
+        k, v = pool.read(0, slots)
+        o = F.scaled_dot_product_attention(q[i][:, None], k.transpose(0, 1), v.transpose(0, 1),
+                                           scale=scale, enable_gqa=True)
+        out.append(o[:, 0].reshape(-1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kind", ["gather", "flex"])
+def test_decode_attention_matches_per_session_attention(kind):
+    torch.manual_seed(0)
+    pool = KVPool(num_layers=1, num_blocks=40, block_size=BLOCK, num_kv_heads=2, head_dim=16, dtype=torch.float32)
+    pool.k.normal_()
+    pool.v.normal_()
+    # Lengths on and off block boundaries, a one-token context, blocks out of order.
+    lengths = [1, 4, 5, 12, 30]
+    blocks = random.Random(0).sample(range(40), 40)
+    tables = []
+    for n in lengths:
+        tables.append([blocks.pop() for _ in range(-(-n // BLOCK))])
+    scale = 16**-0.5
+    kernel = GatherAttention(BLOCK, scale) if kind == "gather" else FlexPagedAttention(pool, scale)
+    rows = len(lengths) if kind == "gather" else padded_batch(len(lengths))  # 5 -> 8: 3 padding rows
+    q = torch.randn(rows, 4, 16)
+    plan = kernel.plan(DecodeRows.build(tables, lengths, pool, rows, torch.device("cpu")))
+    out = kernel.attend(plan, q, pool.k[0], pool.v[0])
+    assert out.shape == (rows, 64)
+    torch.testing.assert_close(out[: len(lengths)], reference(q, pool, tables, lengths, scale), atol=1e-5, rtol=1e-5)
+
+
+def tick(runner, sessions, hidden_size, steps):
+    """Run one tick: `steps` maps session index -> tokens to append; returns outputs."""
+    chunks = []
+    for i, n in steps.items():
+        s = sessions[i]
+        runner.pool.grow(s.table, n)
+        work = StepWork(s, torch.randn(n, hidden_size), s.table.num_tokens, Future())
+        chunks.append(Chunk(work, 0, n))
+    outputs = runner.run(chunks)
+    for c in chunks:
+        c.session.table.num_tokens = c.positions[1]
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def tiny_shard(tiny_model_dir):
+    return load_server_shard(tiny_model_dir, Partition(6, 2, 2))
+
+
+def test_runner_paths_agree_and_padding_never_touches_sessions(tiny_shard):
+    """The same ticks (prefill, mixed, decode-only at batch sizes that pad) through the
+    gather runner, the flex runner and the flex runner with static decode graphs give
+    the same outputs and the same cache; padding rows write only to the scratch block."""
+    layers = Partition(6, 2, 2).server_layers
+    config = tiny_shard.config
+    variants = {"gather": dict(decode_attention="gather"), "flex": dict(decode_attention="flex"),
+                "graphs": dict(decode_attention="flex", decode_graphs=True, max_graph_batch=8)}
+    results = {}
+    for name, kw in variants.items():
+        torch.manual_seed(1)
+        pool = KVPool(len(layers), 64, BLOCK, config.num_key_value_heads, 16, torch.float32)
+        scratch = slice(pool.scratch_block * BLOCK, (pool.scratch_block + 1) * BLOCK)
+        pool.k[:, scratch] = 7.0  # a sentinel: padding rows (zero hidden) overwrite it with zeros
+        runner = ModelRunner(tiny_shard, layers, pool, **kw)
+        sessions = [Session(i, BlockTable(BLOCK)) for i in range(6)]
+        outs = [tick(runner, sessions, config.hidden_size, {i: 3 + 2 * i for i in range(5)})]  # prefill
+        outs.append(tick(runner, sessions, config.hidden_size, {0: 1, 1: 1, 5: 9}))  # mixed
+        for _ in range(5):  # decode only: 5 rows pad to 8
+            outs.append(tick(runner, sessions, config.hidden_size, {i: 1 for i in range(5)}))
+        outs.append(tick(runner, sessions, config.hidden_size, {i: 1 for i in range(6)}))  # 6 -> 8
+        used = sorted(b for s in sessions for b in s.table.blocks)
+        assert pool.scratch_block not in used
+        results[name] = (torch.cat([o for tick_out in outs for o in tick_out]), pool, used, sessions)
+    base_out, base_pool, used, sessions = results["gather"]
+    for name in ("flex", "graphs"):
+        out, pool, _, _ = results[name]
+        torch.testing.assert_close(out, base_out, atol=2e-5, rtol=1e-4, msg=f"{name} outputs differ")
+        for s in sessions:  # every written token of every session: identical K/V
+            slots = s.table.slots(0, s.table.num_tokens)
+            torch.testing.assert_close(pool.k[:, slots], base_pool.k[:, slots], atol=2e-5, rtol=1e-4)
+    # Padding rows wrote to the scratch block's first slot, and no row wrote a free block.
+    scratch = base_pool.scratch_block * BLOCK
+    assert (results["graphs"][1].k[:, scratch] == 0).all() and (base_pool.k[:, scratch] == 7).all()
+    free = [b for b in range(base_pool.scratch_block) if b not in used]
+    for name, (_, pool, _, _) in results.items():
+        free_slots = torch.tensor([b * BLOCK + i for b in free for i in range(BLOCK)])
+        assert (pool.k[:, free_slots] == 0).all(), name
+
+
+def test_flex_compiles_every_batch_size_on_the_engine_thread():
+    """Each padded batch size is its own compiled kernel.  Dynamo's recompile limit (8,
+    per thread) must not send the larger buckets to the unfused fallback, which
+    materializes every score: all 10 sizes below must compile, on a non-main thread as
+    the engine's worker is."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch.manual_seed(0)
+    pool = KVPool(num_layers=1, num_blocks=8, block_size=BLOCK, num_kv_heads=1, head_dim=16, dtype=torch.float32)
+    pool.k.normal_()
+    kernel = FlexPagedAttention(pool, 0.25)
+    before = len(_debug_get_cache_entry_list(flex_attention.__code__))
+    errors = []
+
+    def run():
+        try:
+            for rows in BATCH_BUCKETS[:10]:
+                plan = kernel.plan(DecodeRows.build([[3]], [2], pool, rows, torch.device("cpu")))
+                kernel.attend(plan, torch.randn(rows, 2, 16), pool.k[0], pool.v[0])
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert not errors
+    assert len(_debug_get_cache_entry_list(flex_attention.__code__)) - before == 10  # compiled kernels
