@@ -173,7 +173,32 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"batch 64: best {1 / best[64]['over_roofline']:.0%} of roofline tokens/s (target >= 70%)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
+    plot(result, Path(args.out).with_suffix(".png"))
     return result
+
+
+def plot(result: dict, path: Path) -> None:
+    """Tokens/s against batch size: each decode mode, HF eager and the roofline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    batches = [r["batch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(batches, [r["roofline_tok_s"] for r in rows], "k--", label="memory roofline")
+    ax.plot(batches, [r["hf_eager_tok_s"] for r in rows], "o-", label="HF eager")
+    for mode in rows[0]["modes"]:
+        ax.plot(batches, [r["modes"][mode]["tok_s"] for r in rows], "o-", label=f"fedsea {mode}")
+    ax.set(xscale="log", yscale="log", xlabel="sessions per decode step", ylabel="tokens / s",
+           title=f"decode, {result['shape']} middle {result['middle_layers']} blocks, context {result['context']}, "
+                 f"{result['device']}")
+    ax.title.set_fontsize(8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
