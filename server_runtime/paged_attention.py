@@ -97,6 +97,14 @@ class FlexPagedAttention:
 
     def __init__(self, pool: KVPool, scale: float):
         self.block_size = pool.block_size
+        self.kernel_options = None
+        if pool.k.device.type == "cuda":
+            P = pool.block_size
+            if P < 16 or P & (P - 1):
+                raise ValueError(f"flex decode attention on CUDA needs --block-size a power of two >= 16 "
+                                 f"(a Triton tile must divide a block), not {P}")
+            # The Triton kernels' default KV tile (64-128 tokens) need not divide a block.
+            self.kernel_options = {"fwd_BLOCK_N": min(P, 64)}
         self.num_blocks = pool.k.shape[1] // pool.block_size  # the scratch block included
         self.scale = scale
         self._threads = threading.local()
@@ -146,7 +154,8 @@ class FlexPagedAttention:
         # The pool as one sequence of every slot: [1, kv_heads, slots, d], a view, no copy.
         k = k_cache.permute(1, 0, 2)[None]
         v = v_cache.permute(1, 0, 2)[None]
-        out = self._flex(q[:, :, None], k, v, block_mask=plan, scale=self.scale, enable_gqa=True)
+        out = self._flex(q[:, :, None], k, v, block_mask=plan, scale=self.scale, enable_gqa=True,
+                         kernel_options=self.kernel_options)
         return out.reshape(q.shape[0], -1)
 
 
