@@ -122,6 +122,8 @@ class ServerRuntime:
         if attention == "auto":
             attention = "flex" if on_cuda else "gather"
         graphs = settings.cuda_graphs and on_cuda and attention == "flex"
+        if graphs and settings.max_graph_batch < 1:
+            raise ValueError(f"--max-graph-batch must be >= 1 (got {settings.max_graph_batch})")
 
         def runner(shard):
             return ModelRunner(shard, layers, self.pool, settings.device, attention, graphs,

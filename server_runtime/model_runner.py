@@ -6,9 +6,15 @@ into the paged pool with one scatter.  Attention: all decode rows (one new token
 session) are served by one `DecodeAttention` call per layer; prefill chunks attend per
 session over their gathered context (a prefill chunk's many queries amortise the copy).
 A tick of decode rows only goes to `DecodeGraphs` when the runner has them (CUDA).
+
+If the compiled path fails (a kernel that does not build on this device), the runner
+logs it, falls back to gather + SDPA for good and reruns the tick: re-running rewrites
+the same K/V, so no session is corrupted and the server keeps serving.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -16,8 +22,12 @@ from fedsea_shared.shard import ModelShard, causal_attention
 
 from .decode_graphs import DecodeGraphs
 from .kv_pool import KVPool
-from .paged_attention import DecodeAttention, DecodeRows, FlexPagedAttention, make_decode_attention, padded_batch
+from .paged_attention import (
+    DecodeAttention, DecodeRows, FlexPagedAttention, GatherAttention, make_decode_attention, padded_batch,
+)
 from .scheduler import Chunk
+
+log = logging.getLogger("fedsea.server.runner")
 
 
 class ModelRunner:
@@ -39,6 +49,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        try:
+            return self._run(chunks)
+        except Exception:
+            if isinstance(self.attention, GatherAttention):
+                raise
+            log.exception("flex decode attention failed on %s; falling back to gather + SDPA "
+                          "(pass --decode-attention gather to start that way)", self.device)
+            self.attention, self.graphs = GatherAttention(self.pool.block_size, self.scale), None
+            return self._run(chunks)
+
+    def _run(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         hidden = torch.cat([c.hidden for c in chunks]).to(self.device, self.dtype)
         spans, positions, new_slots = [], [], []
         decode_rows, decode_tables, decode_lengths, prefill = [], [], [], []

@@ -142,6 +142,8 @@ def test_decode_batched_with_others_matches_alone(start_server, tiny_model_dir, 
     batched = [wait(f) for f in futures[:16]]
     for a, b in zip(alone, batched):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    kernel = type(engine.runners[None].attention).__name__
+    assert kernel == {"gather": "GatherAttention", "flex": "FlexPagedAttention"}[attention]  # no fallback
 
 
 def test_full_pool_makes_new_sessions_wait_then_fail_with_capacity(start_server, tiny_model_dir):

@@ -104,6 +104,8 @@ def test_runner_paths_agree_and_padding_never_touches_sessions(tiny_shard):
         outs.append(tick(runner, sessions, config.hidden_size, {i: 1 for i in range(6)}))  # 6 -> 8
         used = sorted(b for s in sessions for b in s.table.blocks)
         assert pool.scratch_block not in used
+        assert type(runner.attention).__name__ == {"gather": "GatherAttention"}.get(name, "FlexPagedAttention")
+        assert (runner.graphs is not None) == (name == "graphs")  # no silent fallback
         results[name] = (torch.cat([o for tick_out in outs for o in tick_out]), pool, used, sessions)
     base_out, base_pool, used, sessions = results["gather"]
     for name in ("flex", "graphs"):
@@ -149,3 +151,26 @@ def test_flex_compiles_every_batch_size_on_the_engine_thread():
     thread.join()
     assert not errors
     assert len(_debug_get_cache_entry_list(flex_attention.__code__)) - before == 10  # compiled kernels
+
+
+def test_a_failing_flex_kernel_falls_back_to_gather(tiny_shard, monkeypatch, caplog):
+    """A compiled kernel that does not build on a device must not take the server down:
+    the runner logs it, switches to gather for good, and the tick's result is right."""
+    layers = Partition(6, 2, 2).server_layers
+    config = tiny_shard.config
+    outputs = {}
+    for name in ("gather", "flex"):
+        torch.manual_seed(2)
+        pool = KVPool(len(layers), 32, BLOCK, config.num_key_value_heads, 16, torch.float32)
+        runner = ModelRunner(tiny_shard, layers, pool, decode_attention=name, decode_graphs=name == "flex")
+        if name == "flex":
+            def broken(*args, **kwargs):
+                raise RuntimeError("no kernel for this device")
+            monkeypatch.setattr(runner.attention, "attend", broken)
+        sessions = [Session(i, BlockTable(BLOCK)) for i in range(3)]
+        out = tick(runner, sessions, config.hidden_size, {0: 5, 1: 2, 2: 7})
+        out += tick(runner, sessions, config.hidden_size, {0: 1, 1: 1, 2: 1})
+        outputs[name] = torch.cat(out)
+    assert isinstance(runner.attention, GatherAttention) and runner.graphs is None
+    assert "falling back to gather" in caplog.text
+    torch.testing.assert_close(outputs["flex"], outputs["gather"])
