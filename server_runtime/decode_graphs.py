@@ -8,6 +8,10 @@ instead of a dozen kernels and their Python per layer.  The graph reads its inpu
 static buffers that each tick fills, and the pool's K/V from fixed addresses, which is
 why the attention must read the pool in place (`FlexPagedAttention`).
 
+Every bucket is captured when the server starts (`capture_all`, largest first so the
+smaller graphs reuse its memory), with all rows padding, which writes only the scratch
+block; capturing lazily would stall live traffic for a compile per new batch size.
+
 On a CPU there is nothing to capture; the same static-buffer path runs eagerly, which
 is how the tests check padding and the scratch block without a GPU.
 """
@@ -21,9 +25,16 @@ import torch
 from fedsea_shared.shard import ModelShard
 
 from .kv_pool import KVPool
-from .paged_attention import DecodeRows, FlexPagedAttention, padded_batch
+from .paged_attention import DecodeRows, FlexPagedAttention, KernelFailure, padded_batch
 
 log = logging.getLogger("fedsea.server.graphs")
+
+
+def graph_safe_rope(config) -> bool:
+    """Dynamic RoPE variants recompute their frequencies from the longest position on the
+    host each step: a host sync inside the graph, and a buffer swapped under it."""
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    return rope.get("rope_type", rope.get("type")) not in ("dynamic", "longrope")
 
 
 class DecodeGraphs:
@@ -50,17 +61,7 @@ class DecodeGraphs:
         """One decode token for each of `len(tables)` sessions; returns [rows, hidden]."""
         n = len(tables)
         b = padded_batch(n)
-        rows = DecodeRows.build(tables, lengths, self.pool, b, self.hidden.device)
-        scratch_slot = self.pool.scratch_block * self.pool.block_size
-        self.hidden[:n].copy_(hidden)
-        self.hidden[n:b].zero_()
-        self.positions[:n].copy_(positions)
-        self.positions[n:b].zero_()
-        self.slots[:n].copy_(slots)
-        self.slots[n:b].fill_(scratch_slot)
-        self.page_table[:b].zero_()
-        self.page_table[:b, : rows.page_table.shape[1]].copy_(rows.page_table)
-        self.lengths[:b].copy_(rows.lengths)
+        self._fill(b, hidden, positions, slots, DecodeRows.build(tables, lengths, self.pool, b, self.hidden.device))
         if not self.capture:
             return self._forward(b)[:n]
         if b not in self._graphs:
@@ -68,6 +69,31 @@ class DecodeGraphs:
         graph, output = self._graphs[b]
         graph.replay()
         return output[:n].clone()  # the static output is overwritten by the next replay
+
+    def capture_all(self) -> None:
+        for b in sorted({padded_batch(n) for n in range(1, self.max_batch + 1)}, reverse=True):
+            empty = self.hidden[:0]
+            self._fill(b, empty, self.positions[:0], self.slots[:0],
+                       DecodeRows.build([], [], self.pool, b, self.hidden.device))
+            if self.capture:
+                self._graphs[b] = self._capture(b)
+            else:
+                self._forward(b)
+
+    def _fill(self, b: int, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+              rows: DecodeRows) -> None:
+        """Rewrite the static inputs of bucket b: the real rows, then padding rows that
+        read and write only the scratch block."""
+        n = hidden.shape[0]
+        self.hidden[:n].copy_(hidden)
+        self.hidden[n:b].zero_()
+        self.positions[:n].copy_(positions)
+        self.positions[n:b].zero_()
+        self.slots[:n].copy_(slots)
+        self.slots[n:b].fill_(self.pool.scratch_block * self.pool.block_size)
+        self.page_table[:b].zero_()
+        self.page_table[:b, : rows.page_table.shape[1]].copy_(rows.page_table)
+        self.lengths[:b].copy_(rows.lengths)
 
     def _forward(self, b: int) -> torch.Tensor:
         plan = self.attention.plan(DecodeRows(self.page_table[:b], self.lengths[:b]))
@@ -85,13 +111,18 @@ class DecodeGraphs:
         """Warm up (compiles the kernels) on a side stream, then capture.  The warm-up
         runs on this tick's inputs, so it writes exactly the K/V the replay writes."""
         log.info("capturing the decode graph for batch %d", b)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._forward(b)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the training service may use the GPU from another thread meanwhile.
-        with torch.cuda.graph(graph, pool=self._memory_pool, capture_error_mode="thread_local"):
-            output = self._forward(b)
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._forward(b)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the training service may use the GPU from another thread meanwhile.
+            with torch.cuda.graph(graph, pool=self._memory_pool, capture_error_mode="thread_local"):
+                output = self._forward(b)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            raise KernelFailure(f"capturing the decode graph for batch {b}: {e}") from e
         return graph, output

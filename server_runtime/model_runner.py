@@ -20,10 +20,11 @@ import torch
 
 from fedsea_shared.shard import ModelShard, causal_attention
 
-from .decode_graphs import DecodeGraphs
+from .decode_graphs import DecodeGraphs, graph_safe_rope
 from .kv_pool import KVPool
 from .paged_attention import (
-    DecodeAttention, DecodeRows, FlexPagedAttention, GatherAttention, make_decode_attention, padded_batch,
+    DecodeAttention, DecodeRows, FlexPagedAttention, GatherAttention, KernelFailure, make_decode_attention,
+    padded_batch,
 )
 from .scheduler import Chunk
 
@@ -41,23 +42,36 @@ class ModelRunner:
         self.dtype = next(shard.parameters()).dtype
         self.scale = shard.model.layers[str(layers[0])].self_attn.scale
         self.attention: DecodeAttention = make_decode_attention(decode_attention, pool, self.scale)
-        self.graphs = None
-        if decode_graphs:
-            if not isinstance(self.attention, FlexPagedAttention):
-                raise ValueError("decode graphs need the flex decode attention (it reads the pool in place)")
-            self.graphs = DecodeGraphs(shard, layers, pool, self.attention, max_graph_batch, max_context, self.device)
+        self.graphs = self._decode_graphs(max_graph_batch, max_context) if decode_graphs else None
+
+    def _decode_graphs(self, max_batch: int, max_context: int) -> DecodeGraphs | None:
+        if not isinstance(self.attention, FlexPagedAttention):
+            raise ValueError("decode graphs need the flex decode attention (it reads the pool in place)")
+        if not graph_safe_rope(self.shard.config):
+            log.warning("dynamic RoPE cannot run inside a CUDA graph: decode graphs off")
+            return None
+        graphs = DecodeGraphs(self.shard, self.layers, self.pool, self.attention, max_batch, max_context, self.device)
+        if graphs.capture:
+            try:
+                with torch.inference_mode():
+                    graphs.capture_all()
+            except KernelFailure:
+                self._fall_back()
+                return None
+        return graphs
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         try:
             return self._run(chunks)
-        except Exception:
-            if isinstance(self.attention, GatherAttention):
-                raise
-            log.exception("flex decode attention failed on %s; falling back to gather + SDPA "
-                          "(pass --decode-attention gather to start that way)", self.device)
-            self.attention, self.graphs = GatherAttention(self.pool.block_size, self.scale), None
+        except KernelFailure:
+            self._fall_back()
             return self._run(chunks)
+
+    def _fall_back(self) -> None:
+        log.exception("flex decode attention failed on %s; falling back to gather + SDPA "
+                      "(pass --decode-attention gather to start that way)", self.device)
+        self.attention, self.graphs = GatherAttention(self.pool.block_size, self.scale), None
 
     def _run(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         hidden = torch.cat([c.hidden for c in chunks]).to(self.device, self.dtype)

@@ -48,14 +48,15 @@ class DecodeRows:
     def build(cls, tables: list[list[int]], lengths: list[int], pool: KVPool, rows: int,
               device: torch.device) -> "DecodeRows":
         """Rows for `tables`, padded to `rows` with one-token rows on the scratch block."""
-        width = max(len(t) for t in tables)
-        page_table = torch.zeros(rows, width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            page_table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        page_table[len(tables):, 0] = pool.scratch_block
-        padded = torch.ones(rows, dtype=torch.int32)
-        padded[: len(lengths)] = torch.tensor(lengths, dtype=torch.int32)
+        width = max((len(t) for t in tables), default=1)
+        padding = [[pool.scratch_block] + [0] * (width - 1)] * (rows - len(tables))
+        page_table = torch.tensor([t + [0] * (width - len(t)) for t in tables] + padding, dtype=torch.int32)
+        padded = torch.tensor(lengths + [1] * (rows - len(lengths)), dtype=torch.int32)
         return cls(page_table.to(device), padded.to(device))
+
+
+class KernelFailure(RuntimeError):
+    """A compiled decode kernel failed to build, capture or run on this device."""
 
 
 class DecodeAttention(Protocol):
@@ -154,8 +155,14 @@ class FlexPagedAttention:
         # The pool as one sequence of every slot: [1, kv_heads, slots, d], a view, no copy.
         k = k_cache.permute(1, 0, 2)[None]
         v = v_cache.permute(1, 0, 2)[None]
-        out = self._flex(q[:, :, None], k, v, block_mask=plan, scale=self.scale, enable_gqa=True,
-                         kernel_options=self.kernel_options)
+        # Contiguous q: one compiled variant per batch size, whichever path calls.
+        try:
+            out = self._flex(q.contiguous()[:, :, None], k, v, block_mask=plan, scale=self.scale,
+                             enable_gqa=True, kernel_options=self.kernel_options)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            raise KernelFailure(f"flex attention: {e}") from e
         return out.reshape(q.shape[0], -1)
 
 

@@ -166,7 +166,7 @@ def test_a_failing_flex_kernel_falls_back_to_gather(tiny_shard, monkeypatch, cap
         if name == "flex":
             def broken(*args, **kwargs):
                 raise RuntimeError("no kernel for this device")
-            monkeypatch.setattr(runner.attention, "attend", broken)
+            monkeypatch.setattr(runner.attention, "_flex", broken)
         sessions = [Session(i, BlockTable(BLOCK)) for i in range(3)]
         out = tick(runner, sessions, config.hidden_size, {0: 5, 1: 2, 2: 7})
         out += tick(runner, sessions, config.hidden_size, {0: 1, 1: 1, 2: 1})
@@ -174,3 +174,37 @@ def test_a_failing_flex_kernel_falls_back_to_gather(tiny_shard, monkeypatch, cap
     assert isinstance(runner.attention, GatherAttention) and runner.graphs is None
     assert "falling back to gather" in caplog.text
     torch.testing.assert_close(outputs["flex"], outputs["gather"])
+
+
+def test_other_errors_do_not_switch_kernels(tiny_shard, monkeypatch):
+    """Only a kernel failure switches to gather; any other error (here a transient
+    out-of-memory in the model) propagates and the flex path stays."""
+    layers = Partition(6, 2, 2).server_layers
+    pool = KVPool(len(layers), 32, BLOCK, tiny_shard.config.num_key_value_heads, 16, torch.float32)
+    runner = ModelRunner(tiny_shard, layers, pool, decode_attention="flex")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("transient")
+
+    monkeypatch.setattr(runner.attention, "_flex", out_of_memory)
+    sessions = [Session(0, BlockTable(BLOCK))]
+    tick(runner, sessions, tiny_shard.config.hidden_size, {0: 3})
+    with pytest.raises(torch.OutOfMemoryError):
+        tick(runner, sessions, tiny_shard.config.hidden_size, {0: 1})
+    assert isinstance(runner.attention, FlexPagedAttention)
+
+
+def test_startup_capture_writes_only_the_scratch_block(tiny_shard):
+    """capture_all runs every bucket with all rows padding (on a CPU uncaptured): the
+    sessions' part of the pool is untouched."""
+    from server_runtime.decode_graphs import DecodeGraphs
+
+    layers = Partition(6, 2, 2).server_layers
+    pool = KVPool(len(layers), 16, BLOCK, tiny_shard.config.num_key_value_heads, 16, torch.float32)
+    pool.k.fill_(3.0)
+    graphs = DecodeGraphs(tiny_shard, layers, pool, FlexPagedAttention(pool, 0.25), max_batch=5,
+                          max_context=64, device=torch.device("cpu"))
+    graphs.capture_all()  # buckets 8, 4, 2, 1
+    scratch = pool.scratch_block * BLOCK
+    assert (pool.k[:, :scratch] == 3.0).all()
+    assert (pool.k[:, scratch] != 3.0).any()
