@@ -66,8 +66,7 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / timed(lambda: dst.copy_(src), device, 10)  # read + write
 
 
-def fedsea_step(config, layers, dtype, device, batch, context, steps, mode, block) -> float:
-    """Seconds per decode tick of `batch` sessions holding `context` tokens each."""
+def random_shard(config, layers, dtype, device) -> ModelShard:
     with torch.device("meta"):
         shard = ModelShard(config, list(layers), with_edge_parts=False)
     shard = shard.to_empty(device=device).to(dtype)
@@ -75,26 +74,39 @@ def fedsea_step(config, layers, dtype, device, batch, context, steps, mode, bloc
         torch.nn.init.normal_(p, std=0.02)
     with torch.device(device):
         shard.rotary = type(shard.rotary)(config)
-    per_session = -(-(context + steps + 4) // block)
-    pool = KVPool(len(layers), batch * per_session, block, config.num_key_value_heads, head_dim(config), dtype, device)
+    return shard.eval().requires_grad_(False)
+
+
+def fedsea_steps(shard, layers, dtype, device, batches, context, steps, mode, block) -> dict[int, float]:
+    """Seconds per decode tick of `batch` sessions holding `context` tokens each, for each
+    batch size.  One pool, sized for the largest batch, serves them all, as on a server:
+    each padded batch size compiles (and, with graphs, captures at start-up) once."""
+    config = shard.config
+    reserve = context + steps + 4
+    pool = KVPool(len(layers), max(batches) * -(-reserve // block), block, config.num_key_value_heads,
+                  head_dim(config), dtype, device)
     pool.k.normal_()
     pool.v.normal_()
-    runner = ModelRunner(shard.eval().requires_grad_(False), layers, pool, device, **MODES[mode],
-                         max_graph_batch=batch, max_context=context + steps + 4)
-    sessions = []
-    for i in range(batch):
-        table = BlockTable(block)
-        pool.grow(table, context + steps + 4)
-        table.num_tokens = context
-        sessions.append(Session(i, table))
+    runner = ModelRunner(shard, layers, pool, device, **MODES[mode], max_graph_batch=max(batches),
+                         max_context=reserve)
     hidden = torch.randn(1, config.hidden_size, dtype=dtype, device=device)
+    seconds = {}
+    for batch in batches:
+        sessions = []
+        for i in range(batch):
+            table = BlockTable(block)
+            pool.grow(table, reserve)
+            table.num_tokens = context
+            sessions.append(Session(i, table))
 
-    def tick():
-        # Same context every tick: the KV read per step stays `context` tokens per session.
-        runner.run([Chunk(StepWork(s, hidden, context, Future()), 0, 1) for s in sessions])
+        def tick():
+            # Same context every tick: the KV read per step stays `context` tokens per session.
+            runner.run([Chunk(StepWork(s, hidden, context, Future()), 0, 1) for s in sessions])
 
-    seconds = timed(tick, device, steps)
-    del runner, pool, shard
+        seconds[batch] = timed(tick, device, steps)
+        for s in sessions:
+            pool.free(s.table)
+    del runner, pool
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return seconds
@@ -146,17 +158,25 @@ def main(argv: list[str] | None = None) -> dict:
     weight_bytes = sum(t.numel() for t in probe.parameters()) * itemsize
     kv_per_token = 2 * args.layers * config.num_key_value_heads * head_dim(config) * itemsize
     bandwidth = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**26)
+    hf = {b: hf_step(config, args.layers, dtype, device, b, args.context, args.steps) for b in args.batches}
+    print(f"HF eager measured: {', '.join(f'{b}: {1e3 * t:.2f} ms' for b, t in hf.items())}", flush=True)
+    shard = random_shard(config, layers, dtype, device)
+    ours = {}
+    for mode in args.modes:
+        ours[mode] = fedsea_steps(shard, layers, dtype, device, args.batches, args.context, args.steps, mode,
+                                  args.block_size)
+        print(f"fedsea {mode} measured: {', '.join(f'{b}: {1e3 * t:.2f} ms' for b, t in ours[mode].items())}",
+              flush=True)
     rows = []
     print(f"{'batch':>5} {'mode':<12} {'ms/step':>9} {'tok/s':>9} {'x roofline':>10} {'vs HF eager':>11}")
     for batch in args.batches:
         roofline = (weight_bytes + batch * args.context * kv_per_token) / bandwidth
-        hf = hf_step(config, args.layers, dtype, device, batch, args.context, args.steps)
         row = {"batch": batch, "roofline_ms": 1e3 * roofline, "roofline_tok_s": batch / roofline,
-               "hf_eager_ms": 1e3 * hf, "hf_eager_tok_s": batch / hf, "modes": {}}
+               "hf_eager_ms": 1e3 * hf[batch], "hf_eager_tok_s": batch / hf[batch], "modes": {}}
         for mode in args.modes:
-            ours = fedsea_step(config, layers, dtype, device, batch, args.context, args.steps, mode, args.block_size)
-            row["modes"][mode] = {"ms": 1e3 * ours, "tok_s": batch / ours, "over_roofline": ours / roofline,
-                                  "speedup_vs_hf_eager": hf / ours}
+            t = ours[mode][batch]
+            row["modes"][mode] = {"ms": 1e3 * t, "tok_s": batch / t, "over_roofline": t / roofline,
+                                  "speedup_vs_hf_eager": hf[batch] / t}
         rows.append(row)
         for name, ms in [("roofline", row["roofline_ms"]), ("HF eager", row["hf_eager_ms"]),
                          *[(m, r["ms"]) for m, r in row["modes"].items()]]:
