@@ -71,9 +71,9 @@ class DecodeGraphs:
         return output[:n].clone()  # the static output is overwritten by the next replay
 
     def capture_all(self) -> None:
+        """Capture every bucket, largest first, with all rows padding (on a CPU: run it)."""
         for b in sorted({padded_batch(n) for n in range(1, self.max_batch + 1)}, reverse=True):
-            empty = self.hidden[:0]
-            self._fill(b, empty, self.positions[:0], self.slots[:0],
+            self._fill(b, self.hidden[:0], self.positions[:0], self.slots[:0],
                        DecodeRows.build([], [], self.pool, b, self.hidden.device))
             if self.capture:
                 self._graphs[b] = self._capture(b)
