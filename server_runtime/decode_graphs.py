@@ -64,9 +64,7 @@ class DecodeGraphs:
         self._fill(b, hidden, positions, slots, DecodeRows.build(tables, lengths, self.pool, b, self.hidden.device))
         if not self.capture:
             return self._forward(b)[:n]
-        if b not in self._graphs:
-            self._graphs[b] = self._capture(b)
-        graph, output = self._graphs[b]
+        graph, output = self._graphs[b]  # every bucket up to max_batch, from capture_all
         graph.replay()
         return output[:n].clone()  # the static output is overwritten by the next replay
 

@@ -82,13 +82,14 @@ class ModelRunner:
             lo, hi = c.positions
             spans.append((offset, offset + hi - lo))
             positions.append(torch.arange(lo, hi))
-            ctx = c.session.table.slots(0, hi)  # the new tokens' slots are its tail
-            new_slots.append(ctx[lo:])
-            if hi - lo == 1:
+            if hi - lo == 1:  # the decode kernels find the context from the block table
+                new_slots.append(c.session.table.slots(lo, hi))
                 decode_rows.append(offset)
                 decode_tables.append(c.session.table.blocks)
                 decode_lengths.append(hi)
             else:
+                ctx = c.session.table.slots(0, hi)  # the new tokens' slots are its tail
+                new_slots.append(ctx[lo:])
                 prefill.append((offset, offset + hi - lo, ctx.to(self.device)))
             offset += hi - lo
         pos = torch.cat(positions).to(self.device)

@@ -4,8 +4,8 @@
 order) and context length.  Two kernels read the pool through it:
 
 - `GatherAttention` copies every row's context out of the pool into one padded batch and
-  runs one SDPA call.  Nothing to compile, and on a CPU the copy is cheap next to the
-  matmuls: the CPU default.
+  runs one SDPA call.  Nothing to compile, so no stall on a new batch size: the CPU
+  default (the copy only costs more than FlexAttention at many long contexts, see README).
 - `FlexPagedAttention` runs FlexAttention over the pool in place: the block mask lists
   each row's blocks, so the kernel reads exactly those blocks from the pool and copies
   nothing.  Compiled (Triton on CUDA, C++ on CPU) once per padded batch size, which is
@@ -78,11 +78,11 @@ class GatherAttention:
         self.scale = scale
 
     def plan(self, rows: DecodeRows) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(int(rows.lengths.max()), device=rows.lengths.device)
+        # Every slot of the table's width (no host sync for the longest row); slots past a
+        # row's length are read, then masked.
+        pos = torch.arange(rows.page_table.shape[1] * self.block_size, device=rows.lengths.device)
         valid = pos[None, :] < rows.lengths[:, None]
-        # Past a row's end the block index is clamped: those slots are read, then masked.
-        page = (pos // self.block_size).clamp(max=rows.page_table.shape[1] - 1)
-        slots = rows.page_table[:, page].long() * self.block_size + pos % self.block_size
+        slots = rows.page_table[:, pos // self.block_size].long() * self.block_size + pos % self.block_size
         return slots, valid
 
     def attend(self, plan, q, k_cache, v_cache):
