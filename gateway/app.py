@@ -77,7 +77,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         adapter = check_model(req.model)
         client = backend.require_client()
         try:
-            prompt = client.chat_prompt([m.for_template() for m in req.messages])
+            # Off the event loop: templating and tokenizing a 15 MiB message takes seconds.
+            prompt = await asyncio.to_thread(client.chat_prompt, [m.for_template() for m in req.messages])
         except Exception as e:  # templates may refuse, e.g. roles that do not alternate
             raise errors.bad_request(f"the model's chat template rejected these messages: {e}", param="messages") from e
         logprobs = req.top_alternatives
@@ -94,7 +95,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise errors.bad_request(f"a request makes 1 to {MAX_CHOICES} choices (prompts x n)", param="prompt")
         prompts = []
         for p in req.prompts:
-            ids = client.tokenizer(p).input_ids if isinstance(p, str) else p
+            ids = (await asyncio.to_thread(client.tokenizer, p)).input_ids if isinstance(p, str) else p
             if not ids:
                 raise errors.bad_request("the prompt is empty", param="prompt")
             if max(ids) >= vocab:

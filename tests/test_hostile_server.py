@@ -1,7 +1,7 @@
 """A broken or hostile server runtime cannot hurt the edge (issue 10, failure 7).
 
-A small websockets server in the test speaks fedsea's protocol and answers each step the
-way `mode` says: oversized frames, wrong shapes, wrong dtypes, NaN, a wrong position.
+A small websockets server (tests/fake_server.py) speaks fedsea's protocol and answers
+each step the way `mode` says: oversized frames, wrong shapes, wrong dtypes, NaN, a wrong position.
 The edge must refuse each reply with a clear error (502 through the gateway), close the
 session and keep serving, never allocate what the server declares or emit garbage text.
 """
@@ -9,92 +9,21 @@ session and keep serving, never allocate what the server declares or emit garbag
 from __future__ import annotations
 
 import asyncio
-import struct
 
 import httpx
 import pytest
-import torch
-from websockets.asyncio.server import serve
-from websockets.exceptions import ConnectionClosed
+from fake_server import FakeServer
 
 from edge_runtime import AsyncEdgeClient
 from edge_runtime.connection import ServerError
-from fedsea_shared.protocol import (
-    Close, Closed, Hello, Open, Opened, Output, Step, Welcome, decode, encode, tensor_meta,
-)
 from gateway import GatewaySettings, GatewayThread
 
 USER = [{"role": "user", "content": "hello there"}]
 
 
-class HostileServer:
-    """Answers hello/open/close properly; answers steps according to `self.mode`."""
-
-    def __init__(self):
-        self.mode = "echo"  # echo: the identity as the middle blocks, a well-formed reply
-        self.closed_sids: list[int] = []
-        self.url = ""
-
-    async def __aenter__(self):
-        self._server = await serve(self._handle, "127.0.0.1", 0, compression=None, max_size=None)
-        self.url = f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc):
-        self._server.close()
-
-    async def _handle(self, ws):
-        try:
-            await self._serve(ws)
-        except ConnectionClosed:
-            pass  # the edge hangs up on oversized frames
-
-    async def _serve(self, ws):
-        async for data in ws:
-            msg, tensor = decode(data)
-            if isinstance(msg, Hello):
-                await ws.send(encode(Welcome(layers=msg.layers, dtype=msg.dtype, noise_min=0, noise_max=4,
-                                             max_context=1 << 20, max_sessions=256, max_message_bytes=1 << 40)))
-            elif isinstance(msg, Open):
-                await ws.send(encode(Opened(sid=msg.sid)))
-            elif isinstance(msg, Close):
-                self.closed_sids.append(msg.sid)
-                await ws.send(encode(Closed(sid=msg.sid)))
-            elif isinstance(msg, Step):
-                await self._reply(ws, msg, tensor)
-
-    async def _reply(self, ws, step: Step, x: torch.Tensor) -> None:
-        mode, pos = self.mode, step.pos
-        if mode == "huge_frame":
-            # Only the header of a 600 MiB binary frame: an edge that waits for its payload hangs.
-            ws.transport.write(b"\x82\x7f" + struct.pack(">Q", 600 * 2**20))
-            return
-        if mode == "oversized":
-            x = x.repeat(100, 1)  # a well-formed frame, larger than any reply the edge can ask for
-        elif mode == "wrong_shape":
-            x = x[:, :-1]
-        elif mode == "extra_rows":
-            x = torch.cat([x, x])
-        elif mode == "wrong_dtype":
-            x = x.to(torch.float16)
-        elif mode == "nan":
-            x = x.clone()
-            x[0, 0] = float("nan")
-        elif mode == "inf":
-            x = x.clone()
-            x[-1, -1] = float("inf")
-        elif mode == "wrong_pos":
-            pos += 1
-        elif mode == "payload_mismatch":
-            frame = encode(Output(sid=step.sid, pos=pos, tensor=tensor_meta(x)), x)
-            await ws.send(frame[:-4])
-            return
-        await ws.send(encode(Output(sid=step.sid, pos=pos, tensor=tensor_meta(x)), x))
-
-
 @pytest.fixture
 async def hostile():
-    async with HostileServer() as server:
+    async with FakeServer() as server:
         yield server
 
 

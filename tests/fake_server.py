@@ -1,0 +1,97 @@
+"""A fake server runtime for tests: speaks fedsea's protocol (fedsea_shared.protocol) and
+answers each step the way `mode` says, from well-formed (the identity as the middle
+blocks) to hostile (oversized frames, wrong shapes and dtypes, NaN) or slow (held)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import torch
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+from fedsea_shared.protocol import (
+    Close, Closed, Hello, Open, Opened, Output, Step, Welcome, decode, encode, tensor_meta,
+)
+
+
+class FakeServer:
+    """Answers hello/open/close properly; answers steps according to `self.mode`."""
+
+    def __init__(self, max_sessions: int = 256):
+        self.mode = "echo"  # echo: the identity as the middle blocks, a well-formed reply
+        self.max_sessions = max_sessions
+        self.closed_sids: list[int] = []
+        self.held = 0  # steps waiting in mode "hold"
+        self.release = asyncio.Event()  # lets the held steps answer
+        self._replies: set[asyncio.Task] = set()
+        self.url = ""
+
+    async def __aenter__(self):
+        self._server = await serve(self._handle, "127.0.0.1", 0, compression=None, max_size=None)
+        self.url = f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc):
+        self._server.close()
+
+    async def _handle(self, ws):
+        try:
+            await self._serve(ws)
+        except ConnectionClosed:
+            pass  # the edge hangs up on oversized frames
+
+    async def _serve(self, ws):
+        async for data in ws:
+            msg, tensor = decode(data)
+            if isinstance(msg, Hello):
+                await ws.send(encode(Welcome(layers=msg.layers, dtype=msg.dtype, noise_min=0, noise_max=4,
+                                             max_context=1 << 20, max_sessions=self.max_sessions, max_message_bytes=1 << 40)))
+            elif isinstance(msg, Open):
+                await ws.send(encode(Opened(sid=msg.sid)))
+            elif isinstance(msg, Close):
+                self.closed_sids.append(msg.sid)
+                await ws.send(encode(Closed(sid=msg.sid)))
+            elif isinstance(msg, Step):  # concurrently, so that held steps do not hold up others
+                task = asyncio.get_running_loop().create_task(self._reply(ws, msg, tensor))
+                self._replies.add(task)
+                task.add_done_callback(self._replies.discard)
+
+    async def _reply(self, ws, step: Step, x: torch.Tensor) -> None:
+        try:
+            await self._answer(ws, step, x)
+        except ConnectionClosed:
+            pass
+
+    async def _answer(self, ws, step: Step, x: torch.Tensor) -> None:
+        mode, pos = self.mode, step.pos
+        if mode == "hold":  # a slow server: the step is answered (well-formed) once released
+            self.held += 1
+            await self.release.wait()
+            self.held -= 1
+        if mode == "huge_frame":
+            # Only the header of a 600 MiB binary frame: an edge that waits for its payload hangs.
+            ws.transport.write(b"\x82\x7f" + struct.pack(">Q", 600 * 2**20))
+            return
+        if mode == "oversized":
+            x = x.repeat(100, 1)  # a well-formed frame, larger than any reply the edge can ask for
+        elif mode == "wrong_shape":
+            x = x[:, :-1]
+        elif mode == "extra_rows":
+            x = torch.cat([x, x])
+        elif mode == "wrong_dtype":
+            x = x.to(torch.float16)
+        elif mode == "nan":
+            x = x.clone()
+            x[0, 0] = float("nan")
+        elif mode == "inf":
+            x = x.clone()
+            x[-1, -1] = float("inf")
+        elif mode == "wrong_pos":
+            pos += 1
+        elif mode == "payload_mismatch":
+            frame = encode(Output(sid=step.sid, pos=pos, tensor=tensor_meta(x)), x)
+            await ws.send(frame[:-4])
+            return
+        await ws.send(encode(Output(sid=step.sid, pos=pos, tensor=tensor_meta(x)), x))
