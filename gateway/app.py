@@ -43,7 +43,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         yield
         await backend.close()
 
-    app = FastAPI(title="fedsea gateway", lifespan=lifespan, docs_url=None, redoc_url=None, max_body_size=MAX_BODY_BYTES)
+    # The schema is served below, behind the key when the status pages are protected.
+    app = FastAPI(title="fedsea gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  max_body_size=MAX_BODY_BYTES)
     app.state.backend = backend
     app.state.model_id = model_id
     errors.install(app)
@@ -106,14 +108,19 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return await respond(request, events, out, req.stream, req.include_usage)
 
     app.include_router(v1)
+    status_auth = [Depends(check_key)] if settings.protect_status else []
 
-    @app.get("/health")
+    @app.get("/openapi.json", dependencies=status_auth, include_in_schema=False)
+    async def openapi() -> Response:
+        return Response(orjson.dumps(app.openapi()), media_type="application/json")
+
+    @app.get("/health", dependencies=status_auth)
     async def health() -> Response:
         if backend.ready:
             return Response(orjson.dumps({"status": "ok"}), 200, media_type="application/json")
         return Response(orjson.dumps({"status": "unavailable", "detail": backend.problem}), 503, media_type="application/json")
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=status_auth)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -41,6 +41,7 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = defaults.GATEWAY_PORT
     api_key: str | None = None  # when set, /v1 requires "Authorization: Bearer <key>"
+    protect_status: bool = False  # require the key for /health, /metrics and /openapi.json too
     adapters: dict[str, str] = field(default_factory=dict)  # fine-tuned LoRA adapters: model id -> dir
 
     @property

@@ -12,7 +12,7 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from fedsea_shared.protocol import (
-    Close, Closed, Hello, Open, Opened, Output, Step, Welcome, decode, encode, tensor_meta,
+    Close, Closed, Error, ErrorCode, Hello, Open, Opened, Output, Step, Welcome, decode, encode, tensor_meta,
 )
 
 
@@ -43,14 +43,20 @@ class FakeServer:
             pass  # the edge hangs up on oversized frames
 
     async def _serve(self, ws):
+        open_sids: set[int] = set()
         async for data in ws:
             msg, tensor = decode(data)
             if isinstance(msg, Hello):
                 await ws.send(encode(Welcome(layers=msg.layers, dtype=msg.dtype, noise_min=0, noise_max=4,
                                              max_context=1 << 20, max_sessions=self.max_sessions, max_message_bytes=1 << 40)))
             elif isinstance(msg, Open):
+                if len(open_sids) >= self.max_sessions:  # as the real server: a per-connection cap
+                    await ws.send(encode(Error(code=ErrorCode.LIMIT, message="too many sessions", sid=msg.sid)))
+                    continue
+                open_sids.add(msg.sid)
                 await ws.send(encode(Opened(sid=msg.sid)))
             elif isinstance(msg, Close):
+                open_sids.discard(msg.sid)
                 self.closed_sids.append(msg.sid)
                 await ws.send(encode(Closed(sid=msg.sid)))
             elif isinstance(msg, Step):  # concurrently, so that held steps do not hold up others
