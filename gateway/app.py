@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import errors
+from . import errors, limits
 from .backend import Backend, GatewaySettings
 from .errors import APIError, json_response
 from .metrics import GatewayMetrics, RequestCounter
@@ -78,9 +78,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         adapter = check_model(req.model)
         client = backend.require_client()
+        messages = [m.for_template() for m in req.messages]
+        limits.refuse_overlong_text([m["content"] for m in messages], client.tokenizer, client.config.max_position_embeddings, "messages")
         try:
-            # Off the event loop: templating and tokenizing a 15 MiB message takes seconds.
-            prompt = await asyncio.to_thread(client.chat_prompt, [m.for_template() for m in req.messages])
+            # Off the event loop: templating and tokenizing a long message takes seconds.
+            prompt = await asyncio.to_thread(client.chat_prompt, messages)
         except Exception as e:  # templates may refuse, e.g. roles that do not alternate
             raise errors.bad_request(f"the model's chat template rejected these messages: {e}", param="messages") from e
         logprobs = req.top_alternatives
@@ -97,6 +99,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise errors.bad_request(f"a request makes 1 to {MAX_CHOICES} choices (prompts x n)", param="prompt")
         prompts = []
         for p in req.prompts:
+            if isinstance(p, str):
+                limits.refuse_overlong_text([p], client.tokenizer, client.config.max_position_embeddings, "prompt")
             ids = (await asyncio.to_thread(client.tokenizer, p)).input_ids if isinstance(p, str) else p
             if not ids:
                 raise errors.bad_request("the prompt is empty", param="prompt")

@@ -13,6 +13,7 @@ import time
 import httpx
 import orjson
 import pytest
+from conftest import make_tiny_model
 from fake_server import FakeServer
 
 from fedsea.cli import main as fedsea_main
@@ -70,9 +71,31 @@ def test_extreme_sampling_values_answer_or_400_never_500(gw):
             assert r.status_code == 400, (extreme, r.text)
 
 
-async def test_a_small_request_completes_while_a_huge_one_is_tokenized(gw):
+@pytest.fixture(scope="module")
+def long_context_gw(tmp_path_factory, default_model_dir):
+    """A tiny model with a 64k-token context: a 2 MiB message is worth tokenizing."""
+    model = make_tiny_model(tmp_path_factory.mktemp("tiny-64k"), default_model_dir, max_position_embeddings=65536)
+    server = ServerThread(ServerSettings(model=str(model), port=0))
+    gateway = GatewayThread(GatewaySettings(server_url=server.url, model=str(model), port=0))
+    yield gateway.wait_ready()
+    gateway.stop()
+    server.stop()
+
+
+def test_text_that_cannot_fit_is_refused_untokenized(gw):
+    for body, path in [
+        (chat_body(gw, messages=[{"role": "user", "content": "x" * 15 * 2**20}]), "/chat/completions"),
+        ({"model": gw.settings.model_id, "prompt": ["hi", "y" * 2**20]}, "/completions"),
+    ]:
+        r = httpx.post(gw.url + path, json=body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        assert "characters cannot fit" in r.json()["error"]["message"]
+
+
+async def test_a_small_request_completes_while_a_huge_one_is_tokenized(long_context_gw):
     """A 2 MiB message takes seconds to template and tokenize; meanwhile other requests
     are served (they used to wait for it: the tokenizer ran on the event loop)."""
+    gw = long_context_gw
     huge = orjson.dumps(chat_body(gw, messages=[{"role": "user", "content": "lighthouse keeper " * 116_000}]))
     uploaded = asyncio.Event()
 
