@@ -43,6 +43,8 @@ from fedsea_shared.protocol import (
 
 log = logging.getLogger("fedsea.edge.connection")
 
+LOGGED_PEER_FAULTS = 10  # per connection; then one line per 1000, so a server cannot flood the log
+
 
 class ServerError(Exception):
     """The server refused a request; `code` is a protocol ErrorCode value."""
@@ -84,6 +86,7 @@ class ServerConnection:
         self._abandoned: set[int] = set()
         self._reader = asyncio.get_running_loop().create_task(self._read())
         self.closed = False
+        self._faults = 0  # undecodable frames and errors from the server, for the log limit
 
     @classmethod
     async def connect(
@@ -169,6 +172,11 @@ class ServerConnection:
             raise ServerError(ErrorCode.BAD_FRAME.value, f"expected {expect.__name__}, got {message.type}")
         return message, tensor
 
+    def _log_fault(self, level: int, msg: str, *args) -> None:
+        self._faults += 1
+        if self._faults <= LOGGED_PEER_FAULTS or self._faults % 1000 == 0:
+            log.log(level, msg + " (%d from this connection so far)", *args, self._faults)
+
     async def _read(self) -> None:
         reason = "connection to the server runtime was lost"
         failure: ServerError | None = None
@@ -177,7 +185,7 @@ class ServerConnection:
                 try:
                     message, tensor = decode(data)
                 except ProtocolError as e:
-                    log.error("undecodable frame from server: %s", e)
+                    self._log_fault(logging.ERROR, "undecodable frame from server: %s", e)
                     fut = self._waiting.get(e.sid)
                     if fut is not None and not fut.done():  # its request would wait forever
                         fut.set_exception(BadReply(e.message))
@@ -188,7 +196,7 @@ class ServerConnection:
                     continue
                 fut = self._waiting.get(sid) if sid is not None else None
                 if isinstance(message, Error):
-                    log.warning("server error: %s: %s (session %s)", message.code.value, message.message, sid)
+                    self._log_fault(logging.WARNING, "server error: %s: %s (session %s)", message.code.value, message.message, sid)
                     if message.fatal:
                         reason = f"server closed the connection: {message.message}"
                     if fut is not None and not fut.done():

@@ -9,6 +9,7 @@ session and keep serving, never allocate what the server declares or emit garbag
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import httpx
 import pytest
@@ -79,3 +80,16 @@ async def test_a_bad_reply_is_a_502_from_the_gateway(hostile, tiny_model_dir):
                 assert (await http.post("/chat/completions", json=body)).status_code == 200, mode
     finally:
         await asyncio.to_thread(gw.stop)
+
+
+async def test_a_flood_of_bad_frames_does_not_flood_the_log(hostile, tiny_model_dir, caplog):
+    client = AsyncEdgeClient(hostile.url, model=str(tiny_model_dir), noise=0.0)
+    try:
+        hostile.mode = "flood"
+        with caplog.at_level(logging.WARNING, logger="fedsea.edge.connection"):
+            out = await client.generate(USER, max_tokens=2, temperature=0)
+        assert out.completion_tokens == 2  # frames for no request are dropped; the replies still count
+        lines = [r for r in caplog.records if r.name == "fedsea.edge.connection"]
+        assert 10 <= len(lines) <= 20 and "6000 from this connection" in lines[-1].getMessage()
+    finally:
+        await client.aclose()
