@@ -35,6 +35,7 @@ from fedsea_shared.protocol import (
     Output,
     ProtocolError,
     Step,
+    TensorMeta,
     Welcome,
     decode,
     encode,
@@ -66,6 +67,14 @@ class BadReply(ServerError):
 
     def __init__(self, message: str):
         super().__init__("bad_reply", f"the server runtime sent an invalid reply: {message}")
+
+
+def check_reply(sent: TensorMeta, got: TensorMeta, tensor: torch.Tensor, what: str = "") -> None:
+    """A reply's tensor must have the dtype and shape of the request's and be finite."""
+    if got != sent:
+        raise BadReply(f"asked for {sent.dtype}{sent.shape}{what}, got {got.dtype}{got.shape}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise BadReply("the tensor holds NaN or Inf")
 
 
 def max_reply_bytes(hello: Hello, tokens: int) -> int:
@@ -132,11 +141,9 @@ class ServerConnection:
         meta = tensor_meta(hidden)
         frame = encode(Step(sid=sid, pos=pos, tensor=meta), hidden)
         reply, tensor = await self._request(sid, frame, Output)
-        if reply.tensor != meta or reply.pos != pos:
-            raise BadReply(f"asked for {meta.dtype}{meta.shape} at position {pos}, "
-                           f"got {reply.tensor.dtype}{reply.tensor.shape} at position {reply.pos}")
-        if not bool(torch.isfinite(tensor).all()):
-            raise BadReply("the middle blocks' output holds NaN or Inf")
+        if reply.pos != pos:
+            raise BadReply(f"asked for position {pos}, got position {reply.pos}")
+        check_reply(meta, reply.tensor, tensor)
         return tensor
 
     async def close_session(self, sid: int) -> None:

@@ -12,7 +12,8 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from fedsea_shared.protocol import (
-    Close, Closed, Error, ErrorCode, Hello, Open, Opened, Output, Step, Welcome, decode, encode, tensor_meta,
+    Close, Closed, Error, ErrorCode, Hello, Open, Opened, Output, Step, TrainBackward, TrainForward, TrainGrad,
+    TrainJoin, TrainJoined, TrainOutput, Welcome, decode, encode, tensor_meta,
 )
 
 
@@ -59,19 +60,31 @@ class FakeServer:
                 open_sids.discard(msg.sid)
                 self.closed_sids.append(msg.sid)
                 await ws.send(encode(Closed(sid=msg.sid)))
-            elif isinstance(msg, Step):  # concurrently, so that held steps do not hold up others
+            elif isinstance(msg, TrainJoin):
+                await ws.send(encode(TrainJoined(sid=msg.sid, job=msg.job, params=1, resumed=False)))
+            elif isinstance(msg, (Step, TrainForward, TrainBackward)):  # concurrently: held steps hold up no others
                 task = asyncio.get_running_loop().create_task(self._reply(ws, msg, tensor))
                 self._replies.add(task)
                 task.add_done_callback(self._replies.discard)
 
-    async def _reply(self, ws, step: Step, x: torch.Tensor) -> None:
+    async def _reply(self, ws, request, x: torch.Tensor) -> None:
         try:
-            await self._answer(ws, step, x)
+            await self._answer(ws, request, x)
         except ConnectionClosed:
             pass
 
-    async def _answer(self, ws, step: Step, x: torch.Tensor) -> None:
-        mode, pos = self.mode, step.pos
+    @staticmethod
+    def _frame(request, x: torch.Tensor, pos_offset: int = 0) -> bytes:
+        """The reply to `request` carrying `x` (the middle blocks' output or a gradient)."""
+        meta = tensor_meta(x)
+        if isinstance(request, Step):
+            return encode(Output(sid=request.sid, pos=request.pos + pos_offset, tensor=meta), x)
+        if isinstance(request, TrainForward):
+            return encode(TrainOutput(sid=request.sid, tensor=meta), x)
+        return encode(TrainGrad(sid=request.sid, stepped=True, tensor=meta), x)
+
+    async def _answer(self, ws, request, x: torch.Tensor) -> None:
+        mode = self.mode
         if mode == "hold":  # a slow server: the step is answered (well-formed) once released
             self.held += 1
             await self.release.wait()
@@ -97,10 +110,7 @@ class FakeServer:
         elif mode == "inf":
             x = x.clone()
             x[-1, -1] = float("inf")
-        elif mode == "wrong_pos":
-            pos += 1
         elif mode == "payload_mismatch":
-            frame = encode(Output(sid=step.sid, pos=pos, tensor=tensor_meta(x)), x)
-            await ws.send(frame[:-4])
+            await ws.send(self._frame(request, x)[:-4])
             return
-        await ws.send(encode(Output(sid=step.sid, pos=pos, tensor=tensor_meta(x)), x))
+        await ws.send(self._frame(request, x, pos_offset=int(mode == "wrong_pos")))

@@ -13,11 +13,15 @@ import logging
 
 import httpx
 import pytest
+import torch
 from fake_server import FakeServer
 
 from edge_runtime import AsyncEdgeClient
 from edge_runtime.connection import ServerError
+from fedsea_shared.protocol import Hello, TrainJoin
+from fedsea_shared.shard import load_config
 from gateway import GatewaySettings, GatewayThread
+from training.connection import TrainingConnection
 
 USER = [{"role": "user", "content": "hello there"}]
 
@@ -36,7 +40,7 @@ BAD_MODES = {
     "wrong_dtype": "got float16",
     "nan": "NaN or Inf",
     "inf": "NaN or Inf",
-    "wrong_pos": "at position",
+    "wrong_pos": "got position",
     "payload_mismatch": "payload is",
 }
 
@@ -93,3 +97,25 @@ async def test_a_flood_of_bad_frames_does_not_flood_the_log(hostile, tiny_model_
         assert 10 <= len(lines) <= 20 and "6000 from this connection" in lines[-1].getMessage()
     finally:
         await client.aclose()
+
+
+async def test_fine_tuning_checks_the_servers_outputs_and_gradients(hostile, tiny_model_dir):
+    """fedsea-finetune's connection: a wrong or non-finite train_output / train_grad is a
+    BadReply, not a shape error deep in the tail or NaN in the edge adapter."""
+    cfg = load_config(tiny_model_dir)
+    hello = Hello(num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, layers=(2, 4), dtype="float32")
+    conn = await TrainingConnection.connect(hostile.url, hello)
+    try:
+        await conn.join(TrainJoin(sid=0, job="j", client=0, clients=1))
+        hidden = torch.randn(5, cfg.hidden_size)
+        step, out = await conn.forward([2, 3], hidden)
+        assert torch.equal(out, hidden)  # the fake's identity middle: a well-formed reply passes
+        for mode in ("wrong_shape", "extra_rows", "wrong_dtype", "nan", "inf"):
+            hostile.mode = mode
+            with pytest.raises(ServerError, match="asked for|NaN or Inf") as info:
+                await conn.forward([5], hidden)
+            assert info.value.code == "bad_reply"
+            with pytest.raises(ServerError, match="asked for|NaN or Inf"):
+                await conn.backward(step, hidden)
+    finally:
+        await conn.close()
