@@ -117,7 +117,9 @@ class AsyncEdgeClient:
             self._connect_lock = asyncio.Lock()
         async with self._connect_lock:
             if self._conn is None or self._conn.closed:
-                self._conn = await ServerConnection.connect(self.server_url, self.hello, self.api_key)
+                self._conn = await ServerConnection.connect(
+                    self.server_url, self.hello, self.api_key, max_step_tokens=self.config.max_position_embeddings
+                )
             return self._conn
 
     async def aclose(self) -> None:
@@ -174,7 +176,8 @@ class AsyncEdgeClient:
         bounds = (conn.welcome.noise_min, conn.welcome.noise_max)
         if not bounds[0] <= noise <= bounds[1]:
             raise ValueError(f"noise {noise} is outside the server's bounds [{bounds[0]}, {bounds[1]}]")
-        max_context = conn.welcome.max_context
+        # The edge's own limit too: a step is never longer than the replies its connection accepts.
+        max_context = min(conn.welcome.max_context, self.config.max_position_embeddings)
         if len(prompt_ids) >= max_context:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context limit is {max_context}")
         seed = params.seed if params.seed is not None else random.getrandbits(63)

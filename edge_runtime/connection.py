@@ -4,6 +4,11 @@ Each session has at most one request in flight, so replies are matched to reques
 session id alone.  A reader task dispatches replies; if the connection drops, every
 waiting request fails with `ConnectionLost` and the session objects decide whether to
 recover on a new connection.
+
+A broken or hostile server must not hurt the edge: no frame larger than the largest
+reply the edge can ask for is read (websockets refuses it from its length field, before
+any payload is buffered), and every reply is checked against its request (shape, dtype,
+position, finiteness) before it reaches the tail blocks.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import logging
 import torch
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import CloseCode
 
 from fedsea_shared.protocol import (
+    MAX_HEADER_BYTES,
     WIRE_DTYPES,
     Close,
     Closed,
@@ -28,6 +35,7 @@ from fedsea_shared.protocol import (
     Output,
     ProtocolError,
     Step,
+    TensorMeta,
     Welcome,
     decode,
     encode,
@@ -35,6 +43,8 @@ from fedsea_shared.protocol import (
 )
 
 log = logging.getLogger("fedsea.edge.connection")
+
+LOGGED_PEER_FAULTS = 10  # per connection; then one line per 1000, so a server cannot flood the log
 
 
 class ServerError(Exception):
@@ -51,6 +61,28 @@ class ConnectionLost(ServerError):
         super().__init__("connection_lost", message)
 
 
+class BadReply(ServerError):
+    """The server's reply does not fit the request (or no reply could be read): it is
+    broken or hostile, so the request fails rather than being retried or used."""
+
+    def __init__(self, message: str):
+        super().__init__("bad_reply", f"the server runtime sent an invalid reply: {message}")
+
+
+def check_reply(sent: TensorMeta, got: TensorMeta, tensor: torch.Tensor, what: str = "") -> None:
+    """A reply's tensor must have the dtype and shape of the request's and be finite."""
+    if got != sent:
+        raise BadReply(f"asked for {sent.dtype}{sent.shape}{what}, got {got.dtype}{got.shape}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise BadReply("the tensor holds NaN or Inf")
+
+
+def max_reply_bytes(hello: Hello, tokens: int) -> int:
+    """The largest frame a reply to a step of `tokens` tokens can be: a header (bounded by
+    the protocol) and [tokens, hidden_size] at the wire dtype."""
+    return 4 + MAX_HEADER_BYTES + tokens * hello.hidden_size * WIRE_DTYPES[hello.dtype].itemsize
+
+
 class ServerConnection:
     def __init__(self, ws: ClientConnection, welcome: Welcome, wire_dtype: str):
         self.ws = ws
@@ -63,14 +95,23 @@ class ServerConnection:
         self._abandoned: set[int] = set()
         self._reader = asyncio.get_running_loop().create_task(self._read())
         self.closed = False
+        self._faults = 0  # undecodable frames and errors from the server, for the log limit
 
     @classmethod
     async def connect(
-        cls, url: str, hello: Hello, api_key: str | None = None, open_timeout: float = 10
+        cls, url: str, hello: Hello, api_key: str | None = None, open_timeout: float = 10,
+        max_step_tokens: int | None = None,
     ) -> "ServerConnection":
+        """`max_step_tokens`: the most tokens one step may carry (the edge's context
+        limit: a recovery replays the whole history in one step); frames larger than its
+        reply are refused.  None: no limit (fine-tuning, whose replies include adapters)."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        # One bound for the whole connection, fixed at connect: websockets computes a
+        # frame's limit before it waits for that frame, so changing it per request would
+        # apply one frame late.  The exact per-request size is checked in step().
+        max_size = None if max_step_tokens is None else max_reply_bytes(hello, max_step_tokens)
         try:
-            ws = await connect(url, compression=None, max_size=None, open_timeout=open_timeout, additional_headers=headers)
+            ws = await connect(url, compression=None, max_size=max_size, open_timeout=open_timeout, additional_headers=headers)
         except InvalidStatus as e:
             if e.response.status_code == 401:
                 raise ServerError("unauthorized", "the server runtime refused the API key") from None
@@ -97,8 +138,12 @@ class ServerConnection:
 
     async def step(self, sid: int, pos: int, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.to(self.wire_dtype)
-        frame = encode(Step(sid=sid, pos=pos, tensor=tensor_meta(hidden)), hidden)
-        _, tensor = await self._request(sid, frame, Output)
+        meta = tensor_meta(hidden)
+        frame = encode(Step(sid=sid, pos=pos, tensor=meta), hidden)
+        reply, tensor = await self._request(sid, frame, Output)
+        if reply.pos != pos:
+            raise BadReply(f"asked for position {pos}, got position {reply.pos}")
+        check_reply(meta, reply.tensor, tensor)
         return tensor
 
     async def close_session(self, sid: int) -> None:
@@ -134,14 +179,23 @@ class ServerConnection:
             raise ServerError(ErrorCode.BAD_FRAME.value, f"expected {expect.__name__}, got {message.type}")
         return message, tensor
 
+    def _log_fault(self, level: int, msg: str, *args) -> None:
+        self._faults += 1
+        if self._faults <= LOGGED_PEER_FAULTS or self._faults % 1000 == 0:
+            log.log(level, msg + " (%d from this connection so far)", *args, self._faults)
+
     async def _read(self) -> None:
         reason = "connection to the server runtime was lost"
+        failure: ServerError | None = None
         try:
             async for data in self.ws:
                 try:
                     message, tensor = decode(data)
                 except ProtocolError as e:
-                    log.error("undecodable frame from server: %s", e)
+                    self._log_fault(logging.ERROR, "undecodable frame from server: %s", e)
+                    fut = self._waiting.get(e.sid)
+                    if fut is not None and not fut.done():  # its request would wait forever
+                        fut.set_exception(BadReply(e.message))
                     continue
                 sid = getattr(message, "sid", None)
                 if sid in self._abandoned and not isinstance(message, Closed):
@@ -149,17 +203,19 @@ class ServerConnection:
                     continue
                 fut = self._waiting.get(sid) if sid is not None else None
                 if isinstance(message, Error):
-                    log.warning("server error: %s: %s (session %s)", message.code.value, message.message, sid)
+                    self._log_fault(logging.WARNING, "server error: %s: %s (session %s)", message.code.value, message.message, sid)
                     if message.fatal:
                         reason = f"server closed the connection: {message.message}"
                     if fut is not None and not fut.done():
                         fut.set_exception(ServerError(message.code.value, message.message))
                 elif fut is not None and not fut.done():
                     fut.set_result((message, tensor))
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as e:
+            if e.sent is not None and e.sent.code == CloseCode.MESSAGE_TOO_BIG:
+                # Not a lost connection to recover from: the server sent more than any request asked for.
+                failure = BadReply(f"a frame larger than the {self.ws.protocol.max_message_size} bytes this edge accepts")
         finally:
             self.closed = True
             for fut in self._waiting.values():
                 if not fut.done():
-                    fut.set_exception(ConnectionLost(reason))
+                    fut.set_exception(failure or ConnectionLost(reason))

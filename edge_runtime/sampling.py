@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Penalised logits are kept within +-LOGIT_BOUND: an extreme but legal penalty
+# (repetition_penalty 1e-300 divides by a float32 zero) must not give Inf or NaN logits,
+# and the bound is far enough from float32's limit that differences of logits stay finite.
+LOGIT_BOUND = 1e30
+
 
 @dataclass
 class SamplingParams:
@@ -51,7 +56,7 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: torch.
     if (params.presence_penalty or params.frequency_penalty) and generated.numel():
         counts = torch.bincount(generated, minlength=logits.shape[0]).to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+    return torch.nan_to_num(logits, nan=-LOGIT_BOUND, posinf=LOGIT_BOUND, neginf=-LOGIT_BOUND).clamp_(-LOGIT_BOUND, LOGIT_BOUND)
 
 
 def sample(
@@ -66,7 +71,9 @@ def sample(
     if params.temperature == 0:
         token = int(torch.argmax(logits))
     else:
-        scaled = logits / params.temperature
+        # In float64 and relative to the best logit: any legal temperature (down to 5e-324)
+        # and top_p stays nonzero, and the best token's scaled logit is exactly 0, never NaN.
+        scaled = (logits - logits.max()).double() / params.temperature
         if params.top_k:
             kth = torch.topk(scaled, min(params.top_k, scaled.shape[0])).values[-1]
             scaled[scaled < kth] = float("-inf")

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 
 from audit import cli as audit_cli
 from fedsea_shared import defaults
@@ -22,8 +23,6 @@ def _split_args(p: argparse.ArgumentParser) -> None:
 
 
 def _adapters(args) -> dict[str, str]:
-    from pathlib import Path
-
     from fedsea_shared.adapters import parse_adapter_args
 
     return {name: str(path) for name, path in parse_adapter_args(args.adapter, Path(args.model).name).items()}
@@ -62,7 +61,10 @@ def _edge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise", type=float, default=defaults.NOISE, help="noise added to hidden states before they leave this machine, relative to their RMS (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address of the OpenAI-compatible API (default: %(default)s)")
     p.add_argument("--port", type=int, default=defaults.GATEWAY_PORT, help="port of the OpenAI-compatible API (default: %(default)s)")
-    p.add_argument("--api-key", default=os.environ.get("FEDSEA_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1 (default: $FEDSEA_API_KEY, else no key)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (visible to other users in ps: "
+                                     "prefer --api-key-file or $FEDSEA_API_KEY; default: no key)")
+    p.add_argument("--api-key-file", metavar="FILE", help="read the --api-key from FILE")
+    p.add_argument("--protect-status", action="store_true", help="require the API key for /health, /metrics and /openapi.json too")
 
 
 def _serve_parser(sub) -> None:
@@ -79,7 +81,27 @@ def _gateway_parser(sub) -> None:
     _split_args(p)
     _edge_args(p)
     p.add_argument("--server", default=f"ws://127.0.0.1:{defaults.SERVER_PORT}", help="websocket URL of the server runtime (default: %(default)s)")
-    p.add_argument("--server-api-key", default=os.environ.get("FEDSEA_SERVER_API_KEY"), help="key this edge presents to the server runtime (default: $FEDSEA_SERVER_API_KEY, else none)")
+    p.add_argument("--server-api-key", help="key this edge presents to the server runtime (visible in ps: prefer "
+                                            "--server-api-key-file or $FEDSEA_SERVER_API_KEY; default: none)")
+    p.add_argument("--server-api-key-file", metavar="FILE", help="read the --server-api-key from FILE")
+
+
+def _secret(args, name: str, env: str) -> str | None:
+    """A key from --NAME, --NAME-file or $ENV (in that order of precedence)."""
+    flag, path = getattr(args, name), getattr(args, f"{name}_file")
+    option = "--" + name.replace("_", "-")
+    if flag is not None and path is not None:
+        raise ValueError(f"give {option} or {option}-file, not both")
+    if flag is not None:
+        logging.getLogger("fedsea").warning("%s on the command line is visible to every user of this machine (ps); "
+                                            "use %s-file or $%s", option, option, env)
+        return flag
+    if path is not None:
+        key = Path(path).read_text().strip()  # FileNotFoundError names the file
+        if not key:
+            raise ValueError(f"{option}-file {path} is empty")
+        return key
+    return os.environ.get(env) or None
 
 
 def _gateway_settings(args, server_url: str, server_api_key: str | None = None):
@@ -87,9 +109,13 @@ def _gateway_settings(args, server_url: str, server_api_key: str | None = None):
 
     if args.noise < 0:
         raise ValueError(f"--noise must be >= 0, got {args.noise}")
+    api_key = _secret(args, "api_key", "FEDSEA_API_KEY")
+    if args.protect_status and api_key is None:
+        raise ValueError("--protect-status needs an API key (--api-key-file or $FEDSEA_API_KEY)")
     return GatewaySettings(
         server_url=server_url, server_api_key=server_api_key, model=args.model, head=args.head, tail=args.tail,
-        noise=args.noise, host=args.host, port=args.port, api_key=args.api_key, adapters=_adapters(args),
+        noise=args.noise, host=args.host, port=args.port, api_key=api_key, protect_status=args.protect_status,
+        adapters=_adapters(args),
     )
 
 
@@ -116,7 +142,8 @@ def _run_gateway(args) -> None:
     if not args.server.startswith(("ws://", "wss://")):
         raise ValueError(f"--server must be a ws:// or wss:// URL, got {args.server!r}")
     resolve_model(args.model)
-    run_gateway(_gateway_settings(args, args.server, args.server_api_key), log_level=args.log_level.lower())
+    server_api_key = _secret(args, "server_api_key", "FEDSEA_SERVER_API_KEY")
+    run_gateway(_gateway_settings(args, args.server, server_api_key), log_level=args.log_level.lower())
 
 
 def _run_server(args) -> None:

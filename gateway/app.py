@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import errors
+from . import errors, limits
 from .backend import Backend, GatewaySettings
 from .errors import APIError, json_response
 from .metrics import GatewayMetrics, RequestCounter
@@ -43,7 +43,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         yield
         await backend.close()
 
-    app = FastAPI(title="fedsea gateway", lifespan=lifespan, docs_url=None, redoc_url=None, max_body_size=MAX_BODY_BYTES)
+    # The schema is served below, behind the key when the status pages are protected.
+    app = FastAPI(title="fedsea gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  max_body_size=MAX_BODY_BYTES)
     app.state.backend = backend
     app.state.model_id = model_id
     errors.install(app)
@@ -76,8 +78,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         adapter = check_model(req.model)
         client = backend.require_client()
+        messages = [m.for_template() for m in req.messages]
+        limits.refuse_overlong_text([m["content"] for m in messages], client.tokenizer, client.config.max_position_embeddings, "messages")
         try:
-            prompt = client.chat_prompt([m.for_template() for m in req.messages])
+            # Off the event loop: templating and tokenizing a long message takes seconds.
+            prompt = await asyncio.to_thread(client.chat_prompt, messages)
         except Exception as e:  # templates may refuse, e.g. roles that do not alternate
             raise errors.bad_request(f"the model's chat template rejected these messages: {e}", param="messages") from e
         logprobs = req.top_alternatives
@@ -94,7 +99,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise errors.bad_request(f"a request makes 1 to {MAX_CHOICES} choices (prompts x n)", param="prompt")
         prompts = []
         for p in req.prompts:
-            ids = client.tokenizer(p).input_ids if isinstance(p, str) else p
+            if isinstance(p, str):
+                limits.refuse_overlong_text([p], client.tokenizer, client.config.max_position_embeddings, "prompt")
+            ids = (await asyncio.to_thread(client.tokenizer, p)).input_ids if isinstance(p, str) else p
             if not ids:
                 raise errors.bad_request("the prompt is empty", param="prompt")
             if max(ids) >= vocab:
@@ -105,14 +112,19 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return await respond(request, events, out, req.stream, req.include_usage)
 
     app.include_router(v1)
+    status_auth = [Depends(check_key)] if settings.protect_status else []
 
-    @app.get("/health")
+    @app.get("/openapi.json", dependencies=status_auth, include_in_schema=False)
+    async def openapi() -> Response:
+        return Response(orjson.dumps(app.openapi()), media_type="application/json")
+
+    @app.get("/health", dependencies=status_auth)
     async def health() -> Response:
         if backend.ready:
             return Response(orjson.dumps({"status": "ok"}), 200, media_type="application/json")
         return Response(orjson.dumps({"status": "unavailable", "detail": backend.problem}), 503, media_type="application/json")
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=status_auth)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -22,6 +22,7 @@ from edge_runtime.sampling import SamplingParams
 from fedsea_shared import defaults
 
 from . import errors
+from .limits import SessionShare
 from .metrics import GatewayMetrics
 
 log = logging.getLogger("fedsea.gateway")
@@ -40,6 +41,7 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = defaults.GATEWAY_PORT
     api_key: str | None = None  # when set, /v1 requires "Authorization: Bearer <key>"
+    protect_status: bool = False  # require the key for /health, /metrics and /openapi.json too
     adapters: dict[str, str] = field(default_factory=dict)  # fine-tuned LoRA adapters: model id -> dir
 
     @property
@@ -54,6 +56,7 @@ class Backend:
         self.metrics = metrics
         self.client: AsyncEdgeClient | None = None
         self.problem = "loading the edge model"  # why we are not ready, for /health
+        self.share = SessionShare()
         self._supervisor: asyncio.Task | None = None
 
     @property
@@ -149,6 +152,7 @@ class Backend:
                 seed = None if params.seed is None else params.seed + i
                 jobs.append((i, prompt, replace(params, max_tokens=max_tokens or room, seed=seed)))
 
+        self.share.acquire(len(jobs), welcome.max_sessions)
         queue: asyncio.Queue = asyncio.Queue()
         started = time.monotonic()
         tasks = [asyncio.create_task(self._choice(i, prompt, ps, adapter, queue, started)) for i, prompt, ps in jobs]
@@ -163,6 +167,7 @@ class Backend:
                 else:
                     yield i, item
         finally:
+            self.share.release(len(jobs))
             for task in tasks:
                 task.cancel()
 

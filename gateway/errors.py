@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 from websockets.exceptions import WebSocketException
 
-from edge_runtime.connection import ConnectionLost, ServerError
+from edge_runtime.connection import BadReply, ConnectionLost, ServerError
 from fedsea_shared.protocol import ErrorCode
 
 from .schemas import ErrorBody, ErrorResponse
@@ -52,6 +52,8 @@ def from_edge(error: BaseException, server_url: str) -> APIError:
         return error
     if isinstance(error, ConnectionLost) or isinstance(error, (OSError, TimeoutError, WebSocketException)):
         return unreachable(server_url, error)
+    if isinstance(error, BadReply):
+        return APIError(502, error.message, "server_error", code=error.code)
     if isinstance(error, ServerError):
         if error.code == ErrorCode.CAPACITY.value:
             return APIError(503, f"the server runtime is at capacity: {error.message}", "server_error", code="capacity")

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import GatewaySettings, GatewayThread, create_app
 from server_runtime.app import ServerSettings, ServerThread
 from server_runtime.engine import EngineSettings
-from server_runtime.process import _healthy, free_port
+from server_runtime.process import free_port
 
 USER = [{"role": "user", "content": "Tell me a story about a lighthouse."}]
 
@@ -401,15 +401,21 @@ def test_metrics(gw):
 
 
 def test_fedsea_gateway_command(start_server, tiny_model_dir, tmp_path):
-    """`fedsea gateway` as users start it: its own process, API key from the environment."""
-    server = start_server(tiny_model_dir)
+    """`fedsea gateway` as users start it: its own process, its API key from a file (flags
+    show in ps), the server's key from the environment, status pages behind the key."""
+    server = start_server(tiny_model_dir, api_keys=("server-key",))
+    (tmp_path / "key").write_text("k\n")
     port = free_port()
-    cmd = [sys.executable, "-m", "fedsea.cli", "gateway", "--model", str(tiny_model_dir), "--server", server.url, "--port", str(port)]
+    cmd = [sys.executable, "-m", "fedsea.cli", "gateway", "--model", str(tiny_model_dir), "--server", server.url, "--port", str(port),
+           "--api-key-file", str(tmp_path / "key"), "--protect-status"]
     log = tmp_path / "gateway.log"
+    env = {k: v for k, v in os.environ.items() if k != "FEDSEA_API_KEY"} | {"FEDSEA_SERVER_API_KEY": "server-key"}
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"FEDSEA_API_KEY": "k"})
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        wait_until(lambda: proc.poll() is None and _healthy(port), timeout=120)
+        health = f"http://127.0.0.1:{port}/health"
+        wait_until(lambda: proc.poll() is None and _answers(health, {"Authorization": "Bearer k"}) == 200, timeout=120)
+        assert httpx.get(health).status_code == 401
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         r = client.chat.completions.create(model=tiny_model_dir.name, messages=USER, max_tokens=3)
         assert r.usage.completion_tokens == 3
@@ -420,3 +426,10 @@ def test_fedsea_gateway_command(start_server, tiny_model_dir, tmp_path):
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM), log.read_text()
     text = log.read_text()
     assert f"http://127.0.0.1:{port}/v1" in text and "Application shutdown complete" in text
+
+
+def _answers(url: str, headers: dict) -> int | None:
+    try:
+        return httpx.get(url, headers=headers).status_code
+    except httpx.TransportError:
+        return None

@@ -4,6 +4,7 @@ bad requests), data loading, and the federated run with checkpoints (tiny model)
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 
@@ -199,6 +200,47 @@ def test_jsonl_skips_malformed_lines_and_rejects_empty_data(tmp_path, caplog):
         read_jsonl(bad)
     with pytest.raises(DataError, match="neither a JSONL file nor a built-in"):
         build_dataset("no-such-dataset", None, 64)
+
+
+def test_every_kind_of_bad_jsonl_line_is_skipped_with_its_number_and_reason(tmp_path, tokenizer, caplog):
+    """Issue 10, failure 9: these lines used to abort the run (TypeError, ValueError,
+    RecursionError from the parser or the tokenizer) instead of being skipped."""
+    chat = lambda *turns: json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]})
+    good = json.dumps({"prompt": "2+2?", "completion": "4"})
+    bad = {
+        "lone surrogate": '{"prompt": "a\\ud800b", "completion": "x"}',
+        "surrogate in a chat": '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\\udfff"}]}',
+        "assistant only": chat(("assistant", "hello")),
+        "5000 digits": '{"prompt": "a", "completion": "b", "n": ' + "9" * 5000 + "}",
+        "deep nesting": '{"prompt": "a", "completion": "b", "x": ' + "[" * 50_000 + "]" * 50_000 + "}",
+        "content not a string": json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}),
+        "unknown role": chat(("wizard", "hi"), ("assistant", "x")),
+        "messages not a list": json.dumps({"messages": {"role": "user"}}),
+        "prompt a list": json.dumps({"prompt": ["a"], "completion": "b"}),
+        "label a number": json.dumps({"prompt": "a", "completion": "b", "label": 5}),
+        "empty completion": json.dumps({"prompt": "a", "completion": ""}),
+        "not an object": "[1, 2]",
+        "not JSON": "{'prompt': 'a'}",
+        "template refuses": chat(("system", "be brief"), ("user", "hi"), ("assistant", "x")),
+    }
+    lines = [good] + [line for kind in bad.values() for line in (kind, good)]
+    path = tmp_path / "hostile.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # A template that refuses system turns, as some models' templates do.
+    refusing = copy.deepcopy(tokenizer)
+    refusing.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    with caplog.at_level(logging.WARNING, logger="fedsea.finetune.data"):
+        ds = build_dataset(str(path), refusing, max_length=64, valid_fraction=0.01)
+    assert len(ds.train) + len(ds.valid) == len(bad) + 1  # every good line survives
+    log_text = caplog.text
+    for k, kind in enumerate(bad):
+        assert f"line {2 * k + 2}:" in log_text, kind  # the bad lines are the even ones
+    assert "nested too deeply" in log_text and "4300 digits" in log_text and "no system role" in log_text
+    assert "starts with an assistant message" in log_text
+    assert "skipped 13 malformed line(s)" in log_text and "skipped 1 record(s) that do not tokenize" in log_text
 
 
 def test_loss_covers_completion_only_and_long_sequences_keep_their_answer(tmp_path, tokenizer):

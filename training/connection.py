@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from edge_runtime.connection import ServerConnection
+from edge_runtime.connection import ServerConnection, check_reply
 from fedsea_shared.protocol import (
     TrainAggregate,
     TrainAggregated,
@@ -35,15 +35,19 @@ class TrainingConnection(ServerConnection):
         """Send a packed batch's head output; returns (step id, middle output)."""
         sid = self.new_sid()
         hidden = hidden.detach().to(self.wire_dtype)
-        frame = encode(TrainForward(sid=sid, lengths=lengths, backward=backward, tensor=tensor_meta(hidden)), hidden)
-        _, out = await self._request(sid, frame, TrainOutput)
+        meta = tensor_meta(hidden)
+        frame = encode(TrainForward(sid=sid, lengths=lengths, backward=backward, tensor=meta), hidden)
+        reply, out = await self._request(sid, frame, TrainOutput)
+        check_reply(meta, reply.tensor, out)
         return sid, out
 
     async def backward(self, sid: int, grad: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Send the gradient at the tail input of step `sid`; returns (gradient at the
         server's input, whether the server adapter stepped)."""
         grad = grad.detach().to(self.wire_dtype)
-        reply, grad_in = await self._request(sid, encode(TrainBackward(sid=sid, tensor=tensor_meta(grad)), grad), TrainGrad)
+        meta = tensor_meta(grad)
+        reply, grad_in = await self._request(sid, encode(TrainBackward(sid=sid, tensor=meta), grad), TrainGrad)
+        check_reply(meta, reply.tensor, grad_in)
         return grad_in, reply.stepped
 
     async def aggregate(self, round: int, samples: int, flat: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -51,6 +55,7 @@ class TrainingConnection(ServerConnection):
         flat = flat.float()
         msg = TrainAggregate(sid=sid, round=round, samples=samples, tensor=tensor_meta(flat))
         reply, avg = await self._request(sid, encode(msg, flat), TrainAggregated)
+        check_reply(msg.tensor, reply.tensor, avg, " (the average of adapters like it)")
         return avg, reply.clients
 
     async def export(self) -> torch.Tensor:

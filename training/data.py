@@ -30,6 +30,7 @@ class DataError(ValueError):
 class Record:
     messages: list[dict]
     label: str | None = None
+    source: str | None = None  # where it came from ("line 12" of a JSONL file), for warnings
 
 
 @dataclass
@@ -111,35 +112,69 @@ def read_jsonl(path: Path) -> list[Record]:
         if not line.strip():
             continue
         try:
-            records.append(_parse_record(json.loads(line)))
-        except (json.JSONDecodeError, DataError) as e:
-            bad.append(f"line {number}: {e}")
-    if bad:
-        log.warning("%s: skipped %d malformed line(s): %s%s", path, len(bad), "; ".join(bad[:5]), " ..." if len(bad) > 5 else "")
+            record = _parse_record(json.loads(line))
+        # json raises ValueError past Python's int-digit limit and RecursionError on deep nesting
+        except (ValueError, RecursionError) as e:
+            bad.append(f"line {number}: {_reason(e)}")
+        else:
+            record.source = f"line {number}"
+            records.append(record)
+    _warn_skipped(str(path), "malformed line(s)", bad)
     if not records:
         raise DataError(f"{path}: no usable records" + (f" ({len(bad)} malformed lines, first: {bad[0]})" if bad else " (the file is empty)"))
     return records
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply"
+    return str(e) if isinstance(e, DataError) else f"not valid JSON: {e}"
+
+
+MAX_LISTED = 50  # skipped lines named one by one; a file of garbage must not flood the log
+
+
+def _warn_skipped(where: str, what: str, bad: list[str]) -> None:
+    for reason in bad[:MAX_LISTED]:
+        log.warning("%s: skipped %s", where, reason)
+    if bad:
+        more = f" (the first {MAX_LISTED} are listed above)" if len(bad) > MAX_LISTED else ""
+        log.warning("%s: skipped %d %s%s", where, len(bad), what, more)
+
+
+def _is_text(value) -> bool:
+    """A string the tokenizer can take: JSON's \\ud800 escapes decode to lone surrogates,
+    which are not Unicode text and make the tokenizer raise."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse_record(obj) -> Record:
     if not isinstance(obj, dict):
         raise DataError("not a JSON object")
     label = obj.get("label")
-    if label is not None and not isinstance(label, str):
-        raise DataError("label must be a string")
+    if label is not None and not _is_text(label):
+        raise DataError("label must be a string of valid Unicode")
     if "messages" in obj:
         messages = obj["messages"]
         if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and _is_text(m.get("content"))
             for m in messages
         ):
-            raise DataError("messages must be a list of {role: system|user|assistant, content: string}")
+            raise DataError("messages must be a list of {role: system|user|assistant, content: string of valid Unicode}")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError("no assistant message to learn")
+        if messages[0]["role"] == "assistant":
+            raise DataError("the chat starts with an assistant message: nothing prompts it")
         return Record(messages, label)
-    if isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str) and obj["completion"]:
+    if _is_text(obj.get("prompt")) and _is_text(obj.get("completion")) and obj["completion"]:
         return _pair(obj["prompt"], obj["completion"], label)
-    raise DataError("expected 'messages' or string 'prompt' and non-empty 'completion'")
+    raise DataError("expected 'messages' or a 'prompt' string and a non-empty 'completion' string (valid Unicode)")
 
 
 # ---- tokenization -------------------------------------------------------------------------
@@ -205,15 +240,22 @@ def build_dataset(
         train_records = train_records[:max_train]
     if max_valid is not None:
         valid_records = valid_records[:max_valid]
-    train, valid, truncated, dropped = [], [], 0, 0
+    train, valid, truncated, dropped, bad = [], [], 0, 0, []
     for source, sink in ((train_records, train), (valid_records, valid)):
         for record in source:
-            example = tokenize(tokenizer, record)
+            try:
+                example = tokenize(tokenizer, record)
+            # Chat templates are arbitrary Jinja and may refuse a record (roles that do not
+            # alternate, ...) with any exception type: one bad record must not end the run.
+            except Exception as e:
+                bad.append(f"{record.source or 'a record'}: the chat template or tokenizer refused it ({type(e).__name__}: {e})")
+                continue
             kept = truncate(example, max_length)
             truncated += kept is not example
             dropped += kept is None
             if kept is not None:
                 sink.append(kept)
+    _warn_skipped(name, "record(s) that do not tokenize", bad)
     if truncated:
         log.warning("%d sequence(s) longer than max_length=%d were cut to their last %d tokens; %d had no answer left and were dropped",
                     truncated, max_length, max_length, dropped)

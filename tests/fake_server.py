@@ -1,0 +1,116 @@
+"""A fake server runtime for tests: speaks fedsea's protocol (fedsea_shared.protocol) and
+answers each step the way `mode` says, from well-formed (the identity as the middle
+blocks) to hostile (oversized frames, wrong shapes and dtypes, NaN) or slow (held)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import torch
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+from fedsea_shared.protocol import (
+    Close, Closed, Error, ErrorCode, Hello, Open, Opened, Output, Step, TrainBackward, TrainForward, TrainGrad,
+    TrainJoin, TrainJoined, TrainOutput, Welcome, decode, encode, tensor_meta,
+)
+
+
+class FakeServer:
+    """Answers hello/open/close properly; answers steps according to `self.mode`."""
+
+    def __init__(self, max_sessions: int = 256):
+        self.mode = "echo"  # echo: the identity as the middle blocks, a well-formed reply
+        self.max_sessions = max_sessions
+        self.closed_sids: list[int] = []
+        self.held = 0  # steps waiting in mode "hold"
+        self.release = asyncio.Event()  # lets the held steps answer
+        self._replies: set[asyncio.Task] = set()
+        self.url = ""
+
+    async def __aenter__(self):
+        self._server = await serve(self._handle, "127.0.0.1", 0, compression=None, max_size=None)
+        self.url = f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc):
+        self._server.close()
+
+    async def _handle(self, ws):
+        try:
+            await self._serve(ws)
+        except ConnectionClosed:
+            pass  # the edge hangs up on oversized frames
+
+    async def _serve(self, ws):
+        open_sids: set[int] = set()
+        async for data in ws:
+            msg, tensor = decode(data)
+            if isinstance(msg, Hello):
+                await ws.send(encode(Welcome(layers=msg.layers, dtype=msg.dtype, noise_min=0, noise_max=4,
+                                             max_context=1 << 20, max_sessions=self.max_sessions, max_message_bytes=1 << 40)))
+            elif isinstance(msg, Open):
+                if len(open_sids) >= self.max_sessions:  # as the real server: a per-connection cap
+                    await ws.send(encode(Error(code=ErrorCode.LIMIT, message="too many sessions", sid=msg.sid)))
+                    continue
+                open_sids.add(msg.sid)
+                await ws.send(encode(Opened(sid=msg.sid)))
+            elif isinstance(msg, Close):
+                open_sids.discard(msg.sid)
+                self.closed_sids.append(msg.sid)
+                await ws.send(encode(Closed(sid=msg.sid)))
+            elif isinstance(msg, TrainJoin):
+                await ws.send(encode(TrainJoined(sid=msg.sid, job=msg.job, params=1, resumed=False)))
+            elif isinstance(msg, (Step, TrainForward, TrainBackward)):  # concurrently: held steps hold up no others
+                task = asyncio.get_running_loop().create_task(self._reply(ws, msg, tensor))
+                self._replies.add(task)
+                task.add_done_callback(self._replies.discard)
+
+    async def _reply(self, ws, request, x: torch.Tensor) -> None:
+        try:
+            await self._answer(ws, request, x)
+        except ConnectionClosed:
+            pass
+
+    @staticmethod
+    def _frame(request, x: torch.Tensor, pos_offset: int = 0) -> bytes:
+        """The reply to `request` carrying `x` (the middle blocks' output or a gradient)."""
+        meta = tensor_meta(x)
+        if isinstance(request, Step):
+            return encode(Output(sid=request.sid, pos=request.pos + pos_offset, tensor=meta), x)
+        if isinstance(request, TrainForward):
+            return encode(TrainOutput(sid=request.sid, tensor=meta), x)
+        return encode(TrainGrad(sid=request.sid, stepped=True, tensor=meta), x)
+
+    async def _answer(self, ws, request, x: torch.Tensor) -> None:
+        mode = self.mode
+        if mode == "hold":  # a slow server: the step is answered (well-formed) once released
+            self.held += 1
+            await self.release.wait()
+            self.held -= 1
+        if mode == "flood":  # a flood of undecodable frames, then a well-formed reply
+            for _ in range(3000):
+                await ws.send(b"\x00\x00\x00\x02{}")
+        if mode == "huge_frame":
+            # Only the header of a 600 MiB binary frame: an edge that waits for its payload hangs.
+            ws.transport.write(b"\x82\x7f" + struct.pack(">Q", 600 * 2**20))
+            return
+        if mode == "oversized":
+            x = x.repeat(100, 1)  # a well-formed frame, larger than any reply the edge can ask for
+        elif mode == "wrong_shape":
+            x = x[:, :-1]
+        elif mode == "extra_rows":
+            x = torch.cat([x, x])
+        elif mode == "wrong_dtype":
+            x = x.to(torch.float16)
+        elif mode == "nan":
+            x = x.clone()
+            x[0, 0] = float("nan")
+        elif mode == "inf":
+            x = x.clone()
+            x[-1, -1] = float("inf")
+        elif mode == "payload_mismatch":
+            await ws.send(self._frame(request, x)[:-4])
+            return
+        await ws.send(self._frame(request, x, pos_offset=int(mode == "wrong_pos")))
