@@ -29,6 +29,7 @@ from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hel
 from fedsea_shared.shard import Partition, load_config, load_edge_shard
 
 from .connection import ServerConnection, ServerError
+from .constraints import Constraint, Grammars
 from .model import EdgeModel, EdgeWorker, SequenceCache
 from .sampling import SamplingParams, sample
 from .session import InferenceSession
@@ -91,6 +92,7 @@ class AsyncEdgeClient:
             self.workers[name] = EdgeWorker(EdgeModel(adapted, self.partition))
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.eos_ids = _eos_ids(model_dir, self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.eos_ids)
         self._conn: ServerConnection | None = None
         self._connect_lock: asyncio.Lock | None = None
 
@@ -128,9 +130,10 @@ class AsyncEdgeClient:
 
     # ---- generation ----------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of a chat, formatted with the model's own chat template."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a chat, formatted with the model's own chat template (with the
+        tools, OpenAI-style, for a template that takes them)."""
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     async def stream(self, messages: list[dict], **params) -> AsyncIterator[TokenEvent]:
@@ -153,10 +156,13 @@ class AsyncEdgeClient:
         )
 
     async def stream_tokens(
-        self, prompt_ids: list[int], params: SamplingParams, noise: float | None = None, adapter: str | None = None
+        self, prompt_ids: list[int], params: SamplingParams, noise: float | None = None, adapter: str | None = None,
+        constraint: Constraint | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """Generate after `prompt_ids` with the base model or the named adapter; the last
-        event carries finish_reason."""
+        event carries finish_reason.  `constraint` (this generation's own, from
+        `self.grammars`) restricts each token to what its grammar admits, and ends the
+        generation when the grammar is complete."""
         params.validate()
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -184,13 +190,13 @@ class AsyncEdgeClient:
         session = InferenceSession(self.connection, noise, noise_gen, adapter=adapter)
         try:
             await session.open()
-            async for event in self._decode(worker, session, prompt_ids, params, sample_gen, max_context):
+            async for event in self._decode(worker, session, prompt_ids, params, sample_gen, max_context, constraint):
                 yield event
         finally:
             # Close even when the consumer stops early (a client disconnect cancels us).
             await asyncio.shield(session.close())
 
-    async def _decode(self, worker, session, prompt_ids, params, sample_gen, max_context) -> AsyncIterator[TokenEvent]:
+    async def _decode(self, worker, session, prompt_ids, params, sample_gen, max_context, constraint) -> AsyncIterator[TokenEvent]:
         cache = SequenceCache()
         prompt = torch.tensor(prompt_ids)
         generated: list[int] = []
@@ -202,14 +208,20 @@ class AsyncEdgeClient:
             out = await session.step(hidden)
             logits = await worker.tail(cache, pos, out)
             pos += x.shape[0]
-            s = sample(logits, params, sample_gen, prompt, torch.tensor(generated, dtype=torch.long))
+            allowed = constraint.allowed() if constraint else None
+            s = sample(logits, params, sample_gen, prompt, torch.tensor(generated, dtype=torch.long), allowed)
             generated.append(s.token_id)
+            if constraint:
+                constraint.advance(s.token_id)
             event = TokenEvent(s.token_id, "", s.logprob, s.top)
             if s.token_id in self.eos_ids:
                 event.text, event.finish_reason = stops.flush(), "stop"
             else:
                 event.text, stopped = stops.push(detok.push(s.token_id))
                 if stopped:
+                    event.finish_reason = "stop"
+                elif constraint and constraint.finished:
+                    event.text += stops.flush()
                     event.finish_reason = "stop"
                 elif len(generated) >= params.max_tokens or pos + 1 >= max_context:
                     event.text += stops.flush()

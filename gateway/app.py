@@ -4,22 +4,26 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
+import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import errors
+from edge_runtime.constraints import GrammarError
+
+from . import errors, tools
 from .backend import Backend, GatewaySettings
 from .errors import APIError, json_response
 from .metrics import GatewayMetrics, RequestCounter
-from .outputs import ChatOutput, CompletionOutput, Output
-from .schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .outputs import ChatOutput, CompletionOutput, Output, Vocab
+from .schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
 
 log = logging.getLogger("fedsea.gateway")
 
@@ -28,6 +32,22 @@ DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its cl
 # Far above any prompt that fits the context (128 prompts x 8k token ids fit); a larger
 # body is refused with 413 before it is read into memory.
 MAX_BODY_BYTES = 16 * 2**20
+# The statuses the API answers with, for the OpenAPI document (all in the error envelope).
+ERRORS = {
+    code: {"model": ErrorResponse, "description": why}
+    for code, why in {
+        400: "invalid request", 401: "missing or wrong API key", 404: "unknown model", 413: "body too large",
+        429: "the server runtime is at capacity", 502: "the server runtime failed or refused",
+        503: "not ready (loading or not connected)",
+    }.items()
+}
+
+
+def fingerprint(settings: GatewaySettings, adapter: str | None) -> str:
+    """Names the configuration that shapes outputs: model, split, noise and adapter."""
+    s = settings
+    parts = [s.model, s.head, s.tail, s.noise, adapter, s.adapters.get(adapter) if adapter else None]
+    return "fp_" + hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -36,6 +56,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     model_id = settings.model_id
     # Model ids clients may ask for -> the adapter that serves them (None: the base model).
     served: dict[str, str | None] = {model_id: None, **{name: name for name in settings.adapters}}
+    created = int(time.time())  # models are reported as created when this gateway loaded them
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,28 +82,42 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise APIError(404, f"the model {name!r} does not exist; this gateway serves {sorted(served)}", param="model", code="model_not_found")
         return served[name]
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+    def check_bias(bias: dict | None, vocab: int) -> None:
+        too_big = [k for k in bias or {} if int(k) >= vocab]
+        if too_big:
+            raise errors.bad_request(f"logit_bias names token {too_big[0]}, outside the vocabulary (size {vocab})", param="logit_bias")
+
+    def vocab_of(client) -> Vocab:
+        return Vocab(client.tokenizer, client.grammars.token_bytes, client.eos_ids)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)], responses=ERRORS)
 
     @v1.get("/models")
     async def models() -> Response:
-        return json_response(ModelList(data=[ModelCard(id=name, created=0) for name in served]))
+        return json_response(ModelList(data=[ModelCard(id=name, created=created) for name in served]))
 
     @v1.get("/models/{name:path}")
     async def model(name: str) -> Response:
         check_model(name)
-        return json_response(ModelCard(id=name, created=0))
+        return json_response(ModelCard(id=name, created=created))
 
     @v1.post("/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         adapter = check_model(req.model)
         client = backend.require_client()
+        check_bias(req.logit_bias, client.config.vocab_size)
+        mode = req.tool_mode
+        native = mode is not None and tools.template_takes_tools(client.tokenizer)
+        messages = tools.chat_messages(req.messages, req.tools if mode else None, native, req.parallel_tool_calls)
         try:
-            prompt = client.chat_prompt([m.for_template() for m in req.messages])
+            prompt = client.chat_prompt(messages, [t.model_dump(exclude_none=True) for t in req.tools] if native else None)
         except Exception as e:  # templates may refuse, e.g. roles that do not alternate
             raise errors.bad_request(f"the model's chat template rejected these messages: {e}", param="messages") from e
+        constraint = await answer_constraint(client, req)
         logprobs = req.top_alternatives
-        out = ChatOutput(req.model, client.tokenizer, req.n, len(prompt), logprobs is not None)
-        events = backend.generate([prompt], req.n, req.sampling(logprobs), req.token_limit, adapter)
+        names = {t.function.name for t in req.tools} if mode else None
+        out = ChatOutput(req.model, vocab_of(client), req.n, len(prompt), logprobs is not None, fingerprint(settings, adapter), tools=names)
+        events = backend.generate([prompt], req.n, req.sampling(logprobs), req.token_limit, adapter, constraint)
         return await respond(request, events, out, req.stream, req.include_usage)
 
     @v1.post("/completions")
@@ -90,6 +125,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         adapter = check_model(req.model)
         client = backend.require_client()
         vocab = client.config.vocab_size
+        check_bias(req.logit_bias, vocab)
+        if req.echo and req.logprobs is not None:
+            raise errors.bad_request("echo with logprobs (the prompt's logprobs) is not supported", param="echo")
         if not 1 <= len(req.prompts) * req.n <= MAX_CHOICES:
             raise errors.bad_request(f"a request makes 1 to {MAX_CHOICES} choices (prompts x n)", param="prompt")
         prompts = []
@@ -100,7 +138,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             if max(ids) >= vocab:
                 raise errors.bad_request(f"token id {max(ids)} is outside the vocabulary (size {vocab})", param="prompt")
             prompts.append(ids)
-        out = CompletionOutput(req.model, client.tokenizer, len(prompts) * req.n, sum(map(len, prompts)), req.logprobs is not None)
+        echo = [client.tokenizer.decode(p) for p in prompts for _ in range(req.n)] if req.echo else None
+        out = CompletionOutput(
+            req.model, vocab_of(client), len(prompts) * req.n, sum(map(len, prompts)), req.logprobs is not None,
+            fingerprint(settings, adapter), echo=echo,
+        )
         events = backend.generate(prompts, req.n, req.sampling(req.logprobs), req.token_limit, adapter)
         return await respond(request, events, out, req.stream, req.include_usage)
 
@@ -112,13 +154,34 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             return Response(orjson.dumps({"status": "ok"}), 200, media_type="application/json")
         return Response(orjson.dumps({"status": "unavailable", "detail": backend.problem}), 503, media_type="application/json")
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     paths = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
     app.add_middleware(RequestCounter, metrics=metrics, paths=paths)
     return app
+
+
+async def answer_constraint(client, req: ChatCompletionRequest):
+    """A factory of the grammar state each choice follows (None: free text), or a 400 if
+    the schema or a tool's parameters cannot be enforced."""
+    mode, schema = req.tool_mode, req.answer_schema
+    try:
+        if mode is not None:
+            param = "tools"
+            grammar = client.grammars.lark(tools.call_grammar(req.tools, mode, req.parallel_tool_calls, schema))
+        elif schema is not None:
+            param = "response_format"
+            grammar = client.grammars.json_schema(schema)
+        else:
+            return None
+        await asyncio.to_thread(client.grammars.check, grammar)  # builds the vocabulary view on first use
+    except GrammarError as e:
+        raise errors.bad_request(f"cannot enforce this schema: {e}", param=param, code="invalid_schema") from e
+    if mode == "auto" and schema is None:
+        return lambda: client.grammars.triggered(grammar, tools.OPEN)
+    return lambda: client.grammars.constraint(grammar)
 
 
 async def respond(request: Request, events: AsyncIterator, out: Output, stream: bool, include_usage: bool) -> Response:
