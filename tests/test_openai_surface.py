@@ -1,0 +1,247 @@
+"""Structured outputs, tool calls, logit_bias, echo, logprobs and spec defaults, through
+the official `openai` client against a real server runtime (tiny random model, whose
+free text is noise: whatever is valid below was made valid by the grammar)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from edge_runtime.constraints import Grammars
+from gateway import GatewaySettings, GatewayThread
+from gateway.tools import OPEN, call_grammar
+from gateway.schemas import Tool
+from server_runtime.app import ServerSettings, ServerThread
+
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+ANSWER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "alerts": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+    },
+    "required": ["city", "days", "unit", "alerts"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "Local time",
+                                      "parameters": {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"], "additionalProperties": False}}},
+]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+@pytest.fixture(scope="module")
+def gw(tiny_model_dir):
+    server = ServerThread(ServerSettings(model=str(tiny_model_dir), port=0))
+    gateway = GatewayThread(GatewaySettings(server_url=server.url, model=str(tiny_model_dir), port=0))
+    yield gateway.wait_ready()
+    gateway.stop()
+    server.stop()
+
+
+def client(gw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url, api_key="unused", max_retries=0)
+
+
+def chat(gw, **kw):
+    kw.setdefault("messages", USER)
+    return client(gw).chat.completions.create(model=gw.settings.model_id, **kw)
+
+
+def assert_valid_call(call, names=SCHEMAS) -> None:
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name in names
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+# ---- structured outputs -------------------------------------------------------------------
+
+
+def test_json_schema_answers_validate(gw):
+    fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": ANSWER, "strict": True}}
+    r = chat(gw, response_format=fmt, n=3, max_tokens=80, seed=1, temperature=1.0)
+    for choice in r.choices:
+        assert choice.finish_reason == "stop"  # the grammar completed, without waiting for EOS
+        jsonschema.validate(json.loads(choice.message.content), ANSWER)
+    assert len({c.message.content for c in r.choices}) > 1  # n choices still differ
+
+
+def test_json_schema_stream_with_stop_and_logprobs(gw):
+    fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": ANSWER}}
+    chunks = list(chat(gw, response_format=fmt, stream=True, max_tokens=80, seed=2, logprobs=True, top_logprobs=2, stop=["\n\n"]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    jsonschema.validate(json.loads(text), ANSWER)
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert "".join(t.token for t in tokens) == text
+    # the masked distribution: the sampled token is among the top ones it reports
+    assert all(t.token in [a.token for a in t.top_logprobs] for t in tokens)
+
+
+def test_json_object_is_an_object(gw):
+    r = chat(gw, response_format={"type": "json_object"}, max_tokens=64, seed=3, logit_bias={"2": -100})
+    if r.choices[0].finish_reason == "stop":  # a free-form object may run past max_tokens
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    assert r.choices[0].message.content.startswith("{")
+
+
+# ---- tool calls ---------------------------------------------------------------------------
+
+
+def test_required_tool_call_is_valid(gw):
+    r = chat(gw, tools=TOOLS, tool_choice="required", max_tokens=120, seed=4, parallel_tool_calls=False)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert len(choice.message.tool_calls) == 1
+    assert_valid_call(choice.message.tool_calls[0])
+
+
+def test_named_tool_choice_streams_deltas_that_assemble(gw):
+    named = {"type": "function", "function": {"name": "get_time"}}
+    chunks = list(chat(gw, tools=TOOLS, tool_choice=named, stream=True, max_tokens=120, seed=5, n=2, parallel_tool_calls=False))
+    calls: dict[tuple[int, int], dict] = {}
+    finish = {}
+    for c in chunks:
+        for ch in c.choices:
+            assert not ch.delta.content  # nothing but calls
+            for d in ch.delta.tool_calls or []:
+                call = calls.setdefault((ch.index, d.index), {"name": "", "arguments": ""})
+                call["name"] += d.function.name or ""
+                call["arguments"] += d.function.arguments or ""
+            if ch.finish_reason:
+                finish[ch.index] = ch.finish_reason
+    assert finish == {0: "tool_calls", 1: "tool_calls"}
+    assert {i for i, _ in calls} == {0, 1}
+    for call in calls.values():
+        assert call["name"] == "get_time"
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS["get_time"])
+
+
+def test_tool_result_turn_is_answered(gw):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}
+    result = "Sunny, 24 degrees, light wind from the west."
+    history = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    with_result = [*history, {"role": "tool", "tool_call_id": "call_1", "content": result}]
+    r = chat(gw, messages=with_result, tools=TOOLS, max_tokens=8, seed=6, logit_bias={"2": -100})
+    without = chat(gw, messages=history, tools=TOOLS, max_tokens=1, seed=6)
+    tokenizer = gw.backend.client.tokenizer
+    # the result reached the prompt, and a plain answer came back
+    assert r.usage.prompt_tokens - without.usage.prompt_tokens >= len(tokenizer(result).input_ids)
+    assert r.choices[0].message.content and r.choices[0].finish_reason == "length"
+
+
+def test_tool_choice_none_is_plain_text(gw):
+    r = chat(gw, tools=TOOLS, tool_choice="none", max_tokens=6, seed=7)
+    plain = chat(gw, max_tokens=6, seed=7)
+    assert r.choices[0].message.tool_calls is None
+    assert r.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_auto_constrains_a_call_once_started(gw):
+    grammars: Grammars = gw.backend.client.grammars
+    tools = [Tool.model_validate(t) for t in TOOLS]
+    grammar = grammars.lark(call_grammar(tools, "auto", parallel=True))
+    tok = grammars.tokenizer
+    plain = grammars.triggered(grammar, OPEN)
+    for t in tok("Hello", add_special_tokens=False).input_ids:
+        plain.advance(t)
+        assert plain.allowed() is None  # free text stays free
+    started = grammars.triggered(grammar, OPEN)
+    for t in tok("\n" + OPEN, add_special_tokens=False).input_ids:
+        started.advance(t)
+    allowed = started.allowed()
+    opening = tok('{"name": "', add_special_tokens=False).input_ids[0]
+    assert allowed[opening] and allowed.sum() < 10  # the call's JSON must follow
+
+
+# ---- logit_bias, logprobs, echo -----------------------------------------------------------
+
+
+def test_logit_bias_changes_the_greedy_first_token(gw):
+    first = lambda r: r.choices[0].logprobs.content[0].token
+    base = chat(gw, max_tokens=1, temperature=0, seed=8, logprobs=True)
+    token_id = gw.backend.client.tokenizer.convert_tokens_to_ids(
+        gw.backend.client.tokenizer.tokenize(first(base))
+    )[0]
+    biased = chat(gw, max_tokens=1, temperature=0, seed=8, logprobs=True, logit_bias={str(token_id): -100})
+    assert first(biased) != first(base)
+    c = client(gw).completions.create(model=gw.settings.model_id, prompt="Hi", max_tokens=1, temperature=0, seed=8)
+    cb = client(gw).completions.create(model=gw.settings.model_id, prompt="Hi", max_tokens=1, temperature=0, seed=8,
+                                       logit_bias={str(t): -100 for t in gw.backend.client.tokenizer(c.choices[0].text).input_ids})
+    assert cb.choices[0].text != c.choices[0].text
+
+
+def test_sampled_token_is_in_top_logprobs_and_bytes_are_its_own(gw):
+    tokenizer = gw.backend.client.tokenizer
+    emoji = tokenizer("😀", add_special_tokens=False).input_ids
+    assert len(emoji) > 1  # its first token is part of a UTF-8 character
+    r = chat(gw, max_tokens=1, temperature=0, logprobs=True, top_logprobs=0, logit_bias={str(emoji[0]): 100})
+    (tok,) = r.choices[0].logprobs.content
+    assert bytes(tok.bytes) == "😀".encode()[: len(bytes(tok.bytes))] and len(tok.bytes) < 4
+    assert [(a.token, a.bytes) for a in tok.top_logprobs] == [(tok.token, tok.bytes)]
+    c = client(gw).completions.create(model=gw.settings.model_id, prompt="Hi", max_tokens=4, logprobs=0, seed=9)
+    lp = c.choices[0].logprobs
+    assert [list(d) for d in lp.top_logprobs] == [[t] for t in lp.tokens]
+
+
+def test_eos_is_not_in_chat_logprobs(gw):
+    r = chat(gw, max_tokens=3, temperature=0, logprobs=True, logit_bias={"2": 100})  # 2: the tiny model's EOS
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1
+    assert r.choices[0].logprobs.content == []
+
+
+def test_echo_and_default_max_tokens(gw):
+    model = gw.settings.model_id
+    r = client(gw).completions.create(model=model, prompt="Once upon a time", echo=True, seed=10, logit_bias={"2": -100})
+    assert r.choices[0].text.startswith("Once upon a time")
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+    chunks = list(client(gw).completions.create(model=model, prompt="Once upon a time", echo=True, seed=10, stream=True, logit_bias={"2": -100}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+
+
+# ---- spec details -------------------------------------------------------------------------
+
+
+def test_explicit_nulls_are_defaults(gw):
+    model = gw.settings.model_id
+    nulls = dict.fromkeys(["n", "stream", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
+                           "logit_bias", "logprobs", "stream_options", "max_tokens"])
+    chat_nulls = {**nulls, **dict.fromkeys(["tools", "tool_choice", "response_format", "top_logprobs", "parallel_tool_calls", "max_completion_tokens"])}
+    r = httpx.post(gw.url + "/chat/completions", json={"model": model, "messages": USER, **chat_nulls, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200, r.text
+    r = httpx.post(gw.url + "/completions", json={"model": model, "prompt": "Hi", **nulls, "echo": None, "suffix": None, "best_of": None}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 16
+
+
+def test_models_have_a_real_created_and_fingerprints_follow_the_config(gw, tiny_model_dir):
+    models = client(gw).models.list().data
+    assert all(m.created > 1_600_000_000 for m in models)
+    fp = chat(gw, max_tokens=1).system_fingerprint
+    assert fp == chat(gw, max_tokens=1).system_fingerprint
+    other = GatewayThread(GatewaySettings(server_url=gw.settings.server_url, model=str(tiny_model_dir), noise=0.05, port=0))
+    try:
+        r = client(other.wait_ready()).chat.completions.create(model=gw.settings.model_id, messages=USER, max_tokens=1)
+        assert r.system_fingerprint != fp
+    finally:
+        other.stop()
+
+
+def test_openapi_declares_error_statuses_and_metrics_as_text(gw):
+    doc = httpx.get(gw.url.removesuffix("/v1") + "/openapi.json").json()
+    post = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"400", "401", "404", "413", "429", "502", "503"} <= set(post)
+    assert post["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
