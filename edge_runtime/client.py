@@ -31,7 +31,7 @@ from fedsea_shared.shard import Partition, load_config, load_edge_shard
 from .connection import ServerConnection, ServerError
 from .constraints import Constraint, Grammars
 from .model import EdgeModel, EdgeWorker, SequenceCache
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample, score_prompt
 from .session import InferenceSession
 from .text import IncrementalDetokenizer, StopMatcher
 
@@ -45,6 +45,8 @@ class TokenEvent:
     logprob: float
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None  # "stop" or "length" on the last event
+    # First event only, when asked for: (logprob, top alternatives) of prompt tokens 2..n
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -206,14 +208,18 @@ class AsyncEdgeClient:
         while True:
             hidden = await worker.head(cache, pos, x)
             out = await session.step(hidden)
-            logits = await worker.tail(cache, pos, out)
+            scored = pos == 0 and params.prompt_logprobs is not None
+            logits = await worker.tail(cache, pos, out, every=scored)
+            if scored:
+                prompt_scores = score_prompt(logits, prompt, params.prompt_logprobs)
+                logits = logits[-1]
             pos += x.shape[0]
             allowed = constraint.allowed() if constraint else None
             s = sample(logits, params, sample_gen, prompt, torch.tensor(generated, dtype=torch.long), allowed)
             generated.append(s.token_id)
             if constraint:
                 constraint.advance(s.token_id)
-            event = TokenEvent(s.token_id, "", s.logprob, s.top)
+            event = TokenEvent(s.token_id, "", s.logprob, s.top, prompt_logprobs=prompt_scores if scored else None)
             if s.token_id in self.eos_ids:
                 event.text, event.finish_reason = stops.flush(), "stop"
             else:

@@ -20,6 +20,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF semantics, over prompt and generated tokens
     logprobs: int | None = None  # return this many top alternatives per token (0..20)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    prompt_logprobs: int | None = None  # also score the prompt's tokens, with this many alternatives
 
     def validate(self) -> None:
         checks = [
@@ -31,6 +32,7 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt logprobs must be in [0, 20]"),
             (all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
         ]
         for ok, message in checks:
@@ -54,6 +56,22 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: torch.
         counts = torch.bincount(generated, minlength=logits.shape[0]).to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
+
+
+def top_logprobs(logprobs: torch.Tensor, k: int, token: int) -> list[tuple[int, float]]:
+    """The k most likely tokens, then `token` if it is not among them."""
+    values, ids = torch.topk(logprobs, k) if k else (torch.empty(0), torch.empty(0))
+    top = [(int(i), float(v)) for i, v in zip(ids, values)]
+    if token not in {t for t, _ in top}:
+        top.append((token, float(logprobs[token])))
+    return top
+
+
+def score_prompt(logits: torch.Tensor, prompt: torch.Tensor, k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """(logprob, top alternatives) of each prompt token after the first, from the
+    unprocessed logits of the positions before it."""
+    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
+    return [(float(lp[t]), top_logprobs(lp, k, int(t))) for lp, t in zip(logprobs, prompt[1:])]
 
 
 def sample(
@@ -88,10 +106,5 @@ def sample(
             scaled[order[drop]] = float("-inf")
         probs = torch.softmax(scaled, dim=-1)
         token = int(torch.multinomial(probs, 1, generator=generator))
-    top = None
-    if params.logprobs is not None:
-        values, ids = torch.topk(logprobs, params.logprobs) if params.logprobs else (torch.empty(0), torch.empty(0))
-        top = [(int(i), float(v)) for i, v in zip(ids, values)]
-        if token not in {t for t, _ in top}:
-            top.append((token, float(logprobs[token])))
+    top = None if params.logprobs is None else top_logprobs(logprobs, params.logprobs, token)
     return Sample(token, float(logprobs[token]), top)

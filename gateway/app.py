@@ -126,8 +126,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         client = backend.require_client()
         vocab = client.config.vocab_size
         check_bias(req.logit_bias, vocab)
-        if req.echo and req.logprobs is not None:
-            raise errors.bad_request("echo with logprobs (the prompt's logprobs) is not supported", param="echo")
         if not 1 <= len(req.prompts) * req.n <= MAX_CHOICES:
             raise errors.bad_request(f"a request makes 1 to {MAX_CHOICES} choices (prompts x n)", param="prompt")
         prompts = []
@@ -138,12 +136,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             if max(ids) >= vocab:
                 raise errors.bad_request(f"token id {max(ids)} is outside the vocabulary (size {vocab})", param="prompt")
             prompts.append(ids)
-        echo = [client.tokenizer.decode(p) for p in prompts for _ in range(req.n)] if req.echo else None
+        echo = [p for p in prompts for _ in range(req.n)] if req.echo else None
         out = CompletionOutput(
             req.model, vocab_of(client), len(prompts) * req.n, sum(map(len, prompts)), req.logprobs is not None,
             fingerprint(settings, adapter), echo=echo,
         )
-        events = backend.generate(prompts, req.n, req.sampling(req.logprobs), req.token_limit, adapter)
+        events = backend.generate(prompts, req.n, req.sampling(req.logprobs, prompt_logprobs=req.echo), req.token_limit, adapter)
         return await respond(request, events, out, req.stream, req.include_usage)
 
     app.include_router(v1)

@@ -143,49 +143,56 @@ class ChatOutput(Output):
 class CompletionOutput(Output):
     prefix = "cmpl"
 
-    def __init__(self, *args, echo: list[str] | None = None, **kwargs):
-        """`echo`: each choice's prompt text, to put before its answer (None: no echo)."""
+    def __init__(self, *args, echo: list[list[int]] | None = None, **kwargs):
+        """`echo`: each choice's prompt, to put before its answer (None: no echo); with
+        logprobs, its tokens are scored too (the first has no logprob: nothing precedes it)."""
         super().__init__(*args, **kwargs)
         self.echo = echo
 
-    def _logprobs(self, events: list[TokenEvent], offset: int) -> s.CompletionLogprobs | None:
+    def _echoed(self, index: int) -> str:
+        return self.tokenizer.decode(self.echo[index]) if self.echo else ""
+
+    def _prompt_entries(self, index: int, first: TokenEvent) -> list[tuple]:
+        if not self.echo:
+            return []
+        ids = self.echo[index]
+        scored = [(lp, {self.token(t): v for t, v in top}) for lp, top in first.prompt_logprobs or []]
+        return [(self.token(t), *score) for t, score in zip(ids, [(None, None), *scored])]
+
+    def _logprobs(self, entries: list[tuple], offset: int) -> s.CompletionLogprobs | None:
+        """Entries: (token text, logprob, top alternatives) in order from `offset`."""
         if not self.with_logprobs:
             return None
         offsets = []
-        for e in events:
+        for text, _, _ in entries:
             offsets.append(offset)
-            offset += len(e.text)
+            offset += len(text)
         return s.CompletionLogprobs(
-            tokens=[self.token(e.token_id) for e in events],
-            token_logprobs=[e.logprob for e in events],
-            top_logprobs=[{self.token(t): lp for t, lp in e.top_logprobs or []} for e in events],
-            text_offset=offsets,
+            tokens=[e[0] for e in entries], token_logprobs=[e[1] for e in entries],
+            top_logprobs=[e[2] for e in entries], text_offset=offsets,
         )
+
+    def _entries(self, events: list[TokenEvent]) -> list[tuple]:
+        return [(self.token(e.token_id), e.logprob, {self.token(t): lp for t, lp in e.top_logprobs or []}) for e in events]
 
     def response(self) -> s.TextCompletion:
-        return s.TextCompletion(
-            **self._common(),
-            choices=[
-                s.CompletionChoice(index=i, text=self._echoed(i) + "".join(c.text), logprobs=self._logprobs(c.events, len(self._echoed(i))), finish_reason=c.finish_reason)
-                for i, c in enumerate(self.choices)
-            ],
-            usage=self.usage(),
-        )
-
-    def _echoed(self, index: int) -> str:
-        return self.echo[index] if self.echo else ""
-
-    def opening(self) -> list[s.TextCompletion]:
-        if not self.echo:
-            return []
-        return [s.TextCompletion(**self._common(), choices=[s.CompletionChoice(index=i, text=text)]) for i, text in enumerate(self.echo)]
+        choices = []
+        for i, c in enumerate(self.choices):
+            entries = self._prompt_entries(i, c.events[0]) + self._entries(c.events)
+            text = self._echoed(i) + "".join(c.text)
+            choices.append(s.CompletionChoice(index=i, text=text, logprobs=self._logprobs(entries, 0), finish_reason=c.finish_reason))
+        return s.TextCompletion(**self._common(), choices=choices, usage=self.usage())
 
     def chunk(self, index: int, event: TokenEvent) -> s.TextCompletion | None:
-        if not (event.text or event.finish_reason or self.with_logprobs):
+        first = len(self.choices[index].events) == 1  # add() has already counted this event
+        if not (event.text or event.finish_reason or self.with_logprobs or (first and self.echo)):
             return None
-        # add() has already counted this event: its offset is the text before it.
-        offset = len(self._echoed(index)) + self.choices[index].chars - len(event.text)
-        choice = s.CompletionChoice(index=index, text=event.text, logprobs=self._logprobs([event], offset), finish_reason=event.finish_reason)
+        if first:  # the echoed prompt comes with the first token, which brings its scores
+            text, entries, offset = self._echoed(index) + event.text, self._prompt_entries(index, event) + self._entries([event]), 0
+        else:
+            text, entries = event.text, self._entries([event])
+            offset = len(self._echoed(index)) + self.choices[index].chars - len(event.text)
+        choice = s.CompletionChoice(index=index, text=text, logprobs=self._logprobs(entries, offset), finish_reason=event.finish_reason)
         return s.TextCompletion(**self._common(), choices=[choice])
 
     def usage_chunk(self) -> s.TextCompletion:

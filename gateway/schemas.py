@@ -183,7 +183,7 @@ class _SamplingRequest(_Request):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling(self, logprobs: int | None) -> SamplingParams:
+    def sampling(self, logprobs: int | None, prompt_logprobs: bool = False) -> SamplingParams:
         """Sampling parameters for the edge (max_tokens and seed are set per choice)."""
         temperature = 1.0 if self.temperature is None else self.temperature
         top_p = 1.0 if self.top_p is None else self.top_p
@@ -201,6 +201,7 @@ class _SamplingRequest(_Request):
             repetition_penalty=self.repetition_penalty or 1.0,
             logprobs=logprobs,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            prompt_logprobs=logprobs if prompt_logprobs else None,
         )
 
 

@@ -209,6 +209,17 @@ def test_echo_and_default_max_tokens(gw):
     assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
     chunks = list(client(gw).completions.create(model=model, prompt="Once upon a time", echo=True, seed=10, stream=True, logit_bias={"2": -100}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    # echo with logprobs scores the prompt too: its first token has nothing before it
+    ids = gw.backend.client.tokenizer("Once upon a time").input_ids
+    for stream in (False, True):
+        out = client(gw).completions.create(model=model, prompt=ids, echo=True, logprobs=1, max_tokens=2, seed=11, stream=stream)
+        pieces = [c.choices[0].logprobs for c in out if c.choices] if stream else [out.choices[0].logprobs]
+        tokens = [t for p in pieces for t in p.tokens]
+        lps = [v for p in pieces for v in p.token_logprobs]
+        tops = [t for p in pieces for t in p.top_logprobs]
+        assert len(tokens) == len(ids) + 2 and "".join(tokens[: len(ids)]) == "Once upon a time"
+        assert lps[0] is None and tops[0] is None and all(v < 0 for v in lps[1:])
+        assert all(t in top and top[t] == v for t, v, top in zip(tokens[1:], lps[1:], tops[1:]))
 
 
 # ---- spec details -------------------------------------------------------------------------
