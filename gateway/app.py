@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models,
-/health and /metrics, in front of the gateway's one edge client."""
+"""The OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/responses,
+/v1/models, /health and /metrics, in front of the gateway's one edge client."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import AsyncIterator
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
+from pydantic import ValidationError
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -23,6 +24,7 @@ from .backend import Backend, GatewaySettings
 from .errors import APIError, json_response
 from .metrics import GatewayMetrics, RequestCounter
 from .outputs import ChatOutput, CompletionOutput, Output, Vocab
+from .responses import ResponseOutput, ResponsesRequest
 from .schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
 
 log = logging.getLogger("fedsea.gateway")
@@ -103,6 +105,21 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @v1.post("/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
+        out, events = await start_chat(req)
+        return await respond(request, events, out, req.stream, req.include_usage)
+
+    @v1.post("/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        try:
+            req = ChatCompletionRequest.model_validate(body.chat_request())
+        except (ValueError, ValidationError) as e:
+            detail = e.errors()[0] if isinstance(e, ValidationError) else None
+            message = f"{'.'.join(map(str, detail['loc']))}: {detail['msg']}" if detail else str(e)
+            raise errors.bad_request(message.replace("Value error, ", "")) from e
+        out, events = await start_chat(req)
+        return await respond(request, events, ResponseOutput(body, out), req.stream, include_usage=False)
+
+    async def start_chat(req: ChatCompletionRequest) -> tuple[ChatOutput, AsyncIterator]:
         adapter = check_model(req.model)
         client = backend.require_client()
         check_bias(req.logit_bias, client.config.vocab_size)
@@ -117,8 +134,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         logprobs = req.top_alternatives
         names = {t.function.name for t in req.tools} if mode else None
         out = ChatOutput(req.model, vocab_of(client), req.n, len(prompt), logprobs is not None, fingerprint(settings, adapter), tools=names)
-        events = backend.generate([prompt], req.n, req.sampling(logprobs), req.token_limit, adapter, constraint)
-        return await respond(request, events, out, req.stream, req.include_usage)
+        return out, backend.generate([prompt], req.n, req.sampling(logprobs), req.token_limit, adapter, constraint)
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
@@ -156,7 +172,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    paths = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+    paths = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses"}
     app.add_middleware(RequestCounter, metrics=metrics, paths=paths)
     return app
 
@@ -182,7 +198,7 @@ async def answer_constraint(client, req: ChatCompletionRequest):
     return lambda: client.grammars.constraint(grammar)
 
 
-async def respond(request: Request, events: AsyncIterator, out: Output, stream: bool, include_usage: bool) -> Response:
+async def respond(request: Request, events: AsyncIterator, out: Output | ResponseOutput, stream: bool, include_usage: bool) -> Response:
     if not stream:
         return await _collect_unless_disconnected(request, events, out)
 
@@ -240,4 +256,6 @@ async def _collect_unless_disconnected(request: Request, events: AsyncIterator, 
 
 
 def _sse(model, exclude: set[str] | None = None) -> bytes:
+    if isinstance(model, bytes):  # framed already (the Responses API's named events)
+        return model
     return b"data: " + orjson.dumps(model.model_dump(mode="json", exclude=exclude)) + b"\n\n"

@@ -256,3 +256,50 @@ def test_openapi_declares_error_statuses_and_metrics_as_text(gw):
     assert {"400", "401", "404", "413", "429", "502", "503"} <= set(post)
     assert post["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+
+
+# ---- /v1/responses ------------------------------------------------------------------------
+
+RESPONSE_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
+
+
+def test_responses_text_and_schema(gw):
+    c = client(gw)
+    r = c.responses.create(model=gw.settings.model_id, input="Hi", instructions="Be brief.", max_output_tokens=5, temperature=0)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.output_text and r.usage.output_tokens == 5
+    tokenizer = gw.backend.client.tokenizer
+    chat_prompt = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                                                add_generation_prompt=True, tokenize=False)
+    assert r.usage.input_tokens == len(tokenizer(chat_prompt, add_special_tokens=False).input_ids)  # instructions: the system turn
+    fmt = {"type": "json_schema", "name": "forecast", "schema": ANSWER, "strict": True}
+    r = c.responses.create(model=gw.settings.model_id, input=[{"role": "user", "content": [{"type": "input_text", "text": "Forecast?"}]}],
+                           text={"format": fmt}, max_output_tokens=80)
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), ANSWER)
+
+
+def test_responses_tool_call_streams_semantic_events(gw):
+    named = {"type": "function", "name": "get_weather"}
+    with client(gw).responses.stream(model=gw.settings.model_id, input="Weather in Rome?", tools=RESPONSE_TOOLS,
+                                     tool_choice=named, parallel_tool_calls=False, max_output_tokens=80) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert "response.function_call_arguments.done" in kinds
+    (call,) = final.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    # the call's result, sent back statelessly, is answered as text
+    history = [{"role": "user", "content": "Weather in Rome?"},
+               {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"}]
+    r = client(gw).responses.create(model=gw.settings.model_id, input=history, tools=RESPONSE_TOOLS, tool_choice="none", max_output_tokens=3)
+    assert r.output[0].type == "message" and r.output_text
+
+
+def test_responses_is_stateless(gw):
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client(gw).responses.create(model=gw.settings.model_id, input="Hi", previous_response_id="resp_123")
+    with pytest.raises(openai.BadRequestError):
+        client(gw).responses.create(model=gw.settings.model_id, input="Hi", tools=[{"type": "web_search"}])
