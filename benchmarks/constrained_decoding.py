@@ -2,13 +2,14 @@
 with a json_schema response_format, and with a required tool call, at 1 and 8
 concurrent streams, through the in-process gateway and server runtime (default model,
 split and noise; greedy and seeded).  Also the grammar work alone per token (mask +
-advance), measured outside the decode loop.
+advance), outside the decode loop, along a random walk of admitted tokens.
 
-    python benchmarks/constrained_decoding.py [--max-tokens 48] [--model DIR]
+    python benchmarks/constrained_decoding.py [--max-tokens 48] [--rounds 3] [--model DIR]
 
 ms/token is each stream's time between its first and last token over its tokens - 1,
-averaged over the streams; the modes run back to back in one process, so a noisy
-machine shifts them alike more than it shifts their difference.
+averaged over the streams.  Each round runs every mode once, in turn, and the table
+gives each mode's median over the rounds, so that load from others on a shared machine
+falls on all modes alike rather than on whichever ran during it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -85,23 +88,23 @@ async def run_mode(url: str, model: str, concurrency: int, max_tokens: int, extr
     return {"ms_per_token": sum(ms) / len(ms), "tokens": tokens, "tok_s": tokens / wall}
 
 
-def grammar_alone(client, steps: int = 200) -> dict:
-    """Mask + advance per token with the json_schema grammar, outside any decode loop."""
+def grammar_alone(client, steps: int = 300) -> dict:
+    """Mask + advance per token with the json_schema grammar, outside any decode loop,
+    choosing each next token at random among those the grammar admits."""
     grammars = client.grammars
     grammar = grammars.json_schema(SCHEMA)
     grammars.check(grammar)
-    answer = json.dumps({"title": "A trip", "points": ["pack light"] * 6, "rating": 4})
-    ids = client.tokenizer(answer, add_special_tokens=False).input_ids
-    total, n = 0.0, 0
-    while n < steps:
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    while len(times) < steps:
         c = grammars.constraint(grammar)
-        for t in ids:
+        while not c.finished and len(times) < steps:
             t0 = time.perf_counter()
-            c.allowed()
-            c.advance(t)
-            total += time.perf_counter() - t0
-            n += 1
-    return {"ms_per_token": 1e3 * total / n, "tokens": n}
+            admitted = torch.nonzero(c.allowed()).flatten()
+            token = int(admitted[torch.randint(len(admitted), (1,), generator=gen)])
+            c.advance(token)
+            times.append(time.perf_counter() - t0)
+    return {"ms_per_token": 1e3 * statistics.mean(times), "max_ms": 1e3 * max(times), "tokens": len(times)}
 
 
 def main(argv=None) -> dict:
@@ -109,6 +112,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default=defaults.MODEL)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS / "constrained_decoding.json")
     args = ap.parse_args(argv)
 
@@ -119,11 +123,17 @@ def main(argv=None) -> dict:
         model = gw.settings.model_id
         for extra in MODES.values():  # warm-up: first-use costs (the grammar's vocabulary view)
             asyncio.run(run_mode(gw.url, model, 1, 4, extra))
+        load_before = os.getloadavg()
         rows = []
         for c in args.concurrency:
+            runs = {name: [] for name in MODES}
+            for _ in range(args.rounds):
+                for name, extra in MODES.items():
+                    runs[name].append(asyncio.run(run_mode(gw.url, model, c, args.max_tokens, extra)))
             row = {"concurrency": c}
-            for name, extra in MODES.items():
-                row[name] = asyncio.run(run_mode(gw.url, model, c, args.max_tokens, extra))
+            for name, rs in runs.items():
+                row[name] = {key: statistics.median(r[key] for r in rs) for key in ("ms_per_token", "tokens", "tok_s")}
+                row[name]["rounds_ms_per_token"] = [r["ms_per_token"] for r in rs]
             rows.append(row)
         alone = grammar_alone(gw.backend.client)
     finally:
@@ -132,14 +142,16 @@ def main(argv=None) -> dict:
 
     result = {
         "model": args.model, "max_tokens": args.max_tokens, "rows": rows, "grammar_alone": alone,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, shared with other jobs",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, load average "
+                   f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after",
     }
     print(f"{'streams':>7} | {'mode':<14} | {'ms/token':>8} | {'vs free':>7} | {'tokens':>6} | {'tok/s':>6}")
     for row in rows:
         for name in MODES:
             r = row[name]
-            print(f"{row['concurrency']:>7} | {name:<14} | {r['ms_per_token']:8.1f} | {r['ms_per_token'] / row['free']['ms_per_token']:7.2f} | {r['tokens']:>6} | {r['tok_s']:6.1f}")
-    print(f"grammar alone (mask + advance): {alone['ms_per_token']:.3f} ms/token over {alone['tokens']} tokens")
+            print(f"{row['concurrency']:>7} | {name:<14} | {r['ms_per_token']:8.1f} | {r['ms_per_token'] / row['free']['ms_per_token']:7.2f} | {r['tokens']:>6.0f} | {r['tok_s']:6.1f}")
+    print(f"grammar alone (mask + advance): {alone['ms_per_token']:.3f} ms/token (max {alone['max_ms']:.1f}) over {alone['tokens']} tokens")
+    print(result["machine"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     return result
