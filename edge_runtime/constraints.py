@@ -14,7 +14,6 @@ regex index per schema built over the whole vocabulary.
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 
 import llguidance
@@ -92,6 +91,8 @@ class Constraint:
         """Boolean mask over the vocabulary of the tokens that may come next."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab_size]
+        if self.matcher.is_error() or not bits.any():  # e.g. a parser limit was hit
+            raise GrammarError(f"the grammar admits no next token: {self.matcher.get_error() or 'dead end'}")
         return torch.from_numpy(bits.astype(np.bool_))
 
     def advance(self, token_id: int) -> None:
@@ -142,8 +143,3 @@ class TriggeredConstraint:
     @property
     def finished(self) -> bool:
         return self.active is not None and self.active.finished
-
-
-def schema_text(schema: dict) -> str:
-    """A schema as it is shown to the model in a prompt."""
-    return json.dumps(schema, ensure_ascii=False)

@@ -5,6 +5,7 @@ free text is noise: whatever is valid below was made valid by the grammar)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import httpx
 import jsonschema
@@ -164,6 +165,37 @@ def test_auto_constrains_a_call_once_started(gw):
     allowed = started.allowed()
     opening = tok('{"name": "', add_special_tokens=False).input_ids[0]
     assert allowed[opening] and allowed.sum() < 10  # the call's JSON must follow
+
+
+# A chat template that takes tools (as Qwen 2.5's and Hermes' do), reduced to what the test reads.
+TOOL_TEMPLATE = """{%- if tools %}<|im_start|>system
+Functions:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>
+{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}
+{% for c in m.tool_calls or [] %}<tool_call>{{ {"name": c.function.name, "arguments": c.function.arguments} | tojson }}</tool_call>{% endfor %}{{ m.content or "" }}<|im_end|>
+{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def test_a_template_that_takes_tools_gets_them(tiny_model_dir, tmp_path):
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "tool-model")
+    (model_dir / "chat_template.jinja").write_text(TOOL_TEMPLATE)
+    server = ServerThread(ServerSettings(model=str(model_dir), port=0))
+    gateway = GatewayThread(GatewaySettings(server_url=server.url, model=str(model_dir), port=0))
+    try:
+        call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "c"}'}}
+        messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "tool_call_id": "call_1", "content": "Rain"}]
+        r = chat(gateway.wait_ready(), messages=messages, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=120, seed=12)
+        tokenizer = gateway.backend.client.tokenizer
+        hf_messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [{**call, "function": {"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}}]},
+                       {"role": "tool", "content": "Rain"}]
+        prompt = tokenizer.apply_chat_template(hf_messages, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+        assert "Functions: get_weather get_time" in prompt and '"city": "Oslo"' in prompt
+        assert r.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert_valid_call(r.choices[0].message.tool_calls[0])
+    finally:
+        gateway.stop()
+        server.stop()
 
 
 # ---- logit_bias, logprobs, echo -----------------------------------------------------------
