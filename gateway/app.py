@@ -13,9 +13,9 @@ from typing import AsyncIterator
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
-from pydantic import ValidationError
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 
 from edge_runtime.constraints import GrammarError
 

@@ -40,6 +40,7 @@ def template_takes_tools(tokenizer) -> bool:
 def chat_messages(messages: list[s.ChatMessage], tools: list[s.Tool] | None, native: bool, parallel: bool) -> list[dict]:
     """The conversation as the chat template gets it, tool calls and results included."""
     out: list[dict] = []
+    after_result = False  # the turn before is a tool result, in the generic format
     for m in messages:
         msg = m.for_template()
         if native:
@@ -55,13 +56,12 @@ def chat_messages(messages: list[s.ChatMessage], tools: list[s.Tool] | None, nat
             msg["content"] = "\n".join(filter(None, [msg["content"], *calls]))
         elif m.role == "tool":
             response = f"<tool_response>\n{msg['content']}\n</tool_response>"
-            if out and out[-1].get("tool_response"):  # results of parallel calls: one turn
+            if after_result:  # results of parallel calls: one turn
                 out[-1]["content"] += "\n" + response
                 continue
-            msg = {"role": "user", "content": response, "tool_response": True}
+            msg = {"role": "user", "content": response}
+        after_result = m.role == "tool" and not native
         out.append(msg)
-    for msg in out:
-        msg.pop("tool_response", None)
     if tools and not native:
         described = "\n".join(json.dumps(t.function.model_dump(exclude_none=True), ensure_ascii=False) for t in tools)
         several = "with one such line per call, when several calls are needed. " if parallel else ""
