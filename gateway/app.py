@@ -89,7 +89,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if too_big:
             raise errors.bad_request(f"logit_bias names token {too_big[0]}, outside the vocabulary (size {vocab})", param="logit_bias")
 
-    def vocab_of(client) -> Vocab:
+    async def vocab_of(client, logprobs: bool) -> Vocab:
+        if logprobs:  # token bytes come from the grammar library's view of the vocabulary: built once, ~1 s
+            await asyncio.to_thread(getattr, client.grammars, "lltokenizer")
         return Vocab(client.tokenizer, client.grammars.token_bytes, client.eos_ids)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)], responses=ERRORS)
@@ -133,7 +135,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         constraint = await answer_constraint(client, req)
         logprobs = req.top_alternatives
         names = {t.function.name for t in req.tools} if mode else None
-        out = ChatOutput(req.model, vocab_of(client), req.n, len(prompt), logprobs is not None, fingerprint(settings, adapter), tools=names)
+        out = ChatOutput(req.model, await vocab_of(client, logprobs is not None), req.n, len(prompt), logprobs is not None, fingerprint(settings, adapter), tools=names)
         return out, backend.generate([prompt], req.n, req.sampling(logprobs), req.token_limit, adapter, constraint)
 
     @v1.post("/completions")
@@ -154,7 +156,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             prompts.append(ids)
         echo = [p for p in prompts for _ in range(req.n)] if req.echo else None
         out = CompletionOutput(
-            req.model, vocab_of(client), len(prompts) * req.n, sum(map(len, prompts)), req.logprobs is not None,
+            req.model, await vocab_of(client, False), len(prompts) * req.n, sum(map(len, prompts)), req.logprobs is not None,
             fingerprint(settings, adapter), echo=echo,
         )
         events = backend.generate(prompts, req.n, req.sampling(req.logprobs, prompt_logprobs=req.echo), req.token_limit, adapter)
