@@ -54,6 +54,8 @@ class FunctionCall(_Request):
     @field_validator("arguments")
     @classmethod
     def _json_object(cls, arguments):
+        if not arguments.strip():  # some clients send "" for a call without arguments
+            return "{}"
         try:
             parsed = json.loads(arguments)
         except ValueError:

@@ -165,6 +165,11 @@ def test_auto_constrains_a_call_once_started(gw):
     allowed = started.allowed()
     opening = tok('{"name": "', add_special_tokens=False).input_ids[0]
     assert allowed[opening] and allowed.sum() < 10  # the call's JSON must follow
+    # auto with a response_format: the whole answer is either calls or the JSON answer
+    both = grammars.constraint(grammars.lark(call_grammar(tools, "auto", True, ANSWER)))
+    first = both.allowed()
+    assert first[tok("<", add_special_tokens=False).input_ids[0]] and first[tok("{", add_special_tokens=False).input_ids[0]]
+    assert not first[tok("Hello", add_special_tokens=False).input_ids[0]]
 
 
 # A chat template that takes tools (as Qwen 2.5's and Hermes' do), reduced to what the test reads.
