@@ -29,8 +29,9 @@ from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hel
 from fedsea_shared.shard import Partition, load_config, load_edge_shard
 
 from .connection import ServerConnection, ServerError
+from .constraints import Constraint, Grammars
 from .model import EdgeModel, EdgeWorker, SequenceCache
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample, score_prompt
 from .session import InferenceSession
 from .text import IncrementalDetokenizer, StopMatcher
 
@@ -44,6 +45,8 @@ class TokenEvent:
     logprob: float
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None  # "stop" or "length" on the last event
+    # First event only, when asked for: (logprob, top alternatives) of prompt tokens 2..n
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -91,6 +94,7 @@ class AsyncEdgeClient:
             self.workers[name] = EdgeWorker(EdgeModel(adapted, self.partition))
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.eos_ids = _eos_ids(model_dir, self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.eos_ids)
         self._conn: ServerConnection | None = None
         self._connect_lock: asyncio.Lock | None = None
 
@@ -130,9 +134,10 @@ class AsyncEdgeClient:
 
     # ---- generation ----------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of a chat, formatted with the model's own chat template."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a chat, formatted with the model's own chat template (with the
+        tools, OpenAI-style, for a template that takes them)."""
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     async def stream(self, messages: list[dict], **params) -> AsyncIterator[TokenEvent]:
@@ -155,10 +160,13 @@ class AsyncEdgeClient:
         )
 
     async def stream_tokens(
-        self, prompt_ids: list[int], params: SamplingParams, noise: float | None = None, adapter: str | None = None
+        self, prompt_ids: list[int], params: SamplingParams, noise: float | None = None, adapter: str | None = None,
+        constraint: Constraint | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """Generate after `prompt_ids` with the base model or the named adapter; the last
-        event carries finish_reason."""
+        event carries finish_reason.  `constraint` (this generation's own, from
+        `self.grammars`) restricts each token to what its grammar admits, and ends the
+        generation when the grammar is complete."""
         params.validate()
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -187,13 +195,13 @@ class AsyncEdgeClient:
         session = InferenceSession(self.connection, noise, noise_gen, adapter=adapter)
         try:
             await session.open()
-            async for event in self._decode(worker, session, prompt_ids, params, sample_gen, max_context):
+            async for event in self._decode(worker, session, prompt_ids, params, sample_gen, max_context, constraint):
                 yield event
         finally:
             # Close even when the consumer stops early (a client disconnect cancels us).
             await asyncio.shield(session.close())
 
-    async def _decode(self, worker, session, prompt_ids, params, sample_gen, max_context) -> AsyncIterator[TokenEvent]:
+    async def _decode(self, worker, session, prompt_ids, params, sample_gen, max_context, constraint) -> AsyncIterator[TokenEvent]:
         cache = SequenceCache()
         prompt = torch.tensor(prompt_ids)
         generated: list[int] = []
@@ -203,16 +211,26 @@ class AsyncEdgeClient:
         while True:
             hidden = await worker.head(cache, pos, x)
             out = await session.step(hidden)
-            logits = await worker.tail(cache, pos, out)
+            scored = pos == 0 and params.prompt_logprobs is not None
+            logits = await worker.tail(cache, pos, out, every=scored)
+            if scored:
+                prompt_scores = score_prompt(logits, prompt, params.prompt_logprobs)
+                logits = logits[-1]
             pos += x.shape[0]
-            s = sample(logits, params, sample_gen, prompt, torch.tensor(generated, dtype=torch.long))
+            allowed = constraint.allowed() if constraint else None
+            s = sample(logits, params, sample_gen, prompt, torch.tensor(generated, dtype=torch.long), allowed)
             generated.append(s.token_id)
-            event = TokenEvent(s.token_id, "", s.logprob, s.top)
+            if constraint:
+                constraint.advance(s.token_id)
+            event = TokenEvent(s.token_id, "", s.logprob, s.top, prompt_logprobs=prompt_scores if scored else None)
             if s.token_id in self.eos_ids:
                 event.text, event.finish_reason = stops.flush(), "stop"
             else:
                 event.text, stopped = stops.push(detok.push(s.token_id))
                 if stopped:
+                    event.finish_reason = "stop"
+                elif constraint and constraint.finished:
+                    event.text += stops.flush()
                     event.finish_reason = "stop"
                 elif len(generated) >= params.max_tokens or pos + 1 >= max_context:
                     event.text += stops.flush()

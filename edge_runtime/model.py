@@ -45,6 +45,7 @@ class _Item:
     cache: SequenceCache
     start: int  # position of the first new token
     x: torch.Tensor  # token ids [n] (head) or hidden states [n, hidden] (tail)
+    every: bool = False  # tail: logits of every position, not only the last (prompt logprobs)
 
 
 class EdgeModel:
@@ -80,11 +81,13 @@ class EdgeModel:
 
     @torch.inference_mode()
     def tail(self, items: list[_Item]) -> list[torch.Tensor]:
-        """Middle-block outputs -> logits of each sequence's last token (float32)."""
+        """Middle-block outputs -> logits of each sequence's last token (float32), or
+        [n, vocab] of all its tokens for an item that asks for every position."""
         hidden = torch.cat([it.x for it in items]).to(self.dtype)
         out, spans = self._run(self.partition.tail_layers, items, hidden)
-        last = torch.stack([out[b - 1] for _, b in spans])
-        return list(self.shard.logits(last).float())
+        rows = [out[a:b] if it.every else out[b - 1 : b] for it, (a, b) in zip(items, spans)]
+        logits = self.shard.logits(torch.cat(rows)).float().split([r.shape[0] for r in rows])
+        return [l if it.every else l[0] for it, l in zip(items, logits)]
 
 
 class EdgeWorker:
@@ -100,8 +103,8 @@ class EdgeWorker:
     async def head(self, cache: SequenceCache, start: int, token_ids: torch.Tensor) -> torch.Tensor:
         return await self._submit("head", _Item(cache, start, token_ids))
 
-    async def tail(self, cache: SequenceCache, start: int, hidden: torch.Tensor) -> torch.Tensor:
-        return await self._submit("tail", _Item(cache, start, hidden))
+    async def tail(self, cache: SequenceCache, start: int, hidden: torch.Tensor, every: bool = False) -> torch.Tensor:
+        return await self._submit("tail", _Item(cache, start, hidden, every))
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

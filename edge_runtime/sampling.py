@@ -24,6 +24,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # HF semantics, over prompt and generated tokens
     logprobs: int | None = None  # return this many top alternatives per token (0..20)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    prompt_logprobs: int | None = None  # also score the prompt's tokens, with this many alternatives
 
     def validate(self) -> None:
         checks = [
@@ -35,6 +37,8 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt logprobs must be in [0, 20]"),
+            (all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -45,7 +49,7 @@ class SamplingParams:
 class Sample:
     token_id: int
     logprob: float
-    top: list[tuple[int, float]] | None  # (token id, logprob) of the most likely tokens
+    top: list[tuple[int, float]] | None  # (token id, logprob) of the most likely tokens, then the sampled one if not among them
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
@@ -59,14 +63,38 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: torch.
     return torch.nan_to_num(logits, nan=-LOGIT_BOUND, posinf=LOGIT_BOUND, neginf=-LOGIT_BOUND).clamp_(-LOGIT_BOUND, LOGIT_BOUND)
 
 
+def top_logprobs(logprobs: torch.Tensor, k: int, token: int) -> list[tuple[int, float]]:
+    """The k most likely tokens, then `token` if it is not among them."""
+    values, ids = torch.topk(logprobs, k) if k else (torch.empty(0), torch.empty(0))
+    top = [(int(i), float(v)) for i, v in zip(ids, values)]
+    if token not in {t for t, _ in top}:
+        top.append((token, float(logprobs[token])))
+    return top
+
+
+def score_prompt(logits: torch.Tensor, prompt: torch.Tensor, k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """(logprob, top alternatives) of each prompt token after the first, from the
+    unprocessed logits of the positions before it."""
+    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
+    return [(float(lp[t]), top_logprobs(lp, k, int(t))) for lp, t in zip(logprobs, prompt[1:])]
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
     generator: torch.Generator | None,
     prompt: torch.Tensor,
     generated: torch.Tensor,
+    allowed: torch.Tensor | None = None,
 ) -> Sample:
+    """`allowed`: a boolean mask of the tokens a grammar admits next (None: all).
+    Logprobs are those of the distribution sampled from, after bias and mask."""
     logits = apply_penalties(logits.float().clone(), params, prompt, generated)
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
+    if allowed is not None:
+        logits.masked_fill_(~allowed[: logits.shape[0]], float("-inf"))
     logprobs = torch.log_softmax(logits, dim=-1)
     if params.temperature == 0:
         token = int(torch.argmax(logits))
@@ -85,8 +113,5 @@ def sample(
             scaled[order[drop]] = float("-inf")
         probs = torch.softmax(scaled, dim=-1)
         token = int(torch.multinomial(probs, 1, generator=generator))
-    top = None
-    if params.logprobs is not None:
-        values, ids = torch.topk(logprobs, params.logprobs) if params.logprobs else (torch.empty(0), torch.empty(0))
-        top = [(int(i), float(v)) for i, v in zip(ids, values)]
+    top = None if params.logprobs is None else top_logprobs(logprobs, params.logprobs, token)
     return Sample(token, float(logprobs[token]), top)

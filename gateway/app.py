@@ -1,25 +1,31 @@
-"""The OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models,
-/health and /metrics, in front of the gateway's one edge client."""
+"""The OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/responses,
+/v1/models, /health and /metrics, in front of the gateway's one edge client."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
+import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 
-from . import errors, limits
+from edge_runtime.constraints import GrammarError
+
+from . import errors, limits, tools
 from .backend import Backend, GatewaySettings
 from .errors import APIError, json_response
 from .metrics import GatewayMetrics, RequestCounter
-from .outputs import ChatOutput, CompletionOutput, Output
-from .schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .outputs import ChatOutput, CompletionOutput, Output, Vocab
+from .responses import ResponseOutput, ResponsesRequest
+from .schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
 
 log = logging.getLogger("fedsea.gateway")
 
@@ -28,6 +34,22 @@ DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its cl
 # Far above any prompt that fits the context (128 prompts x 8k token ids fit); a larger
 # body is refused with 413 before it is read into memory.
 MAX_BODY_BYTES = 16 * 2**20
+# The statuses the API answers with, for the OpenAPI document (all in the error envelope).
+ERRORS = {
+    code: {"model": ErrorResponse, "description": why}
+    for code, why in {
+        400: "invalid request", 401: "missing or wrong API key", 404: "unknown model", 413: "body too large",
+        429: "the server runtime is at capacity", 502: "the server runtime failed or refused",
+        503: "not ready (loading or not connected)",
+    }.items()
+}
+
+
+def fingerprint(settings: GatewaySettings, adapter: str | None) -> str:
+    """Names the configuration that shapes outputs: model, split, noise and adapter."""
+    s = settings
+    parts = [s.model, s.head, s.tail, s.noise, adapter, s.adapters.get(adapter) if adapter else None]
+    return "fp_" + hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -36,6 +58,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     model_id = settings.model_id
     # Model ids clients may ask for -> the adapter that serves them (None: the base model).
     served: dict[str, str | None] = {model_id: None, **{name: name for name in settings.adapters}}
+    created = int(time.time())  # models are reported as created when this gateway loaded them
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -63,38 +86,70 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise APIError(404, f"the model {name!r} does not exist; this gateway serves {sorted(served)}", param="model", code="model_not_found")
         return served[name]
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+    def check_bias(bias: dict | None, vocab: int) -> None:
+        too_big = [k for k in bias or {} if int(k) >= vocab]
+        if too_big:
+            raise errors.bad_request(f"logit_bias names token {too_big[0]}, outside the vocabulary (size {vocab})", param="logit_bias")
+
+    async def vocab_of(client, logprobs: bool) -> Vocab:
+        if logprobs:  # token bytes come from the grammar library's view of the vocabulary: built once, ~1 s
+            await asyncio.to_thread(getattr, client.grammars, "lltokenizer")
+        return Vocab(client.tokenizer, client.grammars.token_bytes, client.eos_ids)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)], responses=ERRORS)
 
     @v1.get("/models")
     async def models() -> Response:
-        return json_response(ModelList(data=[ModelCard(id=name, created=0) for name in served]))
+        return json_response(ModelList(data=[ModelCard(id=name, created=created) for name in served]))
 
     @v1.get("/models/{name:path}")
     async def model(name: str) -> Response:
         check_model(name)
-        return json_response(ModelCard(id=name, created=0))
+        return json_response(ModelCard(id=name, created=created))
 
     @v1.post("/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
+        out, events = await start_chat(req)
+        return await respond(request, events, out, req.stream, req.include_usage)
+
+    @v1.post("/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        try:
+            req = ChatCompletionRequest.model_validate(body.chat_request())
+        except (ValueError, ValidationError) as e:
+            detail = e.errors()[0] if isinstance(e, ValidationError) else None
+            message = f"{'.'.join(map(str, detail['loc']))}: {detail['msg']}" if detail else str(e)
+            raise errors.bad_request(message.replace("Value error, ", "")) from e
+        out, events = await start_chat(req)
+        return await respond(request, events, ResponseOutput(body, out), req.stream, include_usage=False)
+
+    async def start_chat(req: ChatCompletionRequest) -> tuple[ChatOutput, AsyncIterator]:
         adapter = check_model(req.model)
         client = backend.require_client()
-        messages = [m.for_template() for m in req.messages]
-        limits.refuse_overlong_text([m["content"] for m in messages], client.tokenizer, client.config.max_position_embeddings, "messages")
+        check_bias(req.logit_bias, client.config.vocab_size)
+        mode = req.tool_mode
+        native = mode is not None and tools.template_takes_tools(client.tokenizer)
+        messages = tools.chat_messages(req.messages, req.tools if mode else None, native, req.parallel_tool_calls)
+        limits.refuse_overlong_text([str(m.get("content") or "") for m in messages], client.tokenizer,
+                                    client.config.max_position_embeddings, "messages")
         try:
             # Off the event loop: templating and tokenizing a long message takes seconds.
-            prompt = await asyncio.to_thread(client.chat_prompt, messages)
+            prompt = await asyncio.to_thread(
+                client.chat_prompt, messages, [t.model_dump(exclude_none=True) for t in req.tools] if native else None)
         except Exception as e:  # templates may refuse, e.g. roles that do not alternate
             raise errors.bad_request(f"the model's chat template rejected these messages: {e}", param="messages") from e
+        constraint = await answer_constraint(client, req)
         logprobs = req.top_alternatives
-        out = ChatOutput(req.model, client.tokenizer, req.n, len(prompt), logprobs is not None)
-        events = backend.generate([prompt], req.n, req.sampling(logprobs), req.token_limit, adapter)
-        return await respond(request, events, out, req.stream, req.include_usage)
+        names = {t.function.name for t in req.tools} if mode else None
+        out = ChatOutput(req.model, await vocab_of(client, logprobs is not None), req.n, len(prompt), logprobs is not None, fingerprint(settings, adapter), tools=names)
+        return out, backend.generate([prompt], req.n, req.sampling(logprobs), req.token_limit, adapter, constraint)
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
         adapter = check_model(req.model)
         client = backend.require_client()
         vocab = client.config.vocab_size
+        check_bias(req.logit_bias, vocab)
         if not 1 <= len(req.prompts) * req.n <= MAX_CHOICES:
             raise errors.bad_request(f"a request makes 1 to {MAX_CHOICES} choices (prompts x n)", param="prompt")
         prompts = []
@@ -107,8 +162,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             if max(ids) >= vocab:
                 raise errors.bad_request(f"token id {max(ids)} is outside the vocabulary (size {vocab})", param="prompt")
             prompts.append(ids)
-        out = CompletionOutput(req.model, client.tokenizer, len(prompts) * req.n, sum(map(len, prompts)), req.logprobs is not None)
-        events = backend.generate(prompts, req.n, req.sampling(req.logprobs), req.token_limit, adapter)
+        echo = [p for p in prompts for _ in range(req.n)] if req.echo else None
+        out = CompletionOutput(
+            req.model, await vocab_of(client, False), len(prompts) * req.n, sum(map(len, prompts)), req.logprobs is not None,
+            fingerprint(settings, adapter), echo=echo,
+        )
+        events = backend.generate(prompts, req.n, req.sampling(req.logprobs, prompt_logprobs=req.echo), req.token_limit, adapter)
         return await respond(request, events, out, req.stream, req.include_usage)
 
     app.include_router(v1)
@@ -124,16 +183,38 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             return Response(orjson.dumps({"status": "ok"}), 200, media_type="application/json")
         return Response(orjson.dumps({"status": "unavailable", "detail": backend.problem}), 503, media_type="application/json")
 
-    @app.get("/metrics", dependencies=status_auth)
+    @app.get("/metrics", dependencies=status_auth, response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {}}}})
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    paths = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+    paths = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses"}
     app.add_middleware(RequestCounter, metrics=metrics, paths=paths)
     return app
 
 
-async def respond(request: Request, events: AsyncIterator, out: Output, stream: bool, include_usage: bool) -> Response:
+async def answer_constraint(client, req: ChatCompletionRequest):
+    """A factory of the grammar state each choice follows (None: free text), or a 400 if
+    the schema or a tool's parameters cannot be enforced."""
+    mode, schema = req.tool_mode, req.answer_schema
+    try:
+        if mode is not None:
+            param = "tools"
+            grammar = client.grammars.lark(tools.call_grammar(req.tools, mode, req.parallel_tool_calls, schema))
+        elif schema is not None:
+            param = "response_format"
+            grammar = client.grammars.json_schema(schema)
+        else:
+            return None
+        await asyncio.to_thread(client.grammars.check, grammar)  # builds the vocabulary view on first use
+    except GrammarError as e:
+        raise errors.bad_request(f"cannot enforce this schema: {e}", param=param, code="invalid_schema") from e
+    if mode == "auto" and schema is None:
+        return lambda: client.grammars.triggered(grammar, tools.OPEN)
+    return lambda: client.grammars.constraint(grammar)
+
+
+async def respond(request: Request, events: AsyncIterator, out: Output | ResponseOutput, stream: bool, include_usage: bool) -> Response:
     if not stream:
         return await _collect_unless_disconnected(request, events, out)
 
@@ -191,4 +272,6 @@ async def _collect_unless_disconnected(request: Request, events: AsyncIterator, 
 
 
 def _sse(model, exclude: set[str] | None = None) -> bytes:
+    if isinstance(model, bytes):  # framed already (the Responses API's named events)
+        return model
     return b"data: " + orjson.dumps(model.model_dump(mode="json", exclude=exclude)) + b"\n\n"

@@ -14,10 +14,11 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from edge_runtime.client import AsyncEdgeClient, TokenEvent
 from edge_runtime.connection import ServerError
+from edge_runtime.constraints import Constraint
 from edge_runtime.sampling import SamplingParams
 from fedsea_shared import defaults
 
@@ -117,10 +118,11 @@ class Backend:
 
     async def generate(
         self, prompts: list[list[int]], n: int, params: SamplingParams, max_tokens: int | None,
-        adapter: str | None = None,
+        adapter: str | None = None, constraint: Callable[[], Constraint] | None = None,
     ) -> AsyncIterator[tuple[int, TokenEvent]]:
         """Run n choices per prompt concurrently, with the base model or the named adapter;
-        yield (choice index, event) as they come.
+        yield (choice index, event) as they come.  `constraint` makes each choice its
+        own grammar state (structured outputs, tool calls).
 
         Choice i = prompt_index * n + j uses seed + i, so the choices differ while a seeded
         request stays reproducible (noise included: the edge derives it from the seed).
@@ -155,7 +157,7 @@ class Backend:
         self.share.acquire(len(jobs), welcome.max_sessions)
         queue: asyncio.Queue = asyncio.Queue()
         started = time.monotonic()
-        tasks = [asyncio.create_task(self._choice(i, prompt, ps, adapter, queue, started)) for i, prompt, ps in jobs]
+        tasks = [asyncio.create_task(self._choice(i, prompt, ps, adapter, constraint, queue, started)) for i, prompt, ps in jobs]
         try:
             remaining = len(tasks)
             while remaining:
@@ -172,13 +174,14 @@ class Backend:
                 task.cancel()
 
     async def _choice(self, index: int, prompt: list[int], params: SamplingParams, adapter: str | None,
-                      queue: asyncio.Queue, started: float) -> None:
+                      constraint: Callable[[], Constraint] | None, queue: asyncio.Queue, started: float) -> None:
         m = self.metrics
         m.running.inc()
         m.prompt_tokens.inc(len(prompt))
         last = None
         try:
-            async for event in self.client.stream_tokens(prompt, params, adapter=adapter):
+            grammar = await asyncio.to_thread(constraint) if constraint else None  # compiling may take a while
+            async for event in self.client.stream_tokens(prompt, params, adapter=adapter, constraint=grammar):
                 now = time.monotonic()
                 (m.ttft if last is None else m.inter_token).observe(now - (started if last is None else last))
                 last = now

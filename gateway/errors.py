@@ -31,7 +31,9 @@ class APIError(Exception):
 
 
 def json_response(model, status: int = 200) -> Response:
-    return Response(orjson.dumps(model.model_dump(mode="json")), status, media_type="application/json")
+    """`model`: a pydantic model or an already plain dict."""
+    body = model if isinstance(model, dict) else model.model_dump(mode="json")
+    return Response(orjson.dumps(body), status, media_type="application/json")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

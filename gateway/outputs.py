@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from edge_runtime.client import TokenEvent
 
 from . import schemas as s
-
-FINGERPRINT = "fedsea"
+from .tools import CallParser
 
 
 @dataclass
@@ -26,16 +25,28 @@ class _Choice:
     finish_reason: str | None = None
 
 
+@dataclass
+class Vocab:
+    """What formatting needs of the model's vocabulary."""
+
+    tokenizer: object
+    token_bytes: object  # token id -> its raw bytes
+    eos_ids: set[int]
+
+
 class Output:
     prefix = ""
 
-    def __init__(self, model: str, tokenizer, num_choices: int, prompt_tokens: int, with_logprobs: bool):
+    def __init__(self, model: str, vocab: Vocab, num_choices: int, prompt_tokens: int, with_logprobs: bool,
+                 fingerprint: str):
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
-        self.tokenizer = tokenizer
+        self.vocab = vocab
+        self.tokenizer = vocab.tokenizer
         self.prompt_tokens = prompt_tokens
         self.with_logprobs = with_logprobs
+        self.fingerprint = fingerprint
         self.choices = [_Choice() for _ in range(num_choices)]
 
     def add(self, index: int, event: TokenEvent) -> None:
@@ -53,7 +64,7 @@ class Output:
         return self.tokenizer.decode([token_id])
 
     def _common(self) -> dict:
-        return dict(id=self.id, created=self.created, model=self.model, system_fingerprint=FINGERPRINT)
+        return dict(id=self.id, created=self.created, model=self.model, system_fingerprint=self.fingerprint)
 
     # Each endpoint also defines response(), chunk(index, event) and usage_chunk().
     def opening(self) -> list:
@@ -64,6 +75,12 @@ class Output:
 class ChatOutput(Output):
     prefix = "chatcmpl"
 
+    def __init__(self, *args, tools: set[str] | None = None, **kwargs):
+        """`tools`: the names of the functions the answer may call (None: no tools)."""
+        super().__init__(*args, **kwargs)
+        self.tools = tools
+        self.parsers = [CallParser(tools) for _ in self.choices] if tools else None
+
     def _logprobs(self, events: list[TokenEvent]) -> s.ChatLogprobs | None:
         if not self.with_logprobs:
             return None
@@ -73,21 +90,27 @@ class ChatOutput(Output):
                 top_logprobs=[s.TopLogprob(**self._alt(t, lp)) for t, lp in e.top_logprobs or []],
             )
             for e in events
+            if e.token_id not in self.vocab.eos_ids  # the end of the turn is not content
         ])
 
     def _alt(self, token_id: int, logprob: float) -> dict:
-        text = self.token(token_id)
-        return dict(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+        return dict(token=self.token(token_id), logprob=logprob, bytes=list(self.vocab.token_bytes(token_id)))
+
+    def _finish(self, finish_reason: str | None, calls: int) -> str | None:
+        return "tool_calls" if calls and finish_reason == "stop" else finish_reason
 
     def response(self) -> s.ChatCompletion:
-        return s.ChatCompletion(
-            **self._common(),
-            choices=[
-                s.ChatChoice(index=i, message=s.AssistantMessage(content="".join(c.text)), logprobs=self._logprobs(c.events), finish_reason=c.finish_reason)
-                for i, c in enumerate(self.choices)
-            ],
-            usage=self.usage(),
-        )
+        choices = []
+        for i, c in enumerate(self.choices):
+            text, calls = "".join(c.text), []
+            if self.tools:
+                parser = CallParser(self.tools)
+                pieces = parser.feed(text) + parser.finish()
+                text = "".join(p for p in pieces if isinstance(p, str))
+                calls = [p for p in pieces if isinstance(p, s.ToolCall)]
+            message = s.AssistantMessage(content=text if text or not calls else None, tool_calls=calls or None)
+            choices.append(s.ChatChoice(index=i, message=message, logprobs=self._logprobs(c.events), finish_reason=self._finish(c.finish_reason, len(calls))))
+        return s.ChatCompletion(**self._common(), choices=choices, usage=self.usage())
 
     def opening(self) -> list[s.ChatCompletionChunk]:
         return [
@@ -96,11 +119,21 @@ class ChatOutput(Output):
         ]
 
     def chunk(self, index: int, event: TokenEvent) -> s.ChatCompletionChunk | None:
-        if not (event.text or event.finish_reason or self.with_logprobs):
-            return None  # nothing to say yet (a character or a possible stop string is incomplete)
-        choice = s.ChatChunkChoice(
-            index=index, delta=s.ChatDelta(content=event.text), logprobs=self._logprobs([event]), finish_reason=event.finish_reason
-        )
+        text, calls, finish = event.text, [], event.finish_reason
+        if self.parsers:
+            parser = self.parsers[index]
+            before = parser.calls
+            pieces = parser.feed(text) + (parser.finish() if finish else [])
+            text = "".join(p for p in pieces if isinstance(p, str))
+            calls = [
+                s.ToolCallDelta(index=before + k, id=p.id, type="function", function=s.ToolCallFunctionDelta(**p.function.model_dump()))
+                for k, p in enumerate(p for p in pieces if isinstance(p, s.ToolCall))
+            ]
+            finish = self._finish(finish, parser.calls)
+        if not (text or calls or finish or self.with_logprobs):
+            return None  # nothing to say yet (a character, a possible stop string or tool call is incomplete)
+        delta = s.ChatDelta(content=text or None, tool_calls=calls or None)
+        choice = s.ChatChunkChoice(index=index, delta=delta, logprobs=self._logprobs([event]), finish_reason=finish)
         return s.ChatCompletionChunk(**self._common(), choices=[choice])
 
     def usage_chunk(self) -> s.ChatCompletionChunk:
@@ -110,36 +143,56 @@ class ChatOutput(Output):
 class CompletionOutput(Output):
     prefix = "cmpl"
 
-    def _logprobs(self, events: list[TokenEvent], offset: int) -> s.CompletionLogprobs | None:
+    def __init__(self, *args, echo: list[list[int]] | None = None, **kwargs):
+        """`echo`: each choice's prompt, to put before its answer (None: no echo); with
+        logprobs, its tokens are scored too (the first has no logprob: nothing precedes it)."""
+        super().__init__(*args, **kwargs)
+        self.echo = echo
+
+    def _echoed(self, index: int) -> str:
+        return self.tokenizer.decode(self.echo[index]) if self.echo else ""
+
+    def _prompt_entries(self, index: int, first: TokenEvent) -> list[tuple]:
+        if not self.echo:
+            return []
+        ids = self.echo[index]
+        scored = [(lp, {self.token(t): v for t, v in top}) for lp, top in first.prompt_logprobs or []]
+        return [(self.token(t), *score) for t, score in zip(ids, [(None, None), *scored])]
+
+    def _logprobs(self, entries: list[tuple], offset: int) -> s.CompletionLogprobs | None:
+        """Entries: (token text, logprob, top alternatives) in order from `offset`."""
         if not self.with_logprobs:
             return None
         offsets = []
-        for e in events:
+        for text, _, _ in entries:
             offsets.append(offset)
-            offset += len(e.text)
+            offset += len(text)
         return s.CompletionLogprobs(
-            tokens=[self.token(e.token_id) for e in events],
-            token_logprobs=[e.logprob for e in events],
-            top_logprobs=[{self.token(t): lp for t, lp in e.top_logprobs or []} for e in events],
-            text_offset=offsets,
+            tokens=[e[0] for e in entries], token_logprobs=[e[1] for e in entries],
+            top_logprobs=[e[2] for e in entries], text_offset=offsets,
         )
+
+    def _entries(self, events: list[TokenEvent]) -> list[tuple]:
+        return [(self.token(e.token_id), e.logprob, {self.token(t): lp for t, lp in e.top_logprobs or []}) for e in events]
 
     def response(self) -> s.TextCompletion:
-        return s.TextCompletion(
-            **self._common(),
-            choices=[
-                s.CompletionChoice(index=i, text="".join(c.text), logprobs=self._logprobs(c.events, 0), finish_reason=c.finish_reason)
-                for i, c in enumerate(self.choices)
-            ],
-            usage=self.usage(),
-        )
+        choices = []
+        for i, c in enumerate(self.choices):
+            entries = self._prompt_entries(i, c.events[0]) + self._entries(c.events)
+            text = self._echoed(i) + "".join(c.text)
+            choices.append(s.CompletionChoice(index=i, text=text, logprobs=self._logprobs(entries, 0), finish_reason=c.finish_reason))
+        return s.TextCompletion(**self._common(), choices=choices, usage=self.usage())
 
     def chunk(self, index: int, event: TokenEvent) -> s.TextCompletion | None:
-        if not (event.text or event.finish_reason or self.with_logprobs):
+        first = len(self.choices[index].events) == 1  # add() has already counted this event
+        if not (event.text or event.finish_reason or self.with_logprobs or (first and self.echo)):
             return None
-        # add() has already counted this event: its offset is the text before it.
-        offset = self.choices[index].chars - len(event.text)
-        choice = s.CompletionChoice(index=index, text=event.text, logprobs=self._logprobs([event], offset), finish_reason=event.finish_reason)
+        if first:  # the echoed prompt comes with the first token, which brings its scores
+            text, entries, offset = self._echoed(index) + event.text, self._prompt_entries(index, event) + self._entries([event]), 0
+        else:
+            text, entries = event.text, self._entries([event])
+            offset = len(self._echoed(index)) + self.choices[index].chars - len(event.text)
+        choice = s.CompletionChoice(index=index, text=text, logprobs=self._logprobs(entries, offset), finish_reason=event.finish_reason)
         return s.TextCompletion(**self._common(), choices=[choice])
 
     def usage_chunk(self) -> s.TextCompletion:

@@ -1,14 +1,16 @@
 """Request and response bodies of the OpenAI-compatible API (the part fedsea serves).
 
 Requests ignore fields they do not know (clients send many); the ranges follow OpenAI's
-API reference, so a request OpenAI would refuse gets a 400 here too.  Fields OpenAI
-defines but fedsea cannot honour (JSON mode, logit_bias, echo, ...) are refused with a
-400 that says so, rather than silently ignored.
+API reference, so a request OpenAI would refuse gets a 400 here too, and an explicit
+null means the default wherever OpenAI allows null.  Fields OpenAI defines but fedsea
+cannot honour (suffix, best_of != n, non-text content) are refused with a 400 that
+says so, rather than silently ignored.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
@@ -18,10 +20,20 @@ Penalty = Annotated[float, Field(ge=-2, le=2)]
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 MAX_STOPS = 4
 MAX_CHOICES = 128  # OpenAI's limit on n; applied to prompts x n of a batch too
+MAX_TOOLS = 128  # OpenAI's limit on tools per request
+COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens, as OpenAI's
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        # Every nullable field here has null as its default, so an explicit null is
+        # the same as leaving the field out.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class ContentPart(_Request):
@@ -35,41 +47,106 @@ class ContentPart(_Request):
         return self
 
 
+class FunctionCall(_Request):
+    name: FunctionName
+    arguments: str
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments):
+        if not arguments.strip():  # some clients send "" for a call without arguments
+            return "{}"
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("a tool call's arguments must be a JSON object")
+        return arguments
+
+
+class MessageToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
 
     @model_validator(mode="after")
     def _has_content(self):
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
         return self
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
 
     def for_template(self) -> dict:
         """The message as the chat template expects it: plain text; `developer` is
         OpenAI's newer name for `system`."""
-        if isinstance(self.content, list):
-            text = "".join(part.text for part in self.content)
-        else:
-            text = self.content or ""
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
+
+
+class FunctionDefinition(_Request):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # JSON Schema; none: no arguments
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: FunctionName
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Request):
+    name: FunctionName
+    description: str | None = None
+    schema_: Annotated[dict[str, Any], Field(alias="schema")] = {}
+    strict: bool | None = None  # the schema is enforced either way
+
+
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
     @model_validator(mode="after")
-    def _text_only(self):
-        if self.type != "text":
-            raise ValueError(
-                f"response_format {self.type!r} is not supported: fedsea does not constrain decoding, so it "
-                "cannot guarantee valid JSON; ask for JSON in the prompt and validate it yourself"
-            )
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema")
         return self
+
+    @property
+    def answer_schema(self) -> dict | None:
+        """The JSON Schema the answer must follow (None: free text)."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        return self.json_schema.schema_ if self.type == "json_schema" else None
 
 
 class _SamplingRequest(_Request):
@@ -86,7 +163,7 @@ class _SamplingRequest(_Request):
     frequency_penalty: Penalty | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = None
     # Extras (vLLM's names): top_k -1 or 0 means no cut, repetition_penalty is HF's.
     top_k: Annotated[int, Field(ge=-1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None
@@ -102,15 +179,13 @@ class _SamplingRequest(_Request):
     def _check(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
         return self
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling(self, logprobs: int | None) -> SamplingParams:
+    def sampling(self, logprobs: int | None, prompt_logprobs: bool = False) -> SamplingParams:
         """Sampling parameters for the edge (max_tokens and seed are set per choice)."""
         temperature = 1.0 if self.temperature is None else self.temperature
         top_p = 1.0 if self.top_p is None else self.top_p
@@ -127,6 +202,8 @@ class _SamplingRequest(_Request):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0,
             logprobs=logprobs,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            prompt_logprobs=logprobs if prompt_logprobs else None,
         )
 
 
@@ -136,12 +213,36 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _check_logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools must have distinct function names")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice requires tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools")
+        if self.answer_schema is not None and self.tool_mode not in (None, "auto"):
+            raise ValueError("response_format and a required tool call cannot both constrain the answer")
         return self
+
+    @property
+    def answer_schema(self) -> dict | None:
+        return self.response_format.answer_schema if self.response_format else None
+
+    @property
+    def tool_mode(self) -> str | None:
+        """None (no tools in play), "auto", "required", or the one function's name."""
+        choice = self.tool_choice or ("auto" if self.tools else "none")
+        if choice == "none" or not self.tools:
+            return None
+        return choice if isinstance(choice, str) else choice.function.name
 
     @property
     def token_limit(self) -> int | None:
@@ -165,8 +266,6 @@ class CompletionRequest(_SamplingRequest):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        if self.echo:
-            raise ValueError("echo is not supported")
         if self.suffix:
             raise ValueError("suffix is not supported: the model does not do fill-in-the-middle")
         if self.best_of is not None and self.best_of != self.n:
@@ -174,8 +273,8 @@ class CompletionRequest(_SamplingRequest):
         return self
 
     @property
-    def token_limit(self) -> int | None:
-        return self.max_tokens
+    def token_limit(self) -> int:
+        return self.max_tokens or COMPLETION_MAX_TOKENS
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -209,16 +308,35 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer
+    def _calls_when_made(self) -> dict:
+        out = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return out
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletion(BaseModel):
@@ -231,20 +349,40 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class ToolCallFunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ToolCallFunctionDelta
+
+    @model_serializer
+    def _present_only(self) -> dict:
+        fn = {k: v for k, v in (("name", self.function.name), ("arguments", self.function.arguments)) if v is not None}
+        out = {"index": self.index, "id": self.id, "type": self.type, "function": fn}
+        return {k: v for k, v in out.items() if v is not None}
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer
     def _present_only(self) -> dict:  # a delta carries only what changed
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        out = {"role": self.role, "content": self.content, "tool_calls": self.tool_calls and [c.model_dump() for c in self.tool_calls]}
+        return {k: v for k, v in out.items() if v is not None}
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -259,8 +397,8 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None for an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

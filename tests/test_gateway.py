@@ -84,7 +84,9 @@ def test_chat_non_stream_counts_real_tokens(gw):
     assert choice.finish_reason == "length" and r.usage.completion_tokens == 6
     assert r.usage.total_tokens == r.usage.prompt_tokens + 6
     content = choice.logprobs.content
-    assert len(content) == 6 and all(len(t.top_logprobs) == 3 for t in content)
+    # the 3 most likely tokens, then the sampled one when it is not among them
+    assert len(content) == 6 and all(len(t.top_logprobs) in (3, 4) for t in content)
+    assert all(t.token in [a.token for a in t.top_logprobs] for t in content)
     assert all(t.top_logprobs[0].logprob >= t.logprob for t in content)
     assert "".join(t.token for t in content) == choice.message.content
 
@@ -311,8 +313,18 @@ BAD_CHAT = [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, None),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"stream_options": {"include_usage": True}}, None),  # without stream
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"logit_bias": {"42": 5}}, None),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "u", "schema": {"type": "array", "uniqueItems": True}}}}, "response_format"),
+    ({"logit_bias": {"42": 101}}, None),
+    ({"logit_bias": {"forty-two": 1}}, None),
+    ({"logit_bias": {"49152": 1}}, "logit_bias"),  # outside the vocabulary
+    ({"tool_choice": "required"}, None),  # without tools
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}, None),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, None),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, None),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}]}, "tools"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, "messages.0"),  # no tool_call_id
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]}, None),
     ({"seed": 2**64}, "seed"),
 ]
 
@@ -341,7 +353,7 @@ def test_request_shape_errors(gw):
 
 def test_completion_errors(gw):
     model = gw.settings.model_id
-    assert_error(post(gw, {"model": model, "prompt": "hi", "echo": True}, "/completions"), 400)
+    assert_error(post(gw, {"model": model, "prompt": "hi", "logit_bias": {"1": -101}}, "/completions"), 400)
     assert_error(post(gw, {"model": model, "prompt": "hi", "logprobs": 6}, "/completions"), 400, "logprobs")
     assert_error(post(gw, {"model": model, "prompt": [10**6]}, "/completions"), 400, "prompt")
     assert_error(post(gw, {"model": model, "prompt": ""}, "/completions"), 400, "prompt")

@@ -1,0 +1,342 @@
+"""Structured outputs, tool calls, logit_bias, echo, logprobs and spec defaults, through
+the official `openai` client against a real server runtime (tiny random model, whose
+free text is noise: whatever is valid below was made valid by the grammar)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from edge_runtime.constraints import Grammars
+from gateway import GatewaySettings, GatewayThread
+from gateway.tools import OPEN, call_grammar
+from gateway.schemas import Tool
+from server_runtime.app import ServerSettings, ServerThread
+
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+ANSWER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "alerts": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+    },
+    "required": ["city", "days", "unit", "alerts"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "Local time",
+                                      "parameters": {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"], "additionalProperties": False}}},
+]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+@pytest.fixture(scope="module")
+def gw(tiny_model_dir):
+    server = ServerThread(ServerSettings(model=str(tiny_model_dir), port=0))
+    gateway = GatewayThread(GatewaySettings(server_url=server.url, model=str(tiny_model_dir), port=0))
+    yield gateway.wait_ready()
+    gateway.stop()
+    server.stop()
+
+
+def client(gw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url, api_key="unused", max_retries=0)
+
+
+def chat(gw, **kw):
+    kw.setdefault("messages", USER)
+    return client(gw).chat.completions.create(model=gw.settings.model_id, **kw)
+
+
+def assert_valid_call(call, names=SCHEMAS) -> None:
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name in names
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+# ---- structured outputs -------------------------------------------------------------------
+
+
+def test_json_schema_answers_validate(gw):
+    fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": ANSWER, "strict": True}}
+    r = chat(gw, response_format=fmt, n=3, max_tokens=80, seed=1, temperature=1.0)
+    for choice in r.choices:
+        assert choice.finish_reason == "stop"  # the grammar completed, without waiting for EOS
+        jsonschema.validate(json.loads(choice.message.content), ANSWER)
+    assert len({c.message.content for c in r.choices}) > 1  # n choices still differ
+
+
+def test_json_schema_stream_with_stop_and_logprobs(gw):
+    fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": ANSWER}}
+    chunks = list(chat(gw, response_format=fmt, stream=True, max_tokens=80, seed=2, logprobs=True, top_logprobs=2, stop=["\n\n"]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    jsonschema.validate(json.loads(text), ANSWER)
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert "".join(t.token for t in tokens) == text
+    # the masked distribution: the sampled token is among the top ones it reports
+    assert all(t.token in [a.token for a in t.top_logprobs] for t in tokens)
+
+
+def test_json_object_is_an_object(gw):
+    r = chat(gw, response_format={"type": "json_object"}, max_tokens=64, seed=3, logit_bias={"2": -100})
+    if r.choices[0].finish_reason == "stop":  # a free-form object may run past max_tokens
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    assert r.choices[0].message.content.startswith("{")
+
+
+# ---- tool calls ---------------------------------------------------------------------------
+
+
+def test_required_tool_call_is_valid(gw):
+    r = chat(gw, tools=TOOLS, tool_choice="required", max_tokens=120, seed=4, parallel_tool_calls=False)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert len(choice.message.tool_calls) == 1
+    assert_valid_call(choice.message.tool_calls[0])
+
+
+def test_named_tool_choice_streams_deltas_that_assemble(gw):
+    named = {"type": "function", "function": {"name": "get_time"}}
+    chunks = list(chat(gw, tools=TOOLS, tool_choice=named, stream=True, max_tokens=120, seed=5, n=2, parallel_tool_calls=False))
+    calls: dict[tuple[int, int], dict] = {}
+    finish = {}
+    for c in chunks:
+        for ch in c.choices:
+            assert not ch.delta.content  # nothing but calls
+            for d in ch.delta.tool_calls or []:
+                call = calls.setdefault((ch.index, d.index), {"name": "", "arguments": ""})
+                call["name"] += d.function.name or ""
+                call["arguments"] += d.function.arguments or ""
+            if ch.finish_reason:
+                finish[ch.index] = ch.finish_reason
+    assert finish == {0: "tool_calls", 1: "tool_calls"}
+    assert {i for i, _ in calls} == {0, 1}
+    for call in calls.values():
+        assert call["name"] == "get_time"
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS["get_time"])
+
+
+def test_tool_result_turn_is_answered(gw):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}
+    result = "Sunny, 24 degrees, light wind from the west."
+    history = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    with_result = [*history, {"role": "tool", "tool_call_id": "call_1", "content": result}]
+    r = chat(gw, messages=with_result, tools=TOOLS, max_tokens=8, seed=6, logit_bias={"2": -100})
+    without = chat(gw, messages=history, tools=TOOLS, max_tokens=1, seed=6)
+    tokenizer = gw.backend.client.tokenizer
+    # the result reached the prompt, and a plain answer came back
+    assert r.usage.prompt_tokens - without.usage.prompt_tokens >= len(tokenizer(result).input_ids)
+    assert r.choices[0].message.content and r.choices[0].finish_reason == "length"
+
+
+def test_tool_choice_none_is_plain_text(gw):
+    r = chat(gw, tools=TOOLS, tool_choice="none", max_tokens=6, seed=7)
+    plain = chat(gw, max_tokens=6, seed=7)
+    assert r.choices[0].message.tool_calls is None
+    assert r.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_auto_constrains_a_call_once_started(gw):
+    grammars: Grammars = gw.backend.client.grammars
+    tools = [Tool.model_validate(t) for t in TOOLS]
+    grammar = grammars.lark(call_grammar(tools, "auto", parallel=True))
+    tok = grammars.tokenizer
+    plain = grammars.triggered(grammar, OPEN)
+    for t in tok("Hello", add_special_tokens=False).input_ids:
+        plain.advance(t)
+        assert plain.allowed() is None  # free text stays free
+    started = grammars.triggered(grammar, OPEN)
+    for t in tok("\n" + OPEN, add_special_tokens=False).input_ids:
+        started.advance(t)
+    allowed = started.allowed()
+    opening = tok('{"name": "', add_special_tokens=False).input_ids[0]
+    assert allowed[opening] and allowed.sum() < 10  # the call's JSON must follow
+    # auto with a response_format: the whole answer is either calls or the JSON answer
+    both = grammars.constraint(grammars.lark(call_grammar(tools, "auto", True, ANSWER)))
+    first = both.allowed()
+    assert first[tok("<", add_special_tokens=False).input_ids[0]] and first[tok("{", add_special_tokens=False).input_ids[0]]
+    assert not first[tok("Hello", add_special_tokens=False).input_ids[0]]
+
+
+# A chat template that takes tools (as Qwen 2.5's and Hermes' do), reduced to what the test reads.
+TOOL_TEMPLATE = """{%- if tools %}<|im_start|>system
+Functions:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>
+{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}
+{% for c in m.tool_calls or [] %}<tool_call>{{ {"name": c.function.name, "arguments": c.function.arguments} | tojson }}</tool_call>{% endfor %}{{ m.content or "" }}<|im_end|>
+{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def test_a_template_that_takes_tools_gets_them(tiny_model_dir, tmp_path):
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "tool-model")
+    (model_dir / "chat_template.jinja").write_text(TOOL_TEMPLATE)
+    server = ServerThread(ServerSettings(model=str(model_dir), port=0))
+    gateway = GatewayThread(GatewaySettings(server_url=server.url, model=str(model_dir), port=0))
+    try:
+        call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "c"}'}}
+        messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "tool_call_id": "call_1", "content": "Rain"}]
+        r = chat(gateway.wait_ready(), messages=messages, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=120, seed=12)
+        tokenizer = gateway.backend.client.tokenizer
+        hf_messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [{**call, "function": {"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}}]},
+                       {"role": "tool", "content": "Rain"}]
+        prompt = tokenizer.apply_chat_template(hf_messages, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+        assert "Functions: get_weather get_time" in prompt and '"city": "Oslo"' in prompt
+        assert r.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert_valid_call(r.choices[0].message.tool_calls[0])
+    finally:
+        gateway.stop()
+        server.stop()
+
+
+# ---- logit_bias, logprobs, echo -----------------------------------------------------------
+
+
+def test_logit_bias_changes_the_greedy_first_token(gw):
+    first = lambda r: r.choices[0].logprobs.content[0].token
+    base = chat(gw, max_tokens=1, temperature=0, seed=8, logprobs=True)
+    token_id = gw.backend.client.tokenizer.convert_tokens_to_ids(
+        gw.backend.client.tokenizer.tokenize(first(base))
+    )[0]
+    biased = chat(gw, max_tokens=1, temperature=0, seed=8, logprobs=True, logit_bias={str(token_id): -100})
+    assert first(biased) != first(base)
+    c = client(gw).completions.create(model=gw.settings.model_id, prompt="Hi", max_tokens=1, temperature=0, seed=8)
+    cb = client(gw).completions.create(model=gw.settings.model_id, prompt="Hi", max_tokens=1, temperature=0, seed=8,
+                                       logit_bias={str(t): -100 for t in gw.backend.client.tokenizer(c.choices[0].text).input_ids})
+    assert cb.choices[0].text != c.choices[0].text
+
+
+def test_sampled_token_is_in_top_logprobs_and_bytes_are_its_own(gw):
+    tokenizer = gw.backend.client.tokenizer
+    emoji = tokenizer("😀", add_special_tokens=False).input_ids
+    assert len(emoji) > 1  # its first token is part of a UTF-8 character
+    r = chat(gw, max_tokens=1, temperature=0, logprobs=True, top_logprobs=0, logit_bias={str(emoji[0]): 100})
+    (tok,) = r.choices[0].logprobs.content
+    assert bytes(tok.bytes) == "😀".encode()[: len(bytes(tok.bytes))] and len(tok.bytes) < 4
+    assert [(a.token, a.bytes) for a in tok.top_logprobs] == [(tok.token, tok.bytes)]
+    c = client(gw).completions.create(model=gw.settings.model_id, prompt="Hi", max_tokens=4, logprobs=0, seed=9)
+    lp = c.choices[0].logprobs
+    assert [list(d) for d in lp.top_logprobs] == [[t] for t in lp.tokens]
+
+
+def test_eos_is_not_in_chat_logprobs(gw):
+    r = chat(gw, max_tokens=3, temperature=0, logprobs=True, logit_bias={"2": 100})  # 2: the tiny model's EOS
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1
+    assert r.choices[0].logprobs.content == []
+
+
+def test_echo_and_default_max_tokens(gw):
+    model = gw.settings.model_id
+    r = client(gw).completions.create(model=model, prompt="Once upon a time", echo=True, seed=10, logit_bias={"2": -100})
+    assert r.choices[0].text.startswith("Once upon a time")
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+    chunks = list(client(gw).completions.create(model=model, prompt="Once upon a time", echo=True, seed=10, stream=True, logit_bias={"2": -100}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    # echo with logprobs scores the prompt too: its first token has nothing before it
+    ids = gw.backend.client.tokenizer("Once upon a time").input_ids
+    for stream in (False, True):
+        out = client(gw).completions.create(model=model, prompt=ids, echo=True, logprobs=1, max_tokens=2, seed=11, stream=stream)
+        pieces = [c.choices[0].logprobs for c in out if c.choices] if stream else [out.choices[0].logprobs]
+        tokens = [t for p in pieces for t in p.tokens]
+        lps = [v for p in pieces for v in p.token_logprobs]
+        tops = [t for p in pieces for t in p.top_logprobs]
+        assert len(tokens) == len(ids) + 2 and "".join(tokens[: len(ids)]) == "Once upon a time"
+        assert lps[0] is None and tops[0] is None and all(v < 0 for v in lps[1:])
+        assert all(t in top and top[t] == v for t, v, top in zip(tokens[1:], lps[1:], tops[1:]))
+
+
+# ---- spec details -------------------------------------------------------------------------
+
+
+def test_explicit_nulls_are_defaults(gw):
+    model = gw.settings.model_id
+    nulls = dict.fromkeys(["n", "stream", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
+                           "logit_bias", "logprobs", "stream_options", "max_tokens"])
+    chat_nulls = {**nulls, **dict.fromkeys(["tools", "tool_choice", "response_format", "top_logprobs", "parallel_tool_calls", "max_completion_tokens"])}
+    r = httpx.post(gw.url + "/chat/completions", json={"model": model, "messages": USER, **chat_nulls, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200, r.text
+    r = httpx.post(gw.url + "/completions", json={"model": model, "prompt": "Hi", **nulls, "echo": None, "suffix": None, "best_of": None}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 16
+
+
+def test_models_have_a_real_created_and_fingerprints_follow_the_config(gw, tiny_model_dir):
+    models = client(gw).models.list().data
+    assert all(m.created > 1_600_000_000 for m in models)
+    fp = chat(gw, max_tokens=1).system_fingerprint
+    assert fp == chat(gw, max_tokens=1).system_fingerprint
+    other = GatewayThread(GatewaySettings(server_url=gw.settings.server_url, model=str(tiny_model_dir), noise=0.05, port=0))
+    try:
+        r = client(other.wait_ready()).chat.completions.create(model=gw.settings.model_id, messages=USER, max_tokens=1)
+        assert r.system_fingerprint != fp
+    finally:
+        other.stop()
+
+
+def test_openapi_declares_error_statuses_and_metrics_as_text(gw):
+    doc = httpx.get(gw.url.removesuffix("/v1") + "/openapi.json").json()
+    post = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"400", "401", "404", "413", "429", "502", "503"} <= set(post)
+    assert post["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+
+
+# ---- /v1/responses ------------------------------------------------------------------------
+
+RESPONSE_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
+
+
+def test_responses_text_and_schema(gw):
+    c = client(gw)
+    r = c.responses.create(model=gw.settings.model_id, input="Hi", instructions="Be brief.", max_output_tokens=5, temperature=0)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.output_text and r.usage.output_tokens == 5
+    tokenizer = gw.backend.client.tokenizer
+    chat_prompt = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                                                add_generation_prompt=True, tokenize=False)
+    assert r.usage.input_tokens == len(tokenizer(chat_prompt, add_special_tokens=False).input_ids)  # instructions: the system turn
+    fmt = {"type": "json_schema", "name": "forecast", "schema": ANSWER, "strict": True}
+    r = c.responses.create(model=gw.settings.model_id, input=[{"role": "user", "content": [{"type": "input_text", "text": "Forecast?"}]}],
+                           text={"format": fmt}, max_output_tokens=80)
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), ANSWER)
+
+
+def test_responses_tool_call_streams_semantic_events(gw):
+    named = {"type": "function", "name": "get_weather"}
+    with client(gw).responses.stream(model=gw.settings.model_id, input="Weather in Rome?", tools=RESPONSE_TOOLS,
+                                     tool_choice=named, parallel_tool_calls=False, max_output_tokens=80) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert "response.function_call_arguments.done" in kinds
+    (call,) = final.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    # the call's result, sent back statelessly, is answered as text
+    history = [{"role": "user", "content": "Weather in Rome?"},
+               {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"}]
+    r = client(gw).responses.create(model=gw.settings.model_id, input=history, tools=RESPONSE_TOOLS, tool_choice="none", max_output_tokens=3)
+    assert r.output[0].type == "message" and r.output_text
+
+
+def test_responses_is_stateless(gw):
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client(gw).responses.create(model=gw.settings.model_id, input="Hi", previous_response_id="resp_123")
+    with pytest.raises(openai.BadRequestError):
+        client(gw).responses.create(model=gw.settings.model_id, input="Hi", tools=[{"type": "web_search"}])
