@@ -14,6 +14,10 @@ class ServerMetrics:
         self.connections = Gauge("fedsea_connections", "Open edge connections", registry=r)
         self.kv_blocks_used = Gauge("fedsea_kv_blocks_used", "KV pool blocks in use", registry=r)
         self.kv_blocks_free = Gauge("fedsea_kv_blocks_free", "KV pool blocks free", registry=r)
+        self.kv_blocks_cached = Gauge("fedsea_kv_blocks_cached", "KV blocks holding a cached prefix (in use or evictable)", registry=r)
+        self.prefix_evictions = Gauge("fedsea_prefix_cache_evictions", "Cached blocks evicted to make room, since start", registry=r)
+        self.prefix_queries = Counter("fedsea_prefix_cache_query_tokens", "Tokens of prefixes edges asked the cache for", registry=r)
+        self.prefix_hits = Counter("fedsea_prefix_cache_hit_tokens", "Tokens of those prefixes the cache held", registry=r)
         self.queue_depth = Gauge("fedsea_queue_depth", "Steps waiting for the model", registry=r)
         self.tokens_per_tick = Histogram(
             "fedsea_tokens_per_tick", "Tokens in one batched forward", registry=r,
