@@ -16,6 +16,7 @@ import asyncio
 import logging
 import random
 import threading
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
@@ -220,11 +221,13 @@ class AsyncEdgeClient:
                 for (s, c), p, g in zip(runs, choices, gens)
             ]
             if len(decodes) == 1:
-                async for event in decodes[0]:
-                    yield 0, event
+                async with aclosing(decodes[0]) as events:
+                    async for event in events:
+                        yield 0, event
             else:
-                async for item in _merge(decodes):
-                    yield item
+                async with aclosing(_merge(decodes)) as events:
+                    async for item in events:
+                        yield item
         finally:
             # Close even when the consumer stops early (a client disconnect cancels us).
             for s in sessions:

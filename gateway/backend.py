@@ -119,8 +119,8 @@ class Backend:
         """Run n choices per prompt concurrently, with the base model or the named adapter;
         yield (choice index, event) as they come.
 
-        Choice i = prompt_index * n + j uses seed + i, so the choices differ while a seeded
-        request stays reproducible (noise included: the edge derives it from the seed).
+        Choice i = prompt_index * n + j samples with seed + i, so the choices differ while a
+        seeded request stays reproducible.  The n choices of a prompt share one prefill.
         Leaving the iteration early (a client disconnect) cancels every choice, and each
         closes its server session on the way out.
         """
@@ -144,16 +144,17 @@ class Backend:
                 raise errors.context_too_long(
                     f"this model's maximum context length is {limit} tokens; the prompt has {len(prompt)}{asked}"
                 )
-            for j in range(n):
-                i = p * n + j
-                seed = None if params.seed is None else params.seed + i
-                jobs.append((i, prompt, replace(params, max_tokens=max_tokens or room, seed=seed)))
+            choices = [
+                replace(params, max_tokens=max_tokens or room, seed=None if params.seed is None else params.seed + p * n + j)
+                for j in range(n)
+            ]
+            jobs.append((p * n, prompt, choices))
 
         queue: asyncio.Queue = asyncio.Queue()
         started = time.monotonic()
-        tasks = [asyncio.create_task(self._choice(i, prompt, ps, adapter, queue, started)) for i, prompt, ps in jobs]
+        tasks = [asyncio.create_task(self._choices(first, prompt, ps, adapter, queue, started)) for first, prompt, ps in jobs]
         try:
-            remaining = len(tasks)
+            remaining = len(prompts) * n
             while remaining:
                 i, item = await queue.get()
                 if item is None:
@@ -166,23 +167,27 @@ class Backend:
             for task in tasks:
                 task.cancel()
 
-    async def _choice(self, index: int, prompt: list[int], params: SamplingParams, adapter: str | None,
-                      queue: asyncio.Queue, started: float) -> None:
+    async def _choices(self, first: int, prompt: list[int], choices: list[SamplingParams], adapter: str | None,
+                       queue: asyncio.Queue, started: float) -> None:
+        """The n choices of one prompt: one prefill, then forks (edge_runtime.client)."""
         m = self.metrics
-        m.running.inc()
-        m.prompt_tokens.inc(len(prompt))
-        last = None
+        m.running.inc(len(choices))
+        m.prompt_tokens.inc(len(prompt) * len(choices))
+        last: dict[int, float] = {}
+        running = len(choices)
         try:
-            async for event in self.client.stream_tokens(prompt, params, adapter=adapter):
+            async for j, event in self.client.stream_choices(prompt, choices, adapter=adapter):
                 now = time.monotonic()
-                (m.ttft if last is None else m.inter_token).observe(now - (started if last is None else last))
-                last = now
+                (m.ttft if j not in last else m.inter_token).observe(now - last.get(j, started))
+                last[j] = now
                 m.generation_tokens.inc()
+                queue.put_nowait((first + j, event))
                 if event.finish_reason:
                     m.finished.labels(event.finish_reason).inc()
-                queue.put_nowait((index, event))
-            queue.put_nowait((index, None))
+                    m.running.dec()
+                    running -= 1
+                    queue.put_nowait((first + j, None))
         except Exception as e:
-            queue.put_nowait((index, e))
+            queue.put_nowait((first, e))
         finally:
-            m.running.dec()
+            m.running.dec(running)
