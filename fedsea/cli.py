@@ -63,6 +63,9 @@ def _edge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address of the OpenAI-compatible API (default: %(default)s)")
     p.add_argument("--port", type=int, default=defaults.GATEWAY_PORT, help="port of the OpenAI-compatible API (default: %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("FEDSEA_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1 (default: $FEDSEA_API_KEY, else no key)")
+    p.add_argument("--edge-cache-memory", default="256MiB",
+                   help="memory for recent conversations' edge state, so a chat's next turn computes and sends only "
+                        "its new tokens (bytes, e.g. 512MiB; 0 turns prefix reuse off; default: %(default)s)")
 
 
 def _serve_parser(sub) -> None:
@@ -85,9 +88,12 @@ def _gateway_parser(sub) -> None:
 def _gateway_settings(args, server_url: str, server_api_key: str | None = None):
     from gateway import GatewaySettings
 
+    from server_runtime.kv_pool import parse_memory
+
     if args.noise < 0:
         raise ValueError(f"--noise must be >= 0, got {args.noise}")
     return GatewaySettings(
+        edge_cache_memory=parse_memory(args.edge_cache_memory),
         server_url=server_url, server_api_key=server_api_key, model=args.model, head=args.head, tail=args.tail,
         noise=args.noise, host=args.host, port=args.port, api_key=args.api_key, adapters=_adapters(args),
     )

@@ -41,6 +41,7 @@ class GatewaySettings:
     port: int = defaults.GATEWAY_PORT
     api_key: str | None = None  # when set, /v1 requires "Authorization: Bearer <key>"
     adapters: dict[str, str] = field(default_factory=dict)  # fine-tuned LoRA adapters: model id -> dir
+    edge_cache_memory: int = 256 * 2**20  # bytes of recent conversations kept for prefix reuse (0: off)
 
     @property
     def model_id(self) -> str:
@@ -74,7 +75,7 @@ class Backend:
         try:
             self.client = await asyncio.to_thread(
                 AsyncEdgeClient, s.server_url, s.model, s.head, s.tail, s.noise, api_key=s.server_api_key,
-                adapters=s.adapters,
+                adapters=s.adapters, edge_cache_memory=s.edge_cache_memory,
             )
         except Exception as e:
             self.problem = f"the edge model failed to load: {e}"

@@ -398,6 +398,12 @@ def test_metrics(gw):
     after = scrape()
     assert after[ok] == before.get(ok, 0) + 1 and after[tokens] == before[tokens] + 3
     assert after[("fedsea_gateway_ready", ())] == 1 and after[("fedsea_gateway_generations_running", ())] == 0
+    # The same chat again: the edge finds its whole prompt in the prefix store.
+    chat(gw, max_tokens=3)
+    again = scrape()
+    queried = again[("fedsea_gateway_edge_prefix_query_tokens", ())] - after[("fedsea_gateway_edge_prefix_query_tokens", ())]
+    hit = again[("fedsea_gateway_edge_prefix_hit_tokens", ())] - after[("fedsea_gateway_edge_prefix_hit_tokens", ())]
+    assert queried > 0 and hit == queried and again[("fedsea_gateway_edge_prefix_entries", ())] >= 1
 
 
 def test_fedsea_gateway_command(start_server, tiny_model_dir, tmp_path):
