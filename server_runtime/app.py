@@ -215,6 +215,7 @@ class ServerRuntime:
             pass
 
     async def _on_frame(self, conn: _Connection, data: bytes | str) -> None:
+        self.metrics.received_bytes.inc(len(data))
         if len(data) > self.settings.max_message_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"message of {len(data)} bytes exceeds the limit of {self.settings.max_message_bytes}")
         message, tensor = decode(data)

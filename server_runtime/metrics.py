@@ -27,6 +27,7 @@ class ServerMetrics:
         self.step_latency = Histogram("fedsea_step_latency_seconds", "Time from a step's arrival to its output", registry=r)
         self.tick_seconds = Histogram("fedsea_tick_seconds", "Duration of one batched forward", registry=r)
         self.tokens = Counter("fedsea_tokens", "Tokens through the middle blocks", registry=r)
+        self.received_bytes = Counter("fedsea_received_bytes", "Bytes of frames received from edges", registry=r)
         self.errors = Counter("fedsea_errors", "Refused messages by error code", ["code"], registry=r)
 
     def render(self) -> bytes:

@@ -1,0 +1,138 @@
+"""An 8-turn chat through `fedsea serve` (default model, split and noise): time to first
+token and bytes sent upstream (edge -> server runtime) per turn, with prefix reuse on
+(the default) and off (`--edge-cache-memory 0`: every turn recomputes and re-sends its
+whole history), one mode after the other on the same machine.  Each turn adds a user
+message and a greedy reply, about 175 new tokens together.
+
+vLLM-CPU's numbers for the same conversation are only measured when vllm is installed.
+
+    python benchmarks/multiturn.py [--turns 8] [--reply-tokens 75]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import openai
+
+from fedsea_shared import defaults
+from server_runtime.process import _healthy, free_port
+
+RESULTS = Path(__file__).parent / "results"
+TOPICS = [
+    "the history of the lighthouse on the northern cape, who built it, how its lamp was lit before electricity",
+    "how a small bakery could plan its week: ordering flour, shaping dough overnight, and pricing bread",
+    "the rules of a card game my grandmother taught me, where each player draws three cards and passes one",
+    "why the river in our town floods every spring and what the council could do about the old bridge",
+    "a plan for a two-day hike in the mountains with a tent, a small stove and water filters",
+    "how to explain fractions to a ten year old using pizza slices, measuring cups and a ruler",
+    "the differences between keeping bees in wooden hives and in straw skeps, and which is kinder",
+    "a short speech for my sister's wedding that is funny but not embarrassing, mentioning her cat",
+]
+
+
+def user_message(turn: int) -> str:
+    topic = TOPICS[turn % len(TOPICS)]
+    return (f"Turn {turn + 1}. I would like to talk about {topic}. Please keep in mind everything we said "
+            f"before, be concrete, and give me a few numbered points with short explanations. Also tell me "
+            f"one thing people often get wrong about it, and one question I should ask an expert about {topic}.")
+
+
+def server_bytes(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("fedsea_received_bytes_total "):
+                return float(line.split()[1])
+    raise RuntimeError("the server runtime reports no fedsea_received_bytes_total")
+
+
+@contextmanager
+def fedsea_serve(log_path: Path, extra: list[str]):
+    port, server_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "fedsea.cli", "serve", "--port", str(port), "--server-port", str(server_port), *extra]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        try:
+            deadline = time.monotonic() + 300
+            while not _healthy(port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"fedsea serve did not become healthy; see {log_path}")
+                time.sleep(0.2)
+            yield f"http://127.0.0.1:{port}/v1", server_port
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def conversation(url: str, server_port: int, turns: int, reply_tokens: int) -> list[dict]:
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    messages, rows = [], []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": user_message(turn)})
+        sent_before = server_bytes(server_port)
+        t0 = time.perf_counter()
+        first, text, usage = None, [], None
+        stream = client.chat.completions.create(
+            model=defaults.MODEL, messages=messages, temperature=0, max_tokens=reply_tokens, stream=True,
+            stream_options={"include_usage": True},
+        )
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter()
+                text.append(chunk.choices[0].delta.content)
+        messages.append({"role": "assistant", "content": "".join(text)})
+        rows.append({
+            "turn": turn + 1, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "ttft_s": round(first - t0, 3), "upstream_bytes": int(server_bytes(server_port) - sent_before),
+        })
+        print(f"  turn {turn + 1}: {rows[-1]}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--turns", type=int, default=8)
+    p.add_argument("--reply-tokens", type=int, default=75)
+    p.add_argument("--out", type=Path, default=RESULTS / "multiturn.json")
+    args = p.parse_args(argv)
+    modes = {"reuse": [], "no_reuse": ["--edge-cache-memory", "0"]}
+    results = {}
+    for name, extra in modes.items():
+        print(f"{name}: fedsea serve {' '.join(extra)}", flush=True)
+        with fedsea_serve(args.out.with_suffix(f".{name}.log"), extra) as (url, server_port):
+            results[name] = conversation(url, server_port, args.turns, args.reply_tokens)
+    vllm = "skipped: vllm is not installed" if importlib.util.find_spec("vllm") is None else "installed but not driven by this script"
+    print(f"vLLM-CPU: {vllm}")
+
+    print(f"\n{'turn':>4} {'prompt':>7} | {'TTFT reuse':>10} {'bytes reuse':>12} | {'TTFT off':>9} {'bytes off':>11}")
+    for a, b in zip(results["reuse"], results["no_reuse"]):
+        print(f"{a['turn']:>4} {a['prompt_tokens']:>7} | {a['ttft_s']:>9.2f}s {a['upstream_bytes']:>12,} | "
+              f"{b['ttft_s']:>8.2f}s {b['upstream_bytes']:>11,}")
+    summary = {}
+    for name, rows in results.items():
+        if len(rows) >= 2:
+            summary[name] = {"ttft_last_over_turn2": round(rows[-1]["ttft_s"] / rows[1]["ttft_s"], 2)}
+    print(f"turn {args.turns} TTFT / turn 2 TTFT: " + ", ".join(f"{k} {v['ttft_last_over_turn2']}x" for k, v in summary.items()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other jobs)",
+        "model": defaults.MODEL, "turns": args.turns, "reply_tokens": args.reply_tokens,
+        "results": results, "summary": summary, "vllm": vllm,
+    }, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
