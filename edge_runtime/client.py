@@ -240,14 +240,10 @@ class AsyncEdgeClient:
         n = len(prompt_ids)
         m, prior = self.prefixes.lookup(scope, prompt_ids)
         reuse = min(m, n - 1)  # the last token's logits are always computed afresh
-        chain = NoiseChain(self.noise_key, self.model_id, (self.partition.head, self.partition.tail), noise, adapter)
-        if prior is not None:
-            chain.seek(prior.digests[m - 1], m)
         # Head K/V is reused up to m; the tail's from `reuse` on is overwritten below.
         cache = prior.cache.fork(m) if prior is not None else SequenceCache()
-        session = InferenceSession(self.connection, noise, chain, self._prefix_root(adapter),
-                                   prior.sent[:m] if prior is not None else None,
-                                   prior.digests[:m] if prior is not None else (), adapter=adapter)
+        session = self.new_session(noise, adapter, prior.sent[:m] if prior is not None else None,
+                                   prior.digests[:m] if prior is not None else [])
         try:
             await session.open()
             new = torch.tensor(prompt_ids[m:], dtype=torch.long)
@@ -259,9 +255,16 @@ class AsyncEdgeClient:
             raise
         return session, cache, logits
 
-    def _prefix_root(self, adapter: str | None) -> bytes:
+    def new_session(self, noise: float, adapter: str | None = None, prior: torch.Tensor | None = None,
+                    prior_digests: list[bytes] = ()) -> InferenceSession:
+        """A server session (not yet open) whose noise is keyed by this edge's key;
+        `prior`: the states sent before for the first len(prior) tokens, with their digests."""
+        chain = NoiseChain(self.noise_key, self.model_id, (self.partition.head, self.partition.tail), noise, adapter)
+        if prior_digests:
+            chain.seek(prior_digests[-1], len(prior_digests))
         hello = self.hello
-        return prefix_root(hello.num_layers, hello.hidden_size, hello.layers, hello.dtype, adapter)
+        root = prefix_root(hello.num_layers, hello.hidden_size, hello.layers, hello.dtype, adapter)
+        return InferenceSession(self.connection, noise, chain, root, prior, prior_digests, adapter=adapter)
 
     async def _decode(self, worker, session, cache, prompt_ids, logits, params, sample_gen, max_context,
                       scope) -> AsyncIterator[TokenEvent]:
