@@ -60,6 +60,17 @@ class InferenceSession:
     def length(self) -> int:
         return sum(t.shape[0] for t in self._sent)
 
+    def _unsent(self) -> torch.Tensor:
+        """The states from `position` on, touching only the pieces that hold them (a
+        decode step sends its one new row without concatenating the history)."""
+        need, parts = self.length - self.position, []
+        for t in reversed(self._sent):
+            if need <= 0:
+                break
+            parts.append(t[-need:] if t.shape[0] > need else t)
+            need -= parts[-1].shape[0]
+        return parts[0] if len(parts) == 1 else torch.cat(parts[::-1])
+
     async def open(self) -> "InferenceSession":
         self.conn = await self._connect()
         sid = self.conn.new_sid()
@@ -112,7 +123,7 @@ class InferenceSession:
             self.digests += digests
         for attempt in range(self.max_retries + 1):
             try:
-                pending = self.sent[self.position :]
+                pending = self._unsent()
                 out = await self.conn.step(self.sid, self.position, pending)
                 break
             except ConnectionLost:
