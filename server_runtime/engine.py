@@ -15,13 +15,12 @@ import threading
 import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Callable, Hashable, Protocol
+from typing import Callable, Hashable, NamedTuple, Protocol
 
 import torch
 
-from fedsea_shared.protocol import ErrorCode, ProtocolError
-
 from fedsea_shared.prefix import PrefixHasher
+from fedsea_shared.protocol import ErrorCode, ProtocolError
 
 from .kv_pool import BlockTable, KVPool
 from .metrics import ServerMetrics
@@ -37,6 +36,12 @@ class EngineBackend(Protocol):
     def step(self, key: Hashable, pos: int, hidden: torch.Tensor) -> Future: ...
     def close(self, key: Hashable) -> Future: ...
     def shutdown(self) -> None: ...
+
+
+class _OpenRequest(NamedTuple):
+    model: str | None  # the adapter (None: the base model)
+    root: bytes  # the session's block-key root (fedsea_shared.prefix)
+    prefix: list[bytes]  # block keys of the prefix the edge hopes the cache holds
 
 
 @dataclass
@@ -61,7 +66,7 @@ class Engine:
         self.metrics = metrics
         self.scheduler = Scheduler(pool, settings.token_budget, settings.wait_timeout)
         self.sessions: dict[Hashable, Session] = {}
-        self._opens: list[tuple[Hashable, tuple, Future, float]] = []  # waiting for capacity
+        self._opens: list[tuple[Hashable, _OpenRequest, Future, float]] = []  # waiting for capacity
         self._next_idle_sweep = 0.0
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="fedsea-engine", daemon=True)
@@ -74,7 +79,7 @@ class Engine:
     def open(self, key: Hashable, model: str | None = None, root: bytes = b"", prefix: list[bytes] = ()) -> Future:
         """Open a session; `root` and `prefix` are its block-key root and the keys of the
         prefix the edge hopes is cached.  Resolves to the number of tokens it already holds."""
-        return self._submit(lambda fut: self._open(key, (model, root, list(prefix)), fut))
+        return self._submit(lambda fut: self._open(key, _OpenRequest(model, root, list(prefix)), fut))
 
     def fork(self, key: Hashable, parent: Hashable) -> Future:
         """Open `key` as a copy of the idle session `parent`, sharing its KV blocks."""
@@ -212,10 +217,9 @@ class Engine:
 
     # ---- commands (run on the worker thread) -------------------------------------------
 
-    def _open(self, key: Hashable, spec: tuple, fut: Future) -> None:
-        model = spec[0]
-        if model not in self.runners:
-            self._fail_future(fut, ProtocolError(ErrorCode.UNKNOWN_ADAPTER, f"no adapter {model!r} on this server", key[-1]))
+    def _open(self, key: Hashable, spec: _OpenRequest, fut: Future) -> None:
+        if spec.model not in self.runners:
+            self._fail_future(fut, ProtocolError(ErrorCode.UNKNOWN_ADAPTER, f"no adapter {spec.model!r} on this server", key[-1]))
         elif key in self.sessions or any(k == key for k, _, _, _ in self._opens):
             self._fail_future(fut, ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open", key[-1]))
         elif self.pool.allocator.num_free >= self.settings.admission_free_blocks:
@@ -223,7 +227,7 @@ class Engine:
         else:
             self._opens.append((key, spec, fut, time.monotonic()))
 
-    def _admit(self, key: Hashable, spec: tuple, fut: Future) -> None:
+    def _admit(self, key: Hashable, spec: _OpenRequest, fut: Future) -> None:
         model, root, prefix = spec
         session = Session(key, BlockTable(self.pool.block_size), model, PrefixHasher(root, self.pool.block_size))
         hits = self.pool.share_prefix(session.table, prefix) if prefix else 0
