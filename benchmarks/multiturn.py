@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import ExitStack, contextmanager
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         chats = {}
         for name, extra in modes.items():
             print(f"{name}: fedsea serve {' '.join(extra)}", flush=True)
-            url, server_port = stack.enter_context(fedsea_serve(args.out.with_suffix(f".{name}.log"), extra))
+            log = Path(tempfile.gettempdir()) / f"fedsea_multiturn_{name}.log"
+            url, server_port = stack.enter_context(fedsea_serve(log, extra))
             chats[name] = Conversation(url, server_port, args.reply_tokens)
         for turn in range(args.turns):
             for name, chat in chats.items():
