@@ -23,7 +23,6 @@ import torch
 
 from edge_runtime.client import AsyncEdgeClient
 from edge_runtime.model import SequenceCache
-from edge_runtime.session import InferenceSession
 from fedsea_shared import defaults
 from fedsea_shared.models import resolve_model
 from fedsea_shared.protocol import Step, encode, tensor_meta
@@ -41,12 +40,12 @@ def frame_bytes(tokens: int, hidden: int, dtype: torch.dtype, sid: int = 0, pos:
 async def kv_collaboration(client: AsyncEdgeClient, prompt: list[int], steps: int) -> list[float]:
     """Per decode step seconds: one hidden state each way."""
     worker = client.worker
-    session = await InferenceSession(client.connection, 0.0, None).open()
+    session = await client.new_session(0.0).open()
     cache = SequenceCache()
     x, pos, times = torch.tensor(prompt), 0, []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        out = await session.step(await worker.head(cache, pos, x))
+        out = await session.step(await worker.head(cache, pos, x), x.tolist())
         logits = await worker.tail(cache, pos, out)
         pos += x.shape[0]
         x = torch.tensor([int(logits.argmax())])
@@ -62,9 +61,9 @@ async def naive_split(client: AsyncEdgeClient, prompt: list[int], steps: int) ->
     seq, times = list(prompt), []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        session = await InferenceSession(client.connection, 0.0, None).open()
+        session = await client.new_session(0.0).open()
         cache = SequenceCache()
-        out = await session.step(await worker.head(cache, 0, torch.tensor(seq)))
+        out = await session.step(await worker.head(cache, 0, torch.tensor(seq)), seq)
         logits = await worker.tail(cache, 0, out)
         await session.close()
         seq.append(int(logits.argmax()))

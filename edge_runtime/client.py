@@ -16,6 +16,7 @@ import asyncio
 import logging
 import random
 import threading
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
@@ -25,12 +26,16 @@ from transformers import AutoTokenizer, GenerationConfig
 from fedsea_shared import defaults
 from fedsea_shared.adapters import load_adapters
 from fedsea_shared.models import resolve_model
+from fedsea_shared.noise import KEY_BYTES, NoiseChain
+from fedsea_shared.prefix import prefix_root
 from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello
 from fedsea_shared.shard import Partition, load_config, load_edge_shard
 
 from .connection import ServerConnection, ServerError
 from .constraints import Constraint, Grammars
+from .keys import load_or_create_key
 from .model import EdgeModel, EdgeWorker, SequenceCache
+from .prefix_cache import Prefix, PrefixStore
 from .sampling import SamplingParams, sample, score_prompt
 from .session import InferenceSession
 from .text import IncrementalDetokenizer, StopMatcher
@@ -75,9 +80,13 @@ class AsyncEdgeClient:
         device: str = "cpu",
         api_key: str | None = None,
         adapters: dict[str, str] | None = None,
+        noise_key: bytes | None = None,
+        edge_cache_memory: int = 256 * 2**20,
     ):
         """`adapters`: fine-tuned LoRA adapters by name (-> directory) a generation may
-        pick; the server must serve each under the same name."""
+        pick; the server must serve each under the same name.  `noise_key`: the secret
+        the noise is keyed with (default: this installation's, see edge_runtime.keys).
+        `edge_cache_memory`: bytes of recent conversations kept for prefix reuse (0: off)."""
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}")
         self.server_url = server_url
@@ -92,6 +101,11 @@ class AsyncEdgeClient:
         self.workers: dict[str | None, EdgeWorker] = {None: self.worker}
         for name, adapted in load_adapters(shard, model, adapters or {}).items():
             self.workers[name] = EdgeWorker(EdgeModel(adapted, self.partition))
+        self.noise_key = load_or_create_key() if noise_key is None else noise_key
+        if len(self.noise_key) != KEY_BYTES:
+            raise ValueError(f"noise_key must be {KEY_BYTES} bytes, got {len(self.noise_key)}")
+        self.model_id = f"{model_dir.name}|{self.config.num_hidden_layers}|{self.config.hidden_size}"
+        self.prefixes = PrefixStore(edge_cache_memory)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.eos_ids = _eos_ids(model_dir, self.tokenizer)
         self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.eos_ids)
@@ -121,9 +135,7 @@ class AsyncEdgeClient:
             self._connect_lock = asyncio.Lock()
         async with self._connect_lock:
             if self._conn is None or self._conn.closed:
-                self._conn = await ServerConnection.connect(
-                    self.server_url, self.hello, self.api_key, max_step_tokens=self.config.max_position_embeddings
-                )
+                self._conn = await ServerConnection.connect(self.server_url, self.hello, self.api_key)
             return self._conn
 
     async def aclose(self) -> None:
@@ -167,9 +179,27 @@ class AsyncEdgeClient:
         event carries finish_reason.  `constraint` (this generation's own, from
         `self.grammars`) restricts each token to what its grammar admits, and ends the
         generation when the grammar is complete."""
-        params.validate()
+        async for _, event in self.stream_choices(prompt_ids, [params], noise, adapter, [constraint]):
+            yield event
+
+    async def stream_choices(
+        self, prompt_ids: list[int], choices: list[SamplingParams], noise: float | None = None,
+        adapter: str | None = None, constraints: list[Constraint | None] | None = None,
+    ) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """Generate len(choices) continuations of one prompt, yielding (choice, event) as
+        they come.  The prompt is sent and prefilled once; the choices fork it.  `seed`
+        only seeds sampling: the noise is keyed to the tokens, so every request with the
+        same prefix sends the server the same states.  `constraints[i]` is choice i's own
+        grammar state (None: free text)."""
+        for params in choices:
+            params.validate()
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        if not choices:
+            raise ValueError("no choices to generate")
+        constraints = constraints or [None] * len(choices)
+        if len(constraints) != len(choices):
+            raise ValueError(f"{len(choices)} choices but {len(constraints)} constraints")
         worker = self.workers.get(adapter)
         if worker is None:
             raise ValueError(f"this edge has no adapter {adapter!r} (loaded: {sorted(a for a in self.workers if a) or 'none'})")
@@ -188,41 +218,87 @@ class AsyncEdgeClient:
         max_context = min(conn.welcome.max_context, self.config.max_position_embeddings)
         if len(prompt_ids) >= max_context:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context limit is {max_context}")
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        noise_gen = torch.Generator().manual_seed(seed)
-        sample_gen = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
+        gens = [torch.Generator().manual_seed(p.seed if p.seed is not None else random.getrandbits(63)) for p in choices]
 
-        session = InferenceSession(self.connection, noise, noise_gen, adapter=adapter)
+        scope = (adapter, noise)
+        sessions: list[InferenceSession] = []
         try:
-            await session.open()
-            async for event in self._decode(worker, session, prompt_ids, params, sample_gen, max_context, constraint):
-                yield event
+            # Prompt scores are the same for every choice: one request asks for them for all.
+            scored = choices[0].prompt_logprobs
+            session, cache, logits, scores = await self._prefill(worker, prompt_ids, noise, adapter, scope, scored)
+            sessions.append(session)
+            runs = [(session, cache)]
+            for _ in choices[1:]:
+                sessions.append(await session.fork())
+                runs.append((sessions[-1], cache.fork(len(prompt_ids))))
+            decodes = [
+                self._decode(worker, s, c, prompt_ids, logits, scores, p, g, k, max_context, scope)
+                for (s, c), p, g, k in zip(runs, choices, gens, constraints)
+            ]
+            if len(decodes) == 1:
+                async with aclosing(decodes[0]) as events:
+                    async for event in events:
+                        yield 0, event
+            else:
+                async with aclosing(_merge(decodes)) as events:
+                    async for item in events:
+                        yield item
         finally:
             # Close even when the consumer stops early (a client disconnect cancels us).
-            await asyncio.shield(session.close())
+            for s in sessions:
+                await asyncio.shield(s.close())
 
-    async def _decode(self, worker, session, prompt_ids, params, sample_gen, max_context, constraint) -> AsyncIterator[TokenEvent]:
-        cache = SequenceCache()
+    async def _prefill(self, worker, prompt_ids, noise, adapter, scope, scored: int | None):
+        """Open a session holding the prompt; return it, the edge cache, the logits of the
+        prompt's last token and, if `scored` (top alternatives) is set, the prompt's scores.
+        A stored prefix of the prompt is neither recomputed on the edge nor sent in a new
+        version to the server.  Scoring needs the tail over the whole prompt, so it reuses
+        nothing (the keyed noise still gives the server the states it saw before)."""
+        n = len(prompt_ids)
+        m, prior = self.prefixes.lookup(scope, prompt_ids) if scored is None else (0, None)
+        reuse = min(m, n - 1)  # the last token's logits are always computed afresh
+        # Head K/V is reused up to m; the tail's from `reuse` on is overwritten below.
+        cache = prior.cache.fork(m) if prior is not None else SequenceCache()
+        session = self.new_session(noise, adapter, prior.sent[:m] if prior is not None else None,
+                                   prior.digests[:m] if prior is not None else [])
+        try:
+            await session.open()
+            new = torch.tensor(prompt_ids[m:], dtype=torch.long)
+            hidden = await worker.head(cache, m, new) if m < n else torch.empty(0, self.config.hidden_size, dtype=worker.model.dtype)
+            out = await session.step(hidden, prompt_ids[m:])
+            logits = await worker.tail(cache, reuse, out[out.shape[0] - (n - reuse):], every=scored is not None)
+        except BaseException:
+            await asyncio.shield(session.close())
+            raise
+        if scored is None:
+            return session, cache, logits, None
+        return session, cache, logits[-1], score_prompt(logits, torch.tensor(prompt_ids), scored)
+
+    def new_session(self, noise: float, adapter: str | None = None, prior: torch.Tensor | None = None,
+                    prior_digests: list[bytes] = ()) -> InferenceSession:
+        """A server session (not yet open) whose noise is keyed by this edge's key;
+        `prior`: the states sent before for the first len(prior) tokens, with their digests."""
+        chain = NoiseChain(self.noise_key, self.model_id, (self.partition.head, self.partition.tail), noise, adapter)
+        if prior_digests:
+            chain.seek(prior_digests[-1], len(prior_digests))
+        hello = self.hello
+        root = prefix_root(hello.num_layers, hello.hidden_size, hello.layers, hello.dtype, adapter)
+        return InferenceSession(self.connection, noise, chain, root, prior, prior_digests, adapter=adapter)
+
+    async def _decode(self, worker, session, cache, prompt_ids, logits, prompt_scores, params, sample_gen,
+                      constraint, max_context, scope) -> AsyncIterator[TokenEvent]:
         prompt = torch.tensor(prompt_ids)
         generated: list[int] = []
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(params.stop)
-        pos, x = 0, prompt
+        pos = len(prompt_ids)
         while True:
-            hidden = await worker.head(cache, pos, x)
-            out = await session.step(hidden)
-            scored = pos == 0 and params.prompt_logprobs is not None
-            logits = await worker.tail(cache, pos, out, every=scored)
-            if scored:
-                prompt_scores = score_prompt(logits, prompt, params.prompt_logprobs)
-                logits = logits[-1]
-            pos += x.shape[0]
             allowed = constraint.allowed() if constraint else None
             s = sample(logits, params, sample_gen, prompt, torch.tensor(generated, dtype=torch.long), allowed)
             generated.append(s.token_id)
             if constraint:
                 constraint.advance(s.token_id)
-            event = TokenEvent(s.token_id, "", s.logprob, s.top, prompt_logprobs=prompt_scores if scored else None)
+            event = TokenEvent(s.token_id, "", s.logprob, s.top, prompt_logprobs=None if generated[1:] else prompt_scores)
             if s.token_id in self.eos_ids:
                 event.text, event.finish_reason = stops.flush(), "stop"
             else:
@@ -235,10 +311,47 @@ class AsyncEdgeClient:
                 elif len(generated) >= params.max_tokens or pos + 1 >= max_context:
                     event.text += stops.flush()
                     event.finish_reason = "length"
+            if event.finish_reason:
+                # Remember the sequence the server and the edge now hold (the last token
+                # was sampled, never sent): the next turn of this chat starts with it.
+                self.prefixes.insert(scope, Prefix(prompt_ids + generated[:-1], session.sent, session.digests, cache))
             yield event
             if event.finish_reason:
                 return
             x = torch.tensor([s.token_id])
+            hidden = await worker.head(cache, pos, x)
+            out = await session.step(hidden, [s.token_id])
+            logits = await worker.tail(cache, pos, out[-1:])
+            pos += 1
+
+
+async def _merge(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """Run several event streams concurrently; yield (stream index, event)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for event in stream:
+                queue.put_nowait((i, event))
+            queue.put_nowait((i, None))
+        except BaseException as e:
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _eos_ids(model_dir, tokenizer) -> set[int]:

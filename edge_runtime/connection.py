@@ -29,6 +29,7 @@ from fedsea_shared.protocol import (
     Closed,
     Error,
     ErrorCode,
+    Fork,
     Hello,
     Open,
     Opened,
@@ -133,8 +134,16 @@ class ServerConnection:
     def new_sid(self) -> int:
         return next(self._sids)
 
-    async def open(self, sid: int, noise: float, adapter: str | None = None) -> None:
-        await self._request(sid, encode(Open(sid=sid, noise=noise, adapter=adapter)), Opened)
+    async def open(self, sid: int, noise: float, adapter: str | None = None, prefix: list[bytes] | None = None) -> int:
+        """Open a session; returns how many tokens of `prefix` (block keys) the server holds."""
+        keys = [k.hex() for k in prefix] if prefix else None
+        message, _ = await self._request(sid, encode(Open(sid=sid, noise=noise, adapter=adapter, prefix=keys)), Opened)
+        return message.cached
+
+    async def fork(self, sid: int, parent: int) -> int:
+        """Open `sid` as a copy of session `parent`; returns its length."""
+        message, _ = await self._request(sid, encode(Fork(sid=sid, parent=parent)), Opened)
+        return message.cached
 
     async def step(self, sid: int, pos: int, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.to(self.wire_dtype)

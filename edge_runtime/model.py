@@ -39,6 +39,19 @@ class SequenceCache:
         buf_k[start:end], buf_v[start:end] = k, v
         return buf_k[:end], buf_v[:end]
 
+    def fork(self, length: int) -> "SequenceCache":
+        """A private copy of positions [0, length): another choice, or a later turn,
+        continues from there without touching this one."""
+        twin = SequenceCache()
+        for layer in self.k:
+            twin.k[layer] = self.k[layer][:length].clone()
+            twin.v[layer] = self.v[layer][:length].clone()
+        return twin
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.k.values(), *self.v.values()))
+
 
 @dataclass
 class _Item:

@@ -65,6 +65,9 @@ def _edge_args(p: argparse.ArgumentParser) -> None:
                                      "prefer --api-key-file or $FEDSEA_API_KEY; default: no key)")
     p.add_argument("--api-key-file", metavar="FILE", help="read the --api-key from FILE")
     p.add_argument("--protect-status", action="store_true", help="require the API key for /health, /metrics and /openapi.json too")
+    p.add_argument("--edge-cache-memory", default="256MiB",
+                   help="memory for recent conversations' edge state, so a chat's next turn computes and sends only "
+                        "its new tokens (bytes, e.g. 512MiB; 0 turns prefix reuse off; default: %(default)s)")
 
 
 def _serve_parser(sub) -> None:
@@ -107,12 +110,15 @@ def _secret(args, name: str, env: str) -> str | None:
 def _gateway_settings(args, server_url: str, server_api_key: str | None = None):
     from gateway import GatewaySettings
 
+    from server_runtime.kv_pool import parse_memory
+
     if args.noise < 0:
         raise ValueError(f"--noise must be >= 0, got {args.noise}")
     api_key = _secret(args, "api_key", "FEDSEA_API_KEY")
     if args.protect_status and api_key is None:
         raise ValueError("--protect-status needs an API key (--api-key-file or $FEDSEA_API_KEY)")
     return GatewaySettings(
+        edge_cache_memory=parse_memory(args.edge_cache_memory),
         server_url=server_url, server_api_key=server_api_key, model=args.model, head=args.head, tail=args.tail,
         noise=args.noise, host=args.host, port=args.port, api_key=api_key, protect_status=args.protect_status,
         adapters=_adapters(args),

@@ -21,7 +21,8 @@ import orjson
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+MAX_PREFIX_KEYS = 384  # block keys an Open may name (32 hex digits each; fits the header limit)
 MAX_HEADER_BYTES = 16 * 1024
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
@@ -86,12 +87,25 @@ class Hello(_Message):
 class Open(_Message):
     """Open a session (one sequence).  `noise` is the scale the edge applies (relative
     to per-token RMS); the server refuses one outside its bounds.  `adapter` picks a
-    fine-tuned adapter the server serves (one of `Welcome.adapters`); None: the base model."""
+    fine-tuned adapter the server serves (one of `Welcome.adapters`); None: the base model.
+    `prefix`: the block keys (fedsea_shared.prefix, hex) of hidden states the edge sent
+    before and is about to send again; `Opened.cached` says how many tokens of them the
+    server still holds, and the first Step starts there."""
 
     type: Literal["open"] = "open"
     sid: Annotated[int, Field(ge=0, lt=2**53)]
     noise: Annotated[float, Field(ge=0)]
     adapter: Annotated[str, Field(max_length=128)] | None = None
+    prefix: Annotated[list[Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]], Field(max_length=MAX_PREFIX_KEYS)] | None = None
+
+
+class Fork(_Message):
+    """Open session `sid` as a copy of the idle session `parent` (its tokens so far, its
+    adapter and noise): n choices of one prompt share its prefill and KV blocks."""
+
+    type: Literal["fork"] = "fork"
+    sid: Annotated[int, Field(ge=0, lt=2**53)]
+    parent: int
 
 
 class Step(_Message):
@@ -122,14 +136,19 @@ class Welcome(_Message):
     max_context: int
     max_sessions: int  # per connection
     max_message_bytes: int
+    block_size: int  # tokens per KV block: the granularity of prefix-cache hits
     # Fine-tuned adapters a session may open with, by name; None (left off the wire, so
     # edges that predate adapters still parse the welcome) when the server serves none.
     adapters: list[str] | None = None
 
 
 class Opened(_Message):
+    """Reply to Open and Fork: the session holds `cached` tokens (a prefix-cache hit, or
+    the parent's length); the next Step must start at that position."""
+
     type: Literal["opened"] = "opened"
     sid: int
+    cached: int = 0
 
 
 class Output(_Message):
@@ -307,7 +326,7 @@ TRAINING_REQUESTS = (TrainJoin, TrainForward, TrainBackward, TrainAggregate, Tra
 
 Message = Annotated[
     Union[
-        Hello, Open, Step, Close, Welcome, Opened, Output, Closed, Error,
+        Hello, Open, Fork, Step, Close, Welcome, Opened, Output, Closed, Error,
         TrainJoin, TrainJoined, TrainForward, TrainOutput, TrainBackward, TrainGrad,
         TrainAggregate, TrainAggregated, TrainExport, TrainState, TrainLeave, TrainLeft,
     ],

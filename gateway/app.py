@@ -186,6 +186,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.get("/metrics", dependencies=status_auth, response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {}}}})
     async def prometheus() -> Response:
+        if backend.client is not None:
+            metrics.observe_edge_prefixes(backend.client.prefixes.stats())
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     paths = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses"}

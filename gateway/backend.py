@@ -44,6 +44,7 @@ class GatewaySettings:
     api_key: str | None = None  # when set, /v1 requires "Authorization: Bearer <key>"
     protect_status: bool = False  # require the key for /health, /metrics and /openapi.json too
     adapters: dict[str, str] = field(default_factory=dict)  # fine-tuned LoRA adapters: model id -> dir
+    edge_cache_memory: int = 256 * 2**20  # bytes of recent conversations kept for prefix reuse (0: off)
 
     @property
     def model_id(self) -> str:
@@ -78,7 +79,7 @@ class Backend:
         try:
             self.client = await asyncio.to_thread(
                 AsyncEdgeClient, s.server_url, s.model, s.head, s.tail, s.noise, api_key=s.server_api_key,
-                adapters=s.adapters,
+                adapters=s.adapters, edge_cache_memory=s.edge_cache_memory,
             )
         except Exception as e:
             self.problem = f"the edge model failed to load: {e}"
@@ -124,8 +125,8 @@ class Backend:
         yield (choice index, event) as they come.  `constraint` makes each choice its
         own grammar state (structured outputs, tool calls).
 
-        Choice i = prompt_index * n + j uses seed + i, so the choices differ while a seeded
-        request stays reproducible (noise included: the edge derives it from the seed).
+        Choice i = prompt_index * n + j samples with seed + i, so the choices differ while a
+        seeded request stays reproducible.  The n choices of a prompt share one prefill.
         Leaving the iteration early (a client disconnect) cancels every choice, and each
         closes its server session on the way out.
         """
@@ -149,17 +150,19 @@ class Backend:
                 raise errors.context_too_long(
                     f"this model's maximum context length is {limit} tokens; the prompt has {len(prompt)}{asked}"
                 )
-            for j in range(n):
-                i = p * n + j
-                seed = None if params.seed is None else params.seed + i
-                jobs.append((i, prompt, replace(params, max_tokens=max_tokens or room, seed=seed)))
+            choices = [
+                replace(params, max_tokens=max_tokens or room, seed=None if params.seed is None else params.seed + p * n + j)
+                for j in range(n)
+            ]
+            jobs.append((p * n, prompt, choices))
 
-        self.share.acquire(len(jobs), welcome.max_sessions)
+        self.share.acquire(len(prompts) * n, welcome.max_sessions)
         queue: asyncio.Queue = asyncio.Queue()
         started = time.monotonic()
-        tasks = [asyncio.create_task(self._choice(i, prompt, ps, adapter, constraint, queue, started)) for i, prompt, ps in jobs]
+        tasks = [asyncio.create_task(self._choices(first, prompt, ps, adapter, constraint, queue, started))
+                 for first, prompt, ps in jobs]
         try:
-            remaining = len(tasks)
+            remaining = len(prompts) * n
             while remaining:
                 i, item = await queue.get()
                 if item is None:
@@ -169,28 +172,33 @@ class Backend:
                 else:
                     yield i, item
         finally:
-            self.share.release(len(jobs))
+            self.share.release(len(prompts) * n)
             for task in tasks:
                 task.cancel()
 
-    async def _choice(self, index: int, prompt: list[int], params: SamplingParams, adapter: str | None,
-                      constraint: Callable[[], Constraint] | None, queue: asyncio.Queue, started: float) -> None:
+    async def _choices(self, first: int, prompt: list[int], choices: list[SamplingParams], adapter: str | None,
+                       constraint: Callable[[], Constraint] | None, queue: asyncio.Queue, started: float) -> None:
+        """The n choices of one prompt: one prefill, then forks (edge_runtime.client)."""
         m = self.metrics
-        m.running.inc()
-        m.prompt_tokens.inc(len(prompt))
-        last = None
+        m.running.inc(len(choices))
+        m.prompt_tokens.inc(len(prompt) * len(choices))
+        last: dict[int, float] = {}
+        running = len(choices)
         try:
-            grammar = await asyncio.to_thread(constraint) if constraint else None  # compiling may take a while
-            async for event in self.client.stream_tokens(prompt, params, adapter=adapter, constraint=grammar):
+            # Each choice follows its own grammar state; compiling one may take a while.
+            grammars = [await asyncio.to_thread(constraint) for _ in choices] if constraint else None
+            async for j, event in self.client.stream_choices(prompt, choices, adapter=adapter, constraints=grammars):
                 now = time.monotonic()
-                (m.ttft if last is None else m.inter_token).observe(now - (started if last is None else last))
-                last = now
+                (m.ttft if j not in last else m.inter_token).observe(now - last.get(j, started))
+                last[j] = now
                 m.generation_tokens.inc()
+                queue.put_nowait((first + j, event))
                 if event.finish_reason:
                     m.finished.labels(event.finish_reason).inc()
-                queue.put_nowait((index, event))
-            queue.put_nowait((index, None))
+                    m.running.dec()
+                    running -= 1
+                    queue.put_nowait((first + j, None))
         except Exception as e:
-            queue.put_nowait((index, e))
+            queue.put_nowait((first, e))
         finally:
-            m.running.dec()
+            m.running.dec(running)

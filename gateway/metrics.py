@@ -18,6 +18,19 @@ class GatewayMetrics:
         self.ttft = Histogram("fedsea_gateway_time_to_first_token_seconds", "Request arrival to a choice's first token", buckets=LATENCY_BUCKETS, registry=r)
         self.inter_token = Histogram("fedsea_gateway_inter_token_seconds", "Time between a choice's consecutive tokens", buckets=LATENCY_BUCKETS, registry=r)
         self.finished = Counter("fedsea_gateway_generations_finished", "Finished generations by finish reason", ["reason"], registry=r)
+        # The edge's prefix store (edge_runtime.prefix_cache), read from its stats() at scrape time.
+        self.edge_prefix = {
+            key: Gauge(f"fedsea_gateway_edge_prefix_{key}", help, registry=r) for key, help in (
+                ("query_tokens", "Prompt tokens looked up in the edge prefix store, since start"),
+                ("hit_tokens", "Of those, tokens whose edge state was reused"),
+                ("entries", "Token sequences the edge prefix store holds"),
+                ("bytes", "Memory the edge prefix store holds"),
+            )
+        }
+
+    def observe_edge_prefixes(self, stats: dict[str, int]) -> None:
+        for key, gauge in self.edge_prefix.items():
+            gauge.set(stats[key])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

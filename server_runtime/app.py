@@ -34,6 +34,7 @@ from fedsea_shared.protocol import (
     Close,
     Closed,
     ErrorCode,
+    Fork,
     Hello,
     Open,
     Opened,
@@ -46,6 +47,7 @@ from fedsea_shared.protocol import (
     encode,
     tensor_meta,
 )
+from fedsea_shared.prefix import prefix_root
 from fedsea_shared.shard import Partition, head_dim, load_config, load_server_shard
 
 from .engine import Engine, EngineSettings
@@ -213,6 +215,7 @@ class ServerRuntime:
             pass
 
     async def _on_frame(self, conn: _Connection, data: bytes | str) -> None:
+        self.metrics.received_bytes.inc(len(data))
         if len(data) > self.settings.max_message_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"message of {len(data)} bytes exceeds the limit of {self.settings.max_message_bytes}")
         message, tensor = decode(data)
@@ -220,7 +223,7 @@ class ServerRuntime:
             return await self._on_hello(conn, message)
         if conn.hello is None:
             raise ProtocolError(ErrorCode.NOT_READY, "send hello first", getattr(message, "sid", None))
-        if isinstance(message, Open):
+        if isinstance(message, (Open, Fork)):
             return self._spawn(conn, self._on_open(conn, message))
         if isinstance(message, Step):
             self._check_step(conn, message, tensor)
@@ -271,18 +274,21 @@ class ServerRuntime:
             await conn.ws.send(encode(Welcome(
                 layers=expected, dtype=hello.dtype, noise_min=s.noise_min, noise_max=s.noise_max,
                 max_context=s.engine.max_context, max_sessions=s.max_sessions_per_connection,
-                max_message_bytes=s.max_message_bytes, adapters=list(s.adapters) or None,
+                max_message_bytes=s.max_message_bytes, block_size=s.block_size, adapters=list(s.adapters) or None,
             )))
             return
         await self._refuse(conn, error, fatal=error.code != ErrorCode.BAD_FRAME)
 
-    async def _on_open(self, conn: _Connection, msg: Open) -> None:
+    async def _on_open(self, conn: _Connection, msg: Open | Fork) -> None:
         s = self.settings
         try:
-            if msg.adapter is not None and msg.adapter not in s.adapters:
+            if isinstance(msg, Fork):
+                if msg.parent not in conn.sessions:
+                    raise ProtocolError(ErrorCode.UNKNOWN_SESSION, f"fork of session {msg.parent}, which is not open on this connection", msg.sid)
+            elif msg.adapter is not None and msg.adapter not in s.adapters:
                 served = ", ".join(s.adapters) or "none"
                 raise ProtocolError(ErrorCode.UNKNOWN_ADAPTER, f"this server serves no adapter {msg.adapter!r} (adapters: {served})", msg.sid)
-            if not s.noise_min <= msg.noise <= s.noise_max:
+            elif not s.noise_min <= msg.noise <= s.noise_max:
                 raise ProtocolError(ErrorCode.NOISE_OUT_OF_BOUNDS, f"noise {msg.noise} is outside the server's bounds [{s.noise_min}, {s.noise_max}]", msg.sid)
             if msg.sid in conn.sessions:
                 raise ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open on this connection", msg.sid)
@@ -292,13 +298,20 @@ class ServerRuntime:
                 raise ProtocolError(ErrorCode.LIMIT, f"this API key already has {s.max_sessions_per_key} open sessions", msg.sid)
             conn.sessions.add(msg.sid)
             self._sessions_per_key[conn.api_key] += 1
+            key = (conn.id, msg.sid)
+            if isinstance(msg, Fork):
+                opened = self.engine.fork(key, (conn.id, msg.parent))
+            else:
+                root = prefix_root(conn.hello.num_layers, conn.hello.hidden_size, self.partition.server_range,
+                                   conn.hello.dtype, msg.adapter)
+                opened = self.engine.open(key, msg.adapter, root, [bytes.fromhex(k) for k in msg.prefix or ()])
             try:
-                await asyncio.wrap_future(self.engine.open((conn.id, msg.sid), msg.adapter))
+                cached = await asyncio.wrap_future(opened)
             except BaseException:
                 conn.sessions.discard(msg.sid)
                 self._sessions_per_key[conn.api_key] -= 1
                 raise
-            await conn.ws.send(encode(Opened(sid=msg.sid)))
+            await conn.ws.send(encode(Opened(sid=msg.sid, cached=cached)))
         except ProtocolError as e:
             e.sid = msg.sid
             await self._refuse(conn, e)

@@ -15,10 +15,11 @@ import threading
 import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Callable, Hashable, Protocol
+from typing import Callable, Hashable, NamedTuple, Protocol
 
 import torch
 
+from fedsea_shared.prefix import PrefixHasher
 from fedsea_shared.protocol import ErrorCode, ProtocolError
 
 from .kv_pool import BlockTable, KVPool
@@ -30,10 +31,17 @@ log = logging.getLogger("fedsea.server.engine")
 
 
 class EngineBackend(Protocol):
-    def open(self, key: Hashable, model: str | None = None) -> Future: ...
+    def open(self, key: Hashable, model: str | None = None, root: bytes = b"", prefix: list[bytes] = ()) -> Future: ...
+    def fork(self, key: Hashable, parent: Hashable) -> Future: ...
     def step(self, key: Hashable, pos: int, hidden: torch.Tensor) -> Future: ...
     def close(self, key: Hashable) -> Future: ...
     def shutdown(self) -> None: ...
+
+
+class _OpenRequest(NamedTuple):
+    model: str | None  # the adapter (None: the base model)
+    root: bytes  # the session's block-key root (fedsea_shared.prefix)
+    prefix: list[bytes]  # block keys of the prefix the edge hopes the cache holds
 
 
 @dataclass
@@ -58,7 +66,7 @@ class Engine:
         self.metrics = metrics
         self.scheduler = Scheduler(pool, settings.token_budget, settings.wait_timeout)
         self.sessions: dict[Hashable, Session] = {}
-        self._opens: list[tuple[Hashable, str | None, Future, float]] = []  # waiting for capacity
+        self._opens: list[tuple[Hashable, _OpenRequest, Future, float]] = []  # waiting for capacity
         self._next_idle_sweep = 0.0
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="fedsea-engine", daemon=True)
@@ -68,8 +76,14 @@ class Engine:
 
     # ---- thread-safe API -------------------------------------------------------------
 
-    def open(self, key: Hashable, model: str | None = None) -> Future:
-        return self._submit(lambda fut: self._open(key, model, fut))
+    def open(self, key: Hashable, model: str | None = None, root: bytes = b"", prefix: list[bytes] = ()) -> Future:
+        """Open a session; `root` and `prefix` are its block-key root and the keys of the
+        prefix the edge hopes is cached.  Resolves to the number of tokens it already holds."""
+        return self._submit(lambda fut: self._open(key, _OpenRequest(model, root, list(prefix)), fut))
+
+    def fork(self, key: Hashable, parent: Hashable) -> Future:
+        """Open `key` as a copy of the idle session `parent`, sharing its KV blocks."""
+        return self._submit(lambda fut: self._fork(key, parent, fut))
 
     def step(self, key: Hashable, pos: int, hidden: torch.Tensor) -> Future:
         return self._submit(lambda fut: self._step(key, pos, hidden, fut))
@@ -139,6 +153,10 @@ class Engine:
         self.metrics.tokens.inc(tokens)
         now = time.monotonic()
         for work in self.scheduler.complete(chunks, outputs):
+            session = work.session
+            keys = session.hasher.extend(work.hidden)
+            if keys:
+                self.pool.cache_blocks(session.table, len(session.hasher.keys) - len(keys), keys)
             work.session.work = None
             work.session.last_active = now
             self.metrics.step_latency.observe(now - work.enqueued)
@@ -167,18 +185,18 @@ class Engine:
                 f"the server's KV cache stayed full for {self.settings.wait_timeout:g}s; retry later",
             ))
         still = []
-        for key, model, fut, since in self._opens:
+        for key, spec, fut, since in self._opens:
             if fut.done():
                 continue
             if self.pool.allocator.num_free >= self.settings.admission_free_blocks:
-                self._admit(key, model, fut)
+                self._admit(key, spec, fut)
             elif now - since > self.settings.wait_timeout:
                 self._fail_future(fut, ProtocolError(
                     ErrorCode.CAPACITY,
                     f"server at capacity: no KV cache free for {self.settings.wait_timeout:g}s; retry later",
                 ))
             else:
-                still.append((key, model, fut, since))
+                still.append((key, spec, fut, since))
         self._opens = still
         if now < self._next_idle_sweep:
             return
@@ -189,27 +207,48 @@ class Engine:
                 self._close(key)
 
     def _publish(self) -> None:
-        free = self.pool.allocator.num_free
-        self.metrics.kv_blocks_free.set(free)
-        self.metrics.kv_blocks_used.set(self.pool.allocator.num_blocks - free)
+        stats = self.pool.allocator.stats()
+        self.metrics.kv_blocks_free.set(stats["free"] + stats["evictable"])
+        self.metrics.kv_blocks_used.set(stats["used"])
+        self.metrics.kv_blocks_cached.set(stats["cached"])
+        self.metrics.prefix_evictions.set(stats["evictions"])
         self.metrics.sessions.set(len(self.sessions))
         self.metrics.queue_depth.set(len(self.scheduler))
 
     # ---- commands (run on the worker thread) -------------------------------------------
 
-    def _open(self, key: Hashable, model: str | None, fut: Future) -> None:
-        if model not in self.runners:
-            self._fail_future(fut, ProtocolError(ErrorCode.UNKNOWN_ADAPTER, f"no adapter {model!r} on this server", key[-1]))
+    def _open(self, key: Hashable, spec: _OpenRequest, fut: Future) -> None:
+        if spec.model not in self.runners:
+            self._fail_future(fut, ProtocolError(ErrorCode.UNKNOWN_ADAPTER, f"no adapter {spec.model!r} on this server", key[-1]))
         elif key in self.sessions or any(k == key for k, _, _, _ in self._opens):
             self._fail_future(fut, ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open", key[-1]))
         elif self.pool.allocator.num_free >= self.settings.admission_free_blocks:
-            self._admit(key, model, fut)
+            self._admit(key, spec, fut)
         else:
-            self._opens.append((key, model, fut, time.monotonic()))
+            self._opens.append((key, spec, fut, time.monotonic()))
 
-    def _admit(self, key: Hashable, model: str | None, fut: Future) -> None:
-        self.sessions[key] = Session(key, BlockTable(self.pool.block_size), model)
-        _resolve(fut, None)
+    def _admit(self, key: Hashable, spec: _OpenRequest, fut: Future) -> None:
+        model, root, prefix = spec
+        session = Session(key, BlockTable(self.pool.block_size), model, PrefixHasher(root, self.pool.block_size))
+        hits = self.pool.share_prefix(session.table, prefix) if prefix else 0
+        session.hasher.adopt(prefix[:hits])
+        if prefix:
+            self.metrics.prefix_queries.inc(len(prefix) * self.pool.block_size)
+            self.metrics.prefix_hits.inc(hits * self.pool.block_size)
+        self.sessions[key] = session
+        _resolve(fut, session.table.num_tokens)
+
+    def _fork(self, key: Hashable, parent_key: Hashable, fut: Future) -> None:
+        parent = self.sessions.get(parent_key)
+        if parent is None:
+            return self._fail_future(fut, ProtocolError(ErrorCode.UNKNOWN_SESSION, "fork of a session that is not open", key[-1]))
+        if parent.work is not None:
+            return self._fail_future(fut, ProtocolError(ErrorCode.SESSION_BUSY, "fork of a session whose step has not finished", key[-1]))
+        if key in self.sessions or any(k == key for k, _, _, _ in self._opens):
+            return self._fail_future(fut, ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open", key[-1]))
+        self.sessions[key] = Session(key, self.pool.fork(parent.table), parent.model, parent.hasher.copy())
+        parent.last_active = time.monotonic()
+        _resolve(fut, parent.table.num_tokens)
 
     def _step(self, key: Hashable, pos: int, hidden: torch.Tensor, fut: Future) -> None:
         sid = key[-1]

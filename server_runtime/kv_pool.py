@@ -13,7 +13,7 @@ size write and read there, so they never touch a session's cache.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -23,24 +23,85 @@ class OutOfBlocks(Exception):
     pass
 
 
-class BlockAllocator:
+class BlockPool:
+    """Which blocks are free, who holds each (reference counts) and which hold a cached
+    prefix (key -> block).  A block whose count drops to 0 goes back to the free list, or,
+    if it is cached, to the evictable LRU: it keeps its contents for a later hit and is
+    only reused, least recently released first, when the free list runs dry."""
+
     def __init__(self, num_blocks: int):
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block; raise --kv-cache-memory")
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        self._refs = [0] * num_blocks
+        self._by_key: dict[bytes, int] = {}
+        self._key_of: dict[int, bytes] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self.evictions = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation may take (free, or cached and unreferenced)."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._by_key)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfBlocks(f"need {n} blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
+        if n > self.num_free:
+            raise OutOfBlocks(f"need {n} blocks, {self.num_free} free")
+        out = []
+        for _ in range(n):
+            if self._free:
+                block = self._free.popleft()
+            else:  # evict the least recently used cached block nobody holds
+                block, _ = self._evictable.popitem(last=False)
+                del self._by_key[self._key_of.pop(block)]
+                self.evictions += 1
+            self._refs[block] = 1
+            out.append(block)
+        return out
+
+    def share(self, block: int) -> None:
+        if self._refs[block] == 0:
+            self._evictable.pop(block)
+        self._refs[block] += 1
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
+        for block in blocks:
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._key_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
+
+    def refs(self, block: int) -> int:
+        return self._refs[block]
+
+    def cache(self, block: int, key: bytes) -> None:
+        """Name a full, held block by its prefix key (first writer wins)."""
+        if key not in self._by_key and block not in self._key_of:
+            self._by_key[key] = block
+            self._key_of[block] = key
+
+    def lookup(self, keys: list[bytes]) -> list[int]:
+        """The cached blocks of the longest prefix of `keys` (not yet shared)."""
+        blocks = []
+        for key in keys:
+            block = self._by_key.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "blocks": self.num_blocks, "free": len(self._free), "evictable": len(self._evictable),
+            "used": self.num_blocks - self.num_free, "cached": self.num_cached, "evictions": self.evictions,
+        }
 
 
 @dataclass
@@ -63,6 +124,10 @@ class BlockTable:
 
 
 class KVPool:
+    """The K/V storage and the allocation interface the scheduler and engine call
+    (grow, free, fork, share_prefix, cache_blocks); the `BlockPool` behind it keeps the
+    counts and the cache map, so callers only ever see block tables."""
+
     def __init__(
         self,
         num_layers: int,
@@ -74,7 +139,7 @@ class KVPool:
         device: str | torch.device = "cpu",
     ):
         self.block_size = block_size
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockPool(num_blocks)
         self.scratch_block = num_blocks
         shape = (num_layers, (num_blocks + 1) * block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -89,15 +154,45 @@ class KVPool:
         return self.k.nbytes + self.v.nbytes
 
     def grow(self, table: BlockTable, new_tokens: int) -> None:
-        """Give `table` enough blocks for `new_tokens` more tokens (all or nothing)."""
+        """Make `table` writable for `new_tokens` more tokens (all or nothing): new blocks,
+        and a private copy of a partly filled last block it shares with a fork."""
         need = table.blocks_needed(new_tokens)
-        if need:
-            table.blocks.extend(self.allocator.allocate(need))
+        partial = table.num_tokens % self.block_size
+        shared = new_tokens > 0 and partial and self.allocator.refs(table.blocks[-1]) > 1
+        fresh = self.allocator.allocate(need + (1 if shared else 0))
+        if shared:
+            old, copy = table.blocks[-1], fresh.pop()
+            src = torch.arange(old * self.block_size, old * self.block_size + partial, device=self.k.device)
+            dst = src + (copy - old) * self.block_size
+            self.k[:, dst], self.v[:, dst] = self.k[:, src], self.v[:, src]
+            self.allocator.release([old])
+            table.blocks[-1] = copy
+        table.blocks.extend(fresh)
 
     def free(self, table: BlockTable) -> None:
         self.allocator.release(table.blocks)
         table.blocks = []
         table.num_tokens = 0
+
+    def fork(self, table: BlockTable) -> BlockTable:
+        """A new table sharing all of `table`'s blocks (copy on first write)."""
+        for block in table.blocks:
+            self.allocator.share(block)
+        return BlockTable(self.block_size, list(table.blocks), table.num_tokens)
+
+    def share_prefix(self, table: BlockTable, keys: list[bytes]) -> int:
+        """Point an empty table at the cached blocks of the longest held prefix of `keys`;
+        return how many of the keys it holds."""
+        blocks = self.allocator.lookup(keys)
+        for block in blocks:
+            self.allocator.share(block)
+        table.blocks, table.num_tokens = blocks, len(blocks) * self.block_size
+        return len(blocks)
+
+    def cache_blocks(self, table: BlockTable, first: int, keys: list[bytes]) -> None:
+        """Record that the table's full blocks first, first+1, ... hold the prefixes `keys`."""
+        for i, key in enumerate(keys):
+            self.allocator.cache(table.blocks[first + i], key)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer].index_copy_(0, slots, k)

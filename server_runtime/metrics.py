@@ -14,6 +14,10 @@ class ServerMetrics:
         self.connections = Gauge("fedsea_connections", "Open edge connections", registry=r)
         self.kv_blocks_used = Gauge("fedsea_kv_blocks_used", "KV pool blocks in use", registry=r)
         self.kv_blocks_free = Gauge("fedsea_kv_blocks_free", "KV pool blocks free", registry=r)
+        self.kv_blocks_cached = Gauge("fedsea_kv_blocks_cached", "KV blocks holding a cached prefix (in use or evictable)", registry=r)
+        self.prefix_evictions = Gauge("fedsea_prefix_cache_evictions", "Cached blocks evicted to make room, since start", registry=r)
+        self.prefix_queries = Counter("fedsea_prefix_cache_query_tokens", "Tokens of prefixes edges asked the cache for", registry=r)
+        self.prefix_hits = Counter("fedsea_prefix_cache_hit_tokens", "Tokens of those prefixes the cache held", registry=r)
         self.queue_depth = Gauge("fedsea_queue_depth", "Steps waiting for the model", registry=r)
         self.tokens_per_tick = Histogram(
             "fedsea_tokens_per_tick", "Tokens in one batched forward", registry=r,
@@ -23,6 +27,7 @@ class ServerMetrics:
         self.step_latency = Histogram("fedsea_step_latency_seconds", "Time from a step's arrival to its output", registry=r)
         self.tick_seconds = Histogram("fedsea_tick_seconds", "Duration of one batched forward", registry=r)
         self.tokens = Counter("fedsea_tokens", "Tokens through the middle blocks", registry=r)
+        self.received_bytes = Counter("fedsea_received_bytes", "Bytes of frames received from edges", registry=r)
         self.errors = Counter("fedsea_errors", "Refused messages by error code", ["code"], registry=r)
 
     def render(self) -> bytes:

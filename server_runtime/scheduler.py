@@ -18,6 +18,8 @@ from typing import Hashable
 
 import torch
 
+from fedsea_shared.prefix import PrefixHasher
+
 from .kv_pool import BlockTable, KVPool, OutOfBlocks
 
 
@@ -26,6 +28,7 @@ class Session:
     key: Hashable
     table: BlockTable
     model: str | None = None  # the adapter this session runs (None: the base model)
+    hasher: PrefixHasher | None = None  # block keys over the hidden states received
     last_active: float = field(default_factory=time.monotonic)
     work: "StepWork | None" = None  # at most one step in flight per session
 

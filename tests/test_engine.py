@@ -15,7 +15,7 @@ import torch
 from edge_runtime import AsyncEdgeClient, ServerError
 from fedsea_shared.protocol import ProtocolError
 from server_runtime.engine import EngineSettings
-from server_runtime.kv_pool import BlockAllocator, BlockTable, KVPool, OutOfBlocks, parse_memory
+from server_runtime.kv_pool import BlockPool, BlockTable, KVPool, OutOfBlocks, parse_memory
 
 HIDDEN = 64
 
@@ -48,7 +48,7 @@ def test_parse_memory():
     with pytest.raises(ValueError):
         parse_memory("0.5")
     with pytest.raises(ValueError):
-        BlockAllocator(0)
+        BlockPool(0)
 
 
 def wait(fut: Future, timeout: float = 30):

@@ -147,15 +147,15 @@ def test_n2_choices_differ_and_seed_reproduces(gw):
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices[0].index == i) == texts[i]
 
 
-def test_seed_fixes_the_noise(start_server, start_gateway, tiny_model_dir):
-    """Greedy decoding: only the edge's noise is random.  A seed fixes it; without one it
-    is fresh for every request."""
+def test_greedy_is_deterministic_without_a_seed(start_server, start_gateway, tiny_model_dir):
+    """temperature=0: the noise is keyed to the tokens, not drawn per request, so greedy
+    answers repeat (large noise makes fresh noise change them), streaming included."""
     gw = start_gateway(start_server(tiny_model_dir).url, noise=2.0)
     args = dict(max_tokens=12, temperature=0)
-    seeded = {chat(gw, seed=5, **args).choices[0].message.content for _ in range(2)}
-    assert len(seeded) == 1
-    unseeded = {chat(gw, **args).choices[0].message.content for _ in range(3)}
-    assert len(unseeded) > 1
+    texts = {chat(gw, **args).choices[0].message.content for _ in range(3)}
+    assert len(texts) == 1
+    streamed = list(chat(gw, stream=True, **args))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == texts.pop()
 
 
 def test_completions_endpoint(gw):
@@ -410,6 +410,12 @@ def test_metrics(gw):
     after = scrape()
     assert after[ok] == before.get(ok, 0) + 1 and after[tokens] == before[tokens] + 3
     assert after[("fedsea_gateway_ready", ())] == 1 and after[("fedsea_gateway_generations_running", ())] == 0
+    # The same chat again: the edge finds its whole prompt in the prefix store.
+    chat(gw, max_tokens=3)
+    again = scrape()
+    queried = again[("fedsea_gateway_edge_prefix_query_tokens", ())] - after[("fedsea_gateway_edge_prefix_query_tokens", ())]
+    hit = again[("fedsea_gateway_edge_prefix_hit_tokens", ())] - after[("fedsea_gateway_edge_prefix_hit_tokens", ())]
+    assert queried > 0 and hit == queried and again[("fedsea_gateway_edge_prefix_entries", ())] >= 1
 
 
 def test_fedsea_gateway_command(start_server, tiny_model_dir, tmp_path):

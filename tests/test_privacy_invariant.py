@@ -1,5 +1,6 @@
-"""What the server receives: never the prompt's token ids or text; noised states that
-differ between identical requests unless the caller fixes the seed."""
+"""What the server receives: never the prompt's token ids or text; noised states whose
+noise is keyed to the edge's secret and the tokens, so a repeated prompt arrives in the
+same version, never in a second one the server could average with the first."""
 
 from __future__ import annotations
 
@@ -57,27 +58,32 @@ def test_server_never_receives_prompt_text_or_ids(recorded, tiny_model_dir):
     assert steps[0][1].shape == (len(ids), 64)
 
 
-def prefill_states(server, tiny_model_dir, frames, **params):
+def prefill_states(server, tiny_model_dir, frames, key=b"k" * 32, noise=0.5, **params):
+    """The states of the first Step of a request from a fresh edge (nothing reused)."""
     frames.clear()
-    with EdgeClient(server.url, model=str(tiny_model_dir), noise=0.5) as client:
+    with EdgeClient(server.url, model=str(tiny_model_dir), noise=noise, noise_key=key) as client:
         client.generate([{"role": "user", "content": PROMPT}], max_tokens=1, **params)
     return [t for m, t in (decode(f) for f in frames) if isinstance(m, Step)][0]
 
 
-def test_identical_requests_send_different_noise(recorded, tiny_model_dir):
+def test_identical_requests_send_identical_noise_whatever_the_seed(recorded, tiny_model_dir):
+    """Fresh noise per request would let the server average k copies of a prompt."""
     server, frames = recorded
     a = prefill_states(server, tiny_model_dir, frames, temperature=0)
-    b = prefill_states(server, tiny_model_dir, frames, temperature=0)
-    assert a.shape == b.shape and not torch.equal(a, b)
-    # Relative noise 0.5 moves every token by about half its RMS.
-    assert (a - b).pow(2).mean().sqrt() > 0.1 * a.pow(2).mean().sqrt()
-
-
-def test_a_seed_makes_the_noise_reproducible(recorded, tiny_model_dir):
-    server, frames = recorded
-    a = prefill_states(server, tiny_model_dir, frames, temperature=0, seed=3)
-    b = prefill_states(server, tiny_model_dir, frames, temperature=0, seed=3)
+    b = prefill_states(server, tiny_model_dir, frames, temperature=0.7, seed=3)
     assert torch.equal(a, b)
+    clean = prefill_states(server, tiny_model_dir, frames, noise=0.0, temperature=0)
+    # ... and they are noised: relative noise 0.5 moves every token by about half its RMS.
+    assert (a - clean).pow(2).mean().sqrt() > 0.3 * clean.pow(2).mean().sqrt()
+
+
+def test_the_noise_depends_on_the_secret_key(recorded, tiny_model_dir):
+    server, frames = recorded
+    clean = prefill_states(server, tiny_model_dir, frames, noise=0.0, temperature=0)
+    a = prefill_states(server, tiny_model_dir, frames, key=b"a" * 32, temperature=0) - clean
+    b = prefill_states(server, tiny_model_dir, frames, key=b"b" * 32, temperature=0) - clean
+    corr = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+    assert abs(corr) < 0.05
 
 
 def test_zero_noise_sends_the_exact_hidden_states(recorded, tiny_model_dir):

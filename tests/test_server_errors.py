@@ -13,7 +13,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from edge_runtime import AsyncEdgeClient, ServerError
-from fedsea_shared.protocol import Close, Error, Hello, Open, Opened, Output, Step, Welcome, decode, encode, tensor_meta
+from fedsea_shared.protocol import Close, Error, Fork, Hello, Open, Opened, Output, Step, Welcome, decode, encode, tensor_meta
 from server_runtime.engine import EngineSettings
 
 HIDDEN = 64  # the tiny model's width
@@ -214,3 +214,30 @@ async def test_api_keys_gate_connections_and_cap_sessions(start_server, tiny_mod
     await conns[1].open(1, 0.1)  # the key's count went down on close
     for c in conns:
         await c.close()
+
+
+async def test_bad_fork_and_prefix_messages_get_typed_errors(server):
+    ws = await session_ws(server)
+    reply, _ = await request(ws, encode(Fork(sid=1, parent=7)))  # no such parent on this connection
+    assert isinstance(reply, Error) and reply.code.value == "unknown_session" and reply.sid == 1
+    for prefix in (["zz" * 16], ["ab"], ["00" * 16] * 385):  # not hex, too short, too many
+        header = orjson.dumps({"type": "open", "sid": 2, "noise": 0.1, "prefix": prefix})
+        reply, _ = await request(ws, struct.pack(">I", len(header)) + header)
+        assert isinstance(reply, Error) and reply.code.value == "bad_frame"
+    # An unknown prefix is no error: nothing is cached, the session starts empty ...
+    reply, _ = await request(ws, encode(Open(sid=3, noise=0.1, prefix=["00" * 16])))
+    assert isinstance(reply, Opened) and reply.cached == 0
+    # ... a fork of it shares its length, and a fork under a taken sid is refused.
+    x = torch.randn(5, HIDDEN)
+    reply, _ = await request(ws, encode(Step(sid=3, pos=0, tensor=tensor_meta(x)), x))
+    assert isinstance(reply, Output)
+    reply, _ = await request(ws, encode(Fork(sid=4, parent=3)))
+    assert isinstance(reply, Opened) and reply.cached == 5
+    reply, _ = await request(ws, encode(Fork(sid=4, parent=3)))
+    assert isinstance(reply, Error) and reply.code.value == "session_exists"
+    reply, _ = await request(ws, encode(Fork(sid=5, parent=4)))  # a fork of a fork
+    assert isinstance(reply, Opened) and reply.cached == 5
+    reply, _ = await request(ws, encode(Fork(sid=6, parent=3)))  # a 4th session: over the limit of 3
+    assert isinstance(reply, Error) and reply.code.value == "limit"
+    reply, _ = await request(ws, encode(Step(sid=4, pos=5, tensor=tensor_meta(x[:1])), x[:1]))
+    assert isinstance(reply, Output)

@@ -1,0 +1,145 @@
+"""A conversation through a recording relay on a real websocket: across the turns of a
+chat and the choices of n=3, no position of a shared prefix reaches the server in two
+versions (so its noise cannot be averaged away), while the content arrives noised; and
+later turns send only their new tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
+
+from edge_runtime import AsyncEdgeClient
+from edge_runtime.sampling import SamplingParams
+from fedsea_shared.protocol import Fork, Open, Step, decode
+
+
+class RecordingRelay:
+    """A websocket relay between edge and server that keeps every edge -> server frame."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.frames: list[bytes] = []
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+        threading.Thread(target=self._run, args=(started,), daemon=True).start()
+        started.wait(10)
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        async def start():
+            return await serve(self._relay, "127.0.0.1", 0, compression=None, max_size=None)
+
+        self._server = self._loop.run_until_complete(start())
+        self.url = f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        started.set()
+        self._loop.run_forever()
+
+    async def _relay(self, edge) -> None:
+        async with connect(self.upstream, compression=None, max_size=None) as server:
+            async def up():
+                async for frame in edge:
+                    self.frames.append(bytes(frame))
+                    await server.send(frame)
+                await server.close()
+
+            async def down():
+                async for frame in server:
+                    await edge.send(frame)
+                await edge.close()
+
+            await asyncio.gather(up(), down(), return_exceptions=True)
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._server.close)
+
+
+def sessions_of(frames: list[bytes]) -> dict[int, dict[int, bytes]]:
+    """sid -> {position: the bytes of the state sent for it}, in the order sessions opened;
+    a position sent twice in one session in two versions fails here already."""
+    out: dict[int, dict[int, bytes]] = {}
+    for frame in frames:
+        message, tensor = decode(frame)
+        if isinstance(message, (Open, Fork)):
+            out[message.sid] = {}
+        elif isinstance(message, Step):
+            for i, row in enumerate(tensor):
+                old = out[message.sid].setdefault(message.pos + i, row.numpy().tobytes())
+                assert old == row.numpy().tobytes()
+    return out
+
+
+def common(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@pytest.fixture
+def relay(start_server, tiny_model_dir):
+    server = start_server(tiny_model_dir, noise_min=0.0)
+    relay = RecordingRelay(server.url)
+    yield server, relay
+    relay.stop()
+
+
+async def test_a_chat_and_its_choices_never_resend_a_prefix_in_a_new_version(relay, tiny_model_dir):
+    server, relay = relay
+    client = AsyncEdgeClient(relay.url, model=str(tiny_model_dir), noise=0.5, noise_key=b"s" * 32)
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    chat = [{"role": "user", "content": "My name is Alice and I live at 12 Elm Street. What should I cook tonight?"}]
+    turn1_prompt = client.chat_prompt(chat)
+    turn1 = await client.generate(chat, max_tokens=12, temperature=0)
+    chat += [{"role": "assistant", "content": turn1.text}, {"role": "user", "content": "Something with fish, please."}]
+    turn2_prompt = client.chat_prompt(chat)
+    turn2 = await client.generate(chat, max_tokens=12, temperature=0)
+    chat += [{"role": "assistant", "content": turn2.text}, {"role": "user", "content": "And a dessert?"}]
+    turn3_prompt = client.chat_prompt(chat)
+    choices = [SamplingParams(max_tokens=6, temperature=1.0, seed=s) for s in range(3)]
+    texts: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    async for j, event in client.stream_choices(turn3_prompt, choices):
+        texts[j].append(event.token_id)
+    assert len({tuple(t) for t in texts.values()}) > 1  # the choices really are different samples
+
+    sent = sessions_of(relay.frames)
+    sids = list(sent)
+    assert len(sids) == 5  # turn 1, turn 2, n=3 as one session and two forks
+    assert sum(isinstance(decode(f)[0], Fork) for f in relay.frames) == 2
+    seqs = {sids[0]: turn1_prompt + turn1.token_ids[:-1], sids[1]: turn2_prompt + turn2.token_ids[:-1]}
+    for sid in sids[2:]:
+        seqs[sid] = turn3_prompt + texts[sids.index(sid) - 2][:-1]
+    shared_positions = 0
+    for a in sids:
+        for b in sids:
+            if a < b:
+                n = common(seqs[a], seqs[b])
+                for pos in set(sent[a]) & set(sent[b]):
+                    if pos < n:
+                        assert sent[a][pos] == sent[b][pos], f"position {pos} sent in two versions"
+                        shared_positions += 1
+    assert shared_positions > 0
+    # The prompt of n=3 went to the server once, in the parent session; the forks only
+    # sent their own tokens.
+    assert all(pos >= len(turn3_prompt) for sid in sids[3:] for pos in sent[sid])
+    # Turn 2 and 3 sent only what the server did not hold (block-aligned cache hits).
+    for sid, prev, prompt in ((sids[1], seqs[sids[0]], turn2_prompt), (sids[2], seqs[sids[1]], turn3_prompt)):
+        reused = min(common(prev, prompt), len(prompt) - 1)
+        assert reused >= 16 and min(sent[sid]) == reused // 16 * 16
+    await client.aclose()
+
+    # The content still arrives noised: compare with a clean head forward (noise 0).
+    relay.frames.clear()
+    clean_client = AsyncEdgeClient(relay.url, model=str(tiny_model_dir), noise=0.0, noise_key=b"s" * 32)
+    await clean_client.generate(chat[:1], max_tokens=1)
+    await clean_client.aclose()
+    clean = next(iter(sessions_of(relay.frames).values()))
+    noisy = sent[sids[0]]
+    for pos in range(len(turn1_prompt)):
+        a = torch.frombuffer(bytearray(noisy[pos]), dtype=torch.float32)
+        c = torch.frombuffer(bytearray(clean[pos]), dtype=torch.float32)
+        assert (a - c).pow(2).mean().sqrt() > 0.3 * c.pow(2).mean().sqrt()
