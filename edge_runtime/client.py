@@ -135,7 +135,9 @@ class AsyncEdgeClient:
             self._connect_lock = asyncio.Lock()
         async with self._connect_lock:
             if self._conn is None or self._conn.closed:
-                self._conn = await ServerConnection.connect(self.server_url, self.hello, self.api_key)
+                self._conn = await ServerConnection.connect(
+                    self.server_url, self.hello, self.api_key, max_step_tokens=self.config.max_position_embeddings
+                )
             return self._conn
 
     async def aclose(self) -> None:

@@ -12,7 +12,7 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from fedsea_shared.protocol import (
-    Close, Closed, Error, ErrorCode, Hello, Open, Opened, Output, Step, TrainBackward, TrainForward, TrainGrad,
+    Close, Closed, Error, ErrorCode, Fork, Hello, Open, Opened, Output, Step, TrainBackward, TrainForward, TrainGrad,
     TrainJoin, TrainJoined, TrainOutput, Welcome, decode, encode, tensor_meta,
 )
 
@@ -45,17 +45,19 @@ class FakeServer:
 
     async def _serve(self, ws):
         open_sids: set[int] = set()
+        lengths: dict[int, int] = {}  # tokens each session holds, for forks
         async for data in ws:
             msg, tensor = decode(data)
             if isinstance(msg, Hello):
-                await ws.send(encode(Welcome(layers=msg.layers, dtype=msg.dtype, noise_min=0, noise_max=4,
+                await ws.send(encode(Welcome(layers=msg.layers, dtype=msg.dtype, noise_min=0, noise_max=4, block_size=16,
                                              max_context=1 << 20, max_sessions=self.max_sessions, max_message_bytes=1 << 40)))
-            elif isinstance(msg, Open):
+            elif isinstance(msg, (Open, Fork)):
                 if len(open_sids) >= self.max_sessions:  # as the real server: a per-connection cap
                     await ws.send(encode(Error(code=ErrorCode.LIMIT, message="too many sessions", sid=msg.sid)))
                     continue
                 open_sids.add(msg.sid)
-                await ws.send(encode(Opened(sid=msg.sid)))
+                lengths[msg.sid] = lengths.get(msg.parent, 0) if isinstance(msg, Fork) else 0
+                await ws.send(encode(Opened(sid=msg.sid, cached=lengths[msg.sid])))
             elif isinstance(msg, Close):
                 open_sids.discard(msg.sid)
                 self.closed_sids.append(msg.sid)
@@ -63,6 +65,8 @@ class FakeServer:
             elif isinstance(msg, TrainJoin):
                 await ws.send(encode(TrainJoined(sid=msg.sid, job=msg.job, params=1, resumed=False)))
             elif isinstance(msg, (Step, TrainForward, TrainBackward)):  # concurrently: held steps hold up no others
+                if isinstance(msg, Step):
+                    lengths[msg.sid] = msg.pos + tensor.shape[0]
                 task = asyncio.get_running_loop().create_task(self._reply(ws, msg, tensor))
                 self._replies.add(task)
                 task.add_done_callback(self._replies.discard)

@@ -120,11 +120,11 @@ async def test_heavy_requests_get_the_429_not_everyone_else(tiny_model_dir):
             async with httpx.AsyncClient(base_url=gw.url, timeout=60) as http:
                 fake.mode = "hold"
                 heavy = asyncio.create_task(http.post("/chat/completions", json=chat_body(gw, n=4)))
-                for _ in range(3000):  # bounded wait until its 4 prefill steps are held on the server
-                    if fake.held == 4:
+                for _ in range(3000):  # bounded wait until its prefill (its 4 choices fork it) is held on the server
+                    if fake.held == 1:
                         break
                     await asyncio.sleep(0.01)
-                assert fake.held == 4
+                assert fake.held == 1
                 fake.mode = "echo"
                 second = await http.post("/chat/completions", json=chat_body(gw, n=4))
                 assert second.status_code == 429 and second.json()["error"]["code"] == "limit", second.text
