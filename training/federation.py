@@ -248,7 +248,8 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.server is None:
         from server_runtime.app import ServerSettings, ServerThread
 
-        server = ServerThread(ServerSettings(model=cfg.model, head=cfg.head, tail=cfg.tail, port=0, kv_cache_memory="64MiB"))
+        server = ServerThread(ServerSettings(model=cfg.model, head=cfg.head, tail=cfg.tail, port=0, kv_cache_memory="64MiB",
+                                            enable_training=True))
     url = cfg.server or server.url
     started = time.perf_counter()
     try:
