@@ -28,7 +28,7 @@ from fedsea_shared.models import resolve_model
 from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello
 from fedsea_shared.shard import Partition, load_config, load_edge_shard
 
-from .connection import ServerConnection, ServerError
+from .connection import ServerConnection, ServerError, client_ssl
 from .model import EdgeModel, EdgeWorker, SequenceCache
 from .sampling import SamplingParams, sample
 from .session import InferenceSession
@@ -72,12 +72,17 @@ class AsyncEdgeClient:
         device: str = "cpu",
         api_key: str | None = None,
         adapters: dict[str, str] | None = None,
+        server_ca: str | None = None,
     ):
         """`adapters`: fine-tuned LoRA adapters by name (-> directory) a generation may
-        pick; the server must serve each under the same name."""
+        pick; the server must serve each under the same name.  `server_ca`: PEM file that
+        verifies a wss:// server (a private CA or its self-signed certificate; default:
+        the system trust store)."""
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}")
+        client_ssl(server_url, server_ca)  # a bad URL/CA pair fails here, not at every reconnect
         self.server_url = server_url
+        self.server_ca = server_ca
         self.noise = noise
         self.wire_dtype = wire_dtype
         self.api_key = api_key
@@ -117,7 +122,8 @@ class AsyncEdgeClient:
             self._connect_lock = asyncio.Lock()
         async with self._connect_lock:
             if self._conn is None or self._conn.closed:
-                self._conn = await ServerConnection.connect(self.server_url, self.hello, self.api_key)
+                self._conn = await ServerConnection.connect(self.server_url, self.hello, self.api_key,
+                                                            server_ca=self.server_ca)
             return self._conn
 
     async def aclose(self) -> None:

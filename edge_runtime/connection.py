@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 
 import torch
 from websockets.asyncio.client import ClientConnection, connect
@@ -51,6 +52,19 @@ class ConnectionLost(ServerError):
         super().__init__("connection_lost", message)
 
 
+def client_ssl(url: str, server_ca: str | None = None) -> ssl.SSLContext | None:
+    """TLS for a wss:// URL: the server's certificate is verified against `server_ca` (a
+    private CA or a self-signed certificate, PEM) or else the system trust store."""
+    if not url.startswith("wss://"):
+        if server_ca is not None:
+            raise ValueError(f"a server CA was given but {url!r} is not a wss:// URL")
+        return None
+    try:
+        return ssl.create_default_context(cafile=server_ca)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"cannot load the server CA {server_ca!r}: {e}") from None
+
+
 class ServerConnection:
     def __init__(self, ws: ClientConnection, welcome: Welcome, wire_dtype: str):
         self.ws = ws
@@ -66,11 +80,13 @@ class ServerConnection:
 
     @classmethod
     async def connect(
-        cls, url: str, hello: Hello, api_key: str | None = None, open_timeout: float = 10
+        cls, url: str, hello: Hello, api_key: str | None = None, open_timeout: float = 10,
+        server_ca: str | None = None,
     ) -> "ServerConnection":
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         try:
-            ws = await connect(url, compression=None, max_size=None, open_timeout=open_timeout, additional_headers=headers)
+            ws = await connect(url, compression=None, max_size=None, open_timeout=open_timeout, additional_headers=headers,
+                               ssl=client_ssl(url, server_ca))
         except InvalidStatus as e:
             if e.response.status_code == 401:
                 raise ServerError("unauthorized", "the server runtime refused the API key") from None

@@ -41,6 +41,9 @@ class GatewaySettings:
     port: int = defaults.GATEWAY_PORT
     api_key: str | None = None  # when set, /v1 requires "Authorization: Bearer <key>"
     adapters: dict[str, str] = field(default_factory=dict)  # fine-tuned LoRA adapters: model id -> dir
+    server_ca: str | None = None  # PEM verifying a wss:// server (default: the system trust store)
+    ssl_certfile: str | None = None  # with ssl_keyfile: serve the API over https
+    ssl_keyfile: str | None = None
 
     @property
     def model_id(self) -> str:
@@ -74,7 +77,7 @@ class Backend:
         try:
             self.client = await asyncio.to_thread(
                 AsyncEdgeClient, s.server_url, s.model, s.head, s.tail, s.noise, api_key=s.server_api_key,
-                adapters=s.adapters,
+                adapters=s.adapters, server_ca=s.server_ca,
             )
         except Exception as e:
             self.problem = f"the edge model failed to load: {e}"

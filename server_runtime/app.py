@@ -199,6 +199,9 @@ class ServerRuntime:
                              {name: runner(shard) for name, shard in adapted.items()}, quota)
         self.training = (TrainingService(self.shard, self.partition, settings.device, settings.training)
                          if settings.enable_training else None)
+        if self.training is not None:
+            self.metrics.training_jobs.set_function(lambda: len(self.training.jobs))
+            self.metrics.training_memory.set_function(lambda: self.training.memory_used)
         self._ids = itertools.count()
         # Session keys per API key, as sets: a session is counted once however it ends
         # (closed while still waiting to open, then its connection dropping, ...).
