@@ -152,6 +152,7 @@ def _run_serve(args) -> None:
     server = ServerThread(ServerSettings(
         model=args.model, head=args.head, tail=args.tail, host="127.0.0.1", port=args.server_port,
         device=args.device, kv_cache_memory=args.kv_cache_memory, adapters=_adapters(args),
+        kv_quota=1.0,  # its only tenant is this process's own gateway
     ))
     try:
         run_gateway(_gateway_settings(args, server.url), log_level=args.log_level.lower())

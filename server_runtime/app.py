@@ -194,7 +194,8 @@ class ServerRuntime:
 
         if not 0 < settings.kv_quota <= 1:
             raise ValueError(f"--kv-quota is a share of the KV pool in (0, 1], got {settings.kv_quota}")
-        quota = BlockQuota(max(1, int(settings.kv_quota * num_blocks)), owner_of=lambda key: key[0])
+        quota = (BlockQuota(max(1, int(settings.kv_quota * num_blocks)), owner_of=lambda key: key[0])
+                 if settings.kv_quota < 1 else None)  # 1: a tenant may fill the pool (then waits, as anyone)
         self.engine = Engine(runner(self.shard), self.pool, settings.engine, self.metrics,
                              {name: runner(shard) for name, shard in adapted.items()}, quota)
         self.training = (TrainingService(self.shard, self.partition, settings.device, settings.training)
