@@ -89,6 +89,26 @@ async def test_edge_and_server_talk_over_wss_and_plain_ws_is_refused(start_serve
         assert "fedsea_sessions" in (await http.get(base + "/metrics")).text
 
 
+def test_gateway_serves_https_over_a_wss_server(start_server, tiny_model_dir, tls_files):
+    """Both hops encrypted: API client -> https gateway -> wss server runtime."""
+    from gateway import GatewaySettings
+    from gateway.server import GatewayThread
+
+    tls = dict(ssl_certfile=str(tls_files / "cert.pem"), ssl_keyfile=str(tls_files / "key.pem"))
+    server = start_server(tiny_model_dir, api_keys=("edge-key",), **tls)
+    gw = GatewayThread(GatewaySettings(server_url=server.url, server_api_key="edge-key", model=str(tiny_model_dir),
+                                       port=0, server_ca=str(tls_files / "ca.pem"), **tls))
+    try:
+        gw.wait_ready()
+        assert gw.url.startswith("https://")
+        body = {"model": gw.settings.model_id, "prompt": [42, 43], "max_tokens": 3, "temperature": 0}
+        ca = ssl.create_default_context(cafile=str(tls_files / "ca.pem"))
+        r = httpx.post(gw.url + "/completions", json=body, verify=ca, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        gw.stop()
+
+
 def test_server_refuses_a_network_address_without_tls_and_key(tiny_model_dir, tmp_path, tls_files, capsys):
     with pytest.raises(SystemExit) as info:
         fedsea_main(["server", "--model", str(tiny_model_dir), "--host", "0.0.0.0", "--port", "0"])
