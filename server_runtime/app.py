@@ -60,8 +60,6 @@ from .model_runner import ModelRunner
 from .training_service import TrainingService, TrainingSettings
 
 log = logging.getLogger("fedsea.server")
-# Refused handshakes (bad key, connection caps) share one rate-limited log.
-_connection_log = RefusalLog(log, "handshakes", 10.0)
 
 
 @dataclass
@@ -130,7 +128,7 @@ def _loopback(host: str) -> bool:
 class _Connection:
     id: int
     ws: ServerConnection
-    api_key: str | None = None
+    key_id: int | None = None  # which of the server's API keys it presented (never the key: ids get logged)
     refusals: RefusalLog | None = None
     hello: Hello | None = None
     sessions: set[int] = field(default_factory=set)
@@ -142,9 +140,9 @@ class _Connection:
         return _peer(self.ws)
 
     @property
-    def tenant(self) -> str | tuple[str, int]:
-        """Who KV blocks and sessions are counted against."""
-        return self.api_key if self.api_key is not None else ("connection", self.id)
+    def tenant(self) -> tuple[str, int]:
+        """Who KV blocks are counted against."""
+        return ("key", self.key_id) if self.key_id is not None else ("connection", self.id)
 
     def key(self, sid: int) -> tuple:
         """The engine's session key: the tenant first, for the KV quota."""
@@ -206,9 +204,11 @@ class ServerRuntime:
         self._ids = itertools.count()
         # Session keys per API key, as sets: a session is counted once however it ends
         # (closed while still waiting to open, then its connection dropping, ...).
-        self._sessions_per_key: defaultdict[str, set[tuple]] = defaultdict(set)
-        self._connections_per_client: Counter[str] = Counter()
+        self._sessions_per_key: defaultdict[int, set[tuple]] = defaultdict(set)
+        self._connections_per_client: Counter[int | str] = Counter()
         self._connections = 0
+        # Refused handshakes (bad key, connection caps) share one rate-limited log.
+        self._handshake_refusals = RefusalLog(log, "new connections", settings.refusal_log_interval)
         log.info(
             "server runtime: layers [%d, %d) of %d, KV pool %d blocks x %d tokens (%.1f MiB), "
             "decode attention %s%s, adapters: %s",
@@ -248,34 +248,35 @@ class ServerRuntime:
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         s = self.settings
-        authorized = not s.api_keys or self._api_key(request) is not None
+        authorized = not s.api_keys or self._key_id(request) is not None
         if request.path in ("/health", "/metrics") and (authorized or not s.protect_metrics):
             if request.path == "/health":
                 return connection.respond(HTTPStatus.OK, "ok\n")
             headers = Headers([("Content-Type", "text/plain; version=0.0.4; charset=utf-8")])
             return Response(200, "OK", headers, self.metrics.render())
         if not authorized:
-            _connection_log.refused("unauthorized", f"{_peer(connection)} without a valid API key")
+            self._handshake_refusals.refused("unauthorized", f"{_peer(connection)} without a valid API key")
             return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or invalid API key (Authorization: Bearer ...)\n")
         refusal = self._connection_refusal(self._client(connection, request))
         if refusal is not None:
-            _connection_log.refused("limit", f"{_peer(connection)}: {refusal}")
+            self._handshake_refusals.refused("limit", f"{_peer(connection)}: {refusal}")
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, refusal + "\n")
         return None
 
-    def _api_key(self, request: Request) -> str | None:
+    def _key_id(self, request: Request) -> int | None:
+        """The index of the API key the request presents, if it is one of the server's."""
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer":  # a bare key is refused: it is not the documented form
             return None
-        for key in self.settings.api_keys:
+        for i, key in enumerate(self.settings.api_keys):
             if hmac.compare_digest(given.strip().encode(), key.encode()):
-                return key
+                return i
         return None
 
-    def _client(self, ws: ServerConnection, request: Request) -> str:
+    def _client(self, ws: ServerConnection, request: Request) -> int | str:
         """Who connection caps count against: the API key, else the peer's address."""
-        key = self._api_key(request) if self.settings.api_keys else None
-        return key if key is not None else (ws.remote_address[0] if ws.remote_address else "?")
+        key_id = self._key_id(request) if self.settings.api_keys else None
+        return key_id if key_id is not None else (ws.remote_address[0] if ws.remote_address else "?")
 
     def _connection_refusal(self, client: str) -> str | None:
         s = self.settings
@@ -296,7 +297,7 @@ class ServerRuntime:
             return await ws.close(1013, "connection limit")
         self._connections += 1
         self._connections_per_client[client] += 1
-        conn = _Connection(next(self._ids), ws, self._api_key(ws.request) if self.settings.api_keys else None)
+        conn = _Connection(next(self._ids), ws, self._key_id(ws.request) if self.settings.api_keys else None)
         conn.refusals = RefusalLog(log, conn.peer, self.settings.refusal_log_interval)
         self.metrics.connections.inc()
         log.info("edge connected from %s (connection %d)", conn.peer, conn.id)
@@ -357,7 +358,7 @@ class ServerRuntime:
 
     async def _on_training(self, conn: _Connection, message, tensor: torch.Tensor | None) -> None:
         try:
-            reply, out = await self.training.handle(conn.id, message, tensor, conn.api_key)
+            reply, out = await self.training.handle(conn.id, message, tensor, conn.key_id)
             await conn.ws.send(encode(reply, out))
         except ProtocolError as e:
             e.sid = message.sid
@@ -425,11 +426,11 @@ class ServerRuntime:
                 raise ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open on this connection", msg.sid)
             if len(conn.sessions) >= s.max_sessions_per_connection:
                 raise ProtocolError(ErrorCode.LIMIT, f"this connection already has {len(conn.sessions)} sessions (limit {s.max_sessions_per_connection})", msg.sid)
-            if conn.api_key is not None and len(self._sessions_per_key[conn.api_key]) >= s.max_sessions_per_key:
+            if conn.key_id is not None and len(self._sessions_per_key[conn.key_id]) >= s.max_sessions_per_key:
                 raise ProtocolError(ErrorCode.LIMIT, f"this API key already has {s.max_sessions_per_key} open sessions", msg.sid)
             conn.sessions.add(msg.sid)
-            if conn.api_key is not None:
-                self._sessions_per_key[conn.api_key].add(conn.key(msg.sid))
+            if conn.key_id is not None:
+                self._sessions_per_key[conn.key_id].add(conn.key(msg.sid))
             try:
                 await asyncio.wrap_future(self.engine.open(conn.key(msg.sid), msg.adapter))
             except BaseException:
@@ -444,8 +445,8 @@ class ServerRuntime:
             pass
 
     def _forget_session(self, conn: _Connection, sid: int) -> None:
-        if conn.api_key is not None:
-            self._sessions_per_key[conn.api_key].discard(conn.key(sid))
+        if conn.key_id is not None:
+            self._sessions_per_key[conn.key_id].discard(conn.key(sid))
 
     def _check_step(self, conn: _Connection, msg: Step, tensor: torch.Tensor) -> torch.Tensor:
         """The step's hidden states in the server's dtype, checked."""

@@ -190,8 +190,9 @@ class TrainingService:
 
     # ---- entry points (called by the websocket handler) ----------------------------------
 
-    async def handle(self, conn: int, msg, tensor: torch.Tensor | None, tenant: str | None = None) -> tuple[Any, torch.Tensor | None]:
-        """Answer one train_* request from connection `conn` of `tenant`: returns (reply
+    async def handle(self, conn: int, msg, tensor: torch.Tensor | None, tenant: int | None = None) -> tuple[Any, torch.Tensor | None]:
+        """Answer one train_* request from connection `conn` of `tenant` (which API key it
+        presented; None without keys): returns (reply
         header, reply tensor) or raises ProtocolError (a bug becomes an `internal` error
         for this request only)."""
         try:
@@ -202,7 +203,7 @@ class TrainingService:
             log.exception("training request %s failed", msg.type)
             raise ProtocolError(ErrorCode.INTERNAL, f"{msg.type} failed on the server: {e!r}", msg.sid) from None
 
-    async def _handle(self, conn: int, msg, tensor: torch.Tensor | None, tenant: str | None) -> tuple[Any, torch.Tensor | None]:
+    async def _handle(self, conn: int, msg, tensor: torch.Tensor | None, tenant: int | None) -> tuple[Any, torch.Tensor | None]:
         if isinstance(msg, TrainJoin):
             async with self._join_lock:  # two clients creating the same job at once
                 reply, job = await self._join(conn, msg, tensor, tenant)
@@ -269,7 +270,7 @@ class TrainingService:
     # ---- join / leave --------------------------------------------------------------------
 
     async def _join(self, conn: int, msg: TrainJoin, tensor: torch.Tensor | None,
-                    tenant: str | None) -> tuple[TrainJoined, _Job]:
+                    tenant: int | None) -> tuple[TrainJoined, _Job]:
         if conn in self.members:
             raise ProtocolError(ErrorCode.JOB_MISMATCH, f"this connection already joined job {self.members[conn].job.name!r}", msg.sid)
         if msg.client >= msg.clients:
