@@ -192,9 +192,8 @@ class TrainingService:
 
     async def handle(self, conn: int, msg, tensor: torch.Tensor | None, tenant: int | None = None) -> tuple[Any, torch.Tensor | None]:
         """Answer one train_* request from connection `conn` of `tenant` (which API key it
-        presented; None without keys): returns (reply
-        header, reply tensor) or raises ProtocolError (a bug becomes an `internal` error
-        for this request only)."""
+        presented; None without keys): returns (reply header, reply tensor) or raises
+        ProtocolError (a bug becomes an `internal` error for this request only)."""
         try:
             return await self._handle(conn, msg, tensor, tenant)
         except (ProtocolError, asyncio.CancelledError):
