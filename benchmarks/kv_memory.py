@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--reservation", type=int, default=2048, help="Petals' default inference max_length")
     args = p.parse_args()
-    settings = ServerSettings(model=args.model, kv_cache_memory=args.budget, port=0,
+    settings = ServerSettings(model=args.model, kv_cache_memory=args.budget, port=0, kv_quota=1.0,  # one tenant fills it
                               engine=EngineSettings(wait_timeout=0.2))
     runtime = ServerRuntime(settings)
     cfg, engine = runtime.config, runtime.engine

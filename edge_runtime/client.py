@@ -31,7 +31,7 @@ from fedsea_shared.prefix import prefix_root
 from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello
 from fedsea_shared.shard import Partition, load_config, load_edge_shard
 
-from .connection import ServerConnection, ServerError
+from .connection import ServerConnection, ServerError, client_ssl
 from .constraints import Constraint, Grammars
 from .keys import load_or_create_key
 from .model import EdgeModel, EdgeWorker, SequenceCache
@@ -82,14 +82,19 @@ class AsyncEdgeClient:
         adapters: dict[str, str] | None = None,
         noise_key: bytes | None = None,
         edge_cache_memory: int = 256 * 2**20,
+        server_ca: str | None = None,
     ):
         """`adapters`: fine-tuned LoRA adapters by name (-> directory) a generation may
         pick; the server must serve each under the same name.  `noise_key`: the secret
         the noise is keyed with (default: this installation's, see edge_runtime.keys).
-        `edge_cache_memory`: bytes of recent conversations kept for prefix reuse (0: off)."""
+        `edge_cache_memory`: bytes of recent conversations kept for prefix reuse (0: off).
+        `server_ca`: PEM file that verifies a wss:// server (a private CA or its
+        self-signed certificate; default: the system trust store)."""
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}")
+        client_ssl(server_url, server_ca)  # a bad URL/CA pair fails here, not at every reconnect
         self.server_url = server_url
+        self.server_ca = server_ca
         self.noise = noise
         self.wire_dtype = wire_dtype
         self.api_key = api_key
@@ -136,7 +141,8 @@ class AsyncEdgeClient:
         async with self._connect_lock:
             if self._conn is None or self._conn.closed:
                 self._conn = await ServerConnection.connect(
-                    self.server_url, self.hello, self.api_key, max_step_tokens=self.config.max_position_embeddings
+                    self.server_url, self.hello, self.api_key, max_step_tokens=self.config.max_position_embeddings,
+                    server_ca=self.server_ca,
                 )
             return self._conn
 

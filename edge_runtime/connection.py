@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 
 import torch
 from websockets.asyncio.client import ClientConnection, connect
@@ -84,6 +85,19 @@ def max_reply_bytes(hello: Hello, tokens: int) -> int:
     return 4 + MAX_HEADER_BYTES + tokens * hello.hidden_size * WIRE_DTYPES[hello.dtype].itemsize
 
 
+def client_ssl(url: str, server_ca: str | None = None) -> ssl.SSLContext | None:
+    """TLS for a wss:// URL: the server's certificate is verified against `server_ca` (a
+    private CA or a self-signed certificate, PEM) or else the system trust store."""
+    if not url.startswith("wss://"):
+        if server_ca is not None:
+            raise ValueError(f"a server CA was given but {url!r} is not a wss:// URL")
+        return None
+    try:
+        return ssl.create_default_context(cafile=server_ca)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"cannot load the server CA {server_ca!r}: {e}") from None
+
+
 class ServerConnection:
     def __init__(self, ws: ClientConnection, welcome: Welcome, wire_dtype: str):
         self.ws = ws
@@ -101,7 +115,7 @@ class ServerConnection:
     @classmethod
     async def connect(
         cls, url: str, hello: Hello, api_key: str | None = None, open_timeout: float = 10,
-        max_step_tokens: int | None = None,
+        max_step_tokens: int | None = None, server_ca: str | None = None,
     ) -> "ServerConnection":
         """`max_step_tokens`: the most tokens one step may carry (the edge's context
         limit: a recovery replays the whole history in one step); frames larger than its
@@ -112,7 +126,8 @@ class ServerConnection:
         # apply one frame late.  The exact per-request size is checked in step().
         max_size = None if max_step_tokens is None else max_reply_bytes(hello, max_step_tokens)
         try:
-            ws = await connect(url, compression=None, max_size=max_size, open_timeout=open_timeout, additional_headers=headers)
+            ws = await connect(url, compression=None, max_size=max_size, open_timeout=open_timeout, additional_headers=headers,
+                               ssl=client_ssl(url, server_ca))
         except InvalidStatus as e:
             if e.response.status_code == 401:
                 raise ServerError("unauthorized", "the server runtime refused the API key") from None

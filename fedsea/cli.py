@@ -50,10 +50,55 @@ def _server_parser(sub) -> None:
     p.add_argument("--max-sessions-per-connection", type=int, default=256)
     p.add_argument("--idle-timeout", type=float, default=600.0, help="seconds before an idle session's cache is freed")
     p.add_argument("--wait-timeout", type=float, default=30.0, help="seconds a request may wait for KV capacity")
-    p.add_argument("--api-key", action="append", default=[],
-                   help="accept edges presenting this key (repeatable; also FEDSEA_SERVER_API_KEYS, comma-separated); "
-                        "without keys any edge may connect")
     p.add_argument("--max-sessions-per-key", type=int, default=1024)
+    _server_security_args(p)
+
+
+def _server_security_args(p: argparse.ArgumentParser) -> None:
+    """Exposure, tenants and their limits (a tenant: an API key; without keys, a connection)."""
+    g = p.add_argument_group("security and limits")
+    g.add_argument("--ssl-certfile", metavar="FILE", help="TLS certificate chain (PEM): serve wss:// (and /health, /metrics over https)")
+    g.add_argument("--ssl-keyfile", metavar="FILE", help="private key of --ssl-certfile (PEM)")
+    g.add_argument("--api-key-file", metavar="FILE", help="accept edges presenting any key in this file (one per line); "
+                                                          "also $FEDSEA_SERVER_API_KEYS (comma-separated)")
+    g.add_argument("--api-key", action="append", default=[],
+                   help="accept edges presenting this key (repeatable; visible in `ps`: prefer --api-key-file); "
+                        "without keys any edge may connect")
+    g.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without TLS and an API key (a network you trust)")
+    g.add_argument("--protect-metrics", action="store_true", help="require the API key on /metrics and /health too")
+    g.add_argument("--max-connections", type=int, default=512, help="connections in all (default: %(default)s)")
+    g.add_argument("--max-connections-per-key", type=int, default=32,
+                   help="connections per API key, or per client address without keys (default: %(default)s)")
+    g.add_argument("--max-queued-bytes", default="256MiB", help="input of one connection waiting for replies (default: %(default)s)")
+    g.add_argument("--kv-quota", type=float, default=0.5,
+                   help="share of the KV pool one API key (without keys: one connection) may hold (default: %(default)s)")
+    g.add_argument("--enable-training", action="store_true", help="serve split fine-tuning (train_*) requests")
+    g.add_argument("--training-memory", default="2GiB",
+                   help="memory for training adapters, optimizer and autograd state, all jobs (default: %(default)s)")
+    g.add_argument("--training-step-timeout", type=float, default=30.0,
+                   help="seconds a training forward's state waits for its backward (default: %(default)s)")
+
+
+def _server_keys(args) -> tuple[str, ...]:
+    keys = list(args.api_key) + [k for k in os.environ.get("FEDSEA_SERVER_API_KEYS", "").split(",") if k]
+    if args.api_key_file:
+        with open(args.api_key_file) as f:
+            keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    return tuple(keys)
+
+
+def _server_security(args) -> dict:
+    from server_runtime.kv_pool import parse_memory
+    from server_runtime.training_service import TrainingSettings
+
+    return dict(
+        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, api_keys=_server_keys(args),
+        insecure=args.insecure, protect_metrics=args.protect_metrics, max_connections=args.max_connections,
+        max_connections_per_key=args.max_connections_per_key, max_queued_bytes=parse_memory(args.max_queued_bytes),
+        kv_quota=args.kv_quota, enable_training=args.enable_training,
+        training=TrainingSettings(memory=parse_memory(args.training_memory), step_timeout=args.training_step_timeout),
+    )
 
 
 def _edge_args(p: argparse.ArgumentParser) -> None:
@@ -84,6 +129,11 @@ def _gateway_parser(sub) -> None:
     _split_args(p)
     _edge_args(p)
     p.add_argument("--server", default=f"ws://127.0.0.1:{defaults.SERVER_PORT}", help="websocket URL of the server runtime (default: %(default)s)")
+    g = p.add_argument_group("TLS")
+    g.add_argument("--server-ca", metavar="FILE", help="PEM file verifying a wss:// --server: a private CA or the server's "
+                                                       "self-signed certificate (default: the system trust store)")
+    g.add_argument("--ssl-certfile", metavar="FILE", help="serve the OpenAI API over https with this certificate chain (PEM)")
+    g.add_argument("--ssl-keyfile", metavar="FILE", help="private key of --ssl-certfile (PEM)")
     p.add_argument("--server-api-key", help="key this edge presents to the server runtime (visible in ps: prefer "
                                             "--server-api-key-file or $FEDSEA_SERVER_API_KEY; default: none)")
     p.add_argument("--server-api-key-file", metavar="FILE", help="read the --server-api-key from FILE")
@@ -134,6 +184,7 @@ def _run_serve(args) -> None:
     server = ServerThread(ServerSettings(
         model=args.model, head=args.head, tail=args.tail, host="127.0.0.1", port=args.server_port,
         device=args.device, kv_cache_memory=args.kv_cache_memory, adapters=_adapters(args),
+        kv_quota=1.0,  # its only tenant is this process's own gateway
     ))
     try:
         run_gateway(_gateway_settings(args, server.url), log_level=args.log_level.lower())
@@ -149,7 +200,9 @@ def _run_gateway(args) -> None:
         raise ValueError(f"--server must be a ws:// or wss:// URL, got {args.server!r}")
     resolve_model(args.model)
     server_api_key = _secret(args, "server_api_key", "FEDSEA_SERVER_API_KEY")
-    run_gateway(_gateway_settings(args, args.server, server_api_key), log_level=args.log_level.lower())
+    settings = _gateway_settings(args, args.server, server_api_key)
+    settings.server_ca, settings.ssl_certfile, settings.ssl_keyfile = args.server_ca, args.ssl_certfile, args.ssl_keyfile
+    run_gateway(settings, log_level=args.log_level.lower())
 
 
 def _run_server(args) -> None:
@@ -162,8 +215,7 @@ def _run_server(args) -> None:
         block_size=args.block_size, decode_attention=args.decode_attention, cuda_graphs=args.cuda_graphs,
         max_graph_batch=args.max_graph_batch, noise_min=args.noise_min, noise_max=args.noise_max,
         max_sessions_per_connection=args.max_sessions_per_connection,
-        api_keys=tuple(args.api_key) + tuple(k for k in os.environ.get("FEDSEA_SERVER_API_KEYS", "").split(",") if k),
-        max_sessions_per_key=args.max_sessions_per_key, adapters=_adapters(args),
+        max_sessions_per_key=args.max_sessions_per_key, adapters=_adapters(args), **_server_security(args),
         engine=EngineSettings(
             max_context=args.max_context, token_budget=args.token_budget,
             wait_timeout=args.wait_timeout, idle_timeout=args.idle_timeout,

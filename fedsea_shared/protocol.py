@@ -50,6 +50,7 @@ class ErrorCode(str, Enum):
     CAPACITY = "capacity"  # KV pool full: retry later
     INTERNAL = "internal"
     UNKNOWN_ADAPTER = "unknown_adapter"  # open names an adapter the server does not serve
+    DISABLED = "disabled"  # a feature this server was not started with (training: --enable-training)
     # split fine-tuning (train_* messages)
     UNKNOWN_JOB = "unknown_job"  # a train message before train_join on this connection
     JOB_MISMATCH = "job_mismatch"  # joining a job with different settings, or a taken client id

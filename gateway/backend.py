@@ -45,6 +45,9 @@ class GatewaySettings:
     protect_status: bool = False  # require the key for /health, /metrics and /openapi.json too
     adapters: dict[str, str] = field(default_factory=dict)  # fine-tuned LoRA adapters: model id -> dir
     edge_cache_memory: int = 256 * 2**20  # bytes of recent conversations kept for prefix reuse (0: off)
+    server_ca: str | None = None  # PEM verifying a wss:// server (default: the system trust store)
+    ssl_certfile: str | None = None  # with ssl_keyfile: serve the API over https
+    ssl_keyfile: str | None = None
 
     @property
     def model_id(self) -> str:
@@ -79,7 +82,7 @@ class Backend:
         try:
             self.client = await asyncio.to_thread(
                 AsyncEdgeClient, s.server_url, s.model, s.head, s.tail, s.noise, api_key=s.server_api_key,
-                adapters=s.adapters, edge_cache_memory=s.edge_cache_memory,
+                adapters=s.adapters, edge_cache_memory=s.edge_cache_memory, server_ca=s.server_ca,
             )
         except Exception as e:
             self.problem = f"the edge model failed to load: {e}"

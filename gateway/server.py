@@ -25,12 +25,13 @@ def _config(settings: GatewaySettings, log_level: str) -> uvicorn.Config:
     return uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
         lifespan="on", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile,
     )
 
 
-def api_url(host: str, port: int) -> str:
+def api_url(host: str, port: int, https: bool = False) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/v1"
+    return f"{'https' if https else 'http'}://{shown}:{port}/v1"
 
 
 def _is_loopback(host: str) -> bool:
@@ -44,7 +45,7 @@ def run_gateway(settings: GatewaySettings, log_level: str = "info") -> None:
     """Serve until interrupted; the edge loads and connects in the background."""
     if settings.api_key is None and not _is_loopback(settings.host):
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", settings.host)
-    print(f"fedsea gateway: OpenAI-compatible API at {api_url(settings.host, settings.port)} "
+    print(f"fedsea gateway: OpenAI-compatible API at {api_url(settings.host, settings.port, bool(settings.ssl_certfile))} "
           f"(model {settings.model_id}; /health answers 503 until the edge is ready)", flush=True)
     uvicorn.Server(_config(settings, log_level)).run()
 
@@ -66,8 +67,8 @@ class GatewayThread:
 
     @property
     def url(self) -> str:
-        """The OpenAI base URL, http://HOST:PORT/v1."""
-        return api_url(self.settings.host, self.port)
+        """The OpenAI base URL, http(s)://HOST:PORT/v1."""
+        return api_url(self.settings.host, self.port, bool(self.settings.ssl_certfile))
 
     @property
     def backend(self):

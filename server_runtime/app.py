@@ -1,21 +1,25 @@
 """The server runtime's network face: one websocket endpoint for edges, plus /health and
-/metrics over plain HTTP on the same port.
+/metrics on the same port (wss:// and https:// with --ssl-certfile/--ssl-keyfile).
 
-Each connection is checked once (hello: protocol version and partition) and then carries
-any number of sessions.  Every refused message gets a typed Error frame and a log line;
-only a failed handshake closes the connection, and nothing a peer sends can take the
-process or other sessions down.
+Each connection is checked once (API key, connection caps, then hello: protocol version
+and partition) and then carries any number of sessions.  Every refused message gets a
+typed Error frame and a (rate-limited) log line; only a failed handshake closes the
+connection, and nothing a peer sends can take the process or other sessions down.  What
+one tenant (an API key; a connection when the server has no keys) may hold is bounded:
+connections, sessions, queued input bytes, KV blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import itertools
 import logging
 import signal
+import ssl
 import threading
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -52,6 +56,7 @@ from fedsea_shared.shard import Partition, head_dim, load_config, load_server_sh
 
 from .engine import Engine, EngineSettings
 from .kv_pool import KVPool, parse_memory
+from .limits import BlockQuota, RefusalLog
 from .metrics import ServerMetrics
 from .model_runner import ModelRunner
 from .training_service import TrainingService, TrainingSettings
@@ -81,36 +86,92 @@ class ServerSettings:
     max_sessions_per_key: int = 1024  # across all connections presenting the same key
     max_message_bytes: int = 64 * 2**20
     engine: EngineSettings = field(default_factory=EngineSettings)
+    # Exposure and per-tenant limits (a tenant: an API key, or one connection without keys).
+    ssl_certfile: str | None = None  # with ssl_keyfile: serve wss:// and https://
+    ssl_keyfile: str | None = None
+    insecure: bool = False  # allow a non-loopback address without TLS and an API key
+    protect_metrics: bool = False  # /metrics and /health need the API key too
+    max_connections: int = 512
+    max_connections_per_key: int = 32  # per client address when the server has no keys
+    max_queued_bytes: int = 256 * 2**20  # input frames of one connection waiting or running
+    kv_quota: float = 0.5  # share of the KV pool one tenant may hold
+    refusal_log_interval: float = 10.0  # seconds between full refusal log lines per connection
+    enable_training: bool = False  # serve train_* (split fine-tuning) requests
     training: TrainingSettings = field(default_factory=TrainingSettings)
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_certfile is not None
+
+    def check_exposure(self) -> None:
+        """Hidden states are ~94% readable back to text (`fedsea audit`), so they and the
+        key may cross a network only encrypted, to an authenticated server."""
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("--ssl-keyfile needs --ssl-certfile")
+        if _loopback(self.host) or self.insecure or (self.tls and self.api_keys):
+            return
+        missing = [what for what, ok in (("TLS (--ssl-certfile, --ssl-keyfile)", self.tls),
+                                         ("an API key (--api-key-file, --api-key or $FEDSEA_SERVER_API_KEYS)", self.api_keys))
+                   if not ok]
+        raise ValueError(f"refusing to listen on {self.host!r} (not a loopback address) without {' and '.join(missing)}; "
+                         "pass --insecure only on a network you trust")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or "" (every interface)
+        return False
 
 
 @dataclass
 class _Connection:
     id: int
     ws: ServerConnection
-    api_key: str | None = None
+    key_id: int | None = None  # which of the server's API keys it presented (never the key: ids get logged)
+    refusals: RefusalLog | None = None
     hello: Hello | None = None
     sessions: set[int] = field(default_factory=set)
     tasks: set[asyncio.Task] = field(default_factory=set)
+    queued_bytes: int = 0  # input frames accepted and not yet answered
 
     @property
     def peer(self) -> str:
-        return "%s:%s" % tuple(self.ws.remote_address[:2]) if self.ws.remote_address else "?"
+        return _peer(self.ws)
+
+    @property
+    def tenant(self) -> tuple[str, int]:
+        """Who KV blocks are counted against."""
+        return ("key", self.key_id) if self.key_id is not None else ("connection", self.id)
+
+    def key(self, sid: int) -> tuple:
+        """The engine's session key: the tenant first, for the KV quota."""
+        return (self.tenant, self.id, sid)
+
+
+def _peer(ws: ServerConnection) -> str:
+    return "%s:%s" % tuple(ws.remote_address[:2]) if ws.remote_address else "?"
 
 
 class ServerRuntime:
     def __init__(self, settings: ServerSettings):
+        settings.check_exposure()
         self.settings = settings
+        self._ssl = self._ssl_context() if settings.tls else None
         model_dir = resolve_model(settings.model)
         self.config = load_config(model_dir)
         self.partition = Partition(self.config.num_hidden_layers, settings.head, settings.tail)
-        dtype = WIRE_DTYPES[settings.dtype]
+        dtype = self.shard_dtype = WIRE_DTYPES[settings.dtype]
         self.shard = load_server_shard(model_dir, self.partition, dtype=dtype, device=settings.device, config=self.config)
         layers = self.partition.server_layers
         per_block = KVPool.bytes_per_block(
             len(layers), settings.block_size, self.config.num_key_value_heads, head_dim(self.config), dtype
         )
         free = torch.cuda.mem_get_info()[0] if settings.device.startswith("cuda") else None
+        if free is not None and settings.enable_training:
+            free = max(0, free - settings.training.memory)  # a fraction of free memory leaves training its budget
         num_blocks = parse_memory(settings.kv_cache_memory, free) // per_block - 1  # minus the scratch block
         self.pool = KVPool(
             len(layers), num_blocks, settings.block_size, self.config.num_key_value_heads,
@@ -131,11 +192,25 @@ class ServerRuntime:
             return ModelRunner(shard, layers, self.pool, settings.device, attention, graphs,
                                settings.max_graph_batch, settings.engine.max_context)
 
+        if not 0 < settings.kv_quota <= 1:
+            raise ValueError(f"--kv-quota is a share of the KV pool in (0, 1], got {settings.kv_quota}")
+        quota = (BlockQuota(max(1, int(settings.kv_quota * num_blocks)), owner_of=lambda key: key[0])
+                 if settings.kv_quota < 1 else None)  # 1: a tenant may fill the pool (then waits, as anyone)
         self.engine = Engine(runner(self.shard), self.pool, settings.engine, self.metrics,
-                             {name: runner(shard) for name, shard in adapted.items()})
-        self.training = TrainingService(self.shard, self.partition, settings.device, settings.training)
+                             {name: runner(shard) for name, shard in adapted.items()}, quota)
+        self.training = (TrainingService(self.shard, self.partition, settings.device, settings.training)
+                         if settings.enable_training else None)
+        if self.training is not None:
+            self.metrics.training_jobs.set_function(lambda: len(self.training.jobs))
+            self.metrics.training_memory.set_function(lambda: self.training.memory_used)
         self._ids = itertools.count()
-        self._sessions_per_key: Counter[str | None] = Counter()
+        # Session keys per API key, as sets: a session is counted once however it ends
+        # (closed while still waiting to open, then its connection dropping, ...).
+        self._sessions_per_key: defaultdict[int, set[tuple]] = defaultdict(set)
+        self._connections_per_client: Counter[int | str] = Counter()
+        self._connections = 0
+        # Refused handshakes (bad key, connection caps) share one rate-limited log.
+        self._handshake_refusals = RefusalLog(log, "new connections", settings.refusal_log_interval)
         log.info(
             "server runtime: layers [%d, %d) of %d, KV pool %d blocks x %d tokens (%.1f MiB), "
             "decode attention %s%s, adapters: %s",
@@ -144,11 +219,21 @@ class ServerRuntime:
             attention, " + CUDA graphs" if graphs else "", ", ".join(settings.adapters) or "none",
         )
 
+    def _ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.settings.ssl_certfile, self.settings.ssl_keyfile)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"cannot load --ssl-certfile/--ssl-keyfile: {e}") from None
+        return ctx
+
     async def serve(self) -> Server:
         return await serve(
             self._handle,
             self.settings.host,
             self.settings.port,
+            ssl=self._ssl,
             process_request=self._http,
             compression=None,  # hidden states do not compress; deflate only costs CPU
             # Frames up to max_message_bytes get a typed error; beyond twice that the
@@ -158,32 +243,64 @@ class ServerRuntime:
 
     def close(self) -> None:
         self.engine.shutdown()
-        self.training.close()
+        if self.training is not None:
+            self.training.close()
 
     # ---- HTTP -----------------------------------------------------------------------------
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        if request.path == "/health":
-            return connection.respond(HTTPStatus.OK, "ok\n")
-        if request.path == "/metrics":
+        s = self.settings
+        authorized = not s.api_keys or self._key_id(request) is not None
+        if request.path in ("/health", "/metrics") and (authorized or not s.protect_metrics):
+            if request.path == "/health":
+                return connection.respond(HTTPStatus.OK, "ok\n")
             headers = Headers([("Content-Type", "text/plain; version=0.0.4; charset=utf-8")])
             return Response(200, "OK", headers, self.metrics.render())
-        if self.settings.api_keys and self._api_key(request) is None:
-            log.warning("refused a connection without a valid API key")
+        if not authorized:
+            self._handshake_refusals.refused("unauthorized", f"{_peer(connection)} without a valid API key")
             return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or invalid API key (Authorization: Bearer ...)\n")
+        refusal = self._connection_refusal(self._client(connection, request))
+        if refusal is not None:
+            self._handshake_refusals.refused("limit", f"{_peer(connection)}: {refusal}")
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, refusal + "\n")
         return None
 
-    def _api_key(self, request: Request) -> str | None:
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
-        for key in self.settings.api_keys:
-            if hmac.compare_digest(given, key.encode()):
-                return key
+    def _key_id(self, request: Request) -> int | None:
+        """The index of the API key the request presents, if it is one of the server's."""
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":  # a bare key is refused: it is not the documented form
+            return None
+        for i, key in enumerate(self.settings.api_keys):
+            if hmac.compare_digest(given.strip().encode(), key.encode()):
+                return i
+        return None
+
+    def _client(self, ws: ServerConnection, request: Request) -> int | str:
+        """Who connection caps count against: the API key, else the peer's address."""
+        key_id = self._key_id(request) if self.settings.api_keys else None
+        return key_id if key_id is not None else (ws.remote_address[0] if ws.remote_address else "?")
+
+    def _connection_refusal(self, client: str) -> str | None:
+        s = self.settings
+        if self._connections >= s.max_connections:
+            return f"the server has {self._connections} connections (limit {s.max_connections}); retry later"
+        if self._connections_per_client[client] >= s.max_connections_per_key:
+            who = "this API key" if s.api_keys else "this address"
+            return f"{who} already has {self._connections_per_client[client]} connections (limit {s.max_connections_per_key})"
         return None
 
     # ---- websocket ------------------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
-        conn = _Connection(next(self._ids), ws, self._api_key(ws.request) if self.settings.api_keys else None)
+        client = self._client(ws, ws.request)
+        # Checked again here: handshakes that passed _http together may not all fit.
+        refusal = self._connection_refusal(client)
+        if refusal is not None:
+            return await ws.close(1013, "connection limit")
+        self._connections += 1
+        self._connections_per_client[client] += 1
+        conn = _Connection(next(self._ids), ws, self._key_id(ws.request) if self.settings.api_keys else None)
+        conn.refusals = RefusalLog(log, conn.peer, self.settings.refusal_log_interval)
         self.metrics.connections.inc()
         log.info("edge connected from %s (connection %d)", conn.peer, conn.id)
         try:
@@ -195,18 +312,24 @@ class ServerRuntime:
         except ConnectionClosed:
             pass
         finally:
+            self._connections -= 1
+            self._connections_per_client[client] -= 1
+            if not self._connections_per_client[client]:
+                del self._connections_per_client[client]
             self.metrics.connections.dec()
             for task in conn.tasks:
                 task.cancel()
             for sid in conn.sessions:
-                self.engine.close((conn.id, sid))
-            self._sessions_per_key[conn.api_key] -= len(conn.sessions)
-            self.training.disconnect(conn.id)
+                self.engine.close(conn.key(sid))
+                self._forget_session(conn, sid)
+            if self.training is not None:
+                self.training.disconnect(conn.id)
+            conn.refusals.flush()
             log.info("edge %s disconnected; freed %d sessions", conn.peer, len(conn.sessions))
 
     async def _refuse(self, conn: _Connection, error: ProtocolError, fatal: bool = False) -> None:
         self.metrics.errors.labels(error.code.value).inc()
-        log.warning("refused from %s: %s%s", conn.peer, error, " (closing)" if fatal else "")
+        conn.refusals.refused(error.code.value, f"{error}{' (closing)' if fatal else ''}")
         try:
             await conn.ws.send(encode(error.to_message(fatal)))
             if fatal:
@@ -226,17 +349,19 @@ class ServerRuntime:
         if isinstance(message, (Open, Fork)):
             return self._spawn(conn, self._on_open(conn, message))
         if isinstance(message, Step):
-            self._check_step(conn, message, tensor)
-            return self._spawn(conn, self._on_step(conn, message, tensor))
+            tensor = self._check_step(conn, message, tensor)
+            return self._spawn(conn, self._on_step(conn, message, tensor), len(data), message.sid)
         if isinstance(message, Close):
             return await self._on_close(conn, message)
         if isinstance(message, TRAINING_REQUESTS):
-            return self._spawn(conn, self._on_training(conn, message, tensor))
+            if self.training is None:
+                raise ProtocolError(ErrorCode.DISABLED, "training is disabled on this server (start it with --enable-training)", message.sid)
+            return self._spawn(conn, self._on_training(conn, message, tensor), len(data), message.sid)
         raise ProtocolError(ErrorCode.BAD_FRAME, f"{message.type!r} is a server message; an edge may not send it")
 
     async def _on_training(self, conn: _Connection, message, tensor: torch.Tensor | None) -> None:
         try:
-            reply, out = await self.training.handle(conn.id, message, tensor)
+            reply, out = await self.training.handle(conn.id, message, tensor, conn.key_id)
             await conn.ws.send(encode(reply, out))
         except ProtocolError as e:
             e.sid = message.sid
@@ -244,10 +369,23 @@ class ServerRuntime:
         except ConnectionClosed:
             pass
 
-    def _spawn(self, conn: _Connection, coro) -> None:
+    def _spawn(self, conn: _Connection, coro, nbytes: int = 0, sid: int | None = None) -> None:
+        """Run a request; `nbytes` of input stay counted against the connection until it is
+        answered, so a peer that sends faster than the server answers is refused, not queued."""
+        limit = self.settings.max_queued_bytes
+        if nbytes and conn.queued_bytes + nbytes > limit:
+            coro.close()
+            raise ProtocolError(ErrorCode.LIMIT, f"{conn.queued_bytes} bytes of this connection's input are still "
+                                                 f"queued (limit {limit}); wait for replies before sending more", sid)
+        conn.queued_bytes += nbytes
         task = asyncio.create_task(coro)
         conn.tasks.add(task)
-        task.add_done_callback(conn.tasks.discard)
+
+        def done(task):
+            conn.tasks.discard(task)
+            conn.queued_bytes -= nbytes
+
+        task.add_done_callback(done)
 
     async def _on_hello(self, conn: _Connection, hello: Hello) -> None:
         expected = self.partition.server_range
@@ -294,13 +432,14 @@ class ServerRuntime:
                 raise ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open on this connection", msg.sid)
             if len(conn.sessions) >= s.max_sessions_per_connection:
                 raise ProtocolError(ErrorCode.LIMIT, f"this connection already has {len(conn.sessions)} sessions (limit {s.max_sessions_per_connection})", msg.sid)
-            if conn.api_key is not None and self._sessions_per_key[conn.api_key] >= s.max_sessions_per_key:
+            if conn.key_id is not None and len(self._sessions_per_key[conn.key_id]) >= s.max_sessions_per_key:
                 raise ProtocolError(ErrorCode.LIMIT, f"this API key already has {s.max_sessions_per_key} open sessions", msg.sid)
             conn.sessions.add(msg.sid)
-            self._sessions_per_key[conn.api_key] += 1
-            key = (conn.id, msg.sid)
+            if conn.key_id is not None:
+                self._sessions_per_key[conn.key_id].add(conn.key(msg.sid))
+            key = conn.key(msg.sid)
             if isinstance(msg, Fork):
-                opened = self.engine.fork(key, (conn.id, msg.parent))
+                opened = self.engine.fork(key, conn.key(msg.parent))
             else:
                 root = prefix_root(conn.hello.num_layers, conn.hello.hidden_size, self.partition.server_range,
                                    conn.hello.dtype, msg.adapter)
@@ -309,7 +448,7 @@ class ServerRuntime:
                 cached = await asyncio.wrap_future(opened)
             except BaseException:
                 conn.sessions.discard(msg.sid)
-                self._sessions_per_key[conn.api_key] -= 1
+                self._forget_session(conn, msg.sid)
                 raise
             await conn.ws.send(encode(Opened(sid=msg.sid, cached=cached)))
         except ProtocolError as e:
@@ -318,7 +457,12 @@ class ServerRuntime:
         except ConnectionClosed:
             pass
 
-    def _check_step(self, conn: _Connection, msg: Step, tensor: torch.Tensor) -> None:
+    def _forget_session(self, conn: _Connection, sid: int) -> None:
+        if conn.key_id is not None:
+            self._sessions_per_key[conn.key_id].discard(conn.key(sid))
+
+    def _check_step(self, conn: _Connection, msg: Step, tensor: torch.Tensor) -> torch.Tensor:
+        """The step's hidden states in the server's dtype, checked."""
         if msg.sid not in conn.sessions:
             raise ProtocolError(ErrorCode.UNKNOWN_SESSION, "no such session on this connection", msg.sid)
         hidden = self.config.hidden_size
@@ -326,12 +470,15 @@ class ServerRuntime:
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"hidden states must be [tokens, {hidden}], got {list(tensor.shape)}", msg.sid)
         if msg.tensor.dtype != conn.hello.dtype:
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"dtype {msg.tensor.dtype} but {conn.hello.dtype} was negotiated", msg.sid)
+        # Checked after the cast: 3.4e38 is finite in float32 and Inf in bfloat16.
+        tensor = tensor.to(self.shard_dtype)
         if not torch.isfinite(tensor).all():
-            raise ProtocolError(ErrorCode.NON_FINITE, "hidden states contain NaN or Inf", msg.sid)
+            raise ProtocolError(ErrorCode.NON_FINITE, f"hidden states contain NaN or Inf (in the server's {self.settings.dtype})", msg.sid)
+        return tensor
 
     async def _on_step(self, conn: _Connection, msg: Step, tensor: torch.Tensor) -> None:
         try:
-            out = await asyncio.wrap_future(self.engine.step((conn.id, msg.sid), msg.pos, tensor))
+            out = await asyncio.wrap_future(self.engine.step(conn.key(msg.sid), msg.pos, tensor))
             out = out.to("cpu", WIRE_DTYPES[conn.hello.dtype])
             await conn.ws.send(encode(Output(sid=msg.sid, pos=msg.pos, tensor=tensor_meta(out)), out))
         except ProtocolError as e:
@@ -344,8 +491,8 @@ class ServerRuntime:
         if msg.sid not in conn.sessions:
             raise ProtocolError(ErrorCode.UNKNOWN_SESSION, "no such session on this connection", msg.sid)
         conn.sessions.discard(msg.sid)
-        self._sessions_per_key[conn.api_key] -= 1
-        await asyncio.wrap_future(self.engine.close((conn.id, msg.sid)))
+        self._forget_session(conn, msg.sid)
+        await asyncio.wrap_future(self.engine.close(conn.key(msg.sid)))
         await conn.ws.send(encode(Closed(sid=msg.sid)))
 
 
@@ -355,7 +502,7 @@ async def run_server(settings: ServerSettings) -> None:
         async with await runtime.serve() as server:
             # SIGTERM (docker stop, kill) closes connections cleanly, freeing sessions.
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.close)
-            log.info("listening on ws://%s:%d", settings.host, settings.port)
+            log.info("listening on %s://%s:%d", "wss" if settings.tls else "ws", settings.host, settings.port)
             await server.serve_forever()
     finally:
         runtime.close()
@@ -395,7 +542,7 @@ class ServerThread:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.runtime.settings.host}:{self.port}"
+        return f"{'wss' if self.runtime.settings.tls else 'ws'}://{self.runtime.settings.host}:{self.port}"
 
     def stop(self) -> None:
         async def shutdown():

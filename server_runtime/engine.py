@@ -23,6 +23,7 @@ from fedsea_shared.prefix import PrefixHasher
 from fedsea_shared.protocol import ErrorCode, ProtocolError
 
 from .kv_pool import BlockTable, KVPool
+from .limits import BlockQuota
 from .metrics import ServerMetrics
 from .model_runner import ModelRunner
 from .scheduler import Scheduler, Session, StepWork
@@ -59,11 +60,12 @@ class Engine:
     over the same KV pool.  A session runs one model for its lifetime."""
 
     def __init__(self, runner: ModelRunner, pool: KVPool, settings: EngineSettings, metrics: ServerMetrics,
-                 adapters: dict[str, ModelRunner] | None = None):
+                 adapters: dict[str, ModelRunner] | None = None, quota: BlockQuota | None = None):
         self.runners: dict[str | None, ModelRunner] = {None: runner, **(adapters or {})}
         self.pool = pool
         self.settings = settings
         self.metrics = metrics
+        self.quota = quota
         self.scheduler = Scheduler(pool, settings.token_budget, settings.wait_timeout)
         self.sessions: dict[Hashable, Session] = {}
         self._opens: list[tuple[Hashable, _OpenRequest, Future, float]] = []  # waiting for capacity
@@ -266,6 +268,10 @@ class Engine:
                 f"{length} + {hidden.shape[0]} tokens exceed the server's max context of {self.settings.max_context}",
                 sid,
             ))
+        if self.quota is not None:
+            refusal = self.quota.reserve(key, len(session.table.blocks) + session.table.blocks_needed(hidden.shape[0]))
+            if refusal:
+                return self._fail_future(fut, ProtocolError(ErrorCode.LIMIT, refusal, sid))
         session.last_active = time.monotonic()
         session.work = StepWork(session, hidden, length, fut)
         self.scheduler.add(session.work)
@@ -281,6 +287,8 @@ class Engine:
             self.scheduler.remove(session.work)
             self._fail_future(session.work.future, ProtocolError(ErrorCode.UNKNOWN_SESSION, "session closed during its step", key[-1]))
         self.pool.free(session.table)
+        if self.quota is not None:
+            self.quota.release(key)
         return True
 
     def _fail(self, work: StepWork, error: ProtocolError) -> None:

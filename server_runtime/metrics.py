@@ -29,6 +29,8 @@ class ServerMetrics:
         self.tokens = Counter("fedsea_tokens", "Tokens through the middle blocks", registry=r)
         self.received_bytes = Counter("fedsea_received_bytes", "Bytes of frames received from edges", registry=r)
         self.errors = Counter("fedsea_errors", "Refused messages by error code", ["code"], registry=r)
+        self.training_jobs = Gauge("fedsea_training_jobs", "Split fine-tuning jobs held", registry=r)
+        self.training_memory = Gauge("fedsea_training_memory_bytes", "Training memory charged (of --training-memory)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

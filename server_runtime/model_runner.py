@@ -94,6 +94,8 @@ class ModelRunner:
             offset += hi - lo
         pos = torch.cat(positions).to(self.device)
         slots = torch.cat(new_slots).to(self.device)
+        if self.attention.needs_clean_blocks:
+            self._clear_entered_blocks(chunks)
         if not prefill and self.graphs is not None and self.graphs.fits(len(chunks)):
             result = self.graphs.run(hidden, pos, slots, decode_tables, decode_lengths)
             return [result[a:b] for a, b in spans]
@@ -120,3 +122,14 @@ class ModelRunner:
 
         result = self.shard.run_blocks(self.layers, hidden, pos, attend)
         return [result[a:b] for a, b in spans]
+
+    def _clear_entered_blocks(self, chunks: list[Chunk]) -> None:
+        """Zero the blocks this tick's chunks write first (fresh from the free list, where
+        a closed session may have left NaN), in every layer, before anything reads them."""
+        P = self.pool.block_size
+        fresh = [b for c in chunks for b in c.session.table.blocks[-(-c.positions[0] // P):-(-c.positions[1] // P)]]
+        if fresh:
+            blocks = torch.tensor(fresh, device=self.device)
+            slots = (blocks[:, None] * P + torch.arange(P, device=self.device)).flatten()
+            self.pool.k.index_fill_(1, slots, 0)
+            self.pool.v.index_fill_(1, slots, 0)

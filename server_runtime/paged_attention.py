@@ -13,6 +13,13 @@ order) and context length.  Two kernels read the pool through it:
 
 Padding rows point at the pool's scratch block with a context of one token, so a padded
 batch is computed like a real one and its extra outputs are dropped.
+
+Slots a row does not own (padding of its page table, the unwritten tail of its last
+block) may hold anything another session left there, NaN and Inf included: a masked slot
+must contribute exactly zero, and a zero softmax weight does not do that (0 * NaN is
+NaN).  Gather selects zeros into those slots; the flex kernel cannot, so it reads only a
+row's own blocks and the runner clears each block when a session first writes to it
+(`needs_clean_blocks`).
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class KernelFailure(RuntimeError):
 
 class DecodeAttention(Protocol):
     pads_batch: bool  # whether DecodeRows must be padded to a bucket
+    needs_clean_blocks: bool  # whether the unwritten slots of a row's last block must be finite
 
     def plan(self, rows: DecodeRows) -> Any:
         """Per-tick work shared by all layers (index tensors, masks)."""
@@ -72,6 +80,7 @@ class DecodeAttention(Protocol):
 
 class GatherAttention:
     pads_batch = False
+    needs_clean_blocks = False
 
     def __init__(self, block_size: int, scale: float):
         self.block_size = block_size
@@ -90,11 +99,15 @@ class GatherAttention:
         shape = (*slots.shape, *k_cache.shape[1:])
         k = k_cache.index_select(0, slots.flatten()).view(shape)
         v = v_cache.index_select(0, slots.flatten()).view(shape)
+        masked = ~valid[:, :, None, None]
+        k.masked_fill_(masked, 0)  # a select, so stale NaN/Inf in masked slots cannot leak
+        v.masked_fill_(masked, 0)
         return decode_attention(q, k, v, valid, self.scale)
 
 
 class FlexPagedAttention:
     pads_batch = True
+    needs_clean_blocks = True  # the kernel weighs a partial block's masked slots by zero
 
     def __init__(self, pool: KVPool, scale: float):
         self.block_size = pool.block_size

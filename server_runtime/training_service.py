@@ -13,6 +13,15 @@ fuses the same way, but each client has its own adapter, selected per row, and t
 adapters are averaged at every FedAvg round.  FedAvg of the edges' adapters happens here
 too (`train_aggregate`): the server only averages vectors it cannot interpret.
 
+Jobs belong to a tenant (the API key that created them; None on a server without keys):
+a job name is looked up only among its tenant's jobs, so another key can neither see,
+join, export nor average into it.  FedAvg weighs each client by the samples whose
+backward the server itself ran for it since its last round, not by a number it reports.
+Training state has a memory budget (`memory`, bytes): a job's adapters and optimizer
+state are charged at creation, each forward's autograd state until its backward is done
+or freed; a request that does not fit is refused.  A job is freed when its last client
+leaves or disconnects.
+
 All model work runs on one worker thread; the bookkeeping below runs on the event loop,
 so it needs no locks.  The base weights are shared with the inference engine (read only);
 each job gets a shallow copy of the shard that carries its adapters.
@@ -63,7 +72,8 @@ SHARED = "shared"  # the adapter name when all clients share one server adapter
 
 @dataclass
 class TrainingSettings:
-    step_timeout: float = 120.0  # seconds a forward's autograd state waits for its backward
+    step_timeout: float = 30.0  # seconds a forward's autograd state waits for its backward
+    memory: int = 2 * 2**30  # bytes of adapters, optimizer and autograd state, all jobs together
     fuse_window: float = 0.25  # seconds a fused round waits for the other clients' forwards
     aggregate_timeout: float = 300.0  # seconds a FedAvg round waits for missing clients
     max_tokens: int = 32768  # rows of one train_forward
@@ -74,6 +84,7 @@ class _Member:
     conn: int
     client: int
     job: "_Job"
+    samples: int = 0  # samples whose backward the server ran since this client's last round
 
     @property
     def adapter(self) -> str:
@@ -89,7 +100,8 @@ class _Pending:
     lengths: list[int]
     hidden: torch.Tensor
     reply: asyncio.Future
-    flushed: bool = False  # part of a pass now (which then owns the sequential turn)
+    nbytes: int  # training memory charged for its autograd state
+    flushed: bool = False  # part of a pass now (which then owns the sequential turn and the charge)
 
 
 @dataclass(eq=False)
@@ -101,6 +113,8 @@ class _Group:
     adapter_of: dict[tuple[int, int], str]
     inp: torch.Tensor
     out: torch.Tensor
+    samples: dict[tuple[int, int], int]
+    nbytes: int
     grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     waiters: dict[tuple[int, int], asyncio.Future] = field(default_factory=dict)
     gone: set[tuple[int, int]] = field(default_factory=set)
@@ -120,8 +134,11 @@ class _Round:
 class _Job:
     """Event-loop-side state of a job; `shard` and `optimizers` belong to the worker."""
 
-    def __init__(self, name: str, spec: TrainJoin, shard: ModelShard, optimizers: dict[str, AdapterOptimizer]):
+    def __init__(self, key: tuple, name: str, spec: TrainJoin, shard: ModelShard,
+                 optimizers: dict[str, AdapterOptimizer], nbytes: int):
+        self.key = key  # (tenant, name)
         self.name = name
+        self.nbytes = nbytes  # training memory charged for adapters and optimizer state
         self.spec = spec
         self.shard = shard
         self.optimizers = optimizers
@@ -157,7 +174,8 @@ class TrainingService:
         self.device = device
         self.dtype = next(shard.parameters()).dtype
         self.settings = settings or TrainingSettings()
-        self.jobs: dict[str, _Job] = {}
+        self.jobs: dict[tuple, _Job] = {}  # by (tenant, job name)
+        self.memory_used = 0
         self.members: dict[int, _Member] = {}  # by connection id
         self.steps: dict[tuple[int, int], _Group] = {}  # (conn, sid) -> group awaiting backward
         self.freed_steps = 0  # steps whose backward never came (timeout or disconnect)
@@ -172,21 +190,22 @@ class TrainingService:
 
     # ---- entry points (called by the websocket handler) ----------------------------------
 
-    async def handle(self, conn: int, msg, tensor: torch.Tensor | None) -> tuple[Any, torch.Tensor | None]:
-        """Answer one train_* request: returns (reply header, reply tensor) or raises
+    async def handle(self, conn: int, msg, tensor: torch.Tensor | None, tenant: int | None = None) -> tuple[Any, torch.Tensor | None]:
+        """Answer one train_* request from connection `conn` of `tenant` (which API key it
+        presented; None without keys): returns (reply header, reply tensor) or raises
         ProtocolError (a bug becomes an `internal` error for this request only)."""
         try:
-            return await self._handle(conn, msg, tensor)
+            return await self._handle(conn, msg, tensor, tenant)
         except (ProtocolError, asyncio.CancelledError):
             raise
         except Exception as e:
             log.exception("training request %s failed", msg.type)
             raise ProtocolError(ErrorCode.INTERNAL, f"{msg.type} failed on the server: {e!r}", msg.sid) from None
 
-    async def _handle(self, conn: int, msg, tensor: torch.Tensor | None) -> tuple[Any, torch.Tensor | None]:
+    async def _handle(self, conn: int, msg, tensor: torch.Tensor | None, tenant: int | None) -> tuple[Any, torch.Tensor | None]:
         if isinstance(msg, TrainJoin):
             async with self._join_lock:  # two clients creating the same job at once
-                reply, job = await self._join(conn, msg, tensor)
+                reply, job = await self._join(conn, msg, tensor, tenant)
             try:  # start together, so the first rounds already fuse (a missing client: timeout)
                 await asyncio.wait_for(job.all_joined.wait(), self.settings.aggregate_timeout)
             except TimeoutError:
@@ -213,23 +232,65 @@ class TrainingService:
         """The connection is gone: free its steps, stop waiting for it."""
         self._remove(conn, left=False)
 
+    # ---- memory budget -------------------------------------------------------------------
+
+    def _charge(self, nbytes: int, what: str, sid: int) -> None:
+        budget = self.settings.memory
+        if self.memory_used + nbytes > budget:
+            raise ProtocolError(ErrorCode.CAPACITY, f"{what} needs ~{nbytes / 2**20:.1f} MiB of training memory; "
+                                f"{self.memory_used / 2**20:.1f} of {budget / 2**20:.1f} MiB are in use "
+                                "(the server's --training-memory); retry later or use less", sid)
+        self.memory_used += nbytes
+
+    def _release(self, nbytes: int) -> None:
+        self.memory_used -= nbytes
+
+    def _job_bytes(self, msg: TrainJoin) -> int:
+        """Adapters of a new job with their gradients and AdamW moments (float32)."""
+        c = self.base.config
+        hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        h, q, kv, ff = c.hidden_size, c.num_attention_heads * hd, c.num_key_value_heads * hd, c.intermediate_size
+        dims = {"q_proj": h + q, "k_proj": h + kv, "v_proj": h + kv, "o_proj": q + h,
+                "gate_proj": h + ff, "up_proj": h + ff, "down_proj": ff + h}
+        per_layer = sum(msg.lora.rank * dims.get(t, h + ff) for t in msg.lora.targets)
+        adapters = msg.clients if msg.mode == "hierarchical" else 1
+        return 4 * 4 * per_layer * len(self.partition.server_layers) * adapters
+
+    def _forward_bytes(self, lengths: list[int]) -> int:
+        """Autograd state a forward keeps until its backward: per token and layer the
+        saved activations (about 20 hidden-wide and 4 MLP-wide vectors), plus each
+        sample's attention probabilities."""
+        c = self.base.config
+        layers, size = len(self.partition.server_layers), self.dtype.itemsize
+        per_token = (20 * c.hidden_size + 4 * c.intermediate_size) * size
+        attention = c.num_attention_heads * sum(n * n for n in lengths) * size
+        return layers * (sum(lengths) * per_token + attention)
+
     # ---- join / leave --------------------------------------------------------------------
 
-    async def _join(self, conn: int, msg: TrainJoin, tensor: torch.Tensor | None) -> tuple[TrainJoined, _Job]:
+    async def _join(self, conn: int, msg: TrainJoin, tensor: torch.Tensor | None,
+                    tenant: int | None) -> tuple[TrainJoined, _Job]:
         if conn in self.members:
             raise ProtocolError(ErrorCode.JOB_MISMATCH, f"this connection already joined job {self.members[conn].job.name!r}", msg.sid)
         if msg.client >= msg.clients:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"client id {msg.client} is not below clients={msg.clients}", msg.sid)
-        job = self.jobs.get(msg.job)
+        if tensor is not None:
+            self._check_finite(msg, tensor)
+        key = (tenant, msg.job)
+        job = self.jobs.get(key)  # only this tenant's jobs: another key's job of that name is invisible
         resumed = job is not None
-        if job is not None and not job.members and tensor is not None:
-            job = None  # restart an abandoned job from the client's checkpoint
         if job is None:
-            shard, optimizers = await self._run(self._create_adapters, msg, tensor)
-            job = self.jobs[msg.job] = _Job(msg.job, _settings_of(msg), shard, optimizers)
+            nbytes = self._job_bytes(msg)
+            self._charge(nbytes, f"job {msg.job!r}", msg.sid)
+            try:
+                shard, optimizers = await self._run(self._create_adapters, msg, tensor)
+            except BaseException:
+                self._release(nbytes)
+                raise
+            job = self.jobs[key] = _Job(key, msg.job, _settings_of(msg), shard, optimizers, nbytes)
             if msg.mode == "hierarchical":
                 self._route_rows(job)
-            resumed = resumed or tensor is not None
+            resumed = tensor is not None
         elif _settings_of(msg) != job.spec:
             raise ProtocolError(ErrorCode.JOB_MISMATCH, f"job {msg.job!r} runs with different settings: {job.spec.model_dump(exclude={'sid', 'client', 'tensor'})}", msg.sid)
         if msg.client in job.members:
@@ -299,8 +360,9 @@ class TrainingService:
             self._maybe_finish_round(job, number, rnd)
         if job.pending and len(job.pending) >= len(job.members):
             self._flush(job)
-        if left and not job.members and self.jobs.get(job.name) is job:
-            del self.jobs[job.name]
+        if not job.members and self.jobs.get(job.key) is job:  # its last client: free the job
+            del self.jobs[job.key]
+            self._release(job.nbytes)
         log.info("client %d %s training job %r", member.client, "left" if left else "disconnected from", job.name)
 
     # ---- forward -------------------------------------------------------------------------
@@ -309,6 +371,11 @@ class TrainingService:
         hidden = self.base.config.hidden_size
         if tensor.dim() != 2 or tensor.shape != (rows, hidden):
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"expected a [{rows}, {hidden}] tensor, got {list(tensor.shape)}", msg.sid)
+        self._check_finite(msg, tensor.to(self.dtype))
+
+    @staticmethod
+    def _check_finite(msg, tensor: torch.Tensor) -> None:
+        """`tensor` as the server will compute with it (3.4e38 is Inf in bfloat16)."""
         if not torch.isfinite(tensor).all():
             raise ProtocolError(ErrorCode.NON_FINITE, "tensor contains NaN or Inf", msg.sid)
 
@@ -324,9 +391,15 @@ class TrainingService:
             out = await self._run(self._eval_forward, job, member.adapter, msg.lengths, tensor)
             out = out.to(tensor.dtype)
             return TrainOutput(sid=msg.sid, tensor=tensor_meta(out)), out
+        nbytes = self._forward_bytes(msg.lengths)
+        self._charge(nbytes, f"a forward of {rows} tokens", msg.sid)
         if job.spec.mode == "sequential":
-            await job.turn.acquire()  # released when this step's backward is done or freed
-        pending = _Pending(member, msg.sid, msg.lengths, tensor, asyncio.get_running_loop().create_future())
+            try:
+                await job.turn.acquire()  # released when this step's backward is done or freed
+            except BaseException:
+                self._release(nbytes)
+                raise
+        pending = _Pending(member, msg.sid, msg.lengths, tensor, asyncio.get_running_loop().create_future(), nbytes)
         job.pending.append(pending)
         if job.spec.mode == "sequential" or len(job.pending) >= len(job.members):
             self._flush(job)
@@ -335,8 +408,10 @@ class TrainingService:
         try:
             out = await pending.reply
         except asyncio.CancelledError:
-            if job.spec.mode == "sequential" and not pending.flushed:
-                job.turn.release()
+            if not pending.flushed:  # else its pass owns the turn and the charge
+                self._release(nbytes)
+                if job.spec.mode == "sequential":
+                    job.turn.release()
             raise
         return TrainOutput(sid=msg.sid, tensor=tensor_meta(out)), out
 
@@ -360,16 +435,18 @@ class TrainingService:
                 if not p.reply.done():
                     p.reply.set_exception(ProtocolError(ErrorCode.INTERNAL, f"server forward failed: {e}", p.sid))
             job.open_passes -= 1
+            self._release(sum(p.nbytes for p in batch))
             if job.spec.mode == "sequential":
                 job.turn.release()
             return
-        rows, adapter_of, start = {}, {}, 0
+        rows, adapter_of, samples, start = {}, {}, {}, 0
         for p in batch:
             n = sum(p.lengths)
             rows[(p.member.conn, p.sid)] = slice(start, start + n)
             adapter_of[(p.member.conn, p.sid)] = p.member.adapter
+            samples[(p.member.conn, p.sid)] = len(p.lengths)
             start += n
-        group = _Group(job, rows, adapter_of, inp, out)
+        group = _Group(job, rows, adapter_of, inp, out, samples, sum(p.nbytes for p in batch))
         group.timer = asyncio.get_running_loop().call_later(self.settings.step_timeout, self._expire, group)
         for p in batch:
             key = (p.member.conn, p.sid)
@@ -420,6 +497,7 @@ class TrainingService:
         group.waiters[key] = reply
         self._maybe_finish(group)
         grad, stepped = await reply
+        member.samples += group.samples[key]  # what FedAvg weighs this client by
         return TrainGrad(sid=msg.sid, stepped=stepped, tensor=tensor_meta(grad)), grad
 
     def _maybe_finish(self, group: _Group) -> None:
@@ -453,6 +531,7 @@ class TrainingService:
         finally:
             job.open_passes -= 1
             group.inp = group.out = None  # drop the autograd graph
+            self._release(group.nbytes)
             if job.spec.mode == "sequential" and job.turn.locked():
                 job.turn.release()
 
@@ -499,7 +578,9 @@ class TrainingService:
         if member.client in rnd.contributions:
             raise ProtocolError(ErrorCode.SESSION_EXISTS, f"client {member.client} already sent round {msg.round}", msg.sid)
         reply = asyncio.get_running_loop().create_future()
-        rnd.contributions[member.client] = (msg.samples, tensor.float(), reply)
+        # Weighed by the samples the server trained for this client, not msg.samples.
+        rnd.contributions[member.client] = (member.samples, tensor.float(), reply)
+        member.samples = 0
         if rnd.timer is None:
             rnd.timer = asyncio.get_running_loop().call_later(
                 self.settings.aggregate_timeout, self._finish_round, job, msg.round, rnd
@@ -523,7 +604,9 @@ class TrainingService:
         asyncio.get_running_loop().create_task(self._average(job, live))
 
     async def _average(self, job: _Job, live: dict[int, tuple[int, torch.Tensor, asyncio.Future]]) -> None:
-        weights = {c: n / sum(v[0] for v in live.values()) for c, (n, _, _) in live.items()}
+        total = sum(n for n, _, _ in live.values())
+        # No client trained since the last round (the start line): an equal average.
+        weights = {c: n / total if total else 1 / len(live) for c, (n, _, _) in live.items()}
         avg = sum(weights[c] * vec for c, (_, vec, _) in live.items())
         if job.spec.mode == "hierarchical":
             await self._run(self._average_server_adapters, job, weights)

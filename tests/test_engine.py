@@ -149,7 +149,7 @@ def test_decode_batched_with_others_matches_alone(start_server, tiny_model_dir, 
 def test_full_pool_makes_new_sessions_wait_then_fail_with_capacity(start_server, tiny_model_dir):
     # 8 KiB per block for the tiny model's 2 middle layers: 5 blocks, one of them the
     # scratch block, leave 4 = 64 tokens.
-    server = start_server(tiny_model_dir, kv_cache_memory="40KiB",
+    server = start_server(tiny_model_dir, kv_cache_memory="40KiB", kv_quota=1.0,  # one tenant may fill it
                           engine=EngineSettings(wait_timeout=0.5, admission_free_blocks=1))
     engine = server.runtime.engine
     assert server.runtime.pool.allocator.num_blocks == 4
@@ -170,7 +170,7 @@ def test_full_pool_makes_new_sessions_wait_then_fail_with_capacity(start_server,
 
 
 async def test_capacity_error_reaches_the_edge(start_server, tiny_model_dir):
-    server = start_server(tiny_model_dir, kv_cache_memory="40KiB", engine=EngineSettings(wait_timeout=0.3))
+    server = start_server(tiny_model_dir, kv_cache_memory="40KiB", kv_quota=1.0, engine=EngineSettings(wait_timeout=0.3))
     client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0)
     with pytest.raises(ServerError) as info:
         await client.generate([{"role": "user", "content": "word " * 80}], max_tokens=2)

@@ -375,7 +375,7 @@ def test_server_at_capacity(start_server, start_gateway, tiny_model_dir):
     """A KV pool of two 16-token blocks (plus the scratch block): a longer prompt is
     refused with 503 before any token; a generation that outgrows the pool mid-stream
     gets an error event."""
-    server = start_server(tiny_model_dir, kv_cache_memory="24KiB", engine=EngineSettings(wait_timeout=0.3))
+    server = start_server(tiny_model_dir, kv_cache_memory="24KiB", kv_quota=1.0, engine=EngineSettings(wait_timeout=0.3))
     assert server.runtime.pool.allocator.num_blocks == 2
     gw = start_gateway(server.url)
     model = gw.settings.model_id

@@ -208,3 +208,30 @@ def test_startup_capture_writes_only_the_scratch_block(tiny_shard):
     scratch = pool.scratch_block * BLOCK
     assert (pool.k[:, :scratch] == 3.0).all()
     assert (pool.k[:, scratch] != 3.0).any()
+
+
+def test_stale_nan_in_freed_blocks_never_reaches_a_session(tiny_shard):
+    """Blocks come back from the free list holding whatever their last session wrote, NaN
+    and Inf included (issue 10, failure 3): masked slots must contribute exactly zero, so
+    through either kernel a pool full of NaN gives a clean pool's outputs."""
+    layers = Partition(6, 2, 2).server_layers
+    config = tiny_shard.config
+
+    def run(kind: str, fill: float) -> torch.Tensor:
+        torch.manual_seed(2)
+        # The pool shape and 5-row decode ticks of the test above: flex reuses its kernels.
+        pool = KVPool(len(layers), 64, BLOCK, config.num_key_value_heads, 16, torch.float32)
+        pool.k.fill_(fill)
+        pool.v.fill_(fill)
+        runner = ModelRunner(tiny_shard, layers, pool, decode_attention=kind)
+        sessions = [Session(i, BlockTable(BLOCK)) for i in range(5)]
+        outs = tick(runner, sessions, config.hidden_size, {i: 1 + 3 * i for i in range(5)})  # block tails unwritten
+        for _ in range(3):  # decode rows of unequal widths: page-table padding too
+            outs += tick(runner, sessions, config.hidden_size, {i: 1 for i in range(5)})
+        return torch.cat(outs)
+
+    clean = run("gather", 0.0)
+    torch.testing.assert_close(run("gather", float("nan")), clean, atol=0, rtol=0)
+    flex = run("flex", float("nan"))
+    assert torch.isfinite(flex).all()
+    torch.testing.assert_close(flex, clean, atol=2e-5, rtol=1e-4)

@@ -61,9 +61,9 @@ def _hidden(seed: int, tokens: int) -> torch.Tensor:
 async def test_fused_pass_equals_each_client_alone(tiny_model_dir, start_server, mode):
     """Concurrent clients' rows fused into one pass give each client what it gets alone,
     through its own server adapter in hierarchical mode."""
-    server = start_server(tiny_model_dir)
+    server = start_server(tiny_model_dir, enable_training=True)
     conns = await _clients(server, 2, mode)
-    job = server.runtime.training.jobs["job"]
+    job = server.runtime.training.jobs[(None, "job")]
     if mode == "hierarchical":  # make the clients' adapters differ
         for i, name in enumerate(job.optimizers):
             params = lora_parameters(job.shard, name)
@@ -89,7 +89,7 @@ async def test_fused_pass_equals_each_client_alone(tiny_model_dir, start_server,
 async def test_optimizer_step_waits_for_open_passes(tiny_model_dir, start_server):
     """Two unfused passes of one shared adapter: the first backward must not step the
     adapter in place while the second pass's graph still uses it."""
-    server = start_server(tiny_model_dir, training=TrainingSettings(fuse_window=0.01))
+    server = start_server(tiny_model_dir, enable_training=True, training=TrainingSettings(fuse_window=0.01))
     a, b = await _clients(server, 2, "batched")
     sid_a, out_a = await a.forward([3], _hidden(0, 3))  # alone: the window expires
     sid_b, out_b = await b.forward([2], _hidden(1, 2))
@@ -102,7 +102,7 @@ async def test_optimizer_step_waits_for_open_passes(tiny_model_dir, start_server
 
 
 async def test_vanished_client_step_is_freed_and_others_continue(tiny_model_dir, start_server):
-    server = start_server(tiny_model_dir, training=TrainingSettings(step_timeout=0.5))
+    server = start_server(tiny_model_dir, enable_training=True, training=TrainingSettings(step_timeout=0.5))
     service = server.runtime.training
     a, b = await _clients(server, 2, "sequential")
     # a forwards, then disappears mid-step: its autograd state and its turn are freed.
@@ -124,7 +124,7 @@ async def test_vanished_client_step_is_freed_and_others_continue(tiny_model_dir,
 
 
 async def test_bad_training_requests_get_typed_errors(tiny_model_dir, start_server):
-    server = start_server(tiny_model_dir)
+    server = start_server(tiny_model_dir, enable_training=True)
     conn = await TrainingConnection.connect(server.url, _hello(tiny_model_dir))
     other = await TrainingConnection.connect(server.url, _hello(tiny_model_dir))
     try:
@@ -303,7 +303,7 @@ def test_two_client_processes_train_and_save_a_peft_adapter(tmp_path, tiny_model
 
 
 def test_resume_after_a_crash_and_a_server_restart(tmp_path, tiny_model_dir, start_server, caplog):
-    first = start_server(tiny_model_dir)
+    first = start_server(tiny_model_dir, enable_training=True)
     cfg = _config(tmp_path, tiny_model_dir, server=first.url, steps=4)
     run(cfg)
     ckpt = Checkpoints(tmp_path / "run" / "checkpoint")
@@ -312,7 +312,7 @@ def test_resume_after_a_crash_and_a_server_restart(tmp_path, tiny_model_dir, sta
     assert ckpt.common_step(1) == 2
     _, server_at_2 = ckpt.load(0, 2)
     first.stop()
-    second = start_server(tiny_model_dir)  # a fresh server: it has no job state at all
+    second = start_server(tiny_model_dir, enable_training=True)  # a fresh server: it has no job state at all
     with caplog.at_level(logging.INFO):
         report = run(cfg.model_copy(update={"server": second.url, "steps": 6}))
     assert "resuming all 1 clients from the checkpoint of step 2" in caplog.text

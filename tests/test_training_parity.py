@@ -43,7 +43,7 @@ def _randomize(params: dict[str, torch.nn.Parameter], seed: int) -> torch.Tensor
 async def test_split_gradients_match_centralized_peft(tiny_model_dir, start_server, head, tail):
     config = load_config(tiny_model_dir)
     partition = Partition(config.num_hidden_layers, head, tail)
-    server = start_server(tiny_model_dir, head=head, tail=tail)
+    server = start_server(tiny_model_dir, enable_training=True, head=head, tail=tail)
     trainer = EdgeTrainer(tiny_model_dir, partition, LORA, OPTIM, noise=0.0, seed=0)
     edge_flat = _randomize(trainer.params, 1)
 
@@ -60,7 +60,7 @@ async def test_split_gradients_match_centralized_peft(tiny_model_dir, start_serv
         batch = _batch(3)
         loss, stepped = await trainer.train_step(conn, batch)
         assert not stepped
-        job = server.runtime.training.jobs["parity"]
+        job = server.runtime.training.jobs[(None, "parity")]
         server_grads = {n: p.grad.clone() for n, p in job.optimizers["shared"].params.items()}
     finally:
         await conn.close()

@@ -8,6 +8,7 @@ Rerunning the same command after a crash resumes from the last checkpoint in --o
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import sys
 
@@ -33,7 +34,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--send-grad-noise", type=float, default=0.0, help="Gaussian noise on that gradient, std relative to the clip bound")
     p.add_argument("--clients", type=int, default=1, help="client processes, each with its own data shard")
     p.add_argument("--mode", choices=["sequential", "batched", "hierarchical"], default="sequential")
-    p.add_argument("--server", help="ws://host:port of a running `fedsea server` (default: an embedded one)")
+    p.add_argument("--server", help="ws:// or wss://host:port of a running `fedsea server --enable-training` "
+                                    "(default: an embedded one); its API key is read from $FEDSEA_SERVER_API_KEY")
+    p.add_argument("--server-ca", metavar="FILE", help="PEM file verifying a wss:// server: a private CA or the server's "
+                                                       "self-signed certificate (default: the system trust store)")
     g = p.add_argument_group("budget")
     g.add_argument("--steps", type=int, help="steps per client (overrides --epochs)")
     g.add_argument("--epochs", type=float, default=1.0)
@@ -67,6 +71,7 @@ def config_from_args(args) -> FinetuneConfig:
         data=args.data, out=args.out, model=args.model, head=args.head, tail=args.tail, noise=args.noise,
         send_grad_clip=args.send_grad_clip, send_grad_noise=args.send_grad_noise,
         clients=args.clients, mode=args.mode, server=args.server, steps=args.steps, epochs=args.epochs,
+        server_ca=args.server_ca, server_api_key=os.environ.get("FEDSEA_SERVER_API_KEY"),
         batch_size=args.batch_size, max_length=args.max_length, max_train=args.max_train, max_valid=args.max_valid,
         valid_fraction=args.valid_fraction, fedavg_every=args.fedavg_every, by_label=args.by_label,
         eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress,

@@ -67,7 +67,9 @@ class FinetuneConfig(BaseModel):
     max_train: int | None = Field(None, ge=1)
     max_valid: int | None = Field(None, ge=1)
     seed: int = 0
-    server: str | None = None  # ws://host:port; None: embedded server runtime
+    server: str | None = None  # ws:// or wss://host:port; None: embedded server runtime
+    server_ca: str | None = None  # PEM verifying a wss:// server (default: the system trust store)
+    server_api_key: str | None = Field(None, repr=False)  # the key presented to the server runtime
     progress: bool = True
 
     @model_validator(mode="after")
@@ -149,7 +151,8 @@ class ClientRun:
             self.trainer.load_adapter_vector(state["edge"])
             self.trainer.optimizer.load_state_dict(state["optimizer"])
         try:
-            conn = await TrainingConnection.connect(self.url, self.hello())
+            conn = await TrainingConnection.connect(self.url, self.hello(), self.cfg.server_api_key,
+                                                    server_ca=self.cfg.server_ca)
         except OSError as e:
             raise ServerError("connection_lost", f"cannot reach the server runtime at {self.url} ({e})") from None
         try:
@@ -248,7 +251,8 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.server is None:
         from server_runtime.app import ServerSettings, ServerThread
 
-        server = ServerThread(ServerSettings(model=cfg.model, head=cfg.head, tail=cfg.tail, port=0, kv_cache_memory="64MiB"))
+        server = ServerThread(ServerSettings(model=cfg.model, head=cfg.head, tail=cfg.tail, port=0, kv_cache_memory="64MiB",
+                                            enable_training=True))
     url = cfg.server or server.url
     started = time.perf_counter()
     try:
