@@ -93,8 +93,8 @@ def test_fork_shares_blocks_and_copies_the_partial_one_on_write(start_server, ti
 
 
 def test_eviction_takes_only_unreferenced_blocks(start_server, tiny_model_dir):
-    # 8 KiB per block: 9 blocks (plus scratch).
-    server = start_server(tiny_model_dir, kv_cache_memory="80KiB", engine=EngineSettings(wait_timeout=0.5))
+    # 8 KiB per block: 9 blocks (plus scratch).  One tenant (these keys) fills the pool: no quota.
+    server = start_server(tiny_model_dir, kv_cache_memory="80KiB", kv_quota=1.0, engine=EngineSettings(wait_timeout=0.5))
     engine, pool = server.runtime.engine, server.runtime.pool.allocator
     assert pool.stats()["blocks"] == 9
     torch.manual_seed(2)
@@ -122,7 +122,7 @@ def test_eviction_takes_only_unreferenced_blocks(start_server, tiny_model_dir):
 
 
 def test_random_open_fork_close_evict_lifecycles_return_every_block(start_server, tiny_model_dir):
-    server = start_server(tiny_model_dir, kv_cache_memory="160KiB", engine=EngineSettings(token_budget=8, wait_timeout=0.3))
+    server = start_server(tiny_model_dir, kv_cache_memory="160KiB", kv_quota=1.0, engine=EngineSettings(token_budget=8, wait_timeout=0.3))
     engine, pool = server.runtime.engine, server.runtime.pool.allocator
     blocks = pool.stats()["blocks"]
     rng = random.Random(0)
