@@ -74,7 +74,7 @@ PROMPTS = [
 
 @contextmanager
 def _process(name: str, cmd: list[str], port: int, health: str, env: dict | None = None, timeout: float = 600):
-    """Runs `cmd`, yields its /v1 URL once GET `health` answers 200, terminates it after."""
+    """Runs `cmd`, yields (its /v1 URL, its pid) once GET `health` answers 200, terminates it after."""
     LOGS.mkdir(parents=True, exist_ok=True)
     log_path = LOGS / f"{name}.log"
     with open(log_path, "w") as log:
@@ -92,7 +92,7 @@ def _process(name: str, cmd: list[str], port: int, health: str, env: dict | None
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.5)
-            yield f"http://127.0.0.1:{port}/v1"
+            yield f"http://127.0.0.1:{port}/v1", proc.pid
         finally:
             proc.terminate()
             try:
@@ -303,7 +303,7 @@ def main() -> None:
             results[name] = f"skipped: {server}"
             continue
         t0 = time.perf_counter()
-        with server as url:
+        with server as (url, _):
             print(f"  up in {time.perf_counter() - t0:.0f} s at {url}", flush=True)
             results[name] = asyncio.run(bench_server(url, args.clients, args.rounds, args.max_tokens))
 
