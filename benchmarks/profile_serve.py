@@ -63,6 +63,7 @@ BUCKETS = [
 # The innermost frame inside the loop's own _run_once or select() is the epoll wait: py-spy
 # counts it whenever the thread is runnable, which on a loaded machine includes waiting for a core.
 SELECT = ("BaseEventLoop._run_once", "EpollSelector.select")
+WAITING = {"event loop select() (waiting or runnable)", "thread pool / waiting"}
 
 
 def bucket(frames: list[str]) -> str:
@@ -127,11 +128,19 @@ def profile_level(url: str, pid: int, clients: int, rounds: int, max_tokens: int
     threads = {}
     for (tid, name), buckets in samples["cpu"].items():
         gil = sum(samples["gil"].get((tid, name), {}).values())
+        # A thread id reused after its thread ended would read negative: count it from zero.
+        cpu_ms = 1000 * max(cpu1.get(tid, 0) - cpu0.get(tid, 0), 0) / tokens
+        working = sum(n for b, n in buckets.items() if b not in WAITING)
         threads[f"{name} ({tid})"] = {
-            "cpu_ms_per_token_proc": 1000 * (cpu1.get(tid, 0) - cpu0.get(tid, 0)) / tokens,
+            "cpu_ms_per_token_proc": cpu_ms,
             "sampled_on_cpu_ms_per_token": sum(buckets.values()) * ms_per_token,
             "gil_held_ms_per_token": gil * ms_per_token,
             "buckets_ms_per_token": {b: n * ms_per_token for b, n in sorted(buckets.items(), key=lambda kv: -kv[1])},
+            # The thread's measured CPU time split in the proportions of its non-waiting samples
+            # (samples alone overcount on a loaded machine: a runnable thread waiting for a core
+            # is sampled as if it ran).
+            "est_cpu_ms_per_token": {b: cpu_ms * n / working for b, n in sorted(buckets.items(), key=lambda kv: -kv[1])
+                                     if b not in WAITING and working},
         }
     python_tids = {tid for tid, _ in samples["cpu"]}
     native = sum(cpu1[t] - cpu0.get(t, 0) for t in cpu1 if t not in python_tids)
@@ -167,7 +176,8 @@ def main() -> None:
                   f"GIL held {t['gil_held_ms_per_token']:6.1f}")
             for b, ms in t["buckets_ms_per_token"].items():
                 if ms >= 0.05 * max(t["sampled_on_cpu_ms_per_token"], 1e-9):
-                    print(f"      {b:34}{ms:7.1f}")
+                    est = t["est_cpu_ms_per_token"].get(b)
+                    print(f"      {b:44}sampled {ms:7.1f}" + (f"   est. CPU {est:6.1f}" if est is not None else ""))
     out = RESULTS / "profile_serve.json"
     out.write_text(json.dumps({"settings": vars(args), "levels": levels}, indent=2))
     print(f"\nwrote {out}")
