@@ -131,7 +131,7 @@ def vllm_server(peers: Path, threads: int):
     return _process("vllm", cmd, port, "/health", env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=900)
 
 
-SERVERS = {"fedsea": fedsea_server, "llamacpp": llamacpp_server, "vllm": vllm_server}
+SERVERS = {"fedsea": fedsea_server, "vllm": vllm_server, "llamacpp": llamacpp_server}
 LABELS = {"fedsea": f"fedsea serve (split, noise {defaults.NOISE})", "llamacpp": "llama.cpp llama-server (f32)",
           "vllm": "vLLM CPU (eager, fp32)", "transformers": "transformers generate (full)"}
 
@@ -164,6 +164,13 @@ async def stream_chat(client: httpx.AsyncClient, prompt: str, max_tokens: int) -
     return {"tokens": tokens, "ttft_s": first - t0, "seconds": last - t0}
 
 
+def _client(url: str, clients: int) -> httpx.AsyncClient:
+    # A fresh loopback connection per request: llama-server closes idle keep-alive
+    # connections after a few seconds, and a request sent on one fails midway.
+    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=0)
+    return httpx.AsyncClient(base_url=url, timeout=600, limits=limits)
+
+
 def _cpu_times() -> tuple[int, int]:
     """(idle + iowait, total) jiffies of all CPUs since boot, from /proc/stat."""
     with open("/proc/stat") as f:
@@ -173,8 +180,7 @@ def _cpu_times() -> tuple[int, int]:
 
 async def run_level(url: str, clients: int, rounds: int, max_tokens: int) -> dict:
     """`clients` concurrent streams, each sending `rounds` requests one after another."""
-    limits = httpx.Limits(max_connections=clients + 2)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+    async with _client(url, clients) as http:
         async def client(c: int) -> list[dict]:
             return [await stream_chat(http, PROMPTS[(c + clients * r) % len(PROMPTS)], max_tokens) for r in range(rounds)]
 
@@ -195,7 +201,7 @@ async def run_level(url: str, clients: int, rounds: int, max_tokens: int) -> dic
 
 
 async def bench_server(url: str, levels: list[int], rounds: int, max_tokens: int) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:  # warm-up: first-request costs
+    async with _client(url, 1) as http:  # warm-up: first-request costs
         await stream_chat(http, "Hi", 4)
     out = {}
     for c in levels:
