@@ -3,13 +3,15 @@
 # benchmarks/vs_peers.py.  Everything goes OUTSIDE the repo:
 #
 #     bash benchmarks/setup_llamacpp.sh [PEERS_DIR]     # default $FEDSEA_PEERS or ~/.cache/fedsea/peers
+#     nohup bash benchmarks/setup_llamacpp.sh > /tmp/setup_llamacpp.log 2>&1 &   # the long build, in the background
 #
 # Result: PEERS_DIR/llamacpp/bin/llama-server and PEERS_DIR/llamacpp/smollm2-135m-instruct-f32.gguf.
 # Safe to re-run: each step is skipped when its output exists.
 #
 # llama.cpp's sources come from the PyPI sdist of llama-cpp-python, which vendors them (PyPI is
 # the only registry reachable here).  The build is CPU-only (no curl, no GPU backends) and takes
-# about 10 minutes on 2 cores; it runs at low priority.  The GGUF is written by llama.cpp's own
+# about 10 minutes on 2 quiet cores (55 minutes on a fully loaded 2-core machine); it runs at
+# low priority.  The GGUF is written by llama.cpp's own
 # convert_hf_to_gguf.py from the safetensors that fedsea converted into its cache (the
 # fp32-dequantised SmolLM2-135M-Instruct), so both servers read the very same weights.
 #
