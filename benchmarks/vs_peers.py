@@ -1,0 +1,368 @@
+"""fedsea against centralized servers on the same machine, model and precision.
+
+The same OpenAI streaming workload (chat prompts, 48-token greedy answers, fp32 everywhere)
+at 1, 8 and 16 concurrent streaming clients, against each server started here on a free
+loopback port and stopped after:
+
+- `fedsea serve` with its defaults (split, default noise),
+- llama.cpp's `llama-server` (f32 GGUF of the same weights, `-t 2 -np 16`, continuous batching),
+- vLLM's OpenAI server (CPU build, `--enforce-eager`, fp32),
+
+plus transformers' `generate` of the full model, single stream, in this process.  Reported:
+aggregate tokens/s and mean time to first token per level, fedsea's ratio against each peer,
+the CPU idle share during each 8-client run (from /proc/stat, so it counts the whole machine,
+other jobs included), and the memory roofline of a single stream (read bandwidth measured
+with a torch sum over 1 GiB, divided by the model's fp32 bytes).  A peer that is not set up
+is skipped with a message; set them up (outside the repo) with
+
+    bash benchmarks/setup_llamacpp.sh      # llama-server + f32 GGUF (~10 min on 2 cores)
+    bash benchmarks/setup_vllm.sh          # vLLM CPU venv (~3.4 GB, ~3 min)
+    python benchmarks/vs_peers.py [--peers-dir DIR] [--clients 1 8 16] [--only fedsea llamacpp ...]
+
+Writes benchmarks/results/vs_peers.json and vs_peers.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.gateway_bench import transformers_phase  # noqa: E402
+from fedsea_shared import defaults  # noqa: E402
+from fedsea_shared.models import resolve_model  # noqa: E402
+from server_runtime.process import free_port  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+LOGS = Path(tempfile.gettempdir()) / "fedsea_vs_peers"
+MODEL_NAME = defaults.MODEL  # every server is asked for this name (vLLM is told to serve it)
+# Sixteen distinct prompts, each asking for more than 48 tokens, so no two concurrent streams
+# share a prompt (vLLM's prefix cache would otherwise get them for free).
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain in detail how photosynthesis works.",
+    "Give me ten tips for learning a new language.",
+    "Describe the water cycle step by step.",
+    "Write a poem about the sea at night.",
+    "What are the main causes of the French Revolution?",
+    "Explain how a bicycle stays upright.",
+    "Write a recipe for a simple tomato soup.",
+    "Describe how a computer boots, from power button to desktop.",
+    "Write a letter to a friend about a trip to the mountains.",
+    "Explain the rules of chess to a beginner.",
+    "List the planets of the solar system and describe each one.",
+    "Explain how vaccines train the immune system.",
+    "Write a dialogue between a cat and a dog about breakfast.",
+    "Describe the history of the printing press.",
+    "Give advice to someone starting their first job.",
+]
+
+
+# --- servers -------------------------------------------------------------------------------
+
+@contextmanager
+def _process(name: str, cmd: list[str], port: int, health: str, env: dict | None = None, timeout: float = 600):
+    """Runs `cmd`, yields (its /v1 URL, its pid) once GET `health` answers 200, terminates it after."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log_path = LOGS / f"{name}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ | (env or {}))
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_path}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} did not become healthy in {timeout:.0f} s; see {log_path}")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}{health}", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            yield f"http://127.0.0.1:{port}/v1", proc.pid
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def fedsea_server(peers: Path, threads: int):
+    port = free_port()
+    return _process("fedsea", [sys.executable, "-m", "fedsea.cli", "serve", "--port", str(port)], port, "/health",
+                    env={"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+
+
+def llamacpp_server(peers: Path, threads: int):
+    binary, gguf = peers / "llamacpp/bin/llama-server", peers / "llamacpp/smollm2-135m-instruct-f32.gguf"
+    if not (binary.is_file() and gguf.is_file()):
+        return f"not set up ({binary} / {gguf} missing): run bash benchmarks/setup_llamacpp.sh"
+    port = free_port()
+    # 16 slots of 512 tokens each: every stream of the 16-client level gets its own slot.
+    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+           "-np", "16", "-c", str(16 * 512), "-cb", "--jinja"]
+    return _process("llamacpp", cmd, port, "/health")
+
+
+def vllm_server(peers: Path, threads: int):
+    python = peers / "vllm-venv/bin/python"
+    if not python.is_file():
+        return f"not set up ({python} missing): run bash benchmarks/setup_vllm.sh"
+    port = free_port()
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model(defaults.MODEL)),
+           "--served-model-name", MODEL_NAME, "--dtype", "float32", "--enforce-eager", "--host", "127.0.0.1",
+           "--port", str(port), "--max-model-len", "2048", "--max-num-seqs", "16", "--seed", "0"]
+    # 1 GiB of KV cache is plenty for 16 x 512 tokens of this model (vLLM's CPU default is larger).
+    return _process("vllm", cmd, port, "/health", env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=900)
+
+
+SERVERS = {"fedsea": fedsea_server, "vllm": vllm_server, "llamacpp": llamacpp_server}
+LABELS = {"fedsea": f"fedsea serve (split, noise {defaults.NOISE})", "llamacpp": "llama.cpp llama-server (f32)",
+          "vllm": "vLLM CPU (eager, fp32)", "transformers": "transformers generate (full)"}
+
+
+# --- workload ------------------------------------------------------------------------------
+
+async def stream_chat(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict:
+    """One greedy streaming chat completion; times its first and last content chunks."""
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "seed": 0,
+            "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = last = None
+    chunks, usage = 0, None
+    async with client.stream("POST", "/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    now = time.perf_counter()
+                    first, last, chunks = first or now, now, chunks + 1
+    if first is None:
+        raise RuntimeError(f"no content streamed for {prompt!r}")
+    # Servers stream one chunk per token; usage (where sent) is the exact count.
+    tokens = usage["completion_tokens"] if usage else chunks
+    return {"tokens": tokens, "ttft_s": first - t0, "seconds": last - t0}
+
+
+def _client(url: str, clients: int) -> httpx.AsyncClient:
+    # A fresh loopback connection per request: llama-server closes idle keep-alive
+    # connections after a few seconds, and a request sent on one fails midway.
+    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=0)
+    return httpx.AsyncClient(base_url=url, timeout=600, limits=limits)
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle + iowait, total) jiffies of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])  # user..steal; guest is already inside user
+
+
+async def run_level(url: str, clients: int, rounds: int, max_tokens: int) -> dict:
+    """`clients` concurrent streams, each sending `rounds` requests one after another."""
+    async with _client(url, clients) as http:
+        async def client(c: int) -> list[dict]:
+            return [await stream_chat(http, PROMPTS[(c + clients * r) % len(PROMPTS)], max_tokens) for r in range(rounds)]
+
+        idle0, total0 = _cpu_times()
+        t0 = time.perf_counter()
+        per_client = await asyncio.gather(*(client(c) for c in range(clients)))
+        wall = time.perf_counter() - t0
+        idle1, total1 = _cpu_times()
+    rows = [r for rs in per_client for r in rs]
+    return {
+        "clients": clients, "requests": len(rows), "wall_s": wall,
+        "tokens": sum(r["tokens"] for r in rows),
+        "tok_s": sum(r["tokens"] for r in rows) / wall,
+        "mean_ttft_s": sum(r["ttft_s"] for r in rows) / len(rows),
+        "cpu_idle_pct": 100 * (idle1 - idle0) / max(total1 - total0, 1),
+        "loadavg": os.getloadavg(),
+    }
+
+
+async def bench_server(url: str, levels: list[int], rounds: int, max_tokens: int) -> dict:
+    async with _client(url, 1) as http:  # warm-up: first-request costs
+        await stream_chat(http, "Hi", 4)
+    out = {}
+    for c in levels:
+        # The lone stream runs a few requests back to back so its numbers are not one sample.
+        out[str(c)] = await run_level(url, c, max(rounds, 4) if c == 1 else rounds, max_tokens)
+        print(f"  {c:>2} clients: {out[str(c)]['tok_s']:6.1f} tok/s, TTFT {out[str(c)]['mean_ttft_s']:.3f} s, "
+              f"CPU idle {out[str(c)]['cpu_idle_pct']:.0f}%", flush=True)
+    return out
+
+
+# --- roofline ------------------------------------------------------------------------------
+
+def memory_roofline(threads: int) -> dict:
+    """Read bandwidth (best of 5 sums over 1 GiB of fp32) and the fp32 single-stream bound:
+    every decode step reads every weight once, so tokens/s <= bandwidth / model bytes."""
+    from safetensors import safe_open
+
+    torch.set_num_threads(threads)
+    x = torch.ones(2**28)  # 1 GiB
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(5))
+    bandwidth = x.numel() * 4 / best
+    del x
+    model_bytes = 0
+    for path in resolve_model(defaults.MODEL).glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                t = f.get_slice(name)
+                numel = 1
+                for d in t.get_shape():
+                    numel *= d
+                model_bytes += numel * 4
+    return {"read_gb_s": bandwidth / 1e9, "model_fp32_bytes": model_bytes, "tok_s": bandwidth / model_bytes}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# --- report --------------------------------------------------------------------------------
+
+def ratios(results: dict, levels: list[int]) -> dict:
+    """fedsea's tokens/s over each peer's (>1 means fedsea is faster) and TTFT over theirs
+    (<1 means fedsea answers sooner), per level."""
+    fed = results.get("fedsea")
+    out = {}
+    for peer, res in results.items():
+        if peer == "fedsea" or fed is None or not isinstance(res, dict):
+            continue
+        out[peer] = {str(c): {"tok_s": fed[str(c)]["tok_s"] / res[str(c)]["tok_s"],
+                              "ttft": fed[str(c)]["mean_ttft_s"] / res[str(c)]["mean_ttft_s"]}
+                     for c in levels if str(c) in res and str(c) in fed}
+    return out
+
+
+def plot(results: dict, hf: dict, roofline: dict, levels: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    servers = [s for s in SERVERS if isinstance(results.get(s), dict)]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(len(servers), 1)
+    for i, s in enumerate(servers):
+        xs = [j + i * width for j in range(len(levels))]
+        ax.bar(xs, [results[s][str(c)]["tok_s"] for c in levels], width, label=LABELS[s])
+        bx.bar(xs, [results[s][str(c)]["mean_ttft_s"] for c in levels], width, label=LABELS[s])
+    ax.axhline(roofline["tok_s"], color="k", ls="--", lw=1, label=f"single-stream roofline {roofline['tok_s']:.0f}")
+    ax.axhline(hf["tok_s"], color="grey", ls=":", lw=1, label=f"transformers generate, 1 stream {hf['tok_s']:.0f}")
+    for a, title in ((ax, "aggregate tokens/s"), (bx, "mean time to first token, s")):
+        a.set_xticks([j + width * (len(servers) - 1) / 2 for j in range(len(levels))], [f"{c} clients" for c in levels])
+        a.set_title(title)
+    ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M fp32, 48-token greedy chat answers, 2-core CPU shared with other jobs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peers-dir", type=Path, default=Path(os.environ.get("FEDSEA_PEERS") or Path.home() / ".cache/fedsea/peers"))
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16])
+    ap.add_argument("--rounds", type=int, default=2, help="requests each client sends in a row (the 1-client level sends at least 4)")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="compute threads of every server (default: %(default)s)")
+    ap.add_argument("--only", nargs="+", choices=[*SERVERS, "transformers"], help="run only these")
+    args = ap.parse_args()
+    if args.max_tokens < 2 or args.rounds < 1 or any(c < 1 for c in args.clients):
+        ap.error("--max-tokens must be >= 2, --rounds and --clients >= 1")
+    RESULTS.mkdir(exist_ok=True)
+    chosen = args.only or [*SERVERS, "transformers"]
+    load_before = os.getloadavg()
+
+    results: dict = {}
+    for name, start in SERVERS.items():
+        if name not in chosen:
+            continue
+        print(f"\n{LABELS[name]}", flush=True)
+        server = start(args.peers_dir, args.threads)
+        if isinstance(server, str):
+            print(f"  skipped: {server}")
+            results[name] = f"skipped: {server}"
+            continue
+        t0 = time.perf_counter()
+        with server as (url, _):
+            print(f"  up in {time.perf_counter() - t0:.0f} s at {url}", flush=True)
+            results[name] = asyncio.run(bench_server(url, args.clients, args.rounds, args.max_tokens))
+
+    hf = None
+    if "transformers" in chosen:
+        torch.set_num_threads(args.threads)
+        runs = transformers_phase(args.max_tokens)
+        ttft = sum(r["ttft_s"] for r in runs) / len(runs)
+        # Whole-request rate, comparable with the servers' 1-client aggregate.
+        seconds = sum(r["ttft_s"] + (r["tokens"] - 1) / r["decode_tok_s"] for r in runs if r["decode_tok_s"])
+        hf = {"tok_s": sum(r["tokens"] for r in runs) / seconds, "mean_ttft_s": ttft, "runs": runs}
+    roofline = memory_roofline(args.threads)
+    load_after = os.getloadavg()
+
+    levels = args.clients
+    print(f"\nSmolLM2-135M-Instruct fp32, {args.max_tokens}-token greedy chat answers, {args.threads} threads each; "
+          f"machine shared with other jobs (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)")
+    head = "".join(f"{f'{c} cl tok/s':>12}{'TTFT s':>8}" for c in levels)
+    print(f"{'server':36}{head}{'idle@8':>8}")
+    for name in SERVERS:
+        res = results.get(name)
+        if isinstance(res, dict):
+            cells = "".join(f"{res[str(c)]['tok_s']:12.1f}{res[str(c)]['mean_ttft_s']:8.3f}" for c in levels)
+            idle = f"{res['8']['cpu_idle_pct']:7.0f}%" if "8" in res else ""
+            print(f"{LABELS[name]:36}{cells}{idle}")
+        elif res:
+            print(f"{LABELS[name]:36}{res}")
+    if hf:
+        print(f"{LABELS['transformers']:36}{hf['tok_s']:12.1f}{hf['mean_ttft_s']:8.3f}")
+    print(f"memory read {roofline['read_gb_s']:.1f} GB/s / {roofline['model_fp32_bytes'] / 1e6:.0f} MB fp32 "
+          f"= single-stream roofline {roofline['tok_s']:.1f} tok/s")
+    rs = ratios(results, levels)
+    for peer, per in rs.items():
+        cells = ", ".join(f"{c} cl {v['tok_s']:.2f}x tok/s, {v['ttft']:.2f}x TTFT" for c, v in per.items())
+        print(f"fedsea / {peer}: {cells}")
+    fed = results.get("fedsea")
+    if isinstance(fed, dict) and "1" in fed:
+        print(f"fedsea single stream: {100 * fed['1']['tok_s'] / roofline['tok_s']:.0f}% of the roofline")
+
+    result = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "shared": True,
+                    "loadavg_before": load_before, "loadavg_after": load_after},
+        "settings": {"model": defaults.MODEL, "dtype": "float32", "max_tokens": args.max_tokens, "clients": levels,
+                     "rounds": args.rounds, "threads": args.threads, "head": defaults.HEAD, "tail": defaults.TAIL,
+                     "noise": defaults.NOISE},
+        "servers": results, "transformers": hf, "roofline": roofline, "fedsea_ratios": rs,
+    }
+    out = RESULTS / "vs_peers.json"
+    out.write_text(json.dumps(result, indent=2))
+    if any(isinstance(results.get(s), dict) for s in SERVERS) and hf:
+        plot(results, hf, roofline, levels, RESULTS / "vs_peers.png")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

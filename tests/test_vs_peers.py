@@ -1,0 +1,46 @@
+"""The peer benchmark and the profile script: what they compute from their inputs (no server
+is started and no timing is asserted)."""
+
+from __future__ import annotations
+
+from benchmarks.profile_serve import parse_raw
+from benchmarks.vs_peers import llamacpp_server, ratios, vllm_server
+
+
+def test_a_peer_that_is_not_set_up_is_skipped_with_its_setup_script(tmp_path):
+    assert "setup_llamacpp.sh" in llamacpp_server(tmp_path, 2)
+    assert "setup_vllm.sh" in vllm_server(tmp_path, 2)
+
+
+def test_ratios_are_fedsea_over_each_peer_per_level_and_skip_skipped_peers():
+    level = lambda tok_s, ttft: {"tok_s": tok_s, "mean_ttft_s": ttft}  # noqa: E731
+    results = {
+        "fedsea": {"1": level(10.0, 0.2), "8": level(30.0, 0.5)},
+        "llamacpp": {"1": level(40.0, 0.05), "8": level(100.0, 0.1)},
+        "vllm": "skipped: not set up",
+    }
+    r = ratios(results, [1, 8])
+    assert set(r) == {"llamacpp"}
+    assert r["llamacpp"]["1"] == {"tok_s": 0.25, "ttft": 4.0}
+    assert r["llamacpp"]["8"]["tok_s"] == 0.3
+
+
+def test_profile_buckets_by_innermost_known_frame_per_thread(tmp_path):
+    engine = ("thread (11): fedsea-engine;Thread.run (threading.py:982);Engine._loop (server_runtime/engine.py:99);"
+              "ModelRunner._run (server_runtime/model_runner.py:121);DecoderBlock.forward (fedsea_shared/shard.py:155);"
+              "LlamaMLP.forward (transformers/models/llama/modeling_llama.py:164);Linear.forward (torch/nn/modules/linear.py:134)")
+    raw = tmp_path / "raw.txt"
+    raw.write_text("\n".join([
+        f"{engine} 7",
+        "thread (11): fedsea-engine;Engine._loop (server_runtime/engine.py:99);Engine._collect (server_runtime/engine.py:115) 2",
+        "thread (12): MainThread;BaseEventLoop.run_forever (asyncio/base_events.py:607);"
+        "BaseEventLoop._run_once (asyncio/base_events.py:1884) 5",
+        "thread (12): MainThread;AsyncEdgeClient._decode (edge_runtime/client.py:205);sample (edge_runtime/sampling.py:70) 3",
+        "thread (13);Thread.run (threading.py:982) 1",  # py-spy leaves some threads unnamed
+    ]))
+    got = {k: dict(v) for k, v in parse_raw(raw).items()}
+    assert got == {
+        (11, "fedsea-engine"): {"MLP": 7, "engine loop": 2},
+        (12, "MainThread"): {"event loop select() (waiting or runnable)": 5, "sampling": 3},
+        (13, "unnamed"): {"thread pool / waiting": 1},
+    }
