@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from audit.capture import head_states
 from edge_runtime import EdgeClient
 from fedsea_shared.protocol import Step, decode
+from fedsea_shared.shard import load_shard
 
 PROMPT = "My name is Alice Carrington and my PIN is 4921. What should I cook tonight?"
 
@@ -81,12 +83,14 @@ def test_a_seed_makes_the_noise_reproducible(recorded, tiny_model_dir):
 
 
 def test_zero_noise_sends_the_exact_hidden_states(recorded, tiny_model_dir):
+    """At noise 0 the wire carries exactly the head blocks' output, computed here locally
+    (so a deterministic non-zero perturbation cannot pass as 'no noise')."""
     server, frames = recorded
+    messages = [{"role": "user", "content": PROMPT}]
     with EdgeClient(server.url, model=str(tiny_model_dir), noise=0.0) as client:
-        client.generate([{"role": "user", "content": PROMPT}], max_tokens=1, temperature=0)
-    a = [t for m, t in (decode(f) for f in frames) if isinstance(m, Step)][0]
-    frames.clear()
-    with EdgeClient(server.url, model=str(tiny_model_dir), noise=0.0) as client:
-        client.generate([{"role": "user", "content": PROMPT}], max_tokens=1, temperature=0)
-    b = [t for m, t in (decode(f) for f in frames) if isinstance(m, Step)][0]
-    assert torch.equal(a, b)
+        client.generate(messages, max_tokens=1, temperature=0)
+        ids = client._client.chat_prompt(messages)
+    sent = [t for m, t in (decode(f) for f in frames) if isinstance(m, Step)][0]
+    head = load_shard(tiny_model_dir, [0, 1], with_edge_parts=True)
+    local = head_states(head, torch.tensor([ids]), [2])[2][0]
+    torch.testing.assert_close(sent, local, rtol=1e-5, atol=1e-5)
