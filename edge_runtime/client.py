@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from fedsea_shared import defaults
 from fedsea_shared.adapters import load_adapters
 from fedsea_shared.models import resolve_model
+from fedsea_shared.noise import public_prefix_len
 from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello
 from fedsea_shared.shard import Partition, load_config, load_edge_shard
 
@@ -72,9 +73,12 @@ class AsyncEdgeClient:
         device: str = "cpu",
         api_key: str | None = None,
         adapters: dict[str, str] | None = None,
+        public_template: bool = defaults.PUBLIC_TEMPLATE,
     ):
         """`adapters`: fine-tuned LoRA adapters by name (-> directory) a generation may
-        pick; the server must serve each under the same name."""
+        pick; the server must serve each under the same name.  `public_template`: send
+        the chat template's public prefix (default system turn, user header) un-noised
+        (see fedsea_shared.noise.public_prefix_len)."""
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}")
         self.server_url = server_url
@@ -91,6 +95,7 @@ class AsyncEdgeClient:
             self.workers[name] = EdgeWorker(EdgeModel(adapted, self.partition))
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.eos_ids = _eos_ids(model_dir, self.tokenizer)
+        self.public_ids = _public_prefix_ids(self.tokenizer) if public_template else []
         self._conn: ServerConnection | None = None
         self._connect_lock: asyncio.Lock | None = None
 
@@ -181,7 +186,8 @@ class AsyncEdgeClient:
         noise_gen = torch.Generator().manual_seed(seed)
         sample_gen = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
 
-        session = InferenceSession(self.connection, noise, noise_gen, adapter=adapter)
+        public = public_prefix_len(prompt_ids, self.public_ids)
+        session = InferenceSession(self.connection, noise, noise_gen, adapter=adapter, public=public)
         try:
             await session.open()
             async for event in self._decode(worker, session, prompt_ids, params, sample_gen, max_context):
@@ -218,6 +224,16 @@ class AsyncEdgeClient:
             if event.finish_reason:
                 return
             x = torch.tensor([s.token_id])
+
+
+def _public_prefix_ids(tokenizer) -> list[int]:
+    """Token ids the chat template puts before the first user message's content."""
+    sentinel = "\x00fedsea-user-content\x00"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False)
+    except ValueError:  # no chat template: nothing is known to be public
+        return []
+    return tokenizer(text[: text.index(sentinel)], add_special_tokens=False).input_ids
 
 
 def _eos_ids(model_dir, tokenizer) -> set[int]:

@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 
 import torch
 
-from fedsea_shared.noise import add_noise
+from fedsea_shared.noise import add_noise, keep_public
 
 from .connection import ConnectionLost, ServerConnection, ServerError
 
@@ -26,9 +26,10 @@ Connector = Callable[[], Awaitable[ServerConnection]]
 
 class InferenceSession:
     def __init__(self, connect: Connector, noise: float, generator: torch.Generator | None, max_retries: int = 2,
-                 adapter: str | None = None):
+                 adapter: str | None = None, public: int = 0):
         self._connect = connect
         self.noise = noise
+        self.public = public  # leading positions holding only public template tokens: sent un-noised
         self.adapter = adapter  # the fine-tuned model the server runs for this session
         self.generator = generator
         self.max_retries = max_retries
@@ -50,7 +51,7 @@ class InferenceSession:
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Send the next tokens' hidden states (noised), return the middle blocks' output."""
-        noised = add_noise(hidden, self.noise, self.generator)
+        noised = keep_public(add_noise(hidden, self.noise, self.generator), hidden, self.position, self.public)
         for attempt in range(self.max_retries + 1):
             try:
                 out = await self.conn.step(self.sid, self.position, noised)
