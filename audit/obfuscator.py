@@ -48,6 +48,7 @@ from .data import Windows
 
 SPEC = LoraSpec(rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 _NAME = "obf"
+ABSORB = 4  # server blocks whose LoRA restores the unsplit state
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def _split_forward(student: ModelShard, head: int, depth: int, ids: torch.Tensor
 
 def train_obfuscator(
     shard: ModelShard, model_name: str, head: int, windows: Windows, noise: float, steps: int, out: Path,
-    absorb: int = 4, seed: int = 0, weight: float = 1.0, batch: int = 4, lr: float = 1e-3,
+    absorb: int = ABSORB, seed: int = 0, weight: float = 1.0, batch: int = 4, lr: float = 1e-3,
     server_from: Path | None = None,
 ) -> Obfuscator:
     """Train on `windows` (the device's own text) and write `out/edge`, `out/server`.

@@ -83,7 +83,7 @@ def prompts(per_task: int, chats: int, seed: int) -> Prompts:
     return Prompts(classify, chat)
 
 
-def _run(client, serving: Serving, p: Prompts, concurrency: int = 8) -> TaskUtility:
+def _run(client, serving: Serving, p: Prompts, concurrency: int = 4) -> TaskUtility:
     """All prompts of one configuration, `concurrency` at a time: the edge and the server
     batch concurrent generations, as they do for concurrent users."""
 
@@ -111,10 +111,13 @@ def measure(
     edge-private adapter never reaches it."""
     from edge_runtime import EdgeClient
     from server_runtime.app import ServerSettings, ServerThread
+    from server_runtime.engine import EngineSettings
 
     adapters = adapters or {}
     server = ServerThread(ServerSettings(
         model=model, head=head, tail=tail, port=0, adapters={n: str(s) for n, (_, s) in adapters.items()},
+        # A queued step may wait long on a loaded CPU; the audit would rather wait than fail.
+        engine=EngineSettings(wait_timeout=3600.0),
     ))
     try:
         with ExitStack() as stack:
