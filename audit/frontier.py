@@ -15,6 +15,7 @@ accuracy and greedy agreement with the unsplit model.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -132,7 +133,9 @@ def _received(cut: torch.Tensor, noise: float, seed: int, public: int) -> torch.
 
 
 def run_frontier(config: AuditConfig, settings: list[Setting], task_prompts: int = 12, chat_prompts: int = 6,
-                 obfuscator_steps: int = 150, workdir: Path | None = None) -> FrontierReport:
+                 obfuscator_steps: int = 150, workdir: Path | None = None, progress: Path | None = None) -> FrontierReport:
+    """`progress`: rewrite this JSON file with the points done so far after each one
+    (a long run on a shared machine keeps what it measured if it is stopped)."""
     start, cpu_start = time.perf_counter(), time.process_time()
     heads = sorted({s.head for s in settings})
     if len(heads) != 1:
@@ -189,6 +192,8 @@ def run_frontier(config: AuditConfig, settings: list[Setting], task_prompts: int
             perplexity_ratio=ppl / sweep.baseline, task_accuracy=got.accuracy,
             task_accuracy_delta=got.mean_accuracy - reference.mean_accuracy, greedy_agreement=got.agreement(reference),
         ))
+        if progress is not None:
+            progress.write_text(json.dumps([pt.model_dump() for pt in points], indent=1))
         log.info("%s noise %g: recovery %.3f (%s), ppl x%.3f, accuracy %+.3f, agreement %.2f", s.name, s.noise,
                  best.token_recovery, best_attack, points[-1].perplexity_ratio, points[-1].task_accuracy_delta,
                  points[-1].greedy_agreement)
