@@ -119,17 +119,11 @@ def _downstream_attacks(sweep: _Sweep, head: int, served, received: torch.Tensor
         out["downstream-probe"] = sweep.score(attacks.nearest(deep.flatten(0, 1), table).view(deep.shape[:2]))
     if "mlp" in c.attacks:
         a, clean = sweep.attacker, sweep.attacker_cut[head]
-        public_deep = deeper(sweep.shard, _received(clean, noise, c.seed + 3, p))
+        public_deep = deeper(sweep.shard, server_view(clean, noise, c.seed + 3, p))
         model = attacks.make_inverter("mlp", sweep.model_config.hidden_size, sweep.victims.ids.shape[1])
         attacks.train_inverter(model, public_deep, a.content, sweep.embedding, 0.0, c.inverter_steps + c.inverter_warm_steps, seed=c.seed)
         out["downstream-mlp"] = sweep.score(attacks.invert(model, deep, sweep.embedding))
     return out
-
-
-def _received(cut: torch.Tensor, noise: float, seed: int, public: int) -> torch.Tensor:
-    """What the server receives for windows whose cut states are `cut`: noised, with the
-    first `public` positions (the public template prefix) clean when that is on."""
-    return server_view(cut, noise, seed, public)
 
 
 def run_frontier(config: AuditConfig, settings: list[Setting], task_prompts: int = 12, chat_prompts: int = 6,
@@ -170,7 +164,8 @@ def run_frontier(config: AuditConfig, settings: list[Setting], task_prompts: int
         else:
             edge = full = sweep.shard
         victim_cut = head_states(edge, sweep.victims.ids, [head])[head] if s.obfuscator else sweep.victim_cut[head]
-        received = _received(victim_cut, s.noise, config.seed + 1, p if s.public_template else 0)
+        # What the server receives: noised, the public template prefix clean when that is on.
+        received = server_view(victim_cut, s.noise, config.seed + 1, p if s.public_template else 0)
         seen = received[:, p:]
         results = {}
         if "embedding" in config.attacks:
