@@ -172,8 +172,9 @@ def run_frontier(config: AuditConfig, settings: list[Setting], task_prompts: int
             results["embedding"] = sweep.score(attacks.nearest_embedding(seen, sweep.embedding))
         results |= _inverter_attacks(sweep, head, sweep.shard, seen, s.noise, "", base_attacks)
         if s.obfuscator:
-            results |= _inverter_attacks(sweep, head, shadow.edge_shard(sweep.shard), seen, s.noise, "shadow-", ["mlp"])
-            results |= _inverter_attacks(sweep, head, edge, seen, s.noise, "known-", ["mlp"])
+            mlp = ["mlp"] if "mlp" in config.attacks else []
+            results |= _inverter_attacks(sweep, head, shadow.edge_shard(sweep.shard), seen, s.noise, "shadow-", mlp)
+            results |= _inverter_attacks(sweep, head, edge, seen, s.noise, "known-", mlp)
             results |= _downstream_attacks(sweep, head, full, received, s.noise)
         best, best_attack = _best(results)
         h = sweep.held_out
