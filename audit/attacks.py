@@ -136,6 +136,14 @@ def make_inverter(kind: str, hidden: int, max_len: int) -> _Inverter:
     raise ValueError(f"unknown inverter {kind!r}; choose from {INVERTERS}")
 
 
+def contrastive_logits(model: _Inverter, x: torch.Tensor, targets: torch.Tensor, keys: torch.Tensor):
+    """The inverter's logits over the distinct tokens of the batch, and the true token's
+    index: (logits [B*T, C], labels [B*T]).  `keys`: the L2-normalised embedding table."""
+    cands, labels = torch.unique(targets.reshape(-1), return_inverse=True)
+    pred = F.normalize(model(x).reshape(-1, x.shape[-1]), dim=-1)
+    return pred @ keys[cands].T * model.log_temp.exp(), labels
+
+
 def train_inverter(
     model: _Inverter,
     clean: torch.Tensor,
@@ -159,11 +167,7 @@ def train_inverter(
     model.train()
     for _ in range(steps):
         rows = torch.randint(0, clean.shape[0], (batch,), generator=gen)
-        x = add_noise(clean[rows], noise, gen)
-        y = targets[rows].reshape(-1)
-        cands, labels = torch.unique(y, return_inverse=True)
-        pred = F.normalize(model(x).reshape(-1, x.shape[-1]), dim=-1)
-        loss = F.cross_entropy(pred @ keys[cands].T * model.log_temp.exp(), labels)
+        loss = F.cross_entropy(*contrastive_logits(model, add_noise(clean[rows], noise, gen), targets[rows], keys))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -29,6 +29,16 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the full report here")
     p.add_argument("--plot", type=Path, help="write the leakage-vs-utility PNG here")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--frontier", action="store_true",
+                      help="instead of the sweep, audit whole serving configurations (plain noise, public template, "
+                           "obfuscating adapter) with adaptive attacks, perplexity, task accuracy and greedy agreement")
+    mode.add_argument("--serving-default", action="store_true",
+                      help="audit exactly what `fedsea serve`/`gateway`/EdgeClient run by default; --json gets top-level "
+                           "token_recovery, names_recovered, numbers_recovered, perplexity_ratio, task_accuracy_delta")
+    p.add_argument("--task-prompts", type=int, default=12, help="few-shot queries per task (--frontier, --serving-default)")
+    p.add_argument("--chat-prompts", type=int, default=6, help="chat prompts for greedy agreement (--frontier, --serving-default)")
+    p.add_argument("--obfuscator-steps", type=int, default=150, help="training steps of each obfuscating adapter (--frontier)")
 
 
 def run(args) -> None:
@@ -42,6 +52,8 @@ def run(args) -> None:
         inverter_warm_steps=args.inverter_warm_steps, defenses=args.defenses,
         defense_windows=args.defense_windows, seed=args.seed,
     )
+    if args.frontier or args.serving_default:
+        return _run_frontier(args, config)
     report = run_audit(config)
     print(table(report))
     print()
@@ -60,3 +72,21 @@ def run(args) -> None:
         args.json.write_text(json.dumps(report.model_dump(), indent=1))
     if args.plot:
         plot(report, args.plot)
+
+
+def _run_frontier(args, config) -> None:
+    from .frontier import FRONTIER, frontier_table, plot_frontier, run_frontier, serving_default, serving_default_summary
+
+    if min(args.task_prompts, args.chat_prompts, args.obfuscator_steps) < 1:
+        raise ValueError("--task-prompts, --chat-prompts and --obfuscator-steps must be >= 1")
+    settings = [serving_default()] if args.serving_default else FRONTIER
+    report = run_frontier(config, settings, args.task_prompts, args.chat_prompts, args.obfuscator_steps)
+    print(frontier_table(report))
+    print(f"\nunsplit: perplexity {report.baseline_perplexity:.1f}, task accuracy {report.baseline_accuracy}; "
+          f"wall {report.wall_s:.0f} s, CPU {report.cpu_s:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        out = serving_default_summary(report) if args.serving_default else report.model_dump()
+        args.json.write_text(json.dumps(out, indent=1))
+    if args.plot:
+        plot_frontier(report, args.plot)

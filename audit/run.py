@@ -85,7 +85,7 @@ class _Sweep:
         # windows come from disjoint ranges of conversations.
         chats = data.chitchat_conversations()
         third = len(chats) // 3
-        maker = data.WindowMaker(self.tokenizer, config.window)
+        self.maker = maker = data.WindowMaker(self.tokenizer, config.window)
         self.attacker = maker.plain(data.bbc_articles(), config.attacker_windows, per_text=2)
         self.victims = maker.with_canaries(chats[:third], config.victim_windows, seed=config.seed)
         self.long_maker = data.WindowMaker(self.tokenizer, config.utility_window)

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from fedsea_shared import defaults
 from fedsea_shared.adapters import load_adapters
 from fedsea_shared.models import resolve_model
-from fedsea_shared.noise import KEY_BYTES, NoiseChain
+from fedsea_shared.noise import KEY_BYTES, NoiseChain, public_prefix_len
 from fedsea_shared.prefix import prefix_root
 from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello
 from fedsea_shared.shard import Partition, load_config, load_edge_shard
@@ -83,13 +83,16 @@ class AsyncEdgeClient:
         noise_key: bytes | None = None,
         edge_cache_memory: int = 256 * 2**20,
         server_ca: str | None = None,
+        public_template: bool = defaults.PUBLIC_TEMPLATE,
     ):
         """`adapters`: fine-tuned LoRA adapters by name (-> directory) a generation may
         pick; the server must serve each under the same name.  `noise_key`: the secret
         the noise is keyed with (default: this installation's, see edge_runtime.keys).
         `edge_cache_memory`: bytes of recent conversations kept for prefix reuse (0: off).
         `server_ca`: PEM file that verifies a wss:// server (a private CA or its
-        self-signed certificate; default: the system trust store)."""
+        self-signed certificate; default: the system trust store).  `public_template`:
+        send the chat template's public prefix (default system turn, user header)
+        un-noised (see fedsea_shared.noise.public_prefix_len)."""
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}")
         client_ssl(server_url, server_ca)  # a bad URL/CA pair fails here, not at every reconnect
@@ -114,6 +117,7 @@ class AsyncEdgeClient:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.eos_ids = _eos_ids(model_dir, self.tokenizer)
         self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.eos_ids)
+        self.public_ids = _public_prefix_ids(self.tokenizer) if public_template else []
         self._conn: ServerConnection | None = None
         self._connect_lock: asyncio.Lock | None = None
 
@@ -268,7 +272,8 @@ class AsyncEdgeClient:
         # Head K/V is reused up to m; the tail's from `reuse` on is overwritten below.
         cache = prior.cache.fork(m) if prior is not None else SequenceCache()
         session = self.new_session(noise, adapter, prior.sent[:m] if prior is not None else None,
-                                   prior.digests[:m] if prior is not None else [])
+                                   prior.digests[:m] if prior is not None else [],
+                                   public_prefix_len(prompt_ids, self.public_ids))
         try:
             await session.open()
             new = torch.tensor(prompt_ids[m:], dtype=torch.long)
@@ -283,15 +288,17 @@ class AsyncEdgeClient:
         return session, cache, logits[-1], score_prompt(logits, torch.tensor(prompt_ids), scored)
 
     def new_session(self, noise: float, adapter: str | None = None, prior: torch.Tensor | None = None,
-                    prior_digests: list[bytes] = ()) -> InferenceSession:
+                    prior_digests: list[bytes] = (), public: int = 0) -> InferenceSession:
         """A server session (not yet open) whose noise is keyed by this edge's key;
-        `prior`: the states sent before for the first len(prior) tokens, with their digests."""
+        `prior`: the states sent before for the first len(prior) tokens, with their digests;
+        `public`: leading positions of public template tokens, sent un-noised."""
         chain = NoiseChain(self.noise_key, self.model_id, (self.partition.head, self.partition.tail), noise, adapter)
         if prior_digests:
             chain.seek(prior_digests[-1], len(prior_digests))
         hello = self.hello
         root = prefix_root(hello.num_layers, hello.hidden_size, hello.layers, hello.dtype, adapter)
-        return InferenceSession(self.connection, noise, chain, root, prior, prior_digests, adapter=adapter)
+        return InferenceSession(self.connection, noise, chain, root, prior, prior_digests, adapter=adapter,
+                                public=public)
 
     async def _decode(self, worker, session, cache, prompt_ids, logits, prompt_scores, params, sample_gen,
                       constraint, max_context, scope) -> AsyncIterator[TokenEvent]:
@@ -360,6 +367,16 @@ async def _merge(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tupl
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _public_prefix_ids(tokenizer) -> list[int]:
+    """Token ids the chat template puts before the first user message's content."""
+    sentinel = "\x00fedsea-user-content\x00"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False)
+    except ValueError:  # no chat template: nothing is known to be public
+        return []
+    return tokenizer(text[: text.index(sentinel)], add_special_tokens=False).input_ids
 
 
 def _eos_ids(model_dir, tokenizer) -> set[int]:

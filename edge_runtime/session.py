@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 
 import torch
 
-from fedsea_shared.noise import NoiseChain, add_keyed_noise
+from fedsea_shared.noise import NoiseChain, add_keyed_noise, keep_public
 from fedsea_shared.prefix import PrefixHasher
 from fedsea_shared.protocol import MAX_PREFIX_KEYS
 
@@ -32,13 +32,14 @@ Connector = Callable[[], Awaitable[ServerConnection]]
 class InferenceSession:
     """`chain` is the noise chain positioned after `prior` (the states this edge sent
     before for the same token prefix, or None, with their noise digests); `root` is the
-    prefix-key root."""
+    prefix-key root; `public`: leading positions holding only public template tokens."""
 
     def __init__(self, connect: Connector, noise: float, chain: NoiseChain, root: bytes,
                  prior: torch.Tensor | None = None, prior_digests: list[bytes] = (), max_retries: int = 2,
-                 adapter: str | None = None):
+                 adapter: str | None = None, public: int = 0):
         self._connect = connect
         self.noise = noise
+        self.public = public  # leading positions holding only public template tokens: sent un-noised
         self.adapter = adapter  # the fine-tuned model the server runs for this session
         self.chain = chain
         self.root = root
@@ -99,7 +100,7 @@ class InferenceSession:
     async def fork(self) -> "InferenceSession":
         """A second server session with this one's tokens, sharing its KV blocks."""
         twin = InferenceSession(self._connect, self.noise, self.chain.fork(), self.root, self.sent,
-                                self.digests, self.max_retries, self.adapter)
+                                self.digests, self.max_retries, self.adapter, self.public)
         twin.conn = self.conn
         sid = self.conn.new_sid()
         try:
@@ -117,7 +118,8 @@ class InferenceSession:
         """Noise and send the next tokens' hidden states, after any stored states the
         server does not hold yet; return the middle blocks' output for everything sent."""
         digests = self.chain.extend(token_ids)
-        noised = add_keyed_noise(hidden, self.noise, digests).to(self.conn.wire_dtype)
+        noised = keep_public(add_keyed_noise(hidden, self.noise, digests), hidden, self.length, self.public)
+        noised = noised.to(self.conn.wire_dtype)
         if noised.shape[0]:
             self._sent.append(noised)
             self.digests += digests

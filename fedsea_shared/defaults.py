@@ -10,5 +10,8 @@ TAIL = 2  # blocks after it, on the edge
 # default model: 0.1 costs ~3% perplexity; no level that keeps the model usable stops a
 # learned inverter (94% of tokens recovered at head 2), so more noise buys nothing.
 NOISE = 0.1
+# Send the chat template's public prefix (and so the attention sink) un-noised: it is the
+# same in every prompt, and noise on the sink's outlier activations costs quality.
+PUBLIC_TEMPLATE = True
 SERVER_PORT = 8765
 GATEWAY_PORT = 8000

@@ -82,3 +82,31 @@ def add_keyed_noise(hidden: torch.Tensor, scale: float, digests: list[bytes]) ->
         noise[i] = torch.randn(hidden.shape[1:], generator=gen, dtype=torch.float32)
     rms = hidden.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
     return (hidden.float() + noise.to(hidden.device) * rms * scale).to(hidden.dtype)
+
+
+def public_prefix_len(prompt_ids: list[int], public_ids: list[int]) -> int:
+    """How many leading positions of a prompt hold only public tokens, whose states may go
+    un-noised: the whole public template prefix (e.g. the chat template's default system
+    turn and `<|im_start|>user\\n`) if the prompt starts with all of it, else just position
+    0 (the attention sink) if it is the template's first token, else none.  All-or-nothing
+    on the template so that a custom system prompt that merely begins like the default one
+    is not revealed word by word.  A state at position i depends on tokens 0..i only, so
+    exempting these positions tells the server nothing it does not already know."""
+    if public_ids and prompt_ids[: len(public_ids)] == public_ids:
+        return len(public_ids)
+    return 1 if public_ids and prompt_ids[:1] == public_ids[:1] else 0
+
+
+def keep_public(noised: torch.Tensor, clean: torch.Tensor, start: int, public: int) -> torch.Tensor:
+    """`noised` with the rows of positions < `public` put back to their clean values.
+
+    Rows are positions start, start+1, ...  The attention sink (position 0) carries huge
+    outlier activations, and noise scaled to them ruins every later token's attention,
+    so sending the public prefix clean buys quality at no privacy cost.
+    """
+    k = max(0, min(public - start, clean.shape[0]))
+    if k == 0 or noised is clean:
+        return noised
+    out = noised.clone()
+    out[:k] = clean[:k]
+    return out

@@ -55,11 +55,22 @@ def test_probe_matches_head_outputs_at_least_as_well_as_the_embedding_table(repo
     assert quiet.attacks["probe"].token_recovery >= quiet.attacks["embedding"].token_recovery
 
 
-def test_defenses_change_cost_not_leakage(report):
+def test_prefix_and_tail_defenses_change_cost_not_leakage(report, tiny_model_dir):
     quiet, loud = cell(report, 2, 0.0), cell(report, 2, 3.0)
     assert set(loud.defended) == {"clean-prefix", "adapted-tail"}
+    # Cost: at noise 3 each defense computes on different inputs (or weights) than plain noise.
+    for name in ("clean-prefix", "adapted-tail"):
+        assert loud.defended[name] != pytest.approx(loud.perplexity, rel=1e-6)
     assert quiet.defended["clean-prefix"] == pytest.approx(quiet.perplexity)  # nothing to exempt from
     assert cell(report, 0, 3.0).defended == {}  # head 0 is a reference, not a split
+    # Leakage: the server's view of the user's own (scored) tokens is the same under
+    # clean-prefix, and adapted-tail changes nothing the edge sends.
+    shard = load_shard(tiny_model_dir, [0, 1], with_edge_parts=True)
+    ids = torch.randint(0, 1000, (3, 10))
+    clean = head_states(shard, ids, [2])[2]
+    plain, exempt = server_view(clean, 3.0, 5), server_view(clean, 3.0, 5, clean_prefix=3)
+    assert torch.equal(plain[:, 3:], exempt[:, 3:])
+    assert torch.equal(exempt[:, :3], clean[:, :3]) and not torch.equal(plain[:, :3], clean[:, :3])
 
 
 def test_report_outputs(report, tmp_path):

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from audit.capture import head_states
 from edge_runtime import EdgeClient
 from fedsea_shared.protocol import Step, decode
+from fedsea_shared.shard import load_shard
 
 PROMPT = "My name is Alice Carrington and my PIN is 4921. What should I cook tonight?"
 
@@ -87,12 +89,51 @@ def test_the_noise_depends_on_the_secret_key(recorded, tiny_model_dir):
 
 
 def test_zero_noise_sends_the_exact_hidden_states(recorded, tiny_model_dir):
+    """At noise 0 the wire carries exactly the head blocks' output, computed here locally
+    (so a deterministic non-zero perturbation cannot pass as 'no noise')."""
     server, frames = recorded
+    messages = [{"role": "user", "content": PROMPT}]
     with EdgeClient(server.url, model=str(tiny_model_dir), noise=0.0) as client:
-        client.generate([{"role": "user", "content": PROMPT}], max_tokens=1, temperature=0)
-    a = [t for m, t in (decode(f) for f in frames) if isinstance(m, Step)][0]
+        client.generate(messages, max_tokens=1, temperature=0)
+        ids = client._client.chat_prompt(messages)
+    sent = [t for m, t in (decode(f) for f in frames) if isinstance(m, Step)][0]
+    head = load_shard(tiny_model_dir, [0, 1], with_edge_parts=True)
+    local = head_states(head, torch.tensor([ids]), [2])[2][0]
+    torch.testing.assert_close(sent, local, rtol=1e-5, atol=1e-5)
+
+
+def _prefill_and_local(server, frames, tiny_model_dir, messages, **client_kw):
     frames.clear()
-    with EdgeClient(server.url, model=str(tiny_model_dir), noise=0.0) as client:
-        client.generate([{"role": "user", "content": PROMPT}], max_tokens=1, temperature=0)
-    b = [t for m, t in (decode(f) for f in frames) if isinstance(m, Step)][0]
-    assert torch.equal(a, b)
+    with EdgeClient(server.url, model=str(tiny_model_dir), noise=0.5, **client_kw) as client:
+        client.generate(messages, max_tokens=1, temperature=0)
+        ids = client._client.chat_prompt(messages)
+        public = len(client._client.public_ids)
+    sent = [t for m, t in (decode(f) for f in frames) if isinstance(m, Step)][0]
+    head = load_shard(tiny_model_dir, [0, 1], with_edge_parts=True)
+    return sent, head_states(head, torch.tensor([ids]), [2])[2][0], public
+
+
+def _clean_rows(sent, local):
+    return [bool(torch.allclose(s, c, rtol=1e-5, atol=1e-5)) for s, c in zip(sent, local)]
+
+
+def test_only_the_public_template_prefix_goes_un_noised(recorded, tiny_model_dir):
+    server, frames = recorded
+    sent, local, public = _prefill_and_local(server, frames, tiny_model_dir, [{"role": "user", "content": PROMPT}])
+    assert public > 1
+    assert _clean_rows(sent, local) == [True] * public + [False] * (len(local) - public)
+
+
+def test_a_custom_system_prompt_is_noised_after_the_sink(recorded, tiny_model_dir):
+    server, frames = recorded
+    messages = [{"role": "system", "content": "You are a helpful pirate"}, {"role": "user", "content": PROMPT}]
+    sent, local, _ = _prefill_and_local(server, frames, tiny_model_dir, messages)
+    assert _clean_rows(sent, local) == [True] + [False] * (len(local) - 1)
+
+
+def test_public_template_off_noises_every_position(recorded, tiny_model_dir):
+    server, frames = recorded
+    sent, local, public = _prefill_and_local(
+        server, frames, tiny_model_dir, [{"role": "user", "content": PROMPT}], public_template=False
+    )
+    assert public == 0 and not any(_clean_rows(sent, local))
