@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedsea_shared.models import DEFAULT_MODEL, resolve_model
+from gateway import GatewaySettings, GatewayThread
 from server_runtime.app import ServerSettings, ServerThread
 from server_runtime.engine import EngineSettings
 
@@ -93,3 +94,12 @@ def start_server():
     for server in servers:
         server.stop()
 
+
+@pytest.fixture(scope="module")
+def gw(tiny_model_dir):
+    """One server runtime + gateway shared by the tests that need no special settings."""
+    server = ServerThread(ServerSettings(model=str(tiny_model_dir), port=0))
+    gateway = GatewayThread(GatewaySettings(server_url=server.url, model=str(tiny_model_dir), port=0))
+    yield gateway.wait_ready()
+    gateway.stop()
+    server.stop()

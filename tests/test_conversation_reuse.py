@@ -15,6 +15,7 @@ from websockets.asyncio.server import serve
 
 from edge_runtime import AsyncEdgeClient
 from edge_runtime.sampling import SamplingParams
+from fedsea_shared.noise import public_prefix_len
 from fedsea_shared.protocol import Fork, Open, Step, decode
 
 
@@ -91,7 +92,6 @@ def relay(start_server, tiny_model_dir):
 async def test_a_chat_and_its_choices_never_resend_a_prefix_in_a_new_version(relay, tiny_model_dir):
     server, relay = relay
     client = AsyncEdgeClient(relay.url, model=str(tiny_model_dir), noise=0.5, noise_key=b"s" * 32)
-    greedy = SamplingParams(max_tokens=12, temperature=0)
     chat = [{"role": "user", "content": "My name is Alice and I live at 12 Elm Street. What should I cook tonight?"}]
     turn1_prompt = client.chat_prompt(chat)
     turn1 = await client.generate(chat, max_tokens=12, temperature=0)
@@ -139,7 +139,12 @@ async def test_a_chat_and_its_choices_never_resend_a_prefix_in_a_new_version(rel
     await clean_client.aclose()
     clean = next(iter(sessions_of(relay.frames).values()))
     noisy = sent[sids[0]]
+    public = public_prefix_len(turn1_prompt, client.public_ids)  # the chat template's own tokens go clean
+    assert 0 < public < len(turn1_prompt)
     for pos in range(len(turn1_prompt)):
         a = torch.frombuffer(bytearray(noisy[pos]), dtype=torch.float32)
         c = torch.frombuffer(bytearray(clean[pos]), dtype=torch.float32)
-        assert (a - c).pow(2).mean().sqrt() > 0.3 * c.pow(2).mean().sqrt()
+        if pos < public:
+            assert torch.equal(a, c), pos
+        else:
+            assert (a - c).pow(2).mean().sqrt() > 0.3 * c.pow(2).mean().sqrt(), pos

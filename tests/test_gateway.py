@@ -40,16 +40,6 @@ def start_gateway(tiny_model_dir):
         gw.stop()
 
 
-@pytest.fixture(scope="module")
-def gw(tiny_model_dir):
-    """One server runtime + gateway shared by the tests that need no special settings."""
-    server = ServerThread(ServerSettings(model=str(tiny_model_dir), port=0))
-    gateway = GatewayThread(GatewaySettings(server_url=server.url, model=str(tiny_model_dir), port=0))
-    yield gateway.wait_ready()
-    gateway.stop()
-    server.stop()
-
-
 def oai(gw: GatewayThread, **kw) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.url, api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
 

@@ -44,15 +44,6 @@ TOOLS = [
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
-@pytest.fixture(scope="module")
-def gw(tiny_model_dir):
-    server = ServerThread(ServerSettings(model=str(tiny_model_dir), port=0))
-    gateway = GatewayThread(GatewaySettings(server_url=server.url, model=str(tiny_model_dir), port=0))
-    yield gateway.wait_ready()
-    gateway.stop()
-    server.stop()
-
-
 def client(gw) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.url, api_key="unused", max_retries=0)
 

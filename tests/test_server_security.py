@@ -17,9 +17,10 @@ from websockets.exceptions import InvalidMessage, InvalidStatus
 
 from edge_runtime import AsyncEdgeClient
 from fedsea.cli import main as fedsea_main
-from fedsea_shared.protocol import Close, Error, Hello, Open, Opened, Output, Step, Welcome, decode, encode, tensor_meta
+from fedsea_shared.protocol import Close, Error, Hello, Open, Opened, Output, Welcome, decode, encode
 from server_runtime.app import ServerSettings
 from server_runtime.engine import EngineSettings
+from test_server_errors import request, step
 
 HIDDEN = 64  # the tiny model's width
 HELLO = Hello(num_layers=6, hidden_size=HIDDEN, layers=(2, 4), dtype="float32")
@@ -49,13 +50,6 @@ async def hello_ws(url: str, **kw):
     return ws
 
 
-async def request(ws, frame: bytes):
-    await ws.send(frame)
-    return decode(await ws.recv())
-
-
-def step(sid: int, pos: int, t: torch.Tensor) -> bytes:
-    return encode(Step(sid=sid, pos=pos, tensor=tensor_meta(t)), t)
 
 
 def inputs(seed: int, tokens: int) -> torch.Tensor:
