@@ -169,6 +169,12 @@ class KVPool:
             table.blocks[-1] = copy
         table.blocks.extend(fresh)
 
+    def shrink(self, table: BlockTable) -> None:
+        """Give back the blocks past the table's tokens (a rolled-back step grew them)."""
+        keep = -(-table.num_tokens // self.block_size)
+        self.allocator.release(table.blocks[keep:])
+        del table.blocks[keep:]
+
     def free(self, table: BlockTable) -> None:
         self.allocator.release(table.blocks)
         table.blocks = []

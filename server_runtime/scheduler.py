@@ -3,9 +3,10 @@
 Every tick the scheduler packs all waiting decode steps (one token each) first, then
 prefill chunks, until the per-tick token budget is used.  A long prompt is split into
 chunks across ticks, so it cannot stall the decode steps of everyone else.  A chunk is
-scheduled only when the KV pool can hold its tokens; work that waits longer than the
-admission timeout fails with a typed capacity error and its session is rolled back to
-where it was, so a running session is never left half-written.
+scheduled only when the KV pool can hold its tokens; work that stays blocked on KV blocks,
+without progress, for longer than the timeout fails with a typed capacity error, and its
+session is rolled back to where it was (the blocks it grew given back), so a running
+session is never left half-written.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class StepWork:
     start_pos: int
     future: Future
     enqueued: float = field(default_factory=time.monotonic)
+    blocked_since: float | None = None  # when it last found the pool too full to grow; None: not blocked
     done: int = 0
     outputs: list[torch.Tensor] = field(default_factory=list)
 
@@ -89,6 +91,7 @@ class Scheduler:
     def schedule(self) -> list[Chunk]:
         budget = self.token_budget
         chunks: list[Chunk] = []
+        now = time.monotonic()
         # Decode steps first (stable sort keeps arrival order within each class).
         for work in sorted(self.queue, key=lambda w: w.remaining > 1):
             if budget == 0:
@@ -97,7 +100,10 @@ class Scheduler:
             try:
                 self.pool.grow(work.session.table, n)
             except OutOfBlocks:
+                if work.blocked_since is None:
+                    work.blocked_since = now
                 continue
+            work.blocked_since = None  # progress: the capacity wait starts again from zero
             chunks.append(Chunk(work, work.done, work.done + n))
             budget -= n
         return chunks
@@ -117,10 +123,13 @@ class Scheduler:
         return finished
 
     def expired(self, now: float) -> list[StepWork]:
-        """Works that have waited past the timeout (for KV blocks)."""
-        return [w for w in self.queue if now - w.enqueued > self.wait_timeout]
+        """Works blocked on KV blocks, without progress, for longer than the timeout (a
+        long prompt whose chunks keep running is never expired, however long it takes)."""
+        return [w for w in self.queue if w.blocked_since is not None and now - w.blocked_since > self.wait_timeout]
 
     def remove(self, work: StepWork) -> None:
-        """Drop a work (failed or its session closed), undoing any chunks it wrote."""
+        """Drop a work (failed or its session closed), undoing any chunks it wrote and
+        giving back the blocks it grew."""
         self.queue.remove(work)
         work.session.table.num_tokens = work.start_pos
+        self.pool.shrink(work.session.table)

@@ -169,6 +169,44 @@ def test_full_pool_makes_new_sessions_wait_then_fail_with_capacity(start_server,
     wait(engine.open((0, 3)))  # capacity came back
 
 
+def test_a_long_prompt_on_an_idle_server_is_not_timed_out(start_server, tiny_model_dir):
+    """The capacity timeout counts time blocked on KV blocks, not time queued: a prompt
+    that needs hundreds of chunked ticks on an idle server finishes (issue 14)."""
+    server = start_server(tiny_model_dir, kv_cache_memory="520KiB", kv_quota=1.0,  # 64 blocks of 8 KiB
+                          engine=EngineSettings(token_budget=4, wait_timeout=0.05))
+    engine = server.runtime.engine
+    wait(engine.open((0, 0)))
+    out = wait(engine.step((0, 0), 0, torch.randn(900, HIDDEN)))  # 225 ticks, far past 0.05 s
+    assert out.shape == (900, HIDDEN)
+
+
+def test_a_failed_step_gives_back_the_blocks_it_grew(start_server, tiny_model_dir):
+    server = start_server(tiny_model_dir, kv_cache_memory="40KiB", kv_quota=1.0,  # 4 blocks of 16 tokens
+                          engine=EngineSettings(token_budget=16, wait_timeout=0.3))
+    engine = server.runtime.engine
+    wait(engine.open((0, 0)))
+    wait(engine.open((0, 1)))
+    wait(engine.step((0, 0), 0, torch.randn(30, HIDDEN)))  # 2 blocks
+    with pytest.raises(ProtocolError) as info:  # grows 2 blocks chunk by chunk, then is stuck
+        wait(engine.step((0, 1), 0, torch.randn(60, HIDDEN)))
+    assert info.value.code.value == "capacity"
+    for _ in range(100):  # the gauge is published after the failure
+        if metric(server, "fedsea_kv_blocks_used") == 2:
+            break
+        time.sleep(0.02)
+    assert metric(server, "fedsea_kv_blocks_used") == 2
+    out = wait(engine.step((0, 1), 0, torch.randn(20, HIDDEN)))  # rolled back to position 0, room again
+    assert out.shape == (20, HIDDEN)
+
+
+def metric(server, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise KeyError(name)
+
+
 async def test_capacity_error_reaches_the_edge(start_server, tiny_model_dir):
     server = start_server(tiny_model_dir, kv_cache_memory="40KiB", kv_quota=1.0, engine=EngineSettings(wait_timeout=0.3))
     client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0)
