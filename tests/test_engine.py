@@ -16,6 +16,7 @@ from edge_runtime import AsyncEdgeClient, ServerError
 from fedsea_shared.protocol import ProtocolError
 from server_runtime.engine import EngineSettings
 from server_runtime.kv_pool import BlockPool, BlockTable, KVPool, OutOfBlocks, parse_memory
+from test_prefix_cache import metric
 
 HIDDEN = 64
 
@@ -197,14 +198,6 @@ def test_a_failed_step_gives_back_the_blocks_it_grew(start_server, tiny_model_di
     assert metric(server, "fedsea_kv_blocks_used") == 2
     out = wait(engine.step((0, 1), 0, torch.randn(20, HIDDEN)))  # rolled back to position 0, room again
     assert out.shape == (20, HIDDEN)
-
-
-def metric(server, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics") as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise KeyError(name)
 
 
 async def test_capacity_error_reaches_the_edge(start_server, tiny_model_dir):
