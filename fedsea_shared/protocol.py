@@ -47,7 +47,11 @@ class ErrorCode(str, Enum):
     CONTEXT_OVERFLOW = "context_overflow"  # session would exceed max_context
     NOISE_OUT_OF_BOUNDS = "noise_out_of_bounds"
     LIMIT = "limit"  # too many sessions on this connection
-    CAPACITY = "capacity"  # KV pool full: retry later
+    CAPACITY = "capacity"  # a step larger than the whole KV pool, or no blocks came free in time: retry later
+    # The server took this session's KV blocks for an older session (preemption by
+    # recompute): close it, open a new one naming its prefix (Open.prefix) and send its
+    # states again from Opened.cached; the server runs the re-sent step once it fits.
+    PREEMPTED = "preempted"
     INTERNAL = "internal"
     UNKNOWN_ADAPTER = "unknown_adapter"  # open names an adapter the server does not serve
     DISABLED = "disabled"  # a feature this server was not started with (training: --enable-training)

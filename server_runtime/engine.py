@@ -70,6 +70,7 @@ class Engine:
         self.sessions: dict[Hashable, Session] = {}
         self._opens: list[tuple[Hashable, _OpenRequest, Future, float]] = []  # waiting for capacity
         self._next_idle_sweep = 0.0
+        self._ran_at = 0.0  # when a tick last ran: opens waiting meanwhile are not timed out
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="fedsea-engine", daemon=True)
         self._running = True
@@ -141,13 +142,17 @@ class Engine:
                 timeout = self.settings.coalesce_s
 
     def _tick(self) -> bool:
-        chunks = self.scheduler.schedule()
+        tick = self.scheduler.schedule(self.sessions.values())
+        for session, work in tick.preempted:
+            self._preempted(session, work)
+        chunks = tick.chunks
         if not chunks:
-            return False
+            return bool(tick.preempted)
         t0 = time.monotonic()
         for c in chunks:
             if c.start == 0:
                 self.metrics.queue_wait.observe(t0 - c.work.enqueued)
+        self._ran_at = t0
         outputs = self._run(chunks)
         tokens = sum(c.end - c.start for c in chunks)
         self.metrics.tick_seconds.observe(time.monotonic() - t0)
@@ -179,12 +184,22 @@ class Engine:
                 outputs[i] = out
         return outputs
 
+    def _preempted(self, session: Session, work: StepWork | None) -> None:
+        """The scheduler took the session's blocks for an older session: its step (now, or
+        its next one) fails with `preempted`, and its edge reopens it and sends again."""
+        log.info("session %s preempted: its KV blocks went to an older session", session.key)
+        self.metrics.preemptions.inc()
+        if self.quota is not None:
+            self.quota.release(session.key)
+        if work is not None:
+            self._fail_future(work.future, _preempted_error(session.key[-1]))
+
     def _housekeeping(self) -> None:
         now = time.monotonic()
         for work in self.scheduler.expired(now):
             self._fail(work, ProtocolError(
                 ErrorCode.CAPACITY,
-                f"the server's KV cache stayed full for {self.settings.wait_timeout:g}s; retry later",
+                f"no KV blocks came free for this step in {self.settings.wait_timeout:g}s; retry later",
             ))
         still = []
         for key, spec, fut, since in self._opens:
@@ -192,10 +207,10 @@ class Engine:
                 continue
             if self.pool.allocator.num_free >= self.settings.admission_free_blocks:
                 self._admit(key, spec, fut)
-            elif now - since > self.settings.wait_timeout:
+            elif now - max(since, self._ran_at) > self.settings.wait_timeout:
                 self._fail_future(fut, ProtocolError(
                     ErrorCode.CAPACITY,
-                    f"server at capacity: no KV cache free for {self.settings.wait_timeout:g}s; retry later",
+                    f"server at capacity: no KV blocks came free in {self.settings.wait_timeout:g}s; retry later",
                 ))
             else:
                 still.append((key, spec, fut, since))
@@ -248,7 +263,9 @@ class Engine:
             return self._fail_future(fut, ProtocolError(ErrorCode.SESSION_BUSY, "fork of a session whose step has not finished", key[-1]))
         if key in self.sessions or any(k == key for k, _, _, _ in self._opens):
             return self._fail_future(fut, ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open", key[-1]))
-        self.sessions[key] = Session(key, self.pool.fork(parent.table), parent.model, parent.hasher.copy())
+        twin = self.sessions[key] = Session(key, self.pool.fork(parent.table), parent.model, parent.hasher.copy())
+        if parent.started is not None:
+            self.scheduler.start(twin)  # running, as its parent: the newest session
         parent.last_active = time.monotonic()
         _resolve(fut, parent.table.num_tokens)
 
@@ -259,6 +276,8 @@ class Engine:
             return self._fail_future(fut, ProtocolError(ErrorCode.UNKNOWN_SESSION, "no such session (never opened, closed or expired)", sid))
         if session.work is not None:
             return self._fail_future(fut, ProtocolError(ErrorCode.SESSION_BUSY, "the previous step of this session has not finished", sid))
+        if session.preempted:
+            return self._fail_future(fut, _preempted_error(sid))
         length = session.table.num_tokens
         if pos != length:
             return self._fail_future(fut, ProtocolError(ErrorCode.POSITION_MISMATCH, f"step at position {pos} but the session holds {length} tokens", sid))
@@ -268,8 +287,16 @@ class Engine:
                 f"{length} + {hidden.shape[0]} tokens exceed the server's max context of {self.settings.max_context}",
                 sid,
             ))
+        blocks = len(session.table.blocks) + session.table.blocks_needed(hidden.shape[0])
+        if blocks > self.pool.allocator.num_blocks:
+            return self._fail_future(fut, ProtocolError(
+                ErrorCode.CAPACITY,
+                f"the session would hold {blocks} KV blocks after this step; the server's whole pool has "
+                f"{self.pool.allocator.num_blocks} (a shorter context, or a server with more --kv-cache-memory)",
+                sid,
+            ))
         if self.quota is not None:
-            refusal = self.quota.reserve(key, len(session.table.blocks) + session.table.blocks_needed(hidden.shape[0]))
+            refusal = self.quota.reserve(key, blocks)
             if refusal:
                 return self._fail_future(fut, ProtocolError(ErrorCode.LIMIT, refusal, sid))
         session.last_active = time.monotonic()
@@ -303,6 +330,11 @@ class Engine:
             fut.set_exception(error)
         except InvalidStateError:  # the asker gave up (disconnected) meanwhile
             pass
+
+
+def _preempted_error(sid: int) -> ProtocolError:
+    return ProtocolError(ErrorCode.PREEMPTED, "the server gave this session's KV blocks to an older session; "
+                                              "reopen it and send its states again", sid)
 
 
 def _resolve(fut: Future, value) -> None:

@@ -18,6 +18,7 @@ class ServerMetrics:
         self.prefix_evictions = Gauge("fedsea_prefix_cache_evictions", "Cached blocks evicted to make room, since start", registry=r)
         self.prefix_queries = Counter("fedsea_prefix_cache_query_tokens", "Tokens of prefixes edges asked the cache for", registry=r)
         self.prefix_hits = Counter("fedsea_prefix_cache_hit_tokens", "Tokens of those prefixes the cache held", registry=r)
+        self.preemptions = Counter("fedsea_preemptions", "Sessions whose KV blocks were taken for an older session (its edge re-sends)", registry=r)
         self.queue_depth = Gauge("fedsea_queue_depth", "Steps waiting for the model", registry=r)
         self.tokens_per_tick = Histogram(
             "fedsea_tokens_per_tick", "Tokens in one batched forward", registry=r,

@@ -2,11 +2,17 @@
 
 Every tick the scheduler packs all waiting decode steps (one token each) first, then
 prefill chunks, until the per-tick token budget is used.  A long prompt is split into
-chunks across ticks, so it cannot stall the decode steps of everyone else.  A chunk is
-scheduled only when the KV pool can hold its tokens; work that stays blocked on KV blocks,
-without progress, for longer than the timeout fails with a typed capacity error, and its
-session is rolled back to where it was (the blocks it grew given back), so a running
-session is never left half-written.
+chunks across ticks, so it cannot stall the decode steps of everyone else.
+
+A step starts only once the KV pool holds blocks for all of its tokens (taken at once, so
+a started step always runs to its end).  When a *running* session's step finds the pool
+full, it preempts by recompute (vLLM's policy, `victim`): the newest session holding
+blocks gives them back and its edge re-sends its states later (they stay in the prefix
+cache where they can).  A session not running yet (new, or re-sending after a
+preemption) never takes blocks from a running one: it waits, and fails with a typed
+capacity error only after `wait_timeout` in which no step ran at all (the blocks are held
+by idle sessions).  A failed or preempted step is
+rolled back (the blocks it grew given back), so no session is left half-written.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Hashable
+from itertools import count
+from typing import Hashable, Iterable
 
 import torch
 
@@ -32,6 +39,8 @@ class Session:
     hasher: PrefixHasher | None = None  # block keys over the hidden states received
     last_active: float = field(default_factory=time.monotonic)
     work: "StepWork | None" = None  # at most one step in flight per session
+    started: int | None = None  # when its first step got its blocks, in order (lower: kept longer); None: waiting
+    preempted: bool = False  # its blocks were taken for an older session: its edge must reopen it
 
 
 @dataclass
@@ -43,7 +52,8 @@ class StepWork:
     start_pos: int
     future: Future
     enqueued: float = field(default_factory=time.monotonic)
-    blocked_since: float | None = None  # when it last found the pool too full to grow; None: not blocked
+    blocked_since: float | None = None  # when it first found the pool too full to start; None: not blocked
+    reserved: bool = False  # the session's table has blocks for all of its tokens
     done: int = 0
     outputs: list[torch.Tensor] = field(default_factory=list)
 
@@ -73,6 +83,29 @@ class Chunk:
         return self.work.hidden[self.start : self.end]
 
 
+def victim(asker: Session, sessions: Iterable[Session]) -> Session | None:
+    """Whose blocks the step of `asker` takes when the pool is full (the policy; the
+    scheduler applies it): first a waiting session's (it holds only a shared cached
+    prefix), newest first; then the newest running session's, which is the asker's own when
+    it is the newest.  None: `asker` waits (it is not running, or nobody else holds blocks)."""
+    if asker.started is None:
+        return None
+    holders = [s for s in sessions if s.table.blocks and s is not asker]
+    waiting = [s for s in holders if s.started is None]
+    if waiting:
+        return waiting[-1]  # sessions are listed in the order they were opened
+    running = [s for s in holders if s.started > asker.started]
+    if running:
+        return max(running, key=lambda s: s.started)
+    return asker if holders else None
+
+
+@dataclass
+class Tick:
+    chunks: list[Chunk]
+    preempted: list[tuple[Session, StepWork | None]]  # sessions preempted, with the step each had queued
+
+
 class Scheduler:
     def __init__(self, pool: KVPool, token_budget: int, wait_timeout: float):
         if token_budget < 1:
@@ -81,6 +114,7 @@ class Scheduler:
         self.token_budget = token_budget
         self.wait_timeout = wait_timeout
         self.queue: deque[StepWork] = deque()
+        self._starts = count()
 
     def add(self, work: StepWork) -> None:
         self.queue.append(work)
@@ -88,25 +122,70 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self.queue)
 
-    def schedule(self) -> list[Chunk]:
-        budget = self.token_budget
-        chunks: list[Chunk] = []
+    def start(self, session: Session) -> None:
+        """Count `session` as running from now (the newest)."""
+        session.started = next(self._starts)
+
+    def schedule(self, sessions: Iterable[Session]) -> Tick:
+        """This tick's chunks; `sessions`: every open session, in the order they opened."""
+        tick = Tick([], [])
         now = time.monotonic()
-        # Decode steps first (stable sort keeps arrival order within each class).
-        for work in sorted(self.queue, key=lambda w: w.remaining > 1):
+        # Running sessions first (older first: they are kept longest), decode steps first.
+        order = sorted(self.queue, key=lambda w: (w.session.started is None, w.remaining > 1, w.session.started or 0))
+        budget = self.token_budget
+        for work in order:
             if budget == 0:
                 break
-            n = min(work.remaining, budget)
-            try:
-                self.pool.grow(work.session.table, n)
-            except OutOfBlocks:
-                if work.blocked_since is None:
-                    work.blocked_since = now
+            if work.session.work is not work:  # preempted earlier in this pass
                 continue
-            work.blocked_since = None  # progress: the capacity wait starts again from zero
-            chunks.append(Chunk(work, work.done, work.done + n))
+            if not work.reserved:
+                preempted = len(tick.preempted)
+                reserved = self._reserve(work, sessions, tick)
+                if len(tick.preempted) > preempted:  # their chunks left this tick
+                    budget = self.token_budget - sum(c.end - c.start for c in tick.chunks)
+                if not reserved:
+                    if work.blocked_since is None:
+                        work.blocked_since = now
+                    continue
+            n = min(work.remaining, budget)
+            tick.chunks.append(Chunk(work, work.done, work.done + n))
             budget -= n
-        return chunks
+        if tick.chunks:  # the pool turns over: blocks will come free, so waiting is no timeout
+            for work in self.queue:
+                if work.blocked_since is not None:
+                    work.blocked_since = now
+        return tick
+
+    def _reserve(self, work: StepWork, sessions: Iterable[Session], tick: Tick) -> bool:
+        """Take blocks for all of the work's tokens, preempting `victim`s while the pool is
+        too full; False if it must wait (or preempted its own session)."""
+        session = work.session
+        while True:
+            try:
+                self.pool.grow(session.table, work.remaining)
+                break
+            except OutOfBlocks:
+                loser = victim(session, sessions)
+                if loser is None:
+                    return False
+                tick.preempted.append((loser, self.preempt(loser)))
+                tick.chunks = [c for c in tick.chunks if c.session is not loser]
+                if loser is session:
+                    return False
+        work.reserved, work.blocked_since = True, None
+        if session.started is None:
+            self.start(session)
+        return True
+
+    def preempt(self, session: Session) -> StepWork | None:
+        """Give back all of the session's blocks (full, keyed ones stay cached as
+        evictable); return the step it had queued, which must fail."""
+        work = session.work
+        if work is not None:
+            self.queue.remove(work)
+        self.pool.free(session.table)
+        session.work, session.started, session.preempted = None, None, True
+        return work
 
     def complete(self, chunks: list[Chunk], outputs: list[torch.Tensor]) -> list[StepWork]:
         """Record a tick's outputs; return the works that are now finished."""
@@ -123,8 +202,8 @@ class Scheduler:
         return finished
 
     def expired(self, now: float) -> list[StepWork]:
-        """Works blocked on KV blocks, without progress, for longer than the timeout (a
-        long prompt whose chunks keep running is never expired, however long it takes)."""
+        """Works waiting for blocks to start for longer than the timeout while no step ran
+        (the pool is held by idle sessions), however long the prompts that run take."""
         return [w for w in self.queue if w.blocked_since is not None and now - w.blocked_since > self.wait_timeout]
 
     def remove(self, work: StepWork) -> None:

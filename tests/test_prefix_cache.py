@@ -149,8 +149,8 @@ def test_random_open_fork_close_evict_lifecycles_return_every_block(start_server
                 try:
                     wait(engine.step(key, open_[key], torch.randn(rng.choice([1, 5, 20]), HIDDEN)))
                     open_[key] = None  # length no longer tracked: only closed from now on
-                except ProtocolError as e:
-                    assert e.code.value in ("capacity", "context_overflow")
+                except ProtocolError as e:  # preempted: the newest running session gives way
+                    assert e.code.value in ("capacity", "context_overflow", "preempted")
         else:
             key = rng.choice(list(open_))
             assert wait(engine.close(key))
