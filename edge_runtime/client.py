@@ -5,9 +5,11 @@
             print(event.text, end="")
 
 `AsyncEdgeClient` is the asyncio core (the gateway uses it); `EdgeClient` runs it on a
-background event loop for synchronous code.  Both share one connection to the server
-runtime among all concurrent generations, and one `EdgeWorker` that batches their head
-and tail work.
+background event loop for synchronous code.  `server_url` may list several server runtimes
+of the same model and cut: sessions open on the first one up (edge_runtime.servers picks),
+and a session whose server dies or misbehaves replays its states to another and goes on.
+All concurrent generations share one connection per server and one `EdgeWorker` that
+batches their head and tail work.
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ from fedsea_shared.prefix import prefix_root
 from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello
 from fedsea_shared.shard import Partition, load_config, load_edge_shard
 
+from websockets.exceptions import WebSocketException
+
 from .connection import ServerConnection, ServerError, client_ssl
 from .constraints import Constraint, Grammars
 from .keys import load_or_create_key
 from .model import EdgeModel, EdgeWorker, SequenceCache
 from .prefix_cache import Prefix, PrefixStore
 from .sampling import SamplingParams, sample, score_prompt
+from .servers import NoOtherServer, ServerList
 from .session import InferenceSession
 from .text import IncrementalDetokenizer, StopMatcher
 
@@ -70,7 +75,7 @@ class Completion:
 class AsyncEdgeClient:
     def __init__(
         self,
-        server_url: str = f"ws://127.0.0.1:{defaults.SERVER_PORT}",
+        server_url: str | list[str] = f"ws://127.0.0.1:{defaults.SERVER_PORT}",
         model: str = defaults.MODEL,
         head: int = defaults.HEAD,
         tail: int = defaults.TAIL,
@@ -89,14 +94,16 @@ class AsyncEdgeClient:
         pick; the server must serve each under the same name.  `noise_key`: the secret
         the noise is keyed with (default: this installation's, see edge_runtime.keys).
         `edge_cache_memory`: bytes of recent conversations kept for prefix reuse (0: off).
-        `server_ca`: PEM file that verifies a wss:// server (a private CA or its
+        `server_url`: one server runtime, or a list of them (same model and cut) to fail
+        over between.  `server_ca`: PEM file that verifies a wss:// server (a private CA or its
         self-signed certificate; default: the system trust store).  `public_template`:
         send the chat template's public prefix (default system turn, user header)
         un-noised (see fedsea_shared.noise.public_prefix_len)."""
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}")
-        client_ssl(server_url, server_ca)  # a bad URL/CA pair fails here, not at every reconnect
-        self.server_url = server_url
+        self.servers = ServerList([server_url] if isinstance(server_url, str) else list(server_url))
+        for url in self.servers.urls:
+            client_ssl(url, server_ca)  # a bad URL/CA pair fails here, not at every reconnect
         self.server_ca = server_ca
         self.noise = noise
         self.wire_dtype = wire_dtype
@@ -118,7 +125,7 @@ class AsyncEdgeClient:
         self.eos_ids = _eos_ids(model_dir, self.tokenizer)
         self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.eos_ids)
         self.public_ids = _public_prefix_ids(self.tokenizer) if public_template else []
-        self._conn: ServerConnection | None = None
+        self._conns: dict[str, ServerConnection] = {}  # by server URL
         self._connect_lock: asyncio.Lock | None = None
 
     # ---- connection ----------------------------------------------------------------------
@@ -135,24 +142,46 @@ class AsyncEdgeClient:
 
     @property
     def connected(self) -> bool:
-        """Whether the shared connection is up now (no reconnect is attempted)."""
-        return self._conn is not None and not self._conn.closed
+        """Whether a connection to some server is up now (no reconnect is attempted)."""
+        return any(not c.closed for c in self._conns.values())
 
-    async def connection(self) -> ServerConnection:
-        """The shared connection, (re)connected on demand."""
+    async def connection(self, failed: ServerConnection | None = None, elsewhere: bool = False) -> ServerConnection:
+        """The shared connection to the best server now, (re)connected on demand.
+        `failed`: a connection a session found broken or misbehaving: its server is
+        banned for a while and the connection closed (its other sessions fail over too);
+        `elsewhere`: never that server (NoOtherServer if the list has no other)."""
         if self._connect_lock is None:
             self._connect_lock = asyncio.Lock()
         async with self._connect_lock:
-            if self._conn is None or self._conn.closed:
-                self._conn = await ServerConnection.connect(
-                    self.server_url, self.hello, self.api_key, max_step_tokens=self.config.max_position_embeddings,
-                    server_ca=self.server_ca,
-                )
-            return self._conn
+            avoid = failed.url if elsewhere and failed is not None else None
+            if not self.servers.order(avoid):
+                raise NoOtherServer()
+            if failed is not None and self._conns.get(failed.url) is failed:  # the first to report it
+                del self._conns[failed.url]
+                self.servers.failed(failed.url)
+                await failed.close()
+            error: Exception | None = None
+            for url in self.servers.order(avoid):
+                conn = self._conns.get(url)
+                if conn is not None and not conn.closed:
+                    return conn
+                try:
+                    conn = await ServerConnection.connect(
+                        url, self.hello, self.api_key, max_step_tokens=self.config.max_position_embeddings,
+                        server_ca=self.server_ca,
+                    )
+                except (OSError, TimeoutError, WebSocketException, ServerError) as e:  # down, or refused this edge
+                    log.warning("server runtime %s: %s", url, e)
+                    self.servers.failed(url)
+                    error = e
+                    continue
+                self._conns[url] = conn
+                return conn
+            raise error
 
     async def aclose(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
+        for conn in self._conns.values():
+            await conn.close()
         for worker in self.workers.values():
             worker.close()
 
@@ -392,7 +421,7 @@ def _eos_ids(model_dir, tokenizer) -> set[int]:
 class EdgeClient:
     """Synchronous facade: runs an AsyncEdgeClient on a private event-loop thread."""
 
-    def __init__(self, server_url: str = f"ws://127.0.0.1:{defaults.SERVER_PORT}", **kwargs):
+    def __init__(self, server_url: str | list[str] = f"ws://127.0.0.1:{defaults.SERVER_PORT}", **kwargs):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fedsea-edge-loop", daemon=True)
         self._thread.start()

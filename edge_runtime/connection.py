@@ -99,8 +99,9 @@ def client_ssl(url: str, server_ca: str | None = None) -> ssl.SSLContext | None:
 
 
 class ServerConnection:
-    def __init__(self, ws: ClientConnection, welcome: Welcome, wire_dtype: str):
+    def __init__(self, ws: ClientConnection, welcome: Welcome, wire_dtype: str, url: str):
         self.ws = ws
+        self.url = url  # which server runtime (for the client's failover policy and messages)
         self.welcome = welcome
         self.wire_dtype = WIRE_DTYPES[wire_dtype]
         self._sids = itertools.count()
@@ -144,11 +145,10 @@ class ServerConnection:
         if not isinstance(message, Welcome):
             await ws.close()
             raise ServerError(ErrorCode.BAD_FRAME.value, f"expected welcome, got {message.type}")
-        return cls(ws, message, hello.dtype)
+        return cls(ws, message, hello.dtype, url)
 
     def new_sid(self) -> int:
         return next(self._sids)
-
     async def open(self, sid: int, noise: float, adapter: str | None = None, prefix: list[bytes] | None = None) -> int:
         """Open a session; returns how many tokens of `prefix` (block keys) the server holds."""
         keys = [k.hex() for k in prefix] if prefix else None

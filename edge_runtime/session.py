@@ -1,42 +1,55 @@
 """One sequence's state on the server runtime, with a Petals-style lifecycle:
-open -> step ... -> close, and recover after the connection drops.
+open -> step ... -> close, surviving what a server may do to it meanwhile.
 
 Every hidden state is noised here, in the one place where hidden states leave the
 device, with noise keyed to the token ids that produced it (fedsea_shared.noise).  The
 session keeps what it sent (already noised), and never sends a position in a second
-version: a replay after a dropped connection, a later turn that reuses a stored prefix
-(`prior`) and the n choices forked from one prompt all re-send the stored states.  Those
-states also name the prefix to the server's cache (block keys), so a server that still
-holds them is not sent them at all.
+version: a replay, a later turn that reuses a stored prefix (`prior`) and the n choices
+forked from one prompt all re-send the stored states.  Those states also name the prefix
+to the server's cache (block keys), so a server that still holds them is not sent them.
+
+A session is the unit of failover: when its connection drops or its server sends an
+invalid reply, it reopens on the server the client's policy picks next (edge_runtime.servers)
+and replays there; when its server preempts it (ErrorCode.PREEMPTED), it reopens on the
+same server, which answers what it still caches.  Either way the step goes on and returns
+what it would have: the caller sees a delay.  Replays longer than the server's
+`max_message_bytes` go as several Steps at consecutive positions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 import torch
 
 from fedsea_shared.noise import NoiseChain, add_keyed_noise, keep_public
 from fedsea_shared.prefix import PrefixHasher
-from fedsea_shared.protocol import MAX_PREFIX_KEYS
+from fedsea_shared.protocol import MAX_PREFIX_KEYS, ErrorCode, max_step_rows
 
-from .connection import ConnectionLost, ServerConnection, ServerError
+from .connection import BadReply, ConnectionLost, ServerConnection, ServerError
+from .servers import NoOtherServer
 
 log = logging.getLogger("fedsea.edge.session")
 
-Connector = Callable[[], Awaitable[ServerConnection]]
+
+class Connector(Protocol):
+    def __call__(self, failed: ServerConnection | None = None, elsewhere: bool = False) -> Awaitable[ServerConnection]:
+        """A live connection to the best server now.  `failed`: a connection this session
+        found broken (its server is banned for a while); `elsewhere`: not to that server
+        (it misbehaved), raising NoOtherServer if there is no other."""
 
 
 class InferenceSession:
     """`chain` is the noise chain positioned after `prior` (the states this edge sent
     before for the same token prefix, or None, with their noise digests); `root` is the
-    prefix-key root; `public`: leading positions holding only public template tokens."""
+    prefix-key root; `public`: leading positions holding only public template tokens.
+    `max_retries`: failovers per request; `max_preemptions`: reopens after preemption."""
 
     def __init__(self, connect: Connector, noise: float, chain: NoiseChain, root: bytes,
                  prior: torch.Tensor | None = None, prior_digests: list[bytes] = (), max_retries: int = 2,
-                 adapter: str | None = None, public: int = 0):
+                 adapter: str | None = None, public: int = 0, max_preemptions: int = 10):
         self._connect = connect
         self.noise = noise
         self.public = public  # leading positions holding only public template tokens: sent un-noised
@@ -44,8 +57,9 @@ class InferenceSession:
         self.chain = chain
         self.root = root
         self.max_retries = max_retries
+        self.max_preemptions = max_preemptions
         self.conn: ServerConnection | None = None
-        self.sid: int | None = None
+        self.sid: int | None = None  # None: not open on `conn` (yet, or any more)
         self.position = 0  # tokens the server holds for this session
         self._sent: list[torch.Tensor] = [prior] if prior is not None and len(prior) else []
         self.digests: list[bytes] = list(prior_digests)  # the noise digest of each position
@@ -74,33 +88,41 @@ class InferenceSession:
 
     async def open(self) -> "InferenceSession":
         self.conn = await self._connect()
+        await self._survive(lambda: self._attach(None))
+        return self
+
+    async def _attach(self, upto: int | None) -> None:
+        """Open a server session on `conn`, naming the block keys of the stored states
+        (below `upto`, whose outputs the caller still needs); the server answers what it holds."""
+        self.sid, self.position = None, 0
         sid = self.conn.new_sid()
         try:
-            self.position = await self._open(sid)
+            self.position = await self._open(sid, upto)
         except asyncio.CancelledError:
             self.sid = sid  # the server may open it all the same: close() must free it
             raise
         self.sid = sid
-        return self
 
-    async def _open(self, sid: int) -> int:
-        """Open naming the block keys of what was sent; the server answers what it holds."""
+    async def _open(self, sid: int, upto: int | None) -> int:
         keys = None
         sent = self.sent
         if sent is not None:
             hasher = PrefixHasher(self.root, self.conn.welcome.block_size)
             hasher.extend(sent)
             # The last state always goes again: its output is what the tail needs next.
-            keys = hasher.keys[: min(MAX_PREFIX_KEYS, (sent.shape[0] - 1) // hasher.block_size)]
+            usable = (sent.shape[0] - 1) // hasher.block_size
+            if upto is not None:
+                usable = min(usable, upto // hasher.block_size)
+            keys = hasher.keys[: min(MAX_PREFIX_KEYS, usable)]
         cached = await self.conn.open(sid, self.noise, self.adapter, keys or None)
         if cached % self.conn.welcome.block_size or cached > len(keys or ()) * self.conn.welcome.block_size:
-            raise ServerError("bad_reply", f"the server claims {cached} cached tokens of a {len(keys or ())}-block prefix")
+            raise BadReply(f"the server claims {cached} cached tokens of a {len(keys or ())}-block prefix")
         return cached
 
     async def fork(self) -> "InferenceSession":
         """A second server session with this one's tokens, sharing its KV blocks."""
         twin = InferenceSession(self._connect, self.noise, self.chain.fork(), self.root, self.sent,
-                                self.digests, self.max_retries, self.adapter, self.public)
+                                self.digests, self.max_retries, self.adapter, self.public, self.max_preemptions)
         twin.conn = self.conn
         sid = self.conn.new_sid()
         try:
@@ -108,40 +130,78 @@ class InferenceSession:
         except asyncio.CancelledError:
             twin.sid = sid
             raise
+        except ServerError as e:
+            if e.code != ErrorCode.PREEMPTED.value:
+                raise
+            # This session lost its blocks meanwhile: the twin opens on its own and re-sends.
+            await twin._survive(lambda: twin._attach(None))
+            return twin
         twin.sid = sid
         if twin.position != self.position:
             await twin.close()
-            raise ServerError("bad_reply", f"a fork of a {self.position}-token session holds {twin.position}")
+            raise BadReply(f"a fork of a {self.position}-token session holds {twin.position}")
         return twin
 
     async def step(self, hidden: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
         """Noise and send the next tokens' hidden states, after any stored states the
-        server does not hold yet; return the middle blocks' output for everything sent."""
+        server does not hold yet; return the middle blocks' output for everything this
+        call sends (what the server lacked, then the new tokens)."""
         digests = self.chain.extend(token_ids)
         noised = keep_public(add_keyed_noise(hidden, self.noise, digests), hidden, self.length, self.public)
         noised = noised.to(self.conn.wire_dtype)
         if noised.shape[0]:
             self._sent.append(noised)
             self.digests += digests
-        for attempt in range(self.max_retries + 1):
-            try:
-                pending = self._unsent()
-                out = await self.conn.step(self.sid, self.position, pending)
-                break
-            except ConnectionLost:
-                if attempt == self.max_retries:
-                    raise
-                log.warning("connection lost at position %d; recovering session", self.position)
-                await self.recover()
-        self.position += pending.shape[0]
-        return out
+        start = self.position
 
-    async def recover(self) -> None:
-        """Reopen on a (new) connection; the next step replays what the server lacks."""
-        self.conn = await self._connect()
-        self.sid = self.conn.new_sid()
-        self.position = 0
-        self.position = await self._open(self.sid)
+        async def send() -> torch.Tensor:
+            if self.sid is None:  # reopen after a failover or preemption
+                await self._attach(start)
+            return await self._send(start)
+
+        return await self._survive(send)
+
+    async def _send(self, start: int) -> torch.Tensor:
+        """Send the states from `position` on, in frames the server accepts; the outputs
+        from `start` on."""
+        first, outputs = self.position, []
+        pending = self._unsent()
+        rows = max_step_rows(self.conn.welcome.max_message_bytes, pending.shape[1] * pending.element_size())
+        for lo in range(0, pending.shape[0], rows):
+            part = pending[lo : lo + rows]
+            outputs.append(await self.conn.step(self.sid, self.position, part))
+            self.position += part.shape[0]
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return out[start - first :]
+
+    async def _survive(self, action: Callable[[], Awaitable]):
+        """Run `action` (an open or a send) until it succeeds, reopening this session
+        where it can go on: on another server after a lost connection or an invalid reply
+        (at most max_retries times), on the same one after a preemption (max_preemptions)."""
+        failovers = preemptions = 0
+        while True:
+            try:
+                return await action()
+            except ServerError as e:
+                if e.code == ErrorCode.PREEMPTED.value:
+                    preemptions += 1
+                    if preemptions > self.max_preemptions:
+                        raise ServerError(e.code, f"the server preempted this session {preemptions} times in a row "
+                                                  f"({e.message}); giving up") from e
+                    log.info("session preempted at position %d; reopening it on the same server", self.position)
+                    await self.close()
+                elif isinstance(e, (ConnectionLost, BadReply)):
+                    failovers += 1
+                    if failovers > self.max_retries:
+                        raise
+                    log.warning("%s at position %d (%s); reopening the session", e.message, self.position, self.conn.url)
+                    try:
+                        self.conn = await self._connect(self.conn, elsewhere=isinstance(e, BadReply))
+                    except NoOtherServer:
+                        raise e from None
+                    self.sid = None
+                else:
+                    raise
 
     async def close(self) -> None:
         if self.conn is not None and self.sid is not None and not self.conn.closed:

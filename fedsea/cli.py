@@ -128,7 +128,9 @@ def _gateway_parser(sub) -> None:
     p = sub.add_parser("gateway", help="edge + OpenAI API against a remote server runtime (`fedsea server`)")
     _split_args(p)
     _edge_args(p)
-    p.add_argument("--server", default=f"ws://127.0.0.1:{defaults.SERVER_PORT}", help="websocket URL of the server runtime (default: %(default)s)")
+    p.add_argument("--server", action="append", metavar="URL",
+                   help="websocket URL of a server runtime; repeat for servers of the same model and cut to fail over "
+                        f"between (a session whose server dies goes on on another; default: ws://127.0.0.1:{defaults.SERVER_PORT})")
     g = p.add_argument_group("TLS")
     g.add_argument("--server-ca", metavar="FILE", help="PEM file verifying a wss:// --server: a private CA or the server's "
                                                        "self-signed certificate (default: the system trust store)")
@@ -157,7 +159,7 @@ def _secret(args, name: str, env: str) -> str | None:
     return os.environ.get(env) or None
 
 
-def _gateway_settings(args, server_url: str, server_api_key: str | None = None):
+def _gateway_settings(args, server_url: str | list[str], server_api_key: str | None = None):
     from gateway import GatewaySettings
 
     from server_runtime.kv_pool import parse_memory
@@ -196,11 +198,13 @@ def _run_gateway(args) -> None:
     from fedsea_shared.models import resolve_model
     from gateway import run_gateway
 
-    if not args.server.startswith(("ws://", "wss://")):
-        raise ValueError(f"--server must be a ws:// or wss:// URL, got {args.server!r}")
+    servers = args.server or [f"ws://127.0.0.1:{defaults.SERVER_PORT}"]
+    for url in servers:
+        if not url.startswith(("ws://", "wss://")):
+            raise ValueError(f"--server must be a ws:// or wss:// URL, got {url!r}")
     resolve_model(args.model)
     server_api_key = _secret(args, "server_api_key", "FEDSEA_SERVER_API_KEY")
-    settings = _gateway_settings(args, args.server, server_api_key)
+    settings = _gateway_settings(args, servers, server_api_key)
     settings.server_ca, settings.ssl_certfile, settings.ssl_keyfile = args.server_ca, args.ssl_certfile, args.ssl_keyfile
     run_gateway(settings, log_level=args.log_level.lower())
 

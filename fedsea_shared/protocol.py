@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 PROTOCOL_VERSION = 2
 MAX_PREFIX_KEYS = 384  # block keys an Open may name (32 hex digits each; fits the header limit)
 MAX_HEADER_BYTES = 16 * 1024
+STEP_HEADER_BYTES = 256  # bound on a Step header's JSON (ints < 2**53, a 2-d shape)
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -351,6 +352,15 @@ class ProtocolError(Exception):
 
     def to_message(self, fatal: bool = False) -> Error:
         return Error(code=self.code, message=self.message, sid=self.sid, fatal=fatal)
+
+
+def max_step_rows(max_message_bytes: int, row_bytes: int) -> int:
+    """How many hidden states of `row_bytes` each one Step frame may carry under a
+    server's `Welcome.max_message_bytes` (longer histories go as several Steps)."""
+    rows = (max_message_bytes - 4 - STEP_HEADER_BYTES) // row_bytes
+    if rows < 1:
+        raise ValueError(f"the server's max_message_bytes ({max_message_bytes}) cannot carry one {row_bytes}-byte hidden state")
+    return rows
 
 
 def tensor_meta(t: torch.Tensor) -> TensorMeta:

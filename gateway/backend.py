@@ -1,10 +1,11 @@
 """The gateway's edge: one `AsyncEdgeClient` shared by every request.
 
-All generations share its single connection to the server runtime and its EdgeWorker,
-which batches their head/tail/LM-head work.  A supervisor task loads the edge model off
-the event loop, then keeps the connection up: a gateway started before its server (or
-whose server restarts) waits and retries instead of exiting, and /health says 503 until
-the edge is loaded and connected.
+All generations share its connections to the server runtimes (one per server; with
+several `--server`s a generation whose server dies goes on on another) and its
+EdgeWorker, which batches their head/tail/LM-head work.  A supervisor task loads the edge
+model off the event loop, then keeps a connection up: a gateway started before its
+servers (or whose server restarts) waits and retries instead of exiting, and /health says
+503 until the edge is loaded and connected.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ RETRY_MAX_SECONDS = 10.0
 
 @dataclass
 class GatewaySettings:
-    server_url: str = f"ws://127.0.0.1:{defaults.SERVER_PORT}"
+    server_url: str | list[str] = f"ws://127.0.0.1:{defaults.SERVER_PORT}"  # several: failover between them
     server_api_key: str | None = None  # the key this edge presents to the server runtime
     model: str = defaults.MODEL
     head: int = defaults.HEAD
@@ -48,6 +49,11 @@ class GatewaySettings:
     server_ca: str | None = None  # PEM verifying a wss:// server (default: the system trust store)
     ssl_certfile: str | None = None  # with ssl_keyfile: serve the API over https
     ssl_keyfile: str | None = None
+
+    @property
+    def servers(self) -> str:
+        """The server runtime(s), for messages."""
+        return self.server_url if isinstance(self.server_url, str) else ", ".join(self.server_url)
 
     @property
     def model_id(self) -> str:
@@ -93,10 +99,10 @@ class Backend:
             try:
                 conn = await self.client.connection()
             except ServerError as e:  # the server refused the handshake (a different model or split)
-                self.problem = f"the server runtime at {s.server_url} refused this edge: {e.message}"
+                self.problem = f"the server runtime at {s.servers} refused this edge: {e.message}"
                 log.error("%s; retrying in %.1fs", self.problem, delay)
             except Exception as e:  # not up (yet): refused, timed out, not a websocket server
-                self.problem = f"waiting for the server runtime at {s.server_url} ({str(e) or type(e).__name__})"
+                self.problem = f"waiting for the server runtime at {s.servers} ({str(e) or type(e).__name__})"
                 log.warning("%s; retrying in %.1fs", self.problem, delay)
             else:
                 bounds = (conn.welcome.noise_min, conn.welcome.noise_max)
@@ -106,10 +112,10 @@ class Backend:
                 if missing:
                     log.error("the server runtime does not serve adapters %s: requests for them will fail", missing)
                 self.metrics.ready.set(1)
-                log.info("edge ready: connected to %s (layers %s on the server, noise %s)", s.server_url, conn.welcome.layers, s.noise)
+                log.info("edge ready: connected to %s (layers %s on the server, noise %s)", conn.url, conn.welcome.layers, s.noise)
                 await conn.ws.wait_closed()
                 self.metrics.ready.set(0)
-                self.problem = f"lost the connection to {s.server_url}; reconnecting"
+                self.problem = f"lost the connection to {conn.url}; reconnecting"
                 log.warning(self.problem)
                 delay = 0.5
             await asyncio.sleep(delay)
@@ -137,7 +143,7 @@ class Backend:
         try:
             conn = await client.connection()
         except Exception as e:
-            raise errors.from_edge(e, self.settings.server_url) from e
+            raise errors.from_edge(e, self.settings.servers) from e
         welcome = conn.welcome
         if not welcome.noise_min <= client.noise <= welcome.noise_max:
             raise errors.APIError(
@@ -171,7 +177,7 @@ class Backend:
                 if item is None:
                     remaining -= 1
                 elif isinstance(item, BaseException):
-                    raise errors.from_edge(item, self.settings.server_url)
+                    raise errors.from_edge(item, self.settings.servers)
                 else:
                     yield i, item
         finally:

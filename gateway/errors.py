@@ -57,7 +57,7 @@ def from_edge(error: BaseException, server_url: str) -> APIError:
     if isinstance(error, BadReply):
         return APIError(502, error.message, "server_error", code=error.code)
     if isinstance(error, ServerError):
-        if error.code == ErrorCode.CAPACITY.value:
+        if error.code in (ErrorCode.CAPACITY.value, ErrorCode.PREEMPTED.value):  # preempted: retries ran out
             return APIError(503, f"the server runtime is at capacity: {error.message}", "server_error", code="capacity")
         if error.code == ErrorCode.LIMIT.value:
             return APIError(429, f"too many generations in flight: {error.message}", "rate_limit_error", code="limit")

@@ -261,6 +261,8 @@ class Engine:
             return self._fail_future(fut, ProtocolError(ErrorCode.UNKNOWN_SESSION, "fork of a session that is not open", key[-1]))
         if parent.work is not None:
             return self._fail_future(fut, ProtocolError(ErrorCode.SESSION_BUSY, "fork of a session whose step has not finished", key[-1]))
+        if parent.preempted:
+            return self._fail_future(fut, _preempted_error(key[-1]))
         if key in self.sessions or any(k == key for k, _, _, _ in self._opens):
             return self._fail_future(fut, ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open", key[-1]))
         twin = self.sessions[key] = Session(key, self.pool.fork(parent.table), parent.model, parent.hasher.copy())

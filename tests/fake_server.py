@@ -96,6 +96,9 @@ class FakeServer:
         if mode == "flood":  # a flood of undecodable frames, then a well-formed reply
             for _ in range(3000):
                 await ws.send(b"\x00\x00\x00\x02{}")
+        if mode == "preempted":  # a server that preempts every step, forever
+            await ws.send(encode(Error(code=ErrorCode.PREEMPTED, message="preempted", sid=request.sid)))
+            return
         if mode == "huge_frame":
             # Only the header of a 600 MiB binary frame: an edge that waits for its payload hangs.
             ws.transport.write(b"\x82\x7f" + struct.pack(">Q", 600 * 2**20))
