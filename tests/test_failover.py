@@ -1,0 +1,130 @@
+"""Failover between server runtimes of the same model and cut (issue 14, item 2): a
+session whose server dies or misbehaves replays its stored states to another and goes on
+with the same text; replays go in Steps under the server's message limit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import orjson
+from fake_server import FakeServer
+
+from edge_runtime import AsyncEdgeClient
+from edge_runtime.servers import ServerList
+from gateway import GatewaySettings, GatewayThread
+from test_prefix_cache import metric
+
+USER = [{"role": "user", "content": "Tell me about the sea."}]
+
+
+def test_server_list_orders_bans_and_backs_off():
+    now = [0.0]
+    servers = ServerList(["a", "b", "c"], ban_s=1.0, max_ban_s=4.0, forget_s=10.0, clock=lambda: now[0])
+    assert servers.order() == ["a", "b", "c"]
+    servers.failed("a")
+    assert servers.order() == ["b", "c", "a"]  # banned: tried last, not never
+    assert servers.order(avoid="b") == ["c", "a"]
+    now[0] = 1.5
+    assert servers.order() == ["a", "b", "c"]  # the 1 s ban is over
+    servers.failed("a")
+    servers.failed("b")
+    now[0] = 2.0
+    assert servers.order() == ["c", "b", "a"]  # a's second failure in a row: 2 s; b's first: 1 s, ends first
+    now[0] = 20.0
+    servers.failed("a")  # 10 s without failures: a starts from the short ban again
+    now[0] = 21.5
+    assert not servers.banned("a")
+
+
+def slow_down(server, after_ticks: int, seconds: float) -> None:
+    """Make `server` take `seconds` per tick after its first `after_ticks` (the stream is
+    still going when it is killed)."""
+    runner = server.runtime.engine.runners[None]
+    real, ticks = runner.run, [0]
+
+    def run(chunks):
+        ticks[0] += 1
+        if ticks[0] > after_ticks:
+            time.sleep(seconds)
+        return real(chunks)
+
+    runner.run = run
+
+
+def test_a_gateway_stream_survives_its_server_dying(start_server, tiny_model_dir):
+    first, second = start_server(tiny_model_dir), start_server(tiny_model_dir)
+    gw = GatewayThread(GatewaySettings(server_url=[first.url, second.url], model=str(tiny_model_dir), port=0, noise=0.0))
+    try:
+        gw.wait_ready()
+        body = {"model": gw.settings.model_id, "messages": USER, "max_tokens": 30, "temperature": 0}
+        expected = httpx.post(f"{gw.url}/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]["content"]
+        assert metric(second, "fedsea_tokens_total") == 0  # the first server in the list served it
+        slow_down(first, after_ticks=3, seconds=0.05)
+        text, events = "", []
+        with httpx.stream("POST", f"{gw.url}/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                events.append(line)
+                if line != "data: [DONE]":
+                    text += orjson.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                if len(events) == 3:
+                    first.stop()  # the server of the stream dies mid-stream
+        assert events[-1] == "data: [DONE]"
+        assert text == expected
+        assert metric(second, "fedsea_tokens_total") > 0  # the rest came from the other server
+        r = httpx.post(f"{gw.url}/chat/completions", json=body, timeout=60)  # and it serves new requests
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected
+    finally:
+        gw.stop()
+
+
+async def test_a_replay_larger_than_the_message_limit_goes_in_chunks(start_server, tiny_model_dir):
+    """A server accepting Steps of 5 hidden states: the prompt and the replay after a
+    dropped connection each go as several Steps, and the output is unchanged."""
+    roomy = start_server(tiny_model_dir)
+    tight = start_server(tiny_model_dir, max_message_bytes=4 + 256 + 5 * 64 * 4)
+    frames = []
+    original = tight.runtime._on_frame
+
+    async def spy(conn, data):
+        frames.append(len(data))
+        return await original(conn, data)
+
+    tight.runtime._on_frame = spy
+    alone = AsyncEdgeClient(roomy.url, model=str(tiny_model_dir), noise=0.0)
+    expected = (await alone.generate(USER, max_tokens=12, temperature=0)).token_ids
+    await alone.aclose()
+    client = AsyncEdgeClient(tight.url, model=str(tiny_model_dir), noise=0.0, edge_cache_memory=0)
+    got = []
+    async for event in client.stream(USER, max_tokens=12, temperature=0):
+        got.append(event.token_id)
+        if len(got) == 8:  # 43 states held, 32 still cached after the drop: the replay is 12
+            await (await client.connection()).ws.close()
+    await client.aclose()
+    assert got == expected
+    assert max(frames) <= tight.runtime.settings.max_message_bytes
+    assert sum(n > 4 * 64 * 4 + 256 for n in frames) >= 7 + 2  # Steps of 5: 7 of the 36-state prompt, 2 of the replay
+    assert 'code="too_large"' not in (await asyncio.to_thread(_metrics_text, tight))
+
+
+def _metrics_text(server) -> str:
+    return httpx.get(f"http://127.0.0.1:{server.port}/metrics").text
+
+
+async def test_a_misbehaving_server_is_banned_and_the_others_serve(start_server, tiny_model_dir):
+    real = start_server(tiny_model_dir)
+    async with FakeServer() as hostile:
+        hostile.mode = "wrong_shape"
+        alone = AsyncEdgeClient(real.url, model=str(tiny_model_dir), noise=0.0)
+        expected = (await alone.generate(USER, max_tokens=6, temperature=0)).token_ids
+        await alone.aclose()
+        client = AsyncEdgeClient([hostile.url, real.url], model=str(tiny_model_dir), noise=0.0)
+        try:
+            assert (await client.generate(USER, max_tokens=6, temperature=0)).token_ids == expected
+            assert client.servers.banned(hostile.url)
+            assert (await client.connection()).url == real.url  # new sessions go to the good one
+        finally:
+            await client.aclose()
