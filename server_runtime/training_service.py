@@ -22,6 +22,12 @@ state are charged at creation, each forward's autograd state until its backward 
 or freed; a request that does not fit is refused.  A job is freed when its last client
 leaves or disconnects.
 
+Checkpoints: a round aggregated with `checkpoint` copies the job's adapters, AdamW moments
+and counters before any client hears back (no step is open then); `train_checkpoint` hands
+the copy to the client, which stores it with its own state and uploads it in the
+`train_join` that recreates the job on a restarted or another server.  The upload is
+checked like any input (`_check_resume`) before it replaces the fresh state.
+
 All model work runs on one worker thread; the bookkeeping below runs on the event loop,
 so it needs no locks.  The base weights are shared with the inference engine (read only);
 each job gets a shallow copy of the shard that carries its adapters.

@@ -153,6 +153,11 @@ def test_a_dead_client_process_stops_the_run_within_seconds(tmp_path, tiny_model
     assert "client1 exited with code -9" in result["error"] and "stopped the other clients" in result["error"]
     assert not (tmp_path / "run" / "report.json").exists()  # client 0 did not carry on alone
     assert result["end"] - killed < 30  # a loose bound: no barrier waited out its timeout
+    # Both clients resume from one checkpoint (client 1 waits for client 0 to bring the
+    # server state to the fresh embedded server), for two more steps.
+    resume = Checkpoints(tmp_path / "run" / "checkpoint").common_step(2)
+    report = run(cfg.model_copy(update={"steps": resume + 2}))
+    assert report["train"]["steps"] == resume + 2
 
 
 async def _until_metric(server, name: str, value: float) -> None:

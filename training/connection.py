@@ -46,7 +46,7 @@ class ServerCheckpoint:
 
 
 class TrainingConnection(ServerConnection):
-    async def join(self, join: TrainJoin, resume: "ServerCheckpoint | None" = None) -> TrainJoined:
+    async def join(self, join: TrainJoin, resume: ServerCheckpoint | None = None) -> TrainJoined:
         """Join a job; `resume`: the server's half of a checkpoint, for a job the server
         does not have (a restarted or another server)."""
         sid = self.new_sid()
@@ -89,7 +89,7 @@ class TrainingConnection(ServerConnection):
         _, flat = await self._request(sid, encode(TrainExport(sid=sid)), TrainState)
         return flat
 
-    async def checkpoint(self) -> "ServerCheckpoint":
+    async def checkpoint(self) -> ServerCheckpoint:
         """The server state kept at the last round aggregated with checkpoint=True."""
         sid = self.new_sid()
         reply, state = await self._request(sid, encode(TrainCheckpoint(sid=sid)), TrainCheckpointState)

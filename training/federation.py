@@ -8,7 +8,7 @@ server's half of each checkpoint and writes the final adapter and report.  Witho
 
 Failures: a client process that dies stops the run at once (the others are terminated,
 so nobody waits at a barrier for it) and a rerun resumes every client from the latest
-checkpoint they all have intact, exactly; the server then skips nothing.  When the
+checkpoint they all have intact, exactly (the server's half included).  When the
 server is lost mid-job, each client reloads its last checkpoint and rejoins on the next
 of the `server` list (client 0 uploading the server's state), and gives up only after
 every server failed once without a checkpoint in between.
@@ -96,7 +96,7 @@ class FinetuneConfig(BaseModel):
 
     @property
     def job(self) -> str:
-        """Stable across reruns of the same --out, so a live server's job is rejoined."""
+        """Stable across reruns of the same --out (and across servers, for failover)."""
         path = str(Path(self.out).resolve())
         return f"{Path(self.out).name[:40] or 'run'}-{hashlib.sha1(path.encode()).hexdigest()[:8]}".replace(" ", "_")
 
