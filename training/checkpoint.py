@@ -107,8 +107,9 @@ class Checkpoints:
     def save(self, client: int, step: int, state: dict, server: ServerCheckpoint | None) -> None:
         folder = self.root / f"client{client}"
         folder.mkdir(parents=True, exist_ok=True)
+        for leftover in folder.glob(".step*.tmp"):  # of a write that crashed (one writer per folder)
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp = folder / f".step{step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         torch.save(state, tmp / "state.pt")
         if server is not None:
@@ -121,8 +122,9 @@ class Checkpoints:
         final = folder / f"step{step}"
         shutil.rmtree(final, ignore_errors=True)  # a rerun that fell back writes this step again
         os.replace(tmp, final)
-        for old in sorted(self._dirs(client))[:-KEEP]:
-            shutil.rmtree(self._dirs(client)[old], ignore_errors=True)
+        dirs = self._dirs(client)
+        for old in sorted(dirs)[:-KEEP]:
+            shutil.rmtree(dirs[old], ignore_errors=True)
 
     def load(self, client: int, step: int) -> tuple[dict, ServerCheckpoint | None]:
         path = self._dirs(client)[step]
