@@ -211,10 +211,22 @@ class OptimSpec(_Message):
 TrainMode = Literal["sequential", "batched", "hierarchical"]
 
 
+class AdapterState(_Message):
+    """Counters of one server adapter's optimizer in a TrainCheckpointState or a resuming
+    TrainJoin; its tensors are that message's tensor[i] for the i-th adapter."""
+
+    name: Annotated[str, Field(max_length=64)]
+    steps: Annotated[int, Field(ge=0)]  # optimizer steps taken (sets the LR schedule)
+    micro: Annotated[int, Field(ge=0)]  # micro-batches counted toward gradient accumulation
+
+
 class TrainJoin(_Message):
     """Join training job `job` as client `client` (creating the job if it is new).  All
-    clients of a job must send the same mode/lora/optim/seed.  Tensor (optional, float32,
-    flat): the server adapter to start from when the job is new (resume from checkpoint)."""
+    clients of a job must send the same mode/lora/optim/seed.  `round` > 0: the client
+    resumes a checkpoint taken at that FedAvg round.  A job created by a resuming join
+    needs the server's half of the checkpoint: `resume` (one entry per server adapter)
+    with tensor [adapters, 3, values] float32 (adapter, AdamW exp_avg, exp_avg_sq, each flat
+    in the adapter's sorted parameter order), as a TrainCheckpointState carried them."""
 
     type: Literal["train_join"] = "train_join"
     sid: int
@@ -225,6 +237,8 @@ class TrainJoin(_Message):
     lora: LoraSpec = LoraSpec()
     optim: OptimSpec = OptimSpec()
     seed: int = 0
+    round: Annotated[int, Field(ge=0)] = 0
+    resume: list[AdapterState] | None = None
     tensor: TensorMeta | None = None
 
 
@@ -285,6 +299,7 @@ class TrainAggregate(_Message):
     sid: int
     round: Annotated[int, Field(ge=0)]
     samples: Annotated[int, Field(ge=1)]
+    checkpoint: bool = False  # keep the server's state as of this round for a train_checkpoint
     tensor: TensorMeta
 
 
@@ -315,6 +330,25 @@ class TrainState(_Message):
     tensor: TensorMeta
 
 
+class TrainCheckpoint(_Message):
+    """Ask for the server's half of a checkpoint: its state as of the last round that a
+    TrainAggregate with `checkpoint` finished."""
+
+    type: Literal["train_checkpoint"] = "train_checkpoint"
+    sid: int
+
+
+class TrainCheckpointState(_Message):
+    """The job's server adapters with their optimizer state at `round` (the layout of
+    TrainJoin's `resume`).  Tensor: [adapters, 3, values] float32."""
+
+    type: Literal["train_checkpoint_state"] = "train_checkpoint_state"
+    sid: int
+    round: int
+    adapters: list[AdapterState]
+    tensor: TensorMeta
+
+
 class TrainLeave(_Message):
     """This client is done: batched rounds and FedAvg stop waiting for it."""
 
@@ -327,14 +361,15 @@ class TrainLeft(_Message):
     sid: int
 
 
-TRAINING_REQUESTS = (TrainJoin, TrainForward, TrainBackward, TrainAggregate, TrainExport, TrainLeave)
+TRAINING_REQUESTS = (TrainJoin, TrainForward, TrainBackward, TrainAggregate, TrainExport, TrainCheckpoint, TrainLeave)
 
 
 Message = Annotated[
     Union[
         Hello, Open, Fork, Step, Close, Welcome, Opened, Output, Closed, Error,
         TrainJoin, TrainJoined, TrainForward, TrainOutput, TrainBackward, TrainGrad,
-        TrainAggregate, TrainAggregated, TrainExport, TrainState, TrainLeave, TrainLeft,
+        TrainAggregate, TrainAggregated, TrainExport, TrainState, TrainCheckpoint, TrainCheckpointState,
+        TrainLeave, TrainLeft,
     ],
     Field(discriminator="type"),
 ]

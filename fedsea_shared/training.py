@@ -137,6 +137,39 @@ class AdapterOptimizer:
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "micro": self.micro}
 
+    # The wire form of the whole state (the server's half of a checkpoint): two counters
+    # and one [3, values] float32 tensor of the flat adapter and AdamW's two moments.  The
+    # learning rate is a function of the step count, so the counters restore the schedule.
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken (the schedule's position)."""
+        return self.scheduler.last_epoch
+
+    @torch.no_grad()
+    def export_state(self) -> torch.Tensor:
+        moments = [[self.optimizer.state.get(p, {}).get(k) for p in self.params.values()] for k in ("exp_avg", "exp_avg_sq")]
+        rows = [flatten(self.params)] + [
+            torch.cat([(m if m is not None else torch.zeros_like(p)).reshape(-1).float() for m, p in zip(ms, self.params.values())])
+            for ms in moments
+        ]
+        return torch.stack(rows)
+
+    @torch.no_grad()
+    def restore_state(self, steps: int, micro: int, state: torch.Tensor) -> None:
+        """Inverse of (steps, micro, export_state()); the caller has checked the shape."""
+        load_flat(self.params, state[0])
+        sizes = [p.numel() for p in self.params.values()]
+        for p, avg, sq in zip(self.params.values(), state[1].split(sizes), state[2].split(sizes)):
+            self.optimizer.state[p] = {"step": torch.tensor(float(steps)), "exp_avg": avg.view_as(p).to(p).clone(),
+                                       "exp_avg_sq": sq.view_as(p).to(p).clone()}
+        # What LambdaLR computes after `steps` scheduler steps.
+        lrs = [base * fn(steps) for fn, base in zip(self.scheduler.lr_lambdas, self.scheduler.base_lrs)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler.load_state_dict({**self.scheduler.state_dict(), "last_epoch": steps, "_step_count": steps + 1, "_last_lr": lrs})
+        self.micro = micro
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

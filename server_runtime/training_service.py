@@ -22,6 +22,12 @@ state are charged at creation, each forward's autograd state until its backward 
 or freed; a request that does not fit is refused.  A job is freed when its last client
 leaves or disconnects.
 
+Checkpoints: a round aggregated with `checkpoint` copies the job's adapters, AdamW moments
+and counters before any client hears back (no step is open then); `train_checkpoint` hands
+the copy to the client, which stores it with its own state and uploads it in the
+`train_join` that recreates the job on a restarted or another server.  The upload is
+checked like any input (`_check_resume`) before it replaces the fresh state.
+
 All model work runs on one worker thread; the bookkeeping below runs on the event loop,
 so it needs no locks.  The base weights are shared with the inference engine (read only);
 each job gets a shallow copy of the shard that carries its adapters.
@@ -38,11 +44,14 @@ from typing import Any
 import torch
 
 from fedsea_shared.protocol import (
+    AdapterState,
     ErrorCode,
     ProtocolError,
     TrainAggregate,
     TrainAggregated,
     TrainBackward,
+    TrainCheckpoint,
+    TrainCheckpointState,
     TrainExport,
     TrainForward,
     TrainGrad,
@@ -129,6 +138,16 @@ class _Group:
 class _Round:
     contributions: dict[int, tuple[int, torch.Tensor, asyncio.Future]] = field(default_factory=dict)
     timer: asyncio.TimerHandle | None = None
+    checkpoint: bool = False  # a client asked to keep the server state as of this round
+
+
+@dataclass(eq=False)
+class _Checkpoint:
+    """The job's server state as of the end of a round, kept for train_checkpoint."""
+
+    round: int
+    adapters: list[AdapterState]
+    state: torch.Tensor  # [adapters, 3, values]
 
 
 class _Job:
@@ -156,6 +175,10 @@ class _Job:
         self.due: set[str] = set()
         self.absent: set[int] = set()  # clients that left or vanished: rounds stop waiting for them
         self.all_joined = asyncio.Event()  # the start barrier: every expected client is in
+        # Rounds are numbered by the clients; a client may join only before the job has
+        # finished the round it starts at (else it would wait for a round that is over).
+        self.rounds_done = -1
+        self.checkpoint: _Checkpoint | None = None
 
     def expected(self) -> set[int]:
         """Clients a FedAvg round waits for: all of the job's, until they leave or vanish."""
@@ -164,7 +187,7 @@ class _Job:
 
 def _settings_of(msg: TrainJoin) -> TrainJoin:
     """The part of a join that all clients of a job must agree on."""
-    return msg.model_copy(update={"sid": 0, "client": 0, "tensor": None})
+    return msg.model_copy(update={"sid": 0, "client": 0, "round": 0, "resume": None, "tensor": None})
 
 
 class TrainingService:
@@ -223,6 +246,11 @@ class TrainingService:
         if isinstance(msg, TrainExport):
             flat = await self._run(self._export, member.job)
             return TrainState(sid=msg.sid, tensor=tensor_meta(flat)), flat
+        if isinstance(msg, TrainCheckpoint):
+            ckpt = member.job.checkpoint
+            if ckpt is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_STEP, "no checkpoint kept yet: send a train_aggregate with checkpoint=true first", msg.sid)
+            return TrainCheckpointState(sid=msg.sid, round=ckpt.round, adapters=ckpt.adapters, tensor=tensor_meta(ckpt.state)), ckpt.state
         if isinstance(msg, TrainLeave):
             self._remove(conn, left=True)
             return TrainLeft(sid=msg.sid), None
@@ -246,7 +274,8 @@ class TrainingService:
         self.memory_used -= nbytes
 
     def _job_bytes(self, msg: TrainJoin) -> int:
-        """Adapters of a new job with their gradients and AdamW moments (float32)."""
+        """Adapters of a new job with their gradients and AdamW moments, and the copy of
+        adapters and moments a checkpoint keeps (float32)."""
         c = self.base.config
         hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         h, q, kv, ff = c.hidden_size, c.num_attention_heads * hd, c.num_key_value_heads * hd, c.intermediate_size
@@ -254,7 +283,7 @@ class TrainingService:
                 "gate_proj": h + ff, "up_proj": h + ff, "down_proj": ff + h}
         per_layer = sum(msg.lora.rank * dims.get(t, h + ff) for t in msg.lora.targets)
         adapters = msg.clients if msg.mode == "hierarchical" else 1
-        return 4 * 4 * per_layer * len(self.partition.server_layers) * adapters
+        return 7 * 4 * per_layer * len(self.partition.server_layers) * adapters
 
     def _forward_bytes(self, lengths: list[int]) -> int:
         """Autograd state a forward keeps until its backward: per token and layer the
@@ -274,12 +303,15 @@ class TrainingService:
             raise ProtocolError(ErrorCode.JOB_MISMATCH, f"this connection already joined job {self.members[conn].job.name!r}", msg.sid)
         if msg.client >= msg.clients:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"client id {msg.client} is not below clients={msg.clients}", msg.sid)
-        if tensor is not None:
-            self._check_finite(msg, tensor)
+        if (tensor is None) != (msg.resume is None):
+            raise ProtocolError(ErrorCode.BAD_FRAME, "a join carries a tensor exactly when it carries `resume` (the server state it describes)", msg.sid)
         key = (tenant, msg.job)
         job = self.jobs.get(key)  # only this tenant's jobs: another key's job of that name is invisible
         resumed = job is not None
         if job is None:
+            if msg.round > 0 and msg.resume is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"job {msg.job!r} resumes round {msg.round} but is not on this server: "
+                                    "the client holding the server state must join first (retry)", msg.sid)
             nbytes = self._job_bytes(msg)
             self._charge(nbytes, f"job {msg.job!r}", msg.sid)
             try:
@@ -288,11 +320,15 @@ class TrainingService:
                 self._release(nbytes)
                 raise
             job = self.jobs[key] = _Job(key, msg.job, _settings_of(msg), shard, optimizers, nbytes)
+            job.rounds_done = msg.round - 1
             if msg.mode == "hierarchical":
                 self._route_rows(job)
             resumed = tensor is not None
         elif _settings_of(msg) != job.spec:
-            raise ProtocolError(ErrorCode.JOB_MISMATCH, f"job {msg.job!r} runs with different settings: {job.spec.model_dump(exclude={'sid', 'client', 'tensor'})}", msg.sid)
+            raise ProtocolError(ErrorCode.JOB_MISMATCH, f"job {msg.job!r} runs with different settings: {job.spec.model_dump(exclude={'sid', 'client', 'round', 'resume', 'tensor'})}", msg.sid)
+        elif msg.round <= job.rounds_done:
+            raise ProtocolError(ErrorCode.JOB_MISMATCH, f"job {msg.job!r} has finished round {job.rounds_done}; this client starts at round "
+                                f"{msg.round} (its other clients are still on it: stop them, then resume all from one checkpoint)", msg.sid)
         if msg.client in job.members:
             raise ProtocolError(ErrorCode.JOB_MISMATCH, f"client {msg.client} of job {msg.job!r} is already connected", msg.sid)
         member = _Member(conn, msg.client, job)
@@ -306,7 +342,7 @@ class TrainingService:
         log.info("client %d joined training job %r (%s, %d/%d clients)", msg.client, msg.job, msg.mode, len(job.members), msg.clients)
         return TrainJoined(sid=msg.sid, job=msg.job, params=params, resumed=resumed), job
 
-    def _create_adapters(self, msg: TrainJoin, resume: torch.Tensor | None) -> tuple[ModelShard, dict[str, AdapterOptimizer]]:
+    def _create_adapters(self, msg: TrainJoin, state: torch.Tensor | None) -> tuple[ModelShard, dict[str, AdapterOptimizer]]:
         with torch.device("meta"):
             shard = ModelShard(self.base.config, list(self.partition.server_layers), with_edge_parts=False)
         # The job's shard holds the same base tensors as the inference shard: no copy.
@@ -320,13 +356,30 @@ class TrainingService:
         for name in names:
             inject_lora(shard, msg.lora, layers, name, seed=msg.seed + 1)  # same init for all clients
         shard.to(self.device)
-        optimizers = {}
-        for name in names:
-            params = lora_parameters(shard, name)
-            if resume is not None:
-                load_flat(params, resume)
-            optimizers[name] = AdapterOptimizer(params, msg.optim, total)
+        optimizers = {name: AdapterOptimizer(lora_parameters(shard, name), msg.optim, total) for name in names}
+        if state is not None:
+            self._check_resume(msg, state, optimizers, total)
+            for entry, rows in zip(msg.resume, state):
+                optimizers[entry.name].restore_state(entry.steps, entry.micro, rows)
         return shard, optimizers
+
+    def _check_resume(self, msg: TrainJoin, state: torch.Tensor, optimizers: dict[str, AdapterOptimizer], total: int) -> None:
+        """An uploaded server state is hostile input: exactly this job's adapters, shapes
+        and dtype, finite, second moments >= 0, counters within the schedule."""
+        names = [entry.name for entry in msg.resume]
+        if names != list(optimizers):
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"resume names adapters {names}; this job has {list(optimizers)}", msg.sid)
+        params = list(next(iter(optimizers.values())).params.values())
+        expected = [len(names), 3, sum(p.numel() for p in params)]
+        if state.dtype != torch.float32 or list(state.shape) != expected:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"resume state must be float32{expected}, got {str(state.dtype).removeprefix('torch.')}{list(state.shape)}", msg.sid)
+        self._check_finite(msg, state.to(params[0].dtype))
+        if (state[:, 2] < 0).any():
+            raise ProtocolError(ErrorCode.BAD_TENSOR, "resume state has negative second moments", msg.sid)
+        for entry in msg.resume:
+            if entry.steps > total or entry.micro > total * msg.optim.grad_accum:
+                raise ProtocolError(ErrorCode.BAD_FRAME, f"adapter {entry.name!r} resumes at step {entry.steps} (micro-batch {entry.micro}) "
+                                    f"of a {total}-step schedule", msg.sid)
 
     @staticmethod
     def _route_rows(job: _Job) -> None:
@@ -571,6 +624,8 @@ class TrainingService:
             raise ProtocolError(ErrorCode.BAD_TENSOR, f"an adapter vector is 1-D, got shape {list(tensor.shape)}", msg.sid)
         if not torch.isfinite(tensor).all():
             raise ProtocolError(ErrorCode.NON_FINITE, "adapter vector contains NaN or Inf", msg.sid)
+        if msg.round <= job.rounds_done:
+            raise ProtocolError(ErrorCode.JOB_MISMATCH, f"round {msg.round} of job {job.name!r} is over (it is at round {job.rounds_done})", msg.sid)
         rnd = job.rounds.setdefault(msg.round, _Round())
         for _, other, _ in rnd.contributions.values():
             if other.shape != tensor.shape:
@@ -580,6 +635,7 @@ class TrainingService:
         reply = asyncio.get_running_loop().create_future()
         # Weighed by the samples the server trained for this client, not msg.samples.
         rnd.contributions[member.client] = (member.samples, tensor.float(), reply)
+        rnd.checkpoint |= msg.checkpoint
         member.samples = 0
         if rnd.timer is None:
             rnd.timer = asyncio.get_running_loop().call_later(
@@ -598,18 +654,22 @@ class TrainingService:
             return
         if rnd.timer is not None:
             rnd.timer.cancel()
+        job.rounds_done = max(job.rounds_done, number)
         live = {c: v for c, v in rnd.contributions.items() if not v[2].done()}
         if not live:
             return
-        asyncio.get_running_loop().create_task(self._average(job, live))
+        asyncio.get_running_loop().create_task(self._average(job, number, rnd.checkpoint, live))
 
-    async def _average(self, job: _Job, live: dict[int, tuple[int, torch.Tensor, asyncio.Future]]) -> None:
+    async def _average(self, job: _Job, number: int, checkpoint: bool,
+                       live: dict[int, tuple[int, torch.Tensor, asyncio.Future]]) -> None:
         total = sum(n for n, _, _ in live.values())
         # No client trained since the last round (the start line): an equal average.
         weights = {c: n / total if total else 1 / len(live) for c, (n, _, _) in live.items()}
         avg = sum(weights[c] * vec for c, (_, vec, _) in live.items())
         if job.spec.mode == "hierarchical":
             await self._run(self._average_server_adapters, job, weights)
+        if checkpoint:  # before any reply: the clients are all waiting, no step is open
+            job.checkpoint = await self._run(self._take_checkpoint, job, number)
         for _, _, reply in live.values():
             if not reply.done():
                 reply.set_result((avg, len(live)))
@@ -620,6 +680,11 @@ class TrainingService:
         avg = sum(weights[c] * flats[c] for c in weights)
         for name in job.optimizers:
             load_flat(lora_parameters(job.shard, name), avg)
+
+    @staticmethod
+    def _take_checkpoint(job: _Job, number: int) -> _Checkpoint:
+        adapters = [AdapterState(name=name, steps=opt.steps, micro=opt.micro) for name, opt in job.optimizers.items()]
+        return _Checkpoint(number, adapters, torch.stack([opt.export_state() for opt in job.optimizers.values()]).cpu())
 
     def _export(self, job: _Job) -> torch.Tensor:
         flats = [flatten(lora_parameters(job.shard, name)) for name in job.optimizers]

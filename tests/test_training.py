@@ -300,23 +300,3 @@ def test_two_client_processes_train_and_save_a_peft_adapter(tmp_path, tiny_model
     assert len(loaded) == len(tensors)
     ckpt = Checkpoints(tmp_path / "run" / "checkpoint")
     assert ckpt.common_step(2) == 4
-
-
-def test_resume_after_a_crash_and_a_server_restart(tmp_path, tiny_model_dir, start_server, caplog):
-    first = start_server(tiny_model_dir, enable_training=True)
-    cfg = _config(tmp_path, tiny_model_dir, server=first.url, steps=4)
-    run(cfg)
-    ckpt = Checkpoints(tmp_path / "run" / "checkpoint")
-    # A crash while writing step 4: the files of step 2 are still complete.
-    (tmp_path / "run" / "checkpoint" / "client0-step4.pt").unlink()
-    assert ckpt.common_step(1) == 2
-    _, server_at_2 = ckpt.load(0, 2)
-    first.stop()
-    second = start_server(tiny_model_dir, enable_training=True)  # a fresh server: it has no job state at all
-    with caplog.at_level(logging.INFO):
-        report = run(cfg.model_copy(update={"server": second.url, "steps": 6}))
-    assert "resuming all 1 clients from the checkpoint of step 2" in caplog.text
-    assert report["train"]["steps"] == 6 and ckpt.common_step(1) == 6
-    assert not torch.equal(ckpt.load(0, 6)[1], server_at_2)
-    with pytest.raises(ValueError, match="other settings"):
-        run(cfg.model_copy(update={"server": second.url, "mode": "batched"}))

@@ -9,10 +9,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
-from fedsea_shared.protocol import Hello, LoraSpec, OptimSpec, TrainJoin
+from fedsea_shared.protocol import AdapterState, Hello, LoraSpec, OptimSpec, TrainJoin
 from fedsea_shared.shard import Partition, load_config
 from fedsea_shared.training import flatten, load_flat
-from training.connection import TrainingConnection
+from training.connection import ServerCheckpoint, TrainingConnection
 from training.data import Example, padded
 from training.edge import EdgeTrainer
 
@@ -55,7 +55,8 @@ async def test_split_gradients_match_centralized_peft(tiny_model_dir, start_serv
         await conn.close()
         conn = await TrainingConnection.connect(server.url, _hello(config, partition))
         server_flat = torch.randn(server_size, generator=torch.Generator().manual_seed(2)) * 0.1
-        joined = await conn.join(_join(), resume=server_flat)
+        state = torch.stack([server_flat, torch.zeros_like(server_flat), torch.zeros_like(server_flat)])[None]
+        joined = await conn.join(_join(), resume=ServerCheckpoint(0, [AdapterState(name="shared", steps=0, micro=0)], state))
         assert joined.resumed
         batch = _batch(3)
         loss, stepped = await trainer.train_step(conn, batch)

@@ -34,8 +34,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--send-grad-noise", type=float, default=0.0, help="Gaussian noise on that gradient, std relative to the clip bound")
     p.add_argument("--clients", type=int, default=1, help="client processes, each with its own data shard")
     p.add_argument("--mode", choices=["sequential", "batched", "hierarchical"], default="sequential")
-    p.add_argument("--server", help="ws:// or wss://host:port of a running `fedsea server --enable-training` "
-                                    "(default: an embedded one); its API key is read from $FEDSEA_SERVER_API_KEY")
+    p.add_argument("--server", action="append",
+                   help="ws:// or wss://host:port of a running `fedsea server --enable-training` (default: an embedded "
+                        "one); its API key is read from $FEDSEA_SERVER_API_KEY.  Repeat it to name servers of the same "
+                        "model and cut to fail over to: when one is lost, the job resumes from its last checkpoint on the next")
     p.add_argument("--server-ca", metavar="FILE", help="PEM file verifying a wss:// server: a private CA or the server's "
                                                        "self-signed certificate (default: the system trust store)")
     g = p.add_argument_group("budget")

@@ -156,6 +156,15 @@ class EdgeTrainer:
             result["accuracy"] = correct / counted
         return result
 
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The random state a resumed run must continue from: the noise/gradient-noise
+        generator and torch's global one (LoRA dropout)."""
+        return {"noise": self._noise_gen.get_state(), "torch": torch.get_rng_state()}
+
+    def load_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._noise_gen.set_state(state["noise"])
+        torch.set_rng_state(state["torch"])
+
     def adapter_vector(self) -> torch.Tensor:
         return flatten(self.params)
 

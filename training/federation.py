@@ -2,9 +2,16 @@
 
 Each client owns a disjoint shard of the data, its own edge (head + tail LoRA) and one
 connection.  Every `fedavg_every` steps the clients average their edge adapters through
-the server's aggregation endpoint (and checkpoint); client 0 also validates, exports the
-server adapter and writes the final adapter and report.  Without `server`, the run
-starts an embedded server runtime in this process.
+the server's aggregation endpoint and checkpoint; client 0 also validates, fetches the
+server's half of each checkpoint and writes the final adapter and report.  Without
+`server`, the run starts an embedded server runtime in this process.
+
+Failures: a client process that dies stops the run at once (the others are terminated,
+so nobody waits at a barrier for it) and a rerun resumes every client from the latest
+checkpoint they all have intact, exactly (the server's half included).  When the
+server is lost mid-job, each client reloads its last checkpoint and rejoins on the next
+of the `server` list (client 0 uploading the server's state), and gives up only after
+every server failed once without a checkpoint in between.
 """
 
 from __future__ import annotations
@@ -20,24 +27,28 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from edge_runtime.connection import ServerError
+from edge_runtime.connection import ConnectionLost, ServerError
 from fedsea_shared import defaults
 from fedsea_shared.models import resolve_model
 from fedsea_shared.protocol import Hello, LoraSpec, OptimSpec, TrainJoin, TrainMode
 from fedsea_shared.shard import Partition, load_config
 
 from .checkpoint import Checkpoints, save_adapter, server_adapter_names
-from .connection import TrainingConnection
+from .connection import ServerCheckpoint, TrainingConnection
 from .data import Dataset, DataError, Example, build_dataset, shard
 from .edge import EdgeTrainer
 
 log = logging.getLogger("fedsea.finetune")
+
+WATCH_INTERVAL = 0.2  # seconds between checks that every client process is alive
+JOIN_WAIT = 60.0  # seconds a resuming client waits for client 0 to bring the job's server state
 
 
 class FinetuneConfig(BaseModel):
@@ -67,10 +78,15 @@ class FinetuneConfig(BaseModel):
     max_train: int | None = Field(None, ge=1)
     max_valid: int | None = Field(None, ge=1)
     seed: int = 0
-    server: str | None = None  # ws:// or wss://host:port; None: embedded server runtime
+    server: list[str] | None = None  # ws:// or wss://host:port, in failover order; None: embedded server runtime
     server_ca: str | None = None  # PEM verifying a wss:// server (default: the system trust store)
     server_api_key: str | None = Field(None, repr=False)  # the key presented to the server runtime
     progress: bool = True
+
+    @field_validator("server", mode="before")
+    @classmethod
+    def _one_server(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value or None
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":
@@ -80,7 +96,7 @@ class FinetuneConfig(BaseModel):
 
     @property
     def job(self) -> str:
-        """Stable across reruns of the same --out, so a live server's job is rejoined."""
+        """Stable across reruns of the same --out (and across servers, for failover)."""
         path = str(Path(self.out).resolve())
         return f"{Path(self.out).name[:40] or 'run'}-{hashlib.sha1(path.encode()).hexdigest()[:8]}".replace(" ", "_")
 
@@ -92,11 +108,11 @@ class FinetuneConfig(BaseModel):
 class ClientRun:
     """One client's training loop."""
 
-    def __init__(self, cfg: FinetuneConfig, client: int, url: str, resume_step: int):
+    def __init__(self, cfg: FinetuneConfig, client: int, servers: list[str], resume_step: int):
         self.cfg = cfg
         self.client = client
-        self.url = url
-        self.resume_step = resume_step
+        self.servers = servers
+        self.saved_step = resume_step  # of the latest checkpoint this client wrote or resumed
         model_dir = resolve_model(cfg.model)
         self.config = load_config(model_dir)
         self.partition = Partition(self.config.num_hidden_layers, cfg.head, cfg.tail)
@@ -111,10 +127,15 @@ class ClientRun:
         self.steps_per_epoch = max(1, len(self.dataset.train) // cfg.clients // cfg.batch_size)
         self.total_steps = cfg.steps or math.ceil(cfg.epochs * self.steps_per_epoch)
         self.optim = cfg.optim.model_copy(update={"total_steps": max(1, math.ceil(self.total_steps / cfg.optim.grad_accum))})
-        self.trainer = EdgeTrainer(model_dir, self.partition, cfg.lora, self.optim, cfg.noise, seed=cfg.seed,
-                                   send_grad_clip=cfg.send_grad_clip, send_grad_noise=cfg.send_grad_noise)
+        self.model_dir = model_dir
+        self.trainer = self._new_trainer()
         self.checkpoints = Checkpoints(Path(cfg.out) / "checkpoint")
         self.label_tokens = self._label_tokens()
+
+    def _new_trainer(self) -> EdgeTrainer:
+        cfg = self.cfg
+        return EdgeTrainer(self.model_dir, self.partition, cfg.lora, self.optim, cfg.noise, seed=cfg.seed,
+                           send_grad_clip=cfg.send_grad_clip, send_grad_noise=cfg.send_grad_noise)
 
     def _label_tokens(self) -> dict[str, int] | None:
         if not self.dataset.labels:
@@ -142,23 +163,61 @@ class ClientRun:
     async def evaluate(self, conn: TrainingConnection) -> dict[str, float]:
         return await self.trainer.evaluate(conn, self.dataset.valid, self.label_tokens, self.cfg.eval_batch_size)
 
+    def _restore(self) -> tuple[dict | None, ServerCheckpoint | None]:
+        """Back to this client's latest checkpoint (or to the start): (its state, the server's half)."""
+        if not self.saved_step:
+            self.trainer = self._new_trainer()
+            return None, None
+        state, server = self.checkpoints.load(self.client, self.saved_step)
+        self.trainer.load_adapter_vector(state["edge"])
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        self.trainer.load_rng_state(state["rng"])
+        return state, server
+
     async def run(self) -> dict | None:
+        """Train to the end, failing over to the next server when one is lost."""
+        state, server_state = self._restore() if self.saved_step else (None, None)
+        index, failures = 0, 0
+        while True:
+            url = self.servers[index % len(self.servers)]
+            before = self.saved_step
+            try:
+                return await self._run_on(url, state, server_state)
+            except ConnectionLost as e:
+                failures = 1 if self.saved_step > before else failures + 1
+                if failures >= len(self.servers):
+                    raise ConnectionLost(f"{e.message} ({url}); no other server left to fail over to") from None
+                index += 1
+                log.warning("client %d: lost server %s (%s); resuming from the checkpoint of step %d on %s",
+                            self.client, url, e.message, self.saved_step, self.servers[index % len(self.servers)])
+                state, server_state = self._restore()
+
+    async def _connect(self, url: str) -> TrainingConnection:
+        try:
+            return await TrainingConnection.connect(url, self.hello(), self.cfg.server_api_key, server_ca=self.cfg.server_ca)
+        except (OSError, TimeoutError) as e:
+            raise ConnectionLost(f"cannot reach the server runtime at {url} ({e})") from None
+
+    async def _join(self, conn: TrainingConnection, rnd: int, server_state: ServerCheckpoint | None) -> None:
         cfg = self.cfg
-        step, rnd, server_resume, state = 0, 0, None, None
-        if self.resume_step:
-            state, server_resume = self.checkpoints.load(self.client, self.resume_step)
-            step, rnd = state["step"], state["round"]
-            self.trainer.load_adapter_vector(state["edge"])
-            self.trainer.optimizer.load_state_dict(state["optimizer"])
+        join = TrainJoin(sid=0, job=cfg.job, client=self.client, clients=cfg.clients, mode=cfg.mode,
+                         lora=cfg.lora, optim=self.optim, seed=cfg.seed, round=rnd)
+        deadline = time.monotonic() + JOIN_WAIT
+        while True:
+            try:
+                await conn.join(join, resume=server_state)
+                return
+            except ServerError as e:
+                # A resumed job is created by the client holding the server's state (client 0).
+                if e.code != "unknown_job" or server_state is not None or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def _run_on(self, url: str, state: dict | None, server_state: ServerCheckpoint | None) -> dict | None:
+        step, rnd = (state["step"], state["round"]) if state else (0, 0)
+        conn = await self._connect(url)
         try:
-            conn = await TrainingConnection.connect(self.url, self.hello(), self.cfg.server_api_key,
-                                                    server_ca=self.cfg.server_ca)
-        except OSError as e:
-            raise ServerError("connection_lost", f"cannot reach the server runtime at {self.url} ({e})") from None
-        try:
-            join = TrainJoin(sid=0, job=cfg.job, client=self.client, clients=cfg.clients, mode=cfg.mode,
-                             lora=cfg.lora, optim=self.optim, seed=cfg.seed)
-            await conn.join(join, resume=server_resume)
+            await self._join(conn, rnd, server_state)
             report = None
             if self.client == 0:
                 report = state["report"] if state else {"before": await self.evaluate(conn)}
@@ -193,12 +252,14 @@ class ClientRun:
             bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{samples / elapsed:.2f}", tok_s=f"{tokens / elapsed:.0f}")
             bar.update()
             if step % cfg.fedavg_every == 0 or step == self.total_steps:
-                avg, _ = await conn.aggregate(rnd, since, self.trainer.adapter_vector())
+                avg, _ = await conn.aggregate(rnd, since, self.trainer.adapter_vector(), checkpoint=self.client == 0)
                 self.trainer.load_adapter_vector(avg)
                 rnd, since = rnd + 1, 0
-                server = await conn.export() if self.client == 0 else None
-                state = {"step": step, "round": rnd, "edge": avg, "optimizer": self.trainer.optimizer.state_dict(), "report": report}
+                server = await conn.checkpoint() if self.client == 0 else None
+                state = {"step": step, "round": rnd, "edge": avg, "optimizer": self.trainer.optimizer.state_dict(),
+                         "rng": self.trainer.rng_state(), "report": report}
                 self.checkpoints.save(self.client, step, state, server)
+                self.saved_step = step
             if report is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
                 result = await self.evaluate(conn)
                 report.setdefault("during", []).append({"step": step, **result})
@@ -219,12 +280,12 @@ def _fmt(result: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in result.items())
 
 
-def _client_main(cfg_json: str, client: int, url: str, resume_step: int, threads: int) -> None:
+def _client_main(cfg_json: str, client: int, servers: list[str], resume_step: int, threads: int) -> None:
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s client {client} %(levelname)s %(name)s: %(message)s")
     cfg = FinetuneConfig.model_validate_json(cfg_json)
     try:
-        report = asyncio.run(ClientRun(cfg, client, url, resume_step).run())
+        report = asyncio.run(ClientRun(cfg, client, servers, resume_step).run())
     except (ServerError, DataError, OSError) as e:
         sys.exit(f"client {client}: {e}")
     if report is not None:
@@ -253,17 +314,17 @@ def run(cfg: FinetuneConfig) -> dict:
 
         server = ServerThread(ServerSettings(model=cfg.model, head=cfg.head, tail=cfg.tail, port=0, kv_cache_memory="64MiB",
                                             enable_training=True))
-    url = cfg.server or server.url
+    servers = cfg.server or [server.url]
     started = time.perf_counter()
     try:
         if cfg.clients == 1:
             try:
-                report = asyncio.run(ClientRun(cfg, 0, url, resume_step).run())
+                report = asyncio.run(ClientRun(cfg, 0, servers, resume_step).run())
             except ServerError as e:
                 raise RuntimeError(f"client 0: {e}; {_resume_hint(cfg)}") from None
             _write_report(cfg, report)
         else:
-            _run_processes(cfg, url, resume_step)
+            _run_processes(cfg, servers, resume_step)
     finally:
         if server is not None:
             server.stop()
@@ -273,15 +334,28 @@ def run(cfg: FinetuneConfig) -> dict:
     return report
 
 
-def _run_processes(cfg: FinetuneConfig, url: str, resume_step: int) -> None:
+def _run_processes(cfg: FinetuneConfig, servers: list[str], resume_step: int) -> None:
     ctx = mp.get_context("spawn")  # a clean interpreter per client: no shared torch state
     threads = max(1, (os.cpu_count() or 1) // cfg.clients)
-    procs = [ctx.Process(target=_client_main, args=(cfg.model_dump_json(), c, url, resume_step, threads), name=f"client{c}")
+    procs = [ctx.Process(target=_client_main, args=(cfg.model_dump_json(), c, servers, resume_step, threads), name=f"client{c}")
              for c in range(cfg.clients)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join()
+    try:
+        # Watch them all: one that dies stops the run now, rather than leaving the others
+        # to wait for it at the server's start line or at a FedAvg round.
+        while any(p.exitcode is None for p in procs):
+            failed = next((p for p in procs if p.exitcode not in (None, 0)), None)
+            if failed is not None:
+                raise RuntimeError(f"{failed.name} exited with code {failed.exitcode} (see its messages above); "
+                                   f"stopped the other clients; {_resume_hint(cfg)}")
+            time.sleep(WATCH_INTERVAL)
+    finally:
+        for p in procs:
+            if p.exitcode is None:
+                p.terminate()
+        for p in procs:
+            p.join()
     failed = [p.name for p in procs if p.exitcode != 0]
     if failed:
         raise RuntimeError(f"{', '.join(failed)} failed (see their messages above); {_resume_hint(cfg)}")
