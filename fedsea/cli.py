@@ -56,10 +56,10 @@ def _server_parser(sub) -> None:
 
 
 def _attention_backend_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--attention-backend", default="torch", choices=["torch", "vllm"],
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "vllm"],
                    help="attention kernels of the server runtime: torch (SDPA prefill + --decode-attention) or vllm "
-                        "(vLLM's paged attention, one varlen call per layer; needs vllm installed and "
-                        "--block-size a multiple of 16; default: %(default)s)")
+                        "(vLLM's paged attention, one varlen call per layer; needs vllm installed, head_dim >= 32 "
+                        "and --block-size a multiple of 16); auto = vllm where installed and it fits, else torch")
 
 
 def _server_security_args(p: argparse.ArgumentParser) -> None:

@@ -58,7 +58,7 @@ from .engine import Engine, EngineSettings
 from .kv_pool import KVPool, parse_memory
 from .limits import BlockQuota, RefusalLog
 from .metrics import ServerMetrics
-from .attention_backends import pool_layer_shape
+from .attention_backends import pool_layer_shape, resolve_backend
 from .model_runner import ModelRunner
 from .training_service import TrainingService, TrainingSettings
 
@@ -76,7 +76,7 @@ class ServerSettings:
     dtype: str = "float32"  # compute and KV dtype
     kv_cache_memory: str = "1GiB"  # bytes, or a fraction of free accelerator memory
     block_size: int = 16
-    attention_backend: str = "torch"  # torch | vllm (vLLM's paged-attention kernels; needs vllm installed)
+    attention_backend: str = "auto"  # torch | vllm (vLLM's paged-attention kernels) | auto: vllm where installed and fit
     decode_attention: str = "auto"  # torch backend: gather | flex | auto: flex (reads the pool in place) on CUDA, gather on CPU
     cuda_graphs: bool = True  # replay decode-only ticks as CUDA graphs (CUDA with flex attention only)
     max_graph_batch: int = 64  # decode ticks up to this many sessions use a graph
@@ -175,7 +175,9 @@ class ServerRuntime:
         if free is not None and settings.enable_training:
             free = max(0, free - settings.training.memory)  # a fraction of free memory leaves training its budget
         num_blocks = parse_memory(settings.kv_cache_memory, free) // per_block - 1  # minus the scratch block
-        layer_shape = pool_layer_shape(settings.attention_backend, num_blocks + 1, settings.block_size,
+        backend = resolve_backend(settings.attention_backend, torch.device(settings.device), dtype,
+                                  settings.block_size, head_dim(self.config))
+        layer_shape = pool_layer_shape(backend, num_blocks + 1, settings.block_size,
                                        self.config.num_key_value_heads, head_dim(self.config), torch.device(settings.device))
         self.pool = KVPool(
             len(layers), num_blocks, settings.block_size, self.config.num_key_value_heads,
@@ -188,13 +190,13 @@ class ServerRuntime:
         attention = settings.decode_attention
         if attention == "auto":
             attention = "flex" if on_cuda else "gather"
-        graphs = settings.cuda_graphs and on_cuda and attention == "flex" and settings.attention_backend == "torch"
+        graphs = settings.cuda_graphs and on_cuda and attention == "flex" and backend == "torch"
         if graphs and settings.max_graph_batch < 1:
             raise ValueError(f"--max-graph-batch must be >= 1 (got {settings.max_graph_batch})")
 
         def runner(shard):
             return ModelRunner(shard, layers, self.pool, settings.device, attention, graphs,
-                               settings.max_graph_batch, settings.engine.max_context, settings.attention_backend)
+                               settings.max_graph_batch, settings.engine.max_context, backend)
 
         if not 0 < settings.kv_quota <= 1:
             raise ValueError(f"--kv-quota is a share of the KV pool in (0, 1], got {settings.kv_quota}")
@@ -220,7 +222,7 @@ class ServerRuntime:
             "attention %s%s, adapters: %s",
             *self.partition.server_range, self.config.num_hidden_layers,
             num_blocks, settings.block_size, self.pool.nbytes / 2**20,
-            "vllm" if settings.attention_backend == "vllm" else f"torch ({attention} decode)",
+            "vllm" if backend == "vllm" else f"torch ({attention} decode)",
             " + CUDA graphs" if graphs else "", ", ".join(settings.adapters) or "none",
         )
 

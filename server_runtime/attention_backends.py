@@ -18,6 +18,8 @@ pool is made for one backend.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +32,7 @@ from .paged_attention import DecodeAttention, DecodeRows, make_decode_attention,
 from .tick_plan import TickPlan
 
 BACKENDS = ("torch", "vllm")
+log = logging.getLogger("fedsea.server.attention")
 
 
 class AttentionBackend(Protocol):
@@ -88,6 +91,25 @@ class TorchAttention:
             kc, vc = self.pool.read(layer, ctx)
             out[a:b] = causal_attention(q[a:b], kc, vc, self.scale)
         return out
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, block_size: int, head_dim: int) -> str:
+    """"auto": vllm where it is installed and its CPU kernels fit the pool (measured faster
+    than torch there, see docs/performance.md), else torch.  Other names pass through."""
+    if backend != "auto":
+        return backend
+    if device.type != "cpu" or importlib.util.find_spec("vllm") is None:
+        return "torch"
+    from .vllm_attention import VllmAttention
+
+    try:
+        reason = VllmAttention.cpu_unsupported(dtype, block_size, head_dim)
+    except ImportError as e:  # installed but broken: say so, serve anyway
+        reason = f"vllm does not import ({e})"
+    if reason:
+        log.info("attention backend auto: torch (%s)", reason)
+        return "torch"
+    return "vllm"
 
 
 def pool_layer_shape(backend: str, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,

@@ -72,19 +72,28 @@ class VllmAttention:
         else:
             self._check_cpu()
 
+    @staticmethod
+    def cpu_unsupported(dtype: torch.dtype, block_size: int, head_dim: int) -> str | None:
+        """Why vLLM's CPU kernels cannot serve this pool (None: they can)."""
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        if dtype not in CPUAttentionBackend.supported_dtypes:
+            return f"vLLM's CPU attention does not support {dtype}"
+        if head_dim not in CPUAttentionBackend.get_supported_head_sizes():
+            return (f"vLLM's CPU attention does not support head_dim {head_dim} "
+                    f"(only {CPUAttentionBackend.get_supported_head_sizes()})")
+        if block_size % 16:
+            return f"vLLM's CPU attention needs --block-size a multiple of 16 (32 for its fastest kernels), not {block_size}"
+        return None
+
     def _check_cpu(self) -> None:
         from vllm import envs
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, _get_attn_isa
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
         dtype, P, D = self.pool.k.dtype, self.pool.block_size, self.head_dim
-        if dtype not in CPUAttentionBackend.supported_dtypes:
-            raise ValueError(f"vLLM's CPU attention does not support {dtype}")
-        if D not in CPUAttentionBackend.get_supported_head_sizes():
-            raise ValueError(f"vLLM's CPU attention does not support head_dim {D} "
-                             f"(only {CPUAttentionBackend.get_supported_head_sizes()}); use --attention-backend torch")
-        if P % 16:
-            raise ValueError(f"vLLM's CPU attention needs --block-size a multiple of 16 (32 for its fastest "
-                             f"kernels), not {P}")
+        reason = self.cpu_unsupported(dtype, P, D)
+        if reason:
+            raise ValueError(f"{reason}; use --attention-backend torch")
         self.isa = _get_attn_isa(dtype, P, D)  # vLLM's own pick: amx, vec, vec16, neon, ...
         self.split_kv = envs.VLLM_CPU_ATTN_SPLIT_KV
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fedsea_shared.shard import Partition, causal_attention, head_dim, load_server_shard
-from server_runtime.attention_backends import make_attention_backend, pool_layer_shape
+from server_runtime.attention_backends import make_attention_backend, pool_layer_shape, resolve_backend
 from server_runtime.kv_pool import BlockTable, KVPool
 from server_runtime.model_runner import ModelRunner
 from server_runtime.scheduler import Chunk, Session, StepWork
@@ -149,3 +149,12 @@ def test_vllm_backend_without_vllm_says_what_is_missing(shard):
     pool = make_pool("vllm", shard, 4)
     with pytest.raises(RuntimeError, match="needs vllm installed"):
         ModelRunner(shard, PARTITION.server_layers, pool, attention_backend="vllm")
+
+
+def test_auto_picks_vllm_only_where_it_is_installed_and_its_kernels_fit():
+    cpu = torch.device("cpu")
+    installed = importlib.util.find_spec("vllm") is not None
+    assert resolve_backend("auto", cpu, torch.float32, 16, 64) == ("vllm" if installed else "torch")
+    assert resolve_backend("auto", cpu, torch.float32, 16, 16) == "torch"  # head_dim below its kernels
+    assert resolve_backend("auto", cpu, torch.float32, 8, 64) == "torch"  # block size not a multiple of 16
+    assert resolve_backend("torch", cpu, torch.float32, 16, 64) == "torch"
