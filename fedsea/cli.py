@@ -37,6 +37,7 @@ def _server_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV pool size: bytes (2GiB, 512MiB) or a fraction of free GPU memory (0.8)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    _attention_backend_arg(p)
     p.add_argument("--decode-attention", default="auto", choices=["auto", "gather", "flex"],
                    help="decode attention over the KV pool: flex reads blocks in place (compiled per batch size), "
                         "gather copies each context out first; auto = flex on CUDA, gather on CPU")
@@ -52,6 +53,13 @@ def _server_parser(sub) -> None:
     p.add_argument("--wait-timeout", type=float, default=30.0, help="seconds a request may wait for KV capacity")
     p.add_argument("--max-sessions-per-key", type=int, default=1024)
     _server_security_args(p)
+
+
+def _attention_backend_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "vllm"],
+                   help="attention kernels of the server runtime: torch (SDPA prefill + --decode-attention) or vllm "
+                        "(vLLM's paged attention, one varlen call per layer; needs vllm installed, head_dim >= 32 "
+                        "and --block-size a multiple of 16); auto = vllm where installed and it fits, else torch")
 
 
 def _server_security_args(p: argparse.ArgumentParser) -> None:
@@ -122,6 +130,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--server-port", type=int, default=0, help="loopback port of the embedded server runtime (default: a free one)")
     p.add_argument("--device", default="cpu", help="device of the server runtime's middle blocks")
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV pool size of the server runtime")
+    _attention_backend_arg(p)
 
 
 def _gateway_parser(sub) -> None:
@@ -186,6 +195,7 @@ def _run_serve(args) -> None:
     server = ServerThread(ServerSettings(
         model=args.model, head=args.head, tail=args.tail, host="127.0.0.1", port=args.server_port,
         device=args.device, kv_cache_memory=args.kv_cache_memory, adapters=_adapters(args),
+        attention_backend=args.attention_backend,
         kv_quota=1.0,  # its only tenant is this process's own gateway
     ))
     try:
@@ -216,7 +226,8 @@ def _run_server(args) -> None:
     settings = ServerSettings(
         model=args.model, head=args.head, tail=args.tail, host=args.host, port=args.port,
         device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
-        block_size=args.block_size, decode_attention=args.decode_attention, cuda_graphs=args.cuda_graphs,
+        block_size=args.block_size, attention_backend=args.attention_backend,
+        decode_attention=args.decode_attention, cuda_graphs=args.cuda_graphs,
         max_graph_batch=args.max_graph_batch, noise_min=args.noise_min, noise_max=args.noise_max,
         max_sessions_per_connection=args.max_sessions_per_connection,
         max_sessions_per_key=args.max_sessions_per_key, adapters=_adapters(args), **_server_security(args),

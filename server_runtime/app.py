@@ -58,6 +58,7 @@ from .engine import Engine, EngineSettings
 from .kv_pool import KVPool, parse_memory
 from .limits import BlockQuota, RefusalLog
 from .metrics import ServerMetrics
+from .attention_backends import pool_layer_shape, resolve_backend
 from .model_runner import ModelRunner
 from .training_service import TrainingService, TrainingSettings
 
@@ -75,7 +76,8 @@ class ServerSettings:
     dtype: str = "float32"  # compute and KV dtype
     kv_cache_memory: str = "1GiB"  # bytes, or a fraction of free accelerator memory
     block_size: int = 16
-    decode_attention: str = "auto"  # gather | flex | auto: flex (reads the pool in place) on CUDA, gather on CPU
+    attention_backend: str = "auto"  # torch | vllm (vLLM's paged-attention kernels) | auto: vllm where installed and fit
+    decode_attention: str = "auto"  # torch backend: gather | flex | auto: flex (reads the pool in place) on CUDA, gather on CPU
     cuda_graphs: bool = True  # replay decode-only ticks as CUDA graphs (CUDA with flex attention only)
     max_graph_batch: int = 64  # decode ticks up to this many sessions use a graph
     noise_min: float = 0.0
@@ -173,9 +175,13 @@ class ServerRuntime:
         if free is not None and settings.enable_training:
             free = max(0, free - settings.training.memory)  # a fraction of free memory leaves training its budget
         num_blocks = parse_memory(settings.kv_cache_memory, free) // per_block - 1  # minus the scratch block
+        backend = resolve_backend(settings.attention_backend, torch.device(settings.device), dtype,
+                                  settings.block_size, head_dim(self.config))
+        layer_shape = pool_layer_shape(backend, num_blocks + 1, settings.block_size,
+                                       self.config.num_key_value_heads, head_dim(self.config), torch.device(settings.device))
         self.pool = KVPool(
             len(layers), num_blocks, settings.block_size, self.config.num_key_value_heads,
-            head_dim(self.config), dtype, settings.device,
+            head_dim(self.config), dtype, settings.device, layer_shape,
         )
         self.metrics = ServerMetrics()
         # Merged before training can wrap the shard's linears in LoRA layers.
@@ -184,13 +190,13 @@ class ServerRuntime:
         attention = settings.decode_attention
         if attention == "auto":
             attention = "flex" if on_cuda else "gather"
-        graphs = settings.cuda_graphs and on_cuda and attention == "flex"
+        graphs = settings.cuda_graphs and on_cuda and attention == "flex" and backend == "torch"
         if graphs and settings.max_graph_batch < 1:
             raise ValueError(f"--max-graph-batch must be >= 1 (got {settings.max_graph_batch})")
 
         def runner(shard):
             return ModelRunner(shard, layers, self.pool, settings.device, attention, graphs,
-                               settings.max_graph_batch, settings.engine.max_context)
+                               settings.max_graph_batch, settings.engine.max_context, backend)
 
         if not 0 < settings.kv_quota <= 1:
             raise ValueError(f"--kv-quota is a share of the KV pool in (0, 1], got {settings.kv_quota}")
@@ -213,10 +219,11 @@ class ServerRuntime:
         self._handshake_refusals = RefusalLog(log, "new connections", settings.refusal_log_interval)
         log.info(
             "server runtime: layers [%d, %d) of %d, KV pool %d blocks x %d tokens (%.1f MiB), "
-            "decode attention %s%s, adapters: %s",
+            "attention %s%s, adapters: %s",
             *self.partition.server_range, self.config.num_hidden_layers,
             num_blocks, settings.block_size, self.pool.nbytes / 2**20,
-            attention, " + CUDA graphs" if graphs else "", ", ".join(settings.adapters) or "none",
+            "vllm" if backend == "vllm" else f"torch ({attention} decode)",
+            " + CUDA graphs" if graphs else "", ", ".join(settings.adapters) or "none",
         )
 
     def _ssl_context(self) -> ssl.SSLContext:

@@ -6,13 +6,17 @@ block at a time as it generates.  Nothing is reserved for a session's future len
 a 256-token chat costs 256 tokens of cache, not a max_length reservation.
 
 Storage is flat per layer: slot s = block * block_size + offset holds one token's K (and
-V) for every KV head, so writing a batch's new tokens is one index_copy per layer.  One
+V) for every KV head, so writing a batch's new tokens is one index_copy per layer
+(`write`, `read`).  An attention backend may bring its own per-layer layout instead
+(`layer_shape`, e.g. vLLM's [blocks, kv_heads, block_size, head_dim]) and then writes
+and reads the tensors itself; the pool only copies and clears whole blocks.  One
 extra block, never allocated, is scratch space: rows that only pad a batch to a compiled
 size write and read there, so they never touch a session's cache.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -137,11 +141,14 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
+        layer_shape: tuple[int, ...] | None = None,  # a backend's layout of one layer; None: flat slots
     ):
         self.block_size = block_size
         self.allocator = BlockPool(num_blocks)
         self.scratch_block = num_blocks
-        shape = (num_layers, (num_blocks + 1) * block_size, num_kv_heads, head_dim)
+        shape = (num_layers, *(layer_shape or ((num_blocks + 1) * block_size, num_kv_heads, head_dim)))
+        if math.prod(shape[1:]) != (num_blocks + 1) * block_size * num_kv_heads * head_dim:
+            raise ValueError(f"a layer of shape {shape[1:]} does not hold {num_blocks + 1} blocks")
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -162,9 +169,8 @@ class KVPool:
         fresh = self.allocator.allocate(need + (1 if shared else 0))
         if shared:
             old, copy = table.blocks[-1], fresh.pop()
-            src = torch.arange(old * self.block_size, old * self.block_size + partial, device=self.k.device)
-            dst = src + (copy - old) * self.block_size
-            self.k[:, dst], self.v[:, dst] = self.k[:, src], self.v[:, src]
+            for t in (self.k, self.v):  # the whole block: its unwritten tail is as clean as the original's
+                self._by_block(t)[:, copy] = self._by_block(t)[:, old]
             self.allocator.release([old])
             table.blocks[-1] = copy
         table.blocks.extend(fresh)
@@ -199,6 +205,15 @@ class KVPool:
         """Record that the table's full blocks first, first+1, ... hold the prefixes `keys`."""
         for i, key in enumerate(keys):
             self.allocator.cache(table.blocks[first + i], key)
+
+    def _by_block(self, t: torch.Tensor) -> torch.Tensor:
+        """[layers, blocks, block elements]: a view of any layout whose blocks are contiguous."""
+        return t.view(t.shape[0], self.scratch_block + 1, -1)
+
+    def clear_blocks(self, blocks: torch.Tensor) -> None:
+        """Zero these blocks in every layer."""
+        for t in (self.k, self.v):
+            self._by_block(t).index_fill_(1, blocks, 0)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer].index_copy_(0, slots, k)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from server_runtime.process import server_process
 from edge_runtime import AsyncEdgeClient, EdgeClient
+from test_attention_backends import ATTENTION_BACKENDS, needs_vllm
 
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
@@ -18,6 +19,9 @@ PROMPTS = [
     "Give me ten tips for learning a new language.",
 ]
 PARTITIONS = [(1, 1), (2, 2), (5, 2)]  # the thinnest edge, the default, an asymmetric cut
+# Each partition through the default attention backend, the default one through vllm's too.
+SPLITS = [pytest.param(h, t, "torch", id=f"head{h}-tail{t}") for h, t in PARTITIONS]
+SPLITS.append(pytest.param(2, 2, "vllm", id="head2-tail2-vllm", marks=needs_vllm))
 NEW_TOKENS = 40
 # Tolerance on log-probabilities (fp32 end to end): differences come only from the
 # order of floating-point operations (observed max 2.6e-5 over 80 tokens, head=2/tail=2).
@@ -29,9 +33,10 @@ def reference(default_model_dir):
     return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("head, tail", PARTITIONS, ids=[f"head{h}-tail{t}" for h, t in PARTITIONS])
-def test_split_greedy_equals_transformers_generate(default_model_dir, reference, tmp_path, head, tail):
-    with server_process(default_model_dir, head, tail, log_path=tmp_path / "server.log") as url:
+@pytest.mark.parametrize("head, tail, backend", SPLITS)
+def test_split_greedy_equals_transformers_generate(default_model_dir, reference, tmp_path, head, tail, backend):
+    with server_process(default_model_dir, head, tail, "--attention-backend", backend,
+                        log_path=tmp_path / "server.log") as url:
         with EdgeClient(url, model=str(default_model_dir), head=head, tail=tail, noise=0.0) as client:
             for prompt in PROMPTS:
                 messages = [{"role": "user", "content": prompt}]
@@ -53,9 +58,10 @@ def test_split_greedy_equals_transformers_generate(default_model_dir, reference,
                     assert max(abs(v - r) for (_, v), r in zip(event.top_logprobs, top.values.tolist())) < LOGPROB_ATOL
 
 
-@pytest.mark.parametrize("attention", ["gather", "flex"])
-async def test_greedy_output_is_the_same_alone_or_batched_with_15_others(default_model_dir, start_server, attention):
-    server = start_server(default_model_dir, decode_attention=attention)
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+async def test_greedy_output_is_the_same_alone_or_batched_with_15_others(default_model_dir, start_server, backend):
+    attention_backend, decode_attention = backend
+    server = start_server(default_model_dir, attention_backend=attention_backend, decode_attention=decode_attention)
     client = AsyncEdgeClient(server.url, model=str(default_model_dir), noise=0.0)
     topics = ["cats", "the sea", "bread", "rain", "chess", "trains", "owls", "jazz",
               "maps", "tea", "snow", "bees", "clocks", "kites", "salt", "glass"]

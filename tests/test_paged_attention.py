@@ -104,7 +104,7 @@ def test_runner_paths_agree_and_padding_never_touches_sessions(tiny_shard):
         outs.append(tick(runner, sessions, config.hidden_size, {i: 1 for i in range(6)}))  # 6 -> 8
         used = sorted(b for s in sessions for b in s.table.blocks)
         assert pool.scratch_block not in used
-        assert type(runner.attention).__name__ == {"gather": "GatherAttention"}.get(name, "FlexPagedAttention")
+        assert type(runner.backend.decode).__name__ == {"gather": "GatherAttention"}.get(name, "FlexPagedAttention")
         assert (runner.graphs is not None) == (name == "graphs")  # no silent fallback
         results[name] = (torch.cat([o for tick_out in outs for o in tick_out]), pool, used, sessions)
     base_out, base_pool, used, sessions = results["gather"]
@@ -166,12 +166,12 @@ def test_a_failing_flex_kernel_falls_back_to_gather(tiny_shard, monkeypatch, cap
         if name == "flex":
             def broken(*args, **kwargs):
                 raise RuntimeError("no kernel for this device")
-            monkeypatch.setattr(runner.attention, "_flex", broken)
+            monkeypatch.setattr(runner.backend.decode, "_flex", broken)
         sessions = [Session(i, BlockTable(BLOCK)) for i in range(3)]
         out = tick(runner, sessions, config.hidden_size, {0: 5, 1: 2, 2: 7})
         out += tick(runner, sessions, config.hidden_size, {0: 1, 1: 1, 2: 1})
         outputs[name] = torch.cat(out)
-    assert isinstance(runner.attention, GatherAttention) and runner.graphs is None
+    assert isinstance(runner.backend.decode, GatherAttention) and runner.graphs is None
     assert "falling back to gather" in caplog.text
     torch.testing.assert_close(outputs["flex"], outputs["gather"])
 
@@ -186,12 +186,12 @@ def test_other_errors_do_not_switch_kernels(tiny_shard, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("transient")
 
-    monkeypatch.setattr(runner.attention, "_flex", out_of_memory)
+    monkeypatch.setattr(runner.backend.decode, "_flex", out_of_memory)
     sessions = [Session(0, BlockTable(BLOCK))]
     tick(runner, sessions, tiny_shard.config.hidden_size, {0: 3})
     with pytest.raises(torch.OutOfMemoryError):
         tick(runner, sessions, tiny_shard.config.hidden_size, {0: 1})
-    assert isinstance(runner.attention, FlexPagedAttention)
+    assert isinstance(runner.backend.decode, FlexPagedAttention)
 
 
 def test_startup_capture_writes_only_the_scratch_block(tiny_shard):
