@@ -170,7 +170,8 @@ class EdgeWorker:
             with self._wake:
                 idle = not self._pending
                 while not self._pending and not self._closed:
-                    self._wake.wait()
+                    # The timeout only guards against a notify lost with a loop that closed first.
+                    self._wake.wait(timeout=1.0)
                 if self._closed:
                     batch, self._pending = self._pending, []
                     _deliver_all(batch, RuntimeError("the edge worker is closed"))
@@ -182,6 +183,7 @@ class EdgeWorker:
                 time.sleep(self.coalesce_s)
             with self._wake:
                 batch, self._pending = self._pending, []
+                self._notify_scheduled = False  # the next submit wakes the thread again
             self._recent = {id(item.cache) for _, item, _, _ in batch}
             for kind in ("head", "tail"):
                 part = [(item, fut, loop) for k, item, fut, loop in batch if k == kind and not fut.cancelled()]
