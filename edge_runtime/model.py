@@ -4,14 +4,15 @@
 blocks (hidden states received -> next-token logits) for many sequences at once, each
 with its own `SequenceCache`.  `EdgeWorker` is the edge's counterpart of the server's
 scheduler: concurrent generations submit work, and everything that arrived while the
-previous batch ran is executed as one flat batch on a worker thread, so the event loop
-never waits on the model and concurrent requests share each forward pass.
+previous round ran is executed as one flat batch per kind on the worker's own thread, so
+the event loop never waits on the model and concurrent requests share each forward pass.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -104,14 +105,27 @@ class EdgeModel:
 
 
 class EdgeWorker:
-    """Batches concurrent head/tail requests and runs them off the event loop."""
+    """Batches concurrent head/tail requests and runs them on its own thread.
+
+    Requests queue while a round runs; the thread then takes everything queued and runs the
+    heads (whose outputs the server runtime waits for) and then the tails, as one batched
+    forward each, handing each batch's results to the event loop as soon as it is done.  The
+    thread takes its next round itself, so the event loop does no per-token work to keep it
+    going: sessions that the server answers in two groups are served alternately, one
+    group's head/tail here while the other's middle blocks run on the server.
+    """
 
     def __init__(self, model: EdgeModel, coalesce_s: float = 0.002):
         self.model = model
         self.coalesce_s = coalesce_s
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="fedsea-edge")
-        self._pending: dict[str, list[tuple[_Item, asyncio.Future]]] = {"head": [], "tail": []}
-        self._running = False
+        self._wake = threading.Condition()
+        self._pending: list[tuple[str, _Item, asyncio.Future, asyncio.AbstractEventLoop]] = []
+        self._notify_scheduled = False
+        self._closed = False
+        self._recent: set[int] = set()  # sequences (cache ids) of the previous round
+        self._stats = {"batches": 0, "rows": 0, "max_batch_sequences": 0, "intra_op_threads": None}
+        self._thread = threading.Thread(target=self._serve, name="fedsea-edge", daemon=True)
+        self._thread.start()
 
     async def head(self, cache: SequenceCache, start: int, token_ids: torch.Tensor) -> torch.Tensor:
         return await self._submit("head", _Item(cache, start, token_ids))
@@ -119,39 +133,103 @@ class EdgeWorker:
     async def tail(self, cache: SequenceCache, start: int, hidden: torch.Tensor, every: bool = False) -> torch.Tensor:
         return await self._submit("tail", _Item(cache, start, hidden, every))
 
+    def stats(self) -> dict:
+        """Batches run, rows (tokens) through them, the most sequences in one batch, and the
+        torch intra-op threads the worker thread runs with (None before its first batch)."""
+        with self._wake:
+            return dict(self._stats)
+
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
 
     async def _submit(self, kind: str, item: _Item) -> torch.Tensor:
-        fut = asyncio.get_running_loop().create_future()
-        self._pending[kind].append((item, fut))
-        if not self._running:
-            self._running = True
-            asyncio.get_running_loop().create_task(self._drain())
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the edge worker is closed")
+            self._pending.append((kind, item, fut, loop))
+            schedule, self._notify_scheduled = not self._notify_scheduled, True
+        if schedule:
+            # Wake the thread after this loop iteration, not now: the sessions a batch of
+            # results woke submit their next requests in one iteration, and they go as one batch.
+            loop.call_soon(self._notify)
         return await fut
 
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        # Replies for many sessions arrive frame by frame; linger a moment so the burst
-        # becomes one batch rather than a first batch of one and a second of the rest.
-        await asyncio.sleep(self.coalesce_s)
+    def _notify(self) -> None:
+        with self._wake:
+            self._notify_scheduled = False
+            self._wake.notify()
+
+    # ---- worker thread ----------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            with self._wake:
+                idle = not self._pending
+                while not self._pending and not self._closed:
+                    # The timeout only guards against a notify lost with a loop that closed first.
+                    self._wake.wait(timeout=1.0)
+                if self._closed:
+                    batch, self._pending = self._pending, []
+                    _deliver_all(batch, RuntimeError("the edge worker is closed"))
+                    return
+            # Replies of many sessions arrive frame by frame: after idling, linger a moment
+            # so the burst becomes one batch, but only while several sequences use the edge
+            # (a lone stream never has company to wait for).
+            if idle and len(self._recent) > 1:
+                time.sleep(self.coalesce_s)
+            with self._wake:
+                batch, self._pending = self._pending, []
+                self._notify_scheduled = False  # the next submit wakes the thread again
+            self._recent = {id(item.cache) for _, item, _, _ in batch}
+            for kind in ("head", "tail"):
+                part = [(item, fut, loop) for k, item, fut, loop in batch if k == kind and not fut.cancelled()]
+                if part:
+                    self._run(kind, part)
+
+    def _run(self, kind: str, part: list[tuple[_Item, asyncio.Future, asyncio.AbstractEventLoop]]) -> None:
+        items = [item for item, _, _ in part]
         try:
-            while any(self._pending.values()):
-                for kind in ("tail", "head"):
-                    batch, self._pending[kind] = self._pending[kind], []
-                    batch = [(it, f) for it, f in batch if not f.cancelled()]
-                    if not batch:
-                        continue
-                    run = getattr(self.model, kind)
-                    try:
-                        results = await loop.run_in_executor(self._executor, run, [it for it, _ in batch])
-                    except Exception as e:  # fail this batch's requests, keep serving
-                        for _, fut in batch:
-                            if not fut.done():
-                                fut.set_exception(e)
-                        continue
-                    for (_, fut), result in zip(batch, results):
-                        if not fut.done():
-                            fut.set_result(result)
-        finally:
-            self._running = False
+            results: list | Exception = getattr(self.model, kind)(items)
+        except Exception as e:  # fail this batch's requests, keep serving
+            results = e
+        with self._wake:
+            s = self._stats
+            s["batches"] += 1
+            s["rows"] += sum(it.x.shape[0] for it in items)
+            s["max_batch_sequences"] = max(s["max_batch_sequences"], len(items))
+            s["intra_op_threads"] = torch.get_num_threads()  # this thread's own team size
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for i, (_, fut, loop) in enumerate(part):
+            by_loop.setdefault(loop, []).append((fut, results if isinstance(results, Exception) else results[i]))
+        for loop, outcomes in by_loop.items():
+            _post(loop, outcomes)
+
+
+def _deliver_all(batch: list, error: Exception) -> None:
+    by_loop: dict = {}
+    for _, _, fut, loop in batch:
+        by_loop.setdefault(loop, []).append((fut, error))
+    for loop, outcomes in by_loop.items():
+        _post(loop, outcomes)
+
+
+def _post(loop: asyncio.AbstractEventLoop, outcomes: list[tuple[asyncio.Future, object]]) -> None:
+    """Resolve futures of `loop` from the worker thread: one wake-up of the loop per batch."""
+    try:
+        loop.call_soon_threadsafe(_resolve, outcomes)
+    except RuntimeError:  # that loop has closed: nobody waits any more
+        pass
+
+
+def _resolve(outcomes: list[tuple[asyncio.Future, object]]) -> None:
+    for fut, outcome in outcomes:
+        if fut.done():  # cancelled: its generation went away
+            continue
+        if isinstance(outcome, Exception):
+            fut.set_exception(outcome)
+        else:
+            fut.set_result(outcome)

@@ -1,0 +1,133 @@
+"""The edge worker's rounds (heads then tails, one batch each, on its own thread) and the
+thread policy of `fedsea serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import pytest
+import torch
+
+from edge_runtime import AsyncEdgeClient
+from edge_runtime.model import EdgeModel, EdgeWorker, SequenceCache
+from fedsea import cli
+from fedsea_shared import threads
+from fedsea_shared.shard import Partition, load_config, load_edge_shard
+
+
+@pytest.fixture(scope="module")
+def edge_model(tiny_model_dir) -> EdgeModel:
+    partition = Partition(load_config(tiny_model_dir).num_hidden_layers, 2, 2)
+    return EdgeModel(load_edge_shard(tiny_model_dir, partition), partition)
+
+
+@pytest.fixture
+def restore_torch_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _spy(model: EdgeModel, monkeypatch) -> list[tuple[str, int]]:
+    calls: list[tuple[str, int]] = []
+    for kind in ("head", "tail"):
+        real = getattr(model, kind)
+
+        def spy(items, real=real, kind=kind):
+            calls.append((kind, len(items)))
+            return real(items)
+
+        monkeypatch.setattr(model, kind, spy)
+    return calls
+
+
+async def test_one_round_runs_queued_heads_as_one_batch_then_tails_with_the_same_results(edge_model, monkeypatch):
+    alone = EdgeWorker(edge_model)
+    ids = [torch.tensor([5, 6, 7]), torch.tensor([9, 10])]
+    want_heads = [await alone.head(SequenceCache(), 0, x) for x in ids]
+    states = torch.randn(4, want_heads[0].shape[1], generator=torch.Generator().manual_seed(0))
+    want_tail = await alone.tail(SequenceCache(), 0, states)
+    alone.close()
+
+    calls = _spy(edge_model, monkeypatch)
+    worker = EdgeWorker(edge_model)
+    # Submitted in one event-loop iteration, as the sessions one batch of replies woke do.
+    got = await asyncio.gather(worker.tail(SequenceCache(), 0, states),
+                               *(worker.head(SequenceCache(), 0, x) for x in ids))
+    worker.close()
+    assert calls == [("head", 2), ("tail", 1)]  # heads first: the server runtime waits for them
+    assert worker.stats()["batches"] == 2 and worker.stats()["max_batch_sequences"] == 2
+    assert worker.stats()["rows"] == 3 + 2 + 4
+    for g, w in zip(got[1:], want_heads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0], want_tail, rtol=1e-5, atol=1e-5)
+
+
+async def test_a_failing_batch_fails_its_requests_and_the_worker_keeps_serving(edge_model):
+    worker = EdgeWorker(edge_model)
+    width = (await worker.head(SequenceCache(), 0, torch.tensor([1])))[0].shape[0]
+    with pytest.raises(RuntimeError):  # hidden states of the wrong width: the tail's matmul refuses
+        await worker.tail(SequenceCache(), 0, torch.zeros(1, width + 1))
+    logits = await worker.tail(SequenceCache(), 0, torch.zeros(1, width))
+    assert logits.shape == (edge_model.shard.logits(torch.zeros(1, width)).shape[-1],)
+    worker.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await worker.head(SequenceCache(), 0, torch.tensor([1]))
+
+
+async def test_concurrent_greedy_generations_equal_sequential_ones(start_server, tiny_model_dir):
+    server = start_server(tiny_model_dir)
+    client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), edge_cache_memory=0)  # default noise
+    chats = [[{"role": "user", "content": f"Tell me about {t}"}] for t in ("owls", "rain", "tea", "maps")]
+    alone = [(await client.generate(c, max_tokens=12, temperature=0)).token_ids for c in chats]
+    together = await asyncio.gather(*(client.generate(c, max_tokens=12, temperature=0) for c in chats))
+    assert [t.token_ids for t in together] == alone
+    assert client.worker.stats()["max_batch_sequences"] > 1  # they did share forward passes
+    await client.aclose()
+
+
+def test_thread_count_comes_from_the_flag_then_the_environment_then_half_the_cores(monkeypatch):
+    monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    assert threads.threads_per_compute_thread(None) == (3, "6 cores / 2 compute threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads.threads_per_compute_thread(None)[0] == 1  # never 0
+    monkeypatch.setenv(threads.ENV, "4")
+    assert threads.threads_per_compute_thread(None) == (4, "$FEDSEA_THREADS")
+    assert threads.threads_per_compute_thread(2) == (2, "--threads")
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(threads.ENV, bad)
+        with pytest.raises(ValueError, match="FEDSEA_THREADS must be a whole number"):
+            threads.threads_per_compute_thread(None)
+    with pytest.raises(ValueError, match="--threads"):
+        threads.threads_per_compute_thread(0)
+
+
+async def test_the_policy_sizes_a_worker_started_after_it(edge_model, restore_torch_threads):
+    threads.apply(1)
+    worker = EdgeWorker(edge_model)
+    await worker.head(SequenceCache(), 0, torch.tensor([1, 2]))
+    assert worker.stats()["intra_op_threads"] == 1
+    worker.close()
+
+
+def test_serve_applies_the_thread_flag_before_it_starts_the_edge(tiny_model_dir, monkeypatch, caplog,
+                                                                 restore_torch_threads):
+    import gateway
+
+    seen = {}
+
+    def fake_gateway(settings, log_level):  # stands in for the edge and the API: a thread started now
+        t = threading.Thread(target=lambda: seen.setdefault("threads", torch.get_num_threads()))
+        t.start()
+        t.join()
+
+    monkeypatch.setattr(gateway, "run_gateway", fake_gateway)
+    with caplog.at_level(logging.INFO, logger="fedsea"):
+        cli.main(["serve", "--model", str(tiny_model_dir), "--threads", "3"])
+    assert seen["threads"] == 3
+    assert "torch intra-op threads: 3 for the edge worker, 3 for the server engine (--threads)" in caplog.text
+    with pytest.raises(SystemExit, match="--threads must be a whole number"):
+        cli.main(["serve", "--model", str(tiny_model_dir), "--threads", "0"])
