@@ -167,6 +167,8 @@ class Pseudonyms:
         """What `substitute` replaces: the detected spans and every other whole-word
         occurrence of an original this mapping already holds."""
         found = self.detect(text)
+        for s, e, k in found:  # in order of appearance: surrogates never depend on later text
+            self._assign(k, text[s:e])
         for kind, canonical in list(self.forward):
             for m in re.finditer(rf"(?<![A-Za-z0-9]){re.escape(canonical)}(?![A-Za-z0-9])", text, re.I):
                 if not any(s < m.end() and m.start() < e for s, e, _ in found):
