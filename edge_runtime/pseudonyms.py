@@ -5,10 +5,9 @@ computes on surrogate tokens; the text the edge streams back has them mapped bac
 
 Detection is cheap and local: e-mails and digit runs (3+ digits) by pattern; names from
 the US census first-name list (PyPI package `names`, see scripts/setup.sh) when
-capitalised (opening a sentence only when a capitalised word follows), two capitalised
-words inside a sentence, the capitalised words that follow a first name (surnames, with
-particles such as "van der"), and the word after an introduction ("my name is", "I'm",
-"call me", "Mr.", ...).  What it misses reaches the server as typed.
+capitalised (opening a sentence only when a capitalised word follows), the capitalised
+words that follow a first name (surnames, with particles such as "van der"), and the
+capitalised word after an introduction ("my name is", "I'm", "call me", "Mr.", ...).  What it misses reaches the server as typed.
 
 A surrogate is a keyed function of this device's noise key and the original span (a
 common census name; random digits and letters of the same shape), so one span gets the
@@ -33,7 +32,13 @@ PARTICLES = {"van", "der", "den", "de", "la", "le", "von", "del", "da", "di", "d
 NOT_NAMES = {
     "january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
     "november", "december", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday",
-    "god", "christian", "will", "an", "in", "so", "to", "my", "a", "i",
+    "god", "christian", "will", "an", "in", "so", "to", "my", "a", "i", "ok", "love", "art", "star", "ha", "man",
+    "ai", "hope", "joy", "sun", "long", "young", "see", "guy", "king", "queen", "major", "rich",
+}
+# Capitalised words that open a message or sentence in chat and so never continue a name.
+NOT_SURNAMES = NOT_NAMES | {
+    "the", "and", "but", "or", "oh", "yeah", "yes", "no", "well", "it", "that", "this", "what", "how", "when", "why",
+    "where", "who", "haha", "lol", "ok", "okay", "we", "you", "he", "she", "they", "is", "are", "was", "im", "hi", "hey",
 }
 EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 DIGITS = re.compile(rf"\d{{{MIN_DIGITS},}}")
@@ -69,6 +74,10 @@ class Replacement:
     surrogate: str
 
 
+def _surname(word: str) -> bool:
+    return len(word) > 1 and word[0].isupper() and word.lower() not in NOT_SURNAMES
+
+
 def _same_case(surrogate: str, like: str) -> str:
     if like.isupper() and len(like) > 1:
         return surrogate.upper()
@@ -98,6 +107,7 @@ class Pseudonyms:
         self.names, self.firsts, self.lasts = gazetteer()
         self.forward: dict[tuple[str, str], str] = {}  # (kind, canonical original) -> canonical surrogate
         self.reverse: dict[str, str] = {}  # surrogate as it may appear in text -> original
+        self.typed: dict[tuple[str, str], str] = {}  # (kind, canonical original) -> as first typed
 
     def surrogate(self, kind: str, original: str, attempt: int = 0) -> str:
         """The keyed surrogate of `original` (canonical form), before collision handling."""
@@ -120,6 +130,7 @@ class Pseudonyms:
             while (s := self.surrogate(kind, canonical, attempt)).lower() in {t.lower() for t in taken} or s.lower() == canonical.lower():
                 attempt += 1
             self.forward[(kind, canonical)] = s
+            self.typed[(kind, canonical)] = original
         s = _same_case(self.forward[(kind, canonical)], original) if kind in ("first", "last") else self.forward[(kind, canonical)]
         for form in ({s, s.lower(), s.upper(), s.title()} if kind in ("first", "last") else {s}):
             self.reverse[form] = _same_case(original, form) if kind in ("first", "last") else original
@@ -139,13 +150,11 @@ class Pseudonyms:
             title = TITLE.search(before[-6:]) is not None
             word = w.group()
             known = word.lower() in self.names and word.lower() not in NOT_NAMES
-            follows = i + 1 < len(words) and text[w.end() : words[i + 1].start()].isspace() and words[i + 1].group()[0].isupper()
+            follows = i + 1 < len(words) and text[w.end() : words[i + 1].start()].isspace() and _surname(words[i + 1].group())
             # A capitalised list word opening a sentence is a name only if a surname follows.
             opening = not before.rstrip() or before.rstrip()[-1] in ".!?:;\"\n"
-            if cued:
-                named = word[0].isupper() or known
-            else:  # or two capitalised words inside a sentence: a name the list lacks
-                named = word[0].isupper() and not opening and (known or follows) or known and word[0].isupper() and follows
+            named = (word[0].isupper() and word.lower() not in NOT_SURNAMES or known) if cued else (
+                known and word[0].isupper() and (follows or not opening))
             if not named:
                 i += 1
                 continue
@@ -153,10 +162,10 @@ class Pseudonyms:
             # The capitalised words right after it (particles between them) are a surname.
             j = i + 1
             while j < len(words) and text[words[j - 1].end() : words[j].start()].isspace() and (
-                words[j].group()[0].isupper() or words[j].group().lower() in PARTICLES
+                _surname(words[j].group()) or words[j].group().lower() in PARTICLES
             ):
                 j += 1
-            while j > i + 1 and not words[j - 1].group()[0].isupper():  # no trailing particle
+            while j > i + 1 and not _surname(words[j - 1].group()):  # no trailing particle
                 j -= 1
             if j > i + 1:
                 spans.append((words[i + 1].start(), words[j - 1].end(), "last"))
@@ -169,8 +178,10 @@ class Pseudonyms:
         found = self.detect(text)
         for s, e, k in found:  # in order of appearance: surrogates never depend on later text
             self._assign(k, text[s:e])
-        for kind, canonical in list(self.forward):
-            for m in re.finditer(rf"(?<![A-Za-z0-9]){re.escape(canonical)}(?![A-Za-z0-9])", text, re.I):
+        for (kind, canonical), typed in list(self.typed.items()):
+            # As typed, capitalised or in capitals: a name seen once as "Mark" leaves "mark" alone.
+            forms = "|".join(re.escape(f) for f in {typed, typed.title(), typed.upper()})
+            for m in re.finditer(rf"(?<![A-Za-z0-9])(?:{forms})(?![A-Za-z0-9])", text):
                 if not any(s < m.end() and m.start() < e for s, e, _ in found):
                     found.append((m.start(), m.end(), kind))
         return [Replacement(s, e, k, text[s:e], self._assign(k, text[s:e])) for s, e, k in sorted(found)]

@@ -18,8 +18,8 @@ from fedsea_shared.shard import load_shard
 KEY = b"k" * 32
 TEXTS = [
     "hi, my name is Oluwaseun Okafor and my number is 555 123 4567, write to oluwa.okafor@mail.example.org",
-    "Yesterday I met Marguerite Van der Berg and Dmitri Ivanova; PIN 4921, order 88120.",
-    "Hello MARGUERITE, marguerite! Marguerite's dog. Call 0800 1234 or 0800-1234 now",
+    "Yesterday I met Marguerite Van der Berg and my friend Ingrid Lindqvist; PIN 4921, order 88120.",
+    "Hello MARGUERITE, Marguerite! Marguerite's dog. Call 0800 1234 or 0800-1234 now",
 ]
 
 
@@ -28,7 +28,7 @@ def test_substitution_round_trips_and_hides_the_originals(text):
     p = Pseudonyms(KEY)
     hidden = p.substitute(text)
     assert p.restore(hidden) == text
-    for secret in ("Oluwaseun", "Okafor", "555", "4567", "oluwa.okafor", "Marguerite", "Berg", "Dmitri", "4921", "88120", "1234"):
+    for secret in ("Oluwaseun", "Okafor", "555", "4567", "oluwa.okafor", "Marguerite", "Berg", "Lindqvist", "4921", "88120", "1234"):
         if secret.lower() in text.lower():
             assert secret.lower() not in hidden.lower(), (secret, hidden)
 
@@ -61,7 +61,7 @@ def test_stop_strings_match_the_restored_text():
 
 def test_same_span_same_surrogate_under_one_key_and_another_under_another():
     turn1 = [{"role": "user", "content": "I am Marguerite, call 555 1234"}]
-    turn2 = turn1 + [{"role": "assistant", "content": "Hello Marguerite"}, {"role": "user", "content": "Dmitri Ivanova says hi"}]
+    turn2 = turn1 + [{"role": "assistant", "content": "Hello Marguerite"}, {"role": "user", "content": "Hi from Ingrid Lindqvist"}]
     a1, a2 = Pseudonyms(KEY).messages(turn1), Pseudonyms(KEY).messages(turn2)
     assert a2[: len(a1)] == a1  # a later turn re-sends the earlier one exactly
     assert "Marguerite" not in a2[1]["content"] and a2[1]["content"].split()[1] == a1[0]["content"].split()[2].rstrip(",")
