@@ -132,3 +132,15 @@ def test_gateway_completions_echo_the_original_prompt(gw, tiny_model_dir):
                                                           "max_tokens": 2, "temperature": 0}, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"].startswith(prompt)
+
+
+@pytest.mark.parametrize("flags, expected", [([], True), (["--no-pseudonymize"], False)])
+def test_gateway_pseudonymizes_by_default_and_the_flag_turns_it_off(monkeypatch, tiny_model_dir, flags, expected):
+    import gateway
+
+    from fedsea.cli import main
+
+    seen = []
+    monkeypatch.setattr(gateway, "run_gateway", lambda settings, log_level: seen.append(settings))
+    main(["gateway", "--model", str(tiny_model_dir), *flags])
+    assert [s.pseudonymize for s in seen] == [expected]
