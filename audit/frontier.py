@@ -2,7 +2,9 @@
 attacker reads back and for what users get.
 
 A configuration is a split, a noise scale, whether the public template prefix goes
-un-noised, and whether the edge runs a private obfuscating adapter (audit.obfuscator).
+un-noised, whether the edge runs a private obfuscating adapter (audit.obfuscator), and
+whether it pseudonymizes names and numbers (edge_runtime.pseudonyms, audit.substitution:
+leakage is then scored against the original text).
 Leakage: every attack of the sweep (naive: it assumes the public head) plus, against an
 adapter, the adaptive attacker, who knows the recipe and code but not the device's
 seed or text: it trains a shadow adapter with this same code on its own public text
