@@ -26,7 +26,9 @@ from functools import lru_cache
 from pathlib import Path
 
 MIN_DIGITS = 3  # shorter numbers (counts, days of the month) carry meaning and little identity
-SURROGATES = 1000  # surrogates come from the most common names of each list
+SURROGATES = 1000  # surrogates come from the most common names of each list...
+WIDER_AFTER = 16  # ...or from the whole list once that many draws collided (numbers: one more digit)
+MAX_ATTEMPTS = 64
 PARTICLES = {"van", "der", "den", "de", "la", "le", "von", "del", "da", "di", "du", "dos", "bin", "al", "ter"}
 # Words in the first-name list that are far more often something else when capitalised.
 NOT_NAMES = {
@@ -41,16 +43,17 @@ NOT_SURNAMES = NOT_NAMES | {
     "where", "who", "haha", "lol", "ok", "okay", "we", "you", "he", "she", "they", "is", "are", "was", "im", "hi", "hey",
 }
 EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
-DIGITS = re.compile(rf"\d{{{MIN_DIGITS},}}")
+DIGITS = re.compile(rf"(?<!\d)\d{{{MIN_DIGITS},}}")
 WORD = re.compile(r"[A-Za-z]+")
+ALNUM = re.compile(r"[A-Za-z0-9]+")
 INTRO = re.compile(r"(?:\bmy name is|\bmy name's|\bi am|\bi'm|\bcall me|\bnamed|\bmrs?\.?|\bms\.?|\bdr\.?)\s+$", re.I)
 TITLE = re.compile(r"\b(?:mrs?|ms|dr)\.?\s+$", re.I)
 
 
 @lru_cache(maxsize=1)
 def gazetteer() -> tuple[frozenset[str], tuple[str, ...], tuple[str, ...]]:
-    """(every first name lower-cased, the most common first names, the most common
-    surnames), title-cased, from the census lists the `names` package ships."""
+    """(every first name lower-cased, first names, surnames), title-cased and most common
+    first, from the census lists the `names` package ships."""
     spec = importlib.util.find_spec("names")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("pseudonymization needs the PyPI package `names` (scripts/setup.sh), or pseudonymize=False")
@@ -60,9 +63,9 @@ def gazetteer() -> tuple[frozenset[str], tuple[str, ...], tuple[str, ...]]:
         return [(line.split()[0].title(), float(line.split()[1])) for line in (root / name).read_text().splitlines() if line.strip()]
 
     firsts = sorted(read("dist.male.first") + read("dist.female.first"), key=lambda r: -r[1])
-    common = tuple(dict.fromkeys(n for n, _ in firsts if n.lower() not in NOT_NAMES))[:SURROGATES]
-    lasts = tuple(n for n, _ in read("dist.all.last")[:SURROGATES])
-    return frozenset(n.lower() for n, _ in firsts), common, lasts
+    first_pool = tuple(dict.fromkeys(n for n, _ in firsts if n.lower() not in NOT_NAMES))
+    last_pool = tuple(n for n, _ in read("dist.all.last") if n.isalpha())
+    return frozenset(n.lower() for n, _ in firsts), first_pool, last_pool
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ class Pseudonyms:
         self.forward: dict[tuple[str, str], str] = {}  # (kind, canonical original) -> canonical surrogate
         self.reverse: dict[str, str] = {}  # surrogate as it may appear in text -> original
         self.typed: dict[tuple[str, str], str] = {}  # (kind, canonical original) -> as first typed
+        self.used: set[str] = set()  # originals and surrogates, lower-cased: a new surrogate is neither
+        self.known: dict[str, list[str]] = {}  # first alphanumeric run -> forms of held originals
 
     def surrogate(self, kind: str, original: str, attempt: int = 0) -> str:
         """The keyed surrogate of `original` (canonical form), before collision handling."""
@@ -115,22 +120,29 @@ class Pseudonyms:
                                  person=b"fedsea-pseudonym").digest()
         if kind in ("first", "last"):
             pool = self.firsts if kind == "first" else self.lasts
+            pool = pool if attempt >= WIDER_AFTER else pool[:SURROGATES]
             return pool[int.from_bytes(digest[:8], "big") % len(pool)]
         if kind == "email":
             local, domain = original.split("@", 1)
             head, _, tld = domain.rpartition(".")
             return f"{_same_shape(local, digest)}@{_same_shape(head, digest[16:])}.{tld}"
-        return _same_shape(original, digest)
+        return _same_shape("0" * (attempt // WIDER_AFTER) + original, digest)
 
     def _assign(self, kind: str, original: str) -> str:
         canonical = original.lower() if kind in ("first", "last", "email") else original
         if (kind, canonical) not in self.forward:
-            taken = set(self.forward.values()) | {o for _, o in self.forward}
-            attempt = 0
-            while (s := self.surrogate(kind, canonical, attempt)).lower() in {t.lower() for t in taken} or s.lower() == canonical.lower():
-                attempt += 1
+            self.used.add(canonical.lower())
+            for attempt in range(MAX_ATTEMPTS):
+                if (s := self.surrogate(kind, canonical, attempt)).lower() not in self.used:
+                    break
+            else:
+                raise ValueError(f"too many distinct {kind} spans to pseudonymize in one request")
+            self.used.add(s.lower())
             self.forward[(kind, canonical)] = s
             self.typed[(kind, canonical)] = original
+            # As typed, capitalised or in capitals: a name seen once as "Mark" leaves "mark" alone.
+            for form in {original, original.title(), original.upper()}:
+                self.known.setdefault(ALNUM.match(form).group(), []).append(form)
         s = _same_case(self.forward[(kind, canonical)], original) if kind in ("first", "last") else self.forward[(kind, canonical)]
         for form in ({s, s.lower(), s.upper(), s.title()} if kind in ("first", "last") else {s}):
             self.reverse[form] = _same_case(original, form) if kind in ("first", "last") else original
@@ -139,13 +151,15 @@ class Pseudonyms:
     def detect(self, text: str) -> list[tuple[int, int, str]]:
         """(start, end, kind) of every sensitive span, in order, not overlapping."""
         spans = [(m.start(), m.end(), "email") for m in EMAIL.finditer(text)]
-        inside = lambda a, b: any(s <= a and b <= e for s, e, _ in spans)
-        spans += [(m.start(), m.end(), "number") for m in DIGITS.finditer(text) if not inside(m.start(), m.end())]
-        words = [m for m in WORD.finditer(text) if not inside(m.start(), m.end())]
+        in_email = bytearray(len(text) + 1)
+        for s, e, _ in spans:
+            in_email[s:e] = b"\1" * (e - s)
+        spans += [(m.start(), m.end(), "number") for m in DIGITS.finditer(text) if not in_email[m.start()]]
+        words = [m for m in WORD.finditer(text) if not in_email[m.start()]]
         i = 0
         while i < len(words):
             w = words[i]
-            before = text[: w.start()]
+            before = text[max(0, w.start() - 40) : w.start()]
             cued = INTRO.search(before[-20:]) is not None
             title = TITLE.search(before[-6:]) is not None
             word = w.group()
@@ -178,12 +192,17 @@ class Pseudonyms:
         found = self.detect(text)
         for s, e, k in found:  # in order of appearance: surrogates never depend on later text
             self._assign(k, text[s:e])
-        for (kind, canonical), typed in list(self.typed.items()):
-            # As typed, capitalised or in capitals: a name seen once as "Mark" leaves "mark" alone.
-            forms = "|".join(re.escape(f) for f in {typed, typed.title(), typed.upper()})
-            for m in re.finditer(rf"(?<![A-Za-z0-9])(?:{forms})(?![A-Za-z0-9])", text):
-                if not any(s < m.end() and m.start() < e for s, e, _ in found):
-                    found.append((m.start(), m.end(), kind))
+        taken = bytearray(len(text) + 1)
+        for s, e, _ in found:
+            taken[s:e] = b"\1" * (e - s)
+        originals = {form: key for key, typed in self.typed.items() for form in {typed, typed.title(), typed.upper()}}
+        for m in ALNUM.finditer(text):
+            for form in sorted(self.known.get(m.group(), ()), key=len, reverse=True):
+                end = m.start() + len(form)
+                if text.startswith(form, m.start()) and not text[end : end + 1].isalnum() and not any(taken[m.start() : end]):
+                    found.append((m.start(), end, originals[form][0]))
+                    taken[m.start() : end] = b"\1" * len(form)
+                    break
         return [Replacement(s, e, k, text[s:e], self._assign(k, text[s:e])) for s, e, k in sorted(found)]
 
     def substitute(self, text: str) -> str:
@@ -212,23 +231,29 @@ class Pseudonyms:
 
 
 class Restorer:
-    """Maps surrogates back in streamed text.  A surrogate counts only as a whole word, so
+    """Maps surrogates back in streamed text.  A surrogate counts only whole: a name or
+    e-mail between non-alphanumerics, a number between non-digits (as DIGITS finds them), so
     text that might begin one, or ends with one that the next character could extend, is
     held back until it is known (like edge_runtime.text.StopMatcher)."""
 
     def __init__(self, reverse: dict[str, str]):
         self.reverse = reverse
-        alternatives = "|".join(re.escape(s) for s in sorted(reverse, key=len, reverse=True))
-        self.pattern = re.compile(rf"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])") if reverse else None
-        self.prefixes = {s[:k] for s in reverse for k in range(1, len(s) + 1)}
+        numbers = sorted((s for s in reverse if s.isdigit()), key=len, reverse=True)
+        words = sorted((s for s in reverse if not s.isdigit()), key=len, reverse=True)
+        either = lambda ss: "|".join(map(re.escape, ss))
+        parts = ([rf"(?<![A-Za-z0-9])(?:{either(words)})(?![A-Za-z0-9])"] if words else []) + (
+            [rf"(?<!\d)(?:{either(numbers)})(?!\d)"] if numbers else [])
+        self.pattern = re.compile("|".join(parts)) if parts else None
+        self.number_prefixes = {s[:k] for s in numbers for k in range(1, len(s) + 1)}
+        self.word_prefixes = {s[:k] for s in words for k in range(1, len(s) + 1)}
         self.longest = max(map(len, reverse), default=0)
         self.pending = ""
         self.last = ""  # the last character emitted (a match must start at a word boundary)
 
     def _hold(self, buf: str) -> int:
         for i in range(max(0, len(buf) - self.longest), len(buf)):
-            previous = buf[i - 1] if i else self.last
-            if not previous.isalnum() and buf[i:] in self.prefixes:
+            previous, rest = buf[i - 1] if i else self.last, buf[i:]
+            if (rest in self.word_prefixes and not previous.isalnum()) or (rest in self.number_prefixes and not previous.isdigit()):
                 return i
         return len(buf)
 

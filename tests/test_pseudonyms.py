@@ -19,7 +19,7 @@ KEY = b"k" * 32
 TEXTS = [
     "hi, my name is Oluwaseun Okafor and my number is 555 123 4567, write to oluwa.okafor@mail.example.org",
     "Yesterday I met Marguerite Van der Berg and my friend Ingrid Lindqvist; PIN 4921, order 88120.",
-    "Hello MARGUERITE, Marguerite! Marguerite's dog. Call 0800 1234 or 0800-1234 now",
+    "Hello MARGUERITE, Marguerite! Marguerite's dog. Call 0800 1234 or 0800-1234 now, ref A1234x",
 ]
 
 
