@@ -142,7 +142,8 @@ class Pseudonyms:
             self.typed[(kind, canonical)] = original
             # As typed, capitalised or in capitals: a name seen once as "Mark" leaves "mark" alone.
             for form in {original, original.title(), original.upper()}:
-                self.known.setdefault(ALNUM.match(form).group(), []).append(form)
+                if head := ALNUM.match(form):  # (an e-mail may begin with "." or "+": not repeated then)
+                    self.known.setdefault(head.group(), []).append(form)
         s = _same_case(self.forward[(kind, canonical)], original) if kind in ("first", "last") else self.forward[(kind, canonical)]
         for form in ({s, s.lower(), s.upper(), s.title()} if kind in ("first", "last") else {s}):
             self.reverse[form] = _same_case(original, form) if kind in ("first", "last") else original
