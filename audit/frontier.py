@@ -2,7 +2,9 @@
 attacker reads back and for what users get.
 
 A configuration is a split, a noise scale, whether the public template prefix goes
-un-noised, and whether the edge runs a private obfuscating adapter (audit.obfuscator).
+un-noised, whether the edge runs a private obfuscating adapter (audit.obfuscator), and
+whether it pseudonymizes names and numbers (edge_runtime.pseudonyms, audit.substitution:
+leakage is then scored against the original text).
 Leakage: every attack of the sweep (naive: it assumes the public head) plus, against an
 adapter, the adaptive attacker, who knows the recipe and code but not the device's
 seed or text: it trains a shadow adapter with this same code on its own public text
@@ -15,6 +17,7 @@ accuracy and greedy agreement with the unsplit model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
+from edge_runtime.pseudonyms import Pseudonymizer
 from fedsea_shared import defaults
 
 from . import attacks, tasks
@@ -31,6 +35,7 @@ from .capture import batched_causal_attend, head_states, server_view
 from .config import AuditConfig
 from .obfuscator import ABSORB, Obfuscator, train_obfuscator
 from .run import AttackResult, _best, _Sweep
+from .substitution import substitute, truncated
 from .utility import perplexity
 
 log = logging.getLogger("fedsea.audit")
@@ -42,19 +47,25 @@ class Setting(BaseModel):
     noise: float = defaults.NOISE
     public_template: bool = defaults.PUBLIC_TEMPLATE
     obfuscator: float = Field(0.0, ge=0, description="leakage weight of the private obfuscating adapter; 0 = none")
+    # Off unless named (results saved before defense (c) existed load as what they were).
+    pseudonymize: bool = Field(False, description="names, numbers, e-mails -> keyed surrogates on the edge")
 
 
 def serving_default() -> Setting:
     """Exactly what `fedsea serve`, `fedsea gateway` and `EdgeClient` run by default."""
-    return Setting(name="serving-default")
+    return Setting(name="serving-default", pseudonymize=defaults.PSEUDONYMIZE)
 
 
 # Plain noise as before this defense work, then each defense at the same noise levels.
 FRONTIER = [
-    *(Setting(name="noise", noise=n, public_template=False) for n in (0.1, 0.3, 1.0)),
-    *(Setting(name="public-template", noise=n) for n in (0.1, 0.3)),
-    *(Setting(name=f"obfuscator-w{w:g}", noise=0.1, obfuscator=w) for w in (0.3, 1.0)),
+    *(Setting(name="noise", noise=n, public_template=False, pseudonymize=False) for n in (0.1, 0.3, 1.0)),
+    *(Setting(name="public-template", noise=n, pseudonymize=False) for n in (0.1, 0.3)),
+    *(Setting(name=f"obfuscator-w{w:g}", noise=0.1, obfuscator=w, pseudonymize=False) for w in (0.3, 1.0)),
+    *(Setting(name="pseudonyms", noise=n, pseudonymize=True) for n in (0.1, 0.3)),
 ]
+# The device's pseudonym key in the audit: the attacker knows the recipe and the public
+# surrogate lists, never this.
+DEVICE_KEY = hashlib.blake2b(b"fedsea-audit-device-key", digest_size=32).digest()
 
 
 class Point(BaseModel):
@@ -67,6 +78,8 @@ class Point(BaseModel):
     task_accuracy: dict[str, float]
     task_accuracy_delta: float = Field(description="mean task accuracy minus the unsplit model's, in [−1, 1]")
     greedy_agreement: float = Field(description="fraction of the unsplit model's greedy reply tokens before the first difference")
+    detected: dict[str, float] = Field(default_factory=dict, description="pseudonymize: planted names / numbers the edge's "
+                                       "detector replaced, and surrogates_read: replaced spans whose surrogate the best attack read")
 
 
 class FrontierReport(BaseModel):
@@ -80,21 +93,24 @@ class FrontierReport(BaseModel):
     cpu_s: float
 
 
-def _inverter_attacks(sweep: _Sweep, head: int, head_shard, seen: torch.Tensor, noise: float, prefix: str, kinds) -> dict[str, AttackResult]:
+def _inverter_attacks(sweep: _Sweep, head: int, head_shard, seen: torch.Tensor, noise: float, prefix: str, kinds,
+                      score=None) -> dict[str, AttackResult]:
     """Probe table and learned inverters built through `head_shard`'s head blocks (the
-    attacker's idea of the edge), scored on the victims' received states `seen`."""
+    attacker's idea of the edge), scored on the victims' received states `seen` (by
+    `score`: default, against the victims' tokens position by position)."""
     c, p = sweep.config, sweep.victims.prefix
+    score = score or sweep.score
     out = {}
     if "probe" in c.attacks:
         public = head_shard is sweep.shard and head in sweep.probes
         table = sweep.probes[head] if public else attacks.probe_table(head_shard, sweep.maker.prefix_ids, [head])[head]
-        out[f"{prefix}probe"] = sweep.score(attacks.nearest(seen.flatten(0, 1), table).view(seen.shape[:2]))
+        out[f"{prefix}probe"] = score(attacks.nearest(seen.flatten(0, 1), table).view(seen.shape[:2]))
     cut = head_states(head_shard, sweep.attacker.ids, [head])[head][:, p:]
     for kind in kinds:
-        model = attacks.make_inverter(kind, sweep.model_config.hidden_size, sweep.victims.ids.shape[1])
+        model = attacks.make_inverter(kind, sweep.model_config.hidden_size, max(p + seen.shape[1], sweep.victims.ids.shape[1]))
         attacks.train_inverter(model, cut, sweep.attacker.content, sweep.embedding, noise,
                                c.inverter_steps + c.inverter_warm_steps, seed=c.seed)
-        out[f"{prefix}{kind}"] = sweep.score(attacks.invert(model, seen, sweep.embedding))
+        out[f"{prefix}{kind}"] = score(attacks.invert(model, seen, sweep.embedding))
     return out
 
 
@@ -144,6 +160,7 @@ def run_frontier(config: AuditConfig, settings: list[Setting], task_prompts: int
     p = sweep.victims.prefix
     defense_windows = sweep.maker.plain(sweep.defense_chats, config.defense_windows)
     obfuscators: dict[tuple[float, float], tuple[Obfuscator, Obfuscator]] = {}
+    pseudonymizer = Pseudonymizer(DEVICE_KEY)
     points = []
     for s in settings:
         base_attacks = [k for k in attacks.INVERTERS if k in config.attacks]
@@ -163,29 +180,56 @@ def run_frontier(config: AuditConfig, settings: list[Setting], task_prompts: int
             full = real.full_shard(sweep.shard)
         else:
             edge = full = sweep.shard
-        victim_cut = head_states(edge, sweep.victims.ids, [head])[head] if s.obfuscator else sweep.victim_cut[head]
+        score, detected = sweep.score, {}
+        if s.pseudonymize:
+            # The edge substitutes before tokenizing; guesses are scored at the original positions.
+            pad = sweep.tokenizer.eos_token_id
+            victims = substitute(sweep.tokenizer, sweep.victims, pseudonymizer, pad)
+            victim_cut = head_states(edge, victims.ids, [head])[head]
+            read: list[float] = []
+
+            def score(guess, victims=victims, read=read):
+                read.append(victims.surrogates_read(guess))
+                return sweep.score(victims.to_original(guess))
+
+            detected = victims.detected(sweep.victims.canaries, sweep.tokenizer)
+            log.info("%s: the detector replaced %s of the planted canaries", s.name, detected)
+        else:
+            victim_cut = head_states(edge, sweep.victims.ids, [head])[head] if s.obfuscator else sweep.victim_cut[head]
         # What the server receives: noised, the public template prefix clean when that is on.
         received = server_view(victim_cut, s.noise, config.seed + 1, p if s.public_template else 0)
         seen = received[:, p:]
         results = {}
         if "embedding" in config.attacks:
-            results["embedding"] = sweep.score(attacks.nearest_embedding(seen, sweep.embedding))
-        results |= _inverter_attacks(sweep, head, sweep.shard, seen, s.noise, "", base_attacks)
+            results["embedding"] = score(attacks.nearest_embedding(seen, sweep.embedding))
+        results |= _inverter_attacks(sweep, head, sweep.shard, seen, s.noise, "", base_attacks, score)
         if s.obfuscator:
             mlp = ["mlp"] if "mlp" in config.attacks else []
             results |= _inverter_attacks(sweep, head, shadow.edge_shard(sweep.shard), seen, s.noise, "shadow-", mlp)
             results |= _inverter_attacks(sweep, head, edge, seen, s.noise, "known-", mlp)
             results |= _downstream_attacks(sweep, head, full, received, s.noise)
         best, best_attack = _best(results)
+        if s.pseudonymize:
+            detected["surrogates_read"] = max(read)
         h = sweep.held_out
-        utility_cut = head_states(edge, h.ids, [head])[head] if s.obfuscator else sweep.utility_cut[head]
-        ppl = perplexity(full, head, utility_cut, h.ids, h.prefix, s.noise, config.seed + 2, h.prefix if s.public_template else 0)
+        clean = h.prefix if s.public_template else 0
+        if s.pseudonymize:
+            # Perplexity is not defined on the original text for replaced spans: this is the
+            # split's perplexity on the pseudonymized text against the unsplit model's on it.
+            ids = truncated(substitute(sweep.tokenizer, h, pseudonymizer, sweep.tokenizer.eos_token_id))
+            cut = head_states(edge, ids, [head])[head]
+            ppl = perplexity(full, head, cut, ids, h.prefix, s.noise, config.seed + 2, clean)
+            ratio = ppl / perplexity(sweep.shard, head, cut, ids, h.prefix, 0.0, config.seed + 2)
+        else:
+            utility_cut = head_states(edge, h.ids, [head])[head] if s.obfuscator else sweep.utility_cut[head]
+            ppl = perplexity(full, head, utility_cut, h.ids, h.prefix, s.noise, config.seed + 2, clean)
+            ratio = ppl / sweep.baseline
         adapters = {"obf": (real.edge_dir, real.server_dir)} if s.obfuscator else None
-        serving = tasks.Serving(s.noise, s.public_template, "obf" if s.obfuscator else None)
+        serving = tasks.Serving(s.noise, s.public_template, "obf" if s.obfuscator else None, s.pseudonymize)
         got = tasks.measure(config.model, head, config.tail, [serving], prompts, adapters)[0]
         points.append(Point(
             setting=s, attacks=results, best=best, best_attack=best_attack, perplexity=ppl,
-            perplexity_ratio=ppl / sweep.baseline, task_accuracy=got.accuracy,
+            perplexity_ratio=ratio, task_accuracy=got.accuracy, detected=detected,
             task_accuracy_delta=got.mean_accuracy - reference.mean_accuracy, greedy_agreement=got.agreement(reference),
         ))
         if progress is not None:

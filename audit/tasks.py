@@ -32,6 +32,7 @@ class Serving:
     noise: float
     public_template: bool = True
     adapter: str | None = None  # a name in the `adapters` given to `measure`
+    pseudonymize: bool = False  # names, numbers, e-mails -> keyed surrogates, restored in the reply
 
 
 @dataclass
@@ -122,11 +123,11 @@ def measure(
     try:
         with ExitStack() as stack:
             clients = {}
-            for public in sorted({s.public_template for s in servings}):
-                clients[public] = stack.enter_context(EdgeClient(
-                    server.url, model=model, head=head, tail=tail, public_template=public,
+            for public, pseudonymize in sorted({(s.public_template, s.pseudonymize) for s in servings}):
+                clients[public, pseudonymize] = stack.enter_context(EdgeClient(
+                    server.url, model=model, head=head, tail=tail, public_template=public, pseudonymize=pseudonymize,
                     adapters={n: str(e) for n, (e, _) in adapters.items()},
                 ))
-            return [_run(clients[s.public_template], s, p) for s in servings]
+            return [_run(clients[s.public_template, s.pseudonymize], s, p) for s in servings]
     finally:
         server.stop()

@@ -26,9 +26,12 @@ from audit.frontier import FRONTIER, FrontierReport, Setting, frontier_table, pl
 
 RESULTS = Path(__file__).parent / "results"
 PARTS = {
-    "noise": [Setting(name="public-template", noise=0.1), Setting(name="noise", noise=0.1, public_template=False),
-              Setting(name="public-template", noise=1.0), Setting(name="noise", noise=1.0, public_template=False)],
-    "obfuscator": [Setting(name="obfuscator-w1", noise=0.1, obfuscator=1.0)],
+    "noise": [Setting(name="public-template", noise=0.1, pseudonymize=False),
+              Setting(name="noise", noise=0.1, public_template=False, pseudonymize=False),
+              Setting(name="public-template", noise=1.0, pseudonymize=False),
+              Setting(name="noise", noise=1.0, public_template=False, pseudonymize=False)],
+    "obfuscator": [Setting(name="obfuscator-w1", noise=0.1, obfuscator=1.0, pseudonymize=False)],
+    "pseudonyms": [Setting(name="pseudonyms", noise=0.1, pseudonymize=True), Setting(name="pseudonyms", noise=1.0, pseudonymize=True)],
     "all": FRONTIER,
 }
 # Sizes that finish in about half an hour per part on 2 cores shared with other jobs.

@@ -40,6 +40,7 @@ from .constraints import Constraint, Grammars
 from .keys import load_or_create_key
 from .model import EdgeModel, EdgeWorker, SequenceCache
 from .prefix_cache import Prefix, PrefixStore
+from .pseudonyms import Pseudonymizer, PseudonymizedPrompt, output_text
 from .sampling import SamplingParams, sample, score_prompt
 from .servers import NoOtherServer, ServerList
 from .session import InferenceSession
@@ -89,6 +90,7 @@ class AsyncEdgeClient:
         edge_cache_memory: int = 256 * 2**20,
         server_ca: str | None = None,
         public_template: bool = defaults.PUBLIC_TEMPLATE,
+        pseudonymize: bool = defaults.PSEUDONYMIZE,
     ):
         """`adapters`: fine-tuned LoRA adapters by name (-> directory) a generation may
         pick; the server must serve each under the same name.  `noise_key`: the secret
@@ -98,7 +100,9 @@ class AsyncEdgeClient:
         over between.  `server_ca`: PEM file that verifies a wss:// server (a private CA or its
         self-signed certificate; default: the system trust store).  `public_template`:
         send the chat template's public prefix (default system turn, user header)
-        un-noised (see fedsea_shared.noise.public_prefix_len)."""
+        un-noised (see fedsea_shared.noise.public_prefix_len).  `pseudonymize`: replace
+        names, digit runs and e-mails in text prompts by surrogates keyed to `noise_key`,
+        and map them back in the generated text (edge_runtime.pseudonyms)."""
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}")
         self.servers = ServerList([server_url] if isinstance(server_url, str) else list(server_url))
@@ -119,6 +123,7 @@ class AsyncEdgeClient:
         self.noise_key = load_or_create_key() if noise_key is None else noise_key
         if len(self.noise_key) != KEY_BYTES:
             raise ValueError(f"noise_key must be {KEY_BYTES} bytes, got {len(self.noise_key)}")
+        self.pseudonymizer = Pseudonymizer(self.noise_key) if pseudonymize else None
         self.model_id = f"{model_dir.name}|{self.config.num_hidden_layers}|{self.config.hidden_size}"
         self.prefixes = PrefixStore(edge_cache_memory)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
@@ -189,9 +194,20 @@ class AsyncEdgeClient:
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of a chat, formatted with the model's own chat template (with the
-        tools, OpenAI-style, for a template that takes them)."""
+        tools, OpenAI-style, for a template that takes them); pseudonymized, their
+        generations restore the originals."""
+        pseudonyms = self.pseudonymizer.conversation() if self.pseudonymizer else None
+        if pseudonyms:
+            messages = pseudonyms.messages(messages)
         text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return PseudonymizedPrompt(ids, pseudonyms) if pseudonyms else ids
+
+    def text_prompt(self, text: str) -> list[int]:
+        """Token ids of a raw completion prompt, pseudonymized like `chat_prompt`."""
+        pseudonyms = self.pseudonymizer.conversation() if self.pseudonymizer else None
+        ids = self.tokenizer(pseudonyms.substitute(text) if pseudonyms else text).input_ids
+        return PseudonymizedPrompt(ids, pseudonyms) if pseudonyms else ids
 
     async def stream(self, messages: list[dict], **params) -> AsyncIterator[TokenEvent]:
         noise = params.pop("noise", None)
@@ -334,7 +350,7 @@ class AsyncEdgeClient:
         prompt = torch.tensor(prompt_ids)
         generated: list[int] = []
         detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopMatcher(params.stop)
+        stops = output_text(prompt_ids, StopMatcher(params.stop))  # surrogates restored first
         pos = len(prompt_ids)
         while True:
             allowed = constraint.allowed() if constraint else None

@@ -118,6 +118,9 @@ def _edge_args(p: argparse.ArgumentParser) -> None:
                                      "prefer --api-key-file or $FEDSEA_API_KEY; default: no key)")
     p.add_argument("--api-key-file", metavar="FILE", help="read the --api-key from FILE")
     p.add_argument("--protect-status", action="store_true", help="require the API key for /health, /metrics and /openapi.json too")
+    p.add_argument("--no-pseudonymize", dest="pseudonymize", action="store_false",
+                   help="send names, digit runs and e-mail addresses as typed instead of keyed surrogates that the "
+                        "edge maps back in the output (default: pseudonymize; see docs/privacy.md)")
     p.add_argument("--edge-cache-memory", default="256MiB",
                    help="memory for recent conversations' edge state, so a chat's next turn computes and sends only "
                         "its new tokens (bytes, e.g. 512MiB; 0 turns prefix reuse off; default: %(default)s)")
@@ -184,7 +187,7 @@ def _gateway_settings(args, server_url: str | list[str], server_api_key: str | N
     return GatewaySettings(
         edge_cache_memory=parse_memory(args.edge_cache_memory),
         server_url=server_url, server_api_key=server_api_key, model=args.model, head=args.head, tail=args.tail,
-        noise=args.noise, host=args.host, port=args.port, api_key=api_key, protect_status=args.protect_status,
+        noise=args.noise, pseudonymize=args.pseudonymize, host=args.host, port=args.port, api_key=api_key, protect_status=args.protect_status,
         adapters=_adapters(args),
     )
 

@@ -13,5 +13,8 @@ NOISE = 0.1
 # Send the chat template's public prefix (and so the attention sink) un-noised: it is the
 # same in every prompt, and noise on the sink's outlier activations costs quality.
 PUBLIC_TEMPLATE = True
+# Replace names, digit runs and e-mail addresses by keyed surrogates before the prompt
+# becomes token ids, and map them back in the output (edge_runtime.pseudonyms).
+PSEUDONYMIZE = True
 SERVER_PORT = 8765
 GATEWAY_PORT = 8000

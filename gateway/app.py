@@ -156,7 +156,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         for p in req.prompts:
             if isinstance(p, str):
                 limits.refuse_overlong_text([p], client.tokenizer, client.config.max_position_embeddings, "prompt")
-            ids = (await asyncio.to_thread(client.tokenizer, p)).input_ids if isinstance(p, str) else p
+            try:
+                ids = await asyncio.to_thread(client.text_prompt, p) if isinstance(p, str) else p
+            except ValueError as e:  # the pseudonymizer refuses a prompt it cannot map back
+                raise errors.bad_request(str(e), param="prompt") from e
             if not ids:
                 raise errors.bad_request("the prompt is empty", param="prompt")
             if max(ids) >= vocab:

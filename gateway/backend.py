@@ -40,6 +40,7 @@ class GatewaySettings:
     head: int = defaults.HEAD
     tail: int = defaults.TAIL
     noise: float = defaults.NOISE
+    pseudonymize: bool = defaults.PSEUDONYMIZE  # names, numbers, e-mails -> keyed surrogates (edge_runtime.pseudonyms)
     host: str = "127.0.0.1"
     port: int = defaults.GATEWAY_PORT
     api_key: str | None = None  # when set, /v1 requires "Authorization: Bearer <key>"
@@ -89,6 +90,7 @@ class Backend:
             self.client = await asyncio.to_thread(
                 AsyncEdgeClient, s.server_url, s.model, s.head, s.tail, s.noise, api_key=s.server_api_key,
                 adapters=s.adapters, edge_cache_memory=s.edge_cache_memory, server_ca=s.server_ca,
+                pseudonymize=s.pseudonymize,
             )
         except Exception as e:
             self.problem = f"the edge model failed to load: {e}"

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from edge_runtime.client import TokenEvent
+from edge_runtime.pseudonyms import restored
 
 from . import schemas as s
 from .tools import CallParser
@@ -150,7 +151,7 @@ class CompletionOutput(Output):
         self.echo = echo
 
     def _echoed(self, index: int) -> str:
-        return self.tokenizer.decode(self.echo[index]) if self.echo else ""
+        return restored(self.echo[index], self.tokenizer.decode(self.echo[index])) if self.echo else ""
 
     def _prompt_entries(self, index: int, first: TokenEvent) -> list[tuple]:
         if not self.echo:

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from audit import tasks
 from audit.capture import head_states, server_view
 from audit.config import AuditConfig
-from audit.frontier import _inverter_attacks
+from audit.frontier import Setting, _inverter_attacks, run_frontier
 from audit.obfuscator import train_obfuscator
 from audit.run import _Sweep
 from fedsea.cli import main
@@ -87,7 +87,8 @@ def test_serving_default_json(tiny_model_dir, tmp_path, capsys):
         assert 0.0 <= saved[key] <= 1.0
     assert saved["perplexity_ratio"] > 0 and -1.0 <= saved["task_accuracy_delta"] <= 1.0
     assert saved["setting"] == {"name": "serving-default", "head": defaults.HEAD, "noise": defaults.NOISE,
-                                "public_template": defaults.PUBLIC_TEMPLATE, "obfuscator": 0.0}
+                                "public_template": defaults.PUBLIC_TEMPLATE, "obfuscator": 0.0,
+                                "pseudonymize": defaults.PSEUDONYMIZE}
     assert saved["token_recovery"] == max(a["token_recovery"] for a in saved["report"]["points"][0]["attacks"].values())
     assert "| serving-default |" in capsys.readouterr().out
 
@@ -96,3 +97,16 @@ def test_cli_rejects_bad_frontier_input(tiny_model_dir):
     with pytest.raises(SystemExit) as exit_:
         main(["audit", "--model", str(tiny_model_dir), "--serving-default", "--task-prompts", "0"])
     assert "--task-prompts" in str(exit_.value)
+
+
+def test_pseudonymized_victims_give_up_fewer_planted_names_than_plain_noise(tiny_model_dir):
+    """The real pseudonymizer runs on the victims' text; leakage is scored against the
+    original text, so a name counts only if the attacker writes the original."""
+    config = AuditConfig(model=str(tiny_model_dir), heads=[2], attacker_windows=8, attacks=["embedding", "probe"], **SMALL)
+    plain, pseudo = run_frontier(config, [Setting(name="noise", noise=0.1, pseudonymize=False),
+                                          Setting(name="pseudonyms", noise=0.1, pseudonymize=True)], 1, 1).points
+    assert plain.best.canary["name"] > 0.5 and plain.best.canary["number"] > 0.5  # the tiny head hides nothing
+    assert pseudo.best.canary["name"] < plain.best.canary["name"] - 0.5
+    assert pseudo.best.canary["number"] < plain.best.canary["number"] - 0.5
+    assert pseudo.best.token_recovery < plain.best.token_recovery
+    assert pseudo.detected["name"] > 0.5 and pseudo.detected["surrogates_read"] > 0.5  # it reads the surrogates instead

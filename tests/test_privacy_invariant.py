@@ -61,9 +61,11 @@ def test_server_never_receives_prompt_text_or_ids(recorded, tiny_model_dir):
 
 
 def prefill_states(server, tiny_model_dir, frames, key=b"k" * 32, noise=0.5, **params):
-    """The states of the first Step of a request from a fresh edge (nothing reused)."""
+    """The states of the first Step of a request from a fresh edge (nothing reused).
+    Pseudonymization off: it keys the prompt's surrogates to the key too, and these tests
+    compare the noise of one prompt under different keys."""
     frames.clear()
-    with EdgeClient(server.url, model=str(tiny_model_dir), noise=noise, noise_key=key) as client:
+    with EdgeClient(server.url, model=str(tiny_model_dir), noise=noise, noise_key=key, pseudonymize=False) as client:
         client.generate([{"role": "user", "content": PROMPT}], max_tokens=1, **params)
     return [t for m, t in (decode(f) for f in frames) if isinstance(m, Step)][0]
 
