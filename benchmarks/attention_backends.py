@@ -12,12 +12,18 @@ Run it under the venv that has vllm (benchmarks/setup_vllm.sh); without vllm onl
 torch rows are measured:
 
     PYTHONPATH=$PWD ~/.cache/fedsea/peers/vllm-venv/bin/python benchmarks/attention_backends.py
+
+`--serve ROUNDS` instead measures `fedsea serve` end to end with each backend (1 and 8
+streaming clients, 48-token answers, vs_peers.py's client; the backends alternate for
+ROUNDS rounds), writing benchmarks/results/attention_backends_serve.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
+import sys
 import json
 import time
 from concurrent.futures import Future
@@ -99,6 +105,28 @@ def cases(contexts: list[int], batches: list[int]) -> list[tuple[str, list[tuple
     return out
 
 
+def serve(rounds: int, threads: int, out: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.vs_peers import _process, bench_server
+    from server_runtime.process import free_port
+
+    results: dict[str, list] = {}
+    for _ in range(rounds):
+        for backend in ("torch", "vllm"):
+            port = free_port()
+            cmd = [sys.executable, "-m", "fedsea.cli", "serve", "--port", str(port), "--attention-backend", backend]
+            print(f"fedsea serve --attention-backend {backend}", flush=True)
+            env = {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+            with _process("fedsea", cmd, port, "/health", env=env) as (url, _):
+                results.setdefault(backend, []).append(asyncio.run(bench_server(url, [1, 8], 1, 48)))
+    for c in ("1", "8"):
+        mean = {b: sum(r[c]["tok_s"] for r in runs) / len(runs) for b, runs in results.items()}
+        print(f"{c} client(s): torch {mean['torch']:.1f} tok/s, vllm {mean['vllm']:.1f} tok/s, "
+              f"vllm / torch {mean['vllm'] / mean['torch']:.2f}")
+    out.write_text(json.dumps({"threads": threads, "rounds": rounds, "results": results}, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024])
@@ -106,7 +134,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best is kept")
     ap.add_argument("--out", type=Path, default=RESULTS / "attention_backends.json")
+    ap.add_argument("--serve", type=int, default=0, metavar="ROUNDS", help="measure fedsea serve end to end instead")
     args = ap.parse_args()
+    if args.serve:
+        return serve(args.serve, args.threads, RESULTS / "attention_backends_serve.json")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shard = ModelShard(LlamaConfig(**SMOLLM2), list(MIDDLE), with_edge_parts=False).eval()
