@@ -37,6 +37,13 @@ NOT_NAMES = {
     "god", "christian", "will", "an", "in", "so", "to", "my", "a", "i", "ok", "love", "art", "star", "ha", "man",
     "ai", "hope", "joy", "sun", "long", "young", "see", "guy", "king", "queen", "major", "rich",
 }
+# Places the list also holds as first names: not detected (sending them is worth more than
+# hiding them), though they stay in the surrogate pool.
+PLACES = {
+    "france", "paris", "america", "asia", "africa", "china", "india", "florida", "georgia", "virginia", "carolina",
+    "dakota", "california", "nevada", "europe", "london", "berlin", "vienna", "houston", "dallas", "phoenix",
+}
+NOT_DETECTED = NOT_NAMES | PLACES
 # Capitalised words that open a message or sentence in chat and so never continue a name.
 NOT_SURNAMES = NOT_NAMES | {
     "the", "and", "but", "or", "oh", "yeah", "yes", "no", "well", "it", "that", "this", "what", "how", "when", "why",
@@ -164,7 +171,7 @@ class Pseudonyms:
             cued = INTRO.search(before[-20:]) is not None
             title = TITLE.search(before[-6:]) is not None
             word = w.group()
-            known = word.lower() in self.names and word.lower() not in NOT_NAMES
+            known = word.lower() in self.names and word.lower() not in NOT_DETECTED
             follows = i + 1 < len(words) and text[w.end() : words[i + 1].start()].isspace() and _surname(words[i + 1].group())
             # A capitalised list word opening a sentence is a name only if a surname follows.
             opening = not before.rstrip() or before.rstrip()[-1] in ".!?:;\"\n"
