@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sessions", type=int, default=16)
     p.add_argument("--model", default=defaults.MODEL)
     p.add_argument("--kv-cache-memory", default="160MiB", help="KV pool of each server (default: %(default)s)")
+    p.add_argument("--edge-cache-memory", default="256MiB",
+                   help="the gateway's cache of recent conversations (default: %(default)s, the gateway's own): "
+                        "its resident memory grows until this fills")
     p.add_argument("--out", type=Path, default=RESULTS / "soak.json")
     args = p.parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="fedsea-soak-"))
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("server_a", "server_b")
     }
     servers = [a for name in ("server_a", "server_b") for a in ("--server", f"ws://127.0.0.1:{ports[name]}")]
-    procs["gateway"] = Process("gateway", ["gateway", "--model", args.model, "--port", str(ports["gateway"]), *servers],
+    procs["gateway"] = Process("gateway", ["gateway", "--model", args.model, "--port", str(ports["gateway"]),
+                                           "--edge-cache-memory", args.edge_cache_memory, *servers],
                                ports["gateway"], log_dir)
     try:
         for proc in procs.values():
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for proc in procs.values():
             proc.stop()
-    result.update(minutes=args.minutes, sessions=args.sessions, model=args.model, kv_cache_memory=args.kv_cache_memory,
+    result.update(minutes=args.minutes, sessions=args.sessions, model=args.model, kv_cache_memory=args.kv_cache_memory, edge_cache_memory=args.edge_cache_memory,
                   logs=str(log_dir),
                   machine=f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
     errors = {k: v for k, v in result["outcomes"].items() if k not in ("ok", "aborted")}
