@@ -33,6 +33,8 @@ from .servers import NoOtherServer
 
 log = logging.getLogger("fedsea.edge.session")
 
+PREEMPTION_BACKOFF_S = 0.05  # the first wait before reopening a preempted session; doubles, up to 1 s
+
 
 class Connector(Protocol):
     def __call__(self, failed: ServerConnection | None = None, elsewhere: bool = False) -> Awaitable[ServerConnection]:
@@ -190,6 +192,10 @@ class InferenceSession:
                                                   f"({e.message}); giving up") from e
                     log.info("session preempted at position %d; reopening it on the same server", self.position)
                     await self.close()
+                    # Reopened at once, it would share its cached prefix again and be the
+                    # first session the next full pool preempts (a waiting holder): give the
+                    # pool time to turn over first (at most ~6.5 s over 10 reopens).
+                    await asyncio.sleep(min(PREEMPTION_BACKOFF_S * 2 ** (preemptions - 1), 1.0))
                 elif isinstance(e, (ConnectionLost, BadReply)):
                     failovers += 1
                     if failovers > self.max_retries:
