@@ -74,6 +74,20 @@ def spy_safetensors(monkeypatch, module) -> list[str]:
     return read
 
 
+def record_frames(server) -> list[bytes]:
+    """Every frame the in-process `server` receives from now on, in order (what the
+    edge actually put on the wire)."""
+    frames: list[bytes] = []
+    original = server.runtime._on_frame
+
+    async def spy(conn, data):
+        frames.append(bytes(data))
+        return await original(conn, data)
+
+    server.runtime._on_frame = spy
+    return frames
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), default_model_dir)

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from edge_runtime import AsyncEdgeClient
 from edge_runtime.sampling import SamplingParams, sample
 from edge_runtime.text import IncrementalDetokenizer, StopMatcher
+from conftest import record_frames
 
 EMPTY = torch.tensor([], dtype=torch.long)
 
@@ -121,14 +122,7 @@ async def test_session_recovers_after_the_connection_drops(start_server, tiny_mo
 async def test_half_precision_wire(start_server, tiny_model_dir, wire_dtype):
     """The negotiated wire dtype is what travels; the split still generates."""
     server = start_server(tiny_model_dir)
-    seen = []
-    original = server.runtime._on_frame
-
-    async def spy(conn, data):
-        seen.append(bytes(data))
-        return await original(conn, data)
-
-    server.runtime._on_frame = spy
+    seen = record_frames(server)
     client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0, wire_dtype=wire_dtype)
     out = await client.generate([{"role": "user", "content": "hello"}], max_tokens=5, temperature=0)
     assert out.completion_tokens == 5

@@ -15,6 +15,7 @@ from edge_runtime import AsyncEdgeClient
 from edge_runtime.servers import ServerList
 from gateway import GatewaySettings, GatewayThread
 from test_prefix_cache import metric
+from conftest import record_frames
 
 USER = [{"role": "user", "content": "Tell me about the sea."}]
 
@@ -86,14 +87,7 @@ async def test_a_replay_larger_than_the_message_limit_goes_in_chunks(start_serve
     dropped connection each go as several Steps, and the output is unchanged."""
     roomy = start_server(tiny_model_dir)
     tight = start_server(tiny_model_dir, max_message_bytes=4 + 256 + 5 * 64 * 4)
-    frames = []
-    original = tight.runtime._on_frame
-
-    async def spy(conn, data):
-        frames.append(len(data))
-        return await original(conn, data)
-
-    tight.runtime._on_frame = spy
+    frames = record_frames(tight)
     alone = AsyncEdgeClient(roomy.url, model=str(tiny_model_dir), noise=0.0)
     expected = (await alone.generate(USER, max_tokens=12, temperature=0)).token_ids
     await alone.aclose()
@@ -105,8 +99,9 @@ async def test_a_replay_larger_than_the_message_limit_goes_in_chunks(start_serve
             await (await client.connection()).ws.close()
     await client.aclose()
     assert got == expected
-    assert max(frames) <= tight.runtime.settings.max_message_bytes
-    assert sum(n > 4 * 64 * 4 + 256 for n in frames) >= 7 + 2  # Steps of 5: 7 of the 36-state prompt, 2 of the replay
+    sizes = [len(f) for f in frames]
+    assert max(sizes) <= tight.runtime.settings.max_message_bytes
+    assert sum(n > 4 * 64 * 4 + 256 for n in sizes) >= 7 + 2  # Steps of 5: 7 of the 36-state prompt, 2 of the replay
     assert 'code="too_large"' not in (await asyncio.to_thread(_metrics_text, tight))
 
 

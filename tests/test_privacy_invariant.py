@@ -12,6 +12,7 @@ from audit.capture import head_states
 from edge_runtime import EdgeClient
 from fedsea_shared.protocol import Step, decode
 from fedsea_shared.shard import load_shard
+from conftest import record_frames
 
 PROMPT = "My name is Alice Carrington and my PIN is 4921. What should I cook tonight?"
 
@@ -20,16 +21,7 @@ PROMPT = "My name is Alice Carrington and my PIN is 4921. What should I cook ton
 def recorded(start_server, tiny_model_dir):
     """A server that records every frame it receives, and an edge client for it."""
     server = start_server(tiny_model_dir, noise_min=0.0)
-    frames: list[bytes] = []
-    runtime = server.runtime
-    original = runtime._on_frame
-
-    async def spy(conn, data):
-        frames.append(bytes(data))
-        return await original(conn, data)
-
-    runtime._on_frame = spy
-    yield server, frames
+    yield server, record_frames(server)
 
 
 def id_patterns(ids: list[int]) -> list[bytes]:

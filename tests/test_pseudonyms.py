@@ -14,6 +14,7 @@ from edge_runtime.pseudonyms import Pseudonyms, Restorer, RestoringText
 from edge_runtime.text import StopMatcher
 from fedsea_shared.protocol import Step, decode
 from fedsea_shared.shard import load_shard
+from conftest import record_frames
 
 KEY = b"k" * 32
 TEXTS = [
@@ -76,15 +77,7 @@ def _sent_states(frames):
 @pytest.fixture
 def recorded(start_server, tiny_model_dir):
     server = start_server(tiny_model_dir, noise_min=0.0)
-    frames: list[bytes] = []
-    original = server.runtime._on_frame
-
-    async def spy(conn, data):
-        frames.append(bytes(data))
-        return await original(conn, data)
-
-    server.runtime._on_frame = spy
-    return server, frames
+    return server, record_frames(server)
 
 
 def test_the_server_computes_on_the_surrogate_prompt_only(recorded, tiny_model_dir):
