@@ -149,10 +149,14 @@ class ServerConnection:
 
     def new_sid(self) -> int:
         return next(self._sids)
-    async def open(self, sid: int, noise: float, adapter: str | None = None, prefix: list[bytes] | None = None) -> int:
-        """Open a session; returns how many tokens of `prefix` (block keys) the server holds."""
+
+    async def open(self, sid: int, noise: float, adapter: str | None = None, prefix: list[bytes] | None = None,
+                   reopen: bool = False) -> int:
+        """Open a session (`reopen`: again, after the server preempted it); returns how
+        many tokens of `prefix` (block keys) the server holds."""
         keys = [k.hex() for k in prefix] if prefix else None
-        message, _ = await self._request(sid, encode(Open(sid=sid, noise=noise, adapter=adapter, prefix=keys)), Opened)
+        open_ = Open(sid=sid, noise=noise, adapter=adapter, prefix=keys, reopen=reopen)
+        message, _ = await self._request(sid, encode(open_), Opened)
         return message.cached
 
     async def fork(self, sid: int, parent: int) -> int:

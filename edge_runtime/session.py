@@ -10,8 +10,9 @@ to the server's cache (block keys), so a server that still holds them is not sen
 
 A session is the unit of failover: when its connection drops or its server sends an
 invalid reply, it reopens on the server the client's policy picks next (edge_runtime.servers)
-and replays there; when its server preempts it (ErrorCode.PREEMPTED), it reopens on the
-same server, which answers what it still caches.  Either way the step goes on and returns
+and replays there; when its server preempts it (ErrorCode.PREEMPTED), it reopens the same
+server session (Open.reopen: it keeps its place in the server's queue), and the server
+answers what it still caches.  Either way the step goes on and returns
 what it would have: the caller sees a delay.  Replays longer than the server's
 `max_message_bytes` go as several Steps at consecutive positions.
 """
@@ -62,6 +63,7 @@ class InferenceSession:
         self.max_preemptions = max_preemptions
         self.conn: ServerConnection | None = None
         self.sid: int | None = None  # None: not open on `conn` (yet, or any more)
+        self.preempted = False  # `sid` is open but the server took its blocks: reopen it before sending
         self.position = 0  # tokens the server holds for this session
         self._sent: list[torch.Tensor] = [prior] if prior is not None and len(prior) else []
         self.digests: list[bytes] = list(prior_digests)  # the noise digest of each position
@@ -94,9 +96,20 @@ class InferenceSession:
         return self
 
     async def _attach(self, upto: int | None) -> None:
-        """Open a server session on `conn`, naming the block keys of the stored states
-        (below `upto`, whose outputs the caller still needs); the server answers what it holds."""
-        self.sid, self.position = None, 0
+        """Open a server session on `conn` (or reopen the preempted one), naming the block
+        keys of the stored states (below `upto`, whose outputs the caller still needs); the
+        server answers what it holds."""
+        self.position = 0
+        if self.preempted:
+            try:
+                self.position = await self._open(self.sid, upto, reopen=True)
+                self.preempted = False
+                return
+            except ServerError as e:
+                if e.code != ErrorCode.UNKNOWN_SESSION.value:
+                    raise
+                self.preempted = False  # it expired meanwhile: open a new one
+        self.sid = None
         sid = self.conn.new_sid()
         try:
             self.position = await self._open(sid, upto)
@@ -105,7 +118,7 @@ class InferenceSession:
             raise
         self.sid = sid
 
-    async def _open(self, sid: int, upto: int | None) -> int:
+    async def _open(self, sid: int, upto: int | None, reopen: bool = False) -> int:
         keys = None
         sent = self.sent
         if sent is not None:
@@ -116,7 +129,7 @@ class InferenceSession:
             if upto is not None:
                 usable = min(usable, upto // hasher.block_size)
             keys = hasher.keys[: min(MAX_PREFIX_KEYS, usable)]
-        cached = await self.conn.open(sid, self.noise, self.adapter, keys or None)
+        cached = await self.conn.open(sid, self.noise, self.adapter, keys or None, reopen)
         if cached % self.conn.welcome.block_size or cached > len(keys or ()) * self.conn.welcome.block_size:
             raise BadReply(f"the server claims {cached} cached tokens of a {len(keys or ())}-block prefix")
         return cached
@@ -157,7 +170,7 @@ class InferenceSession:
         start = self.position
 
         async def send() -> torch.Tensor:
-            if self.sid is None:  # reopen after a failover or preemption
+            if self.sid is None or self.preempted:  # reopen after a failover or preemption
                 await self._attach(start)
             return await self._send(start)
 
@@ -190,11 +203,10 @@ class InferenceSession:
                     if preemptions > self.max_preemptions:
                         raise ServerError(e.code, f"the server preempted this session {preemptions} times in a row "
                                                   f"({e.message}); giving up") from e
-                    log.info("session preempted at position %d; reopening it on the same server", self.position)
-                    await self.close()
-                    # Reopened at once, it would share its cached prefix again and be the
-                    # first session the next full pool preempts (a waiting holder): give the
-                    # pool time to turn over first (at most ~6.5 s over 10 reopens).
+                    log.info("session preempted at position %d; reopening it", self.position)
+                    self.preempted = True
+                    # Reopened at once, it would take up its cached prefix while the pool
+                    # is still full: give the pool time to turn over first.
                     await asyncio.sleep(min(PREEMPTION_BACKOFF_S * 2 ** (preemptions - 1), 1.0))
                 elif isinstance(e, (ConnectionLost, BadReply)):
                     failovers += 1
@@ -205,7 +217,7 @@ class InferenceSession:
                         self.conn = await self._connect(self.conn, elsewhere=isinstance(e, BadReply))
                     except NoOtherServer:
                         raise e from None
-                    self.sid = None
+                    self.sid, self.preempted = None, False
                 else:
                     raise
 
@@ -217,4 +229,4 @@ class InferenceSession:
                 pass  # the server frees a dropped connection's sessions itself
             except ServerError as e:  # e.g. it had already expired: gone either way
                 log.debug("closing session %s: %s", self.sid, e)
-        self.sid = None
+        self.sid, self.preempted = None, False

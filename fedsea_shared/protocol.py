@@ -21,7 +21,7 @@ import orjson
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: Open.reopen (a preempted session keeps its place)
 MAX_PREFIX_KEYS = 384  # block keys an Open may name (32 hex digits each; fits the header limit)
 MAX_HEADER_BYTES = 16 * 1024
 STEP_HEADER_BYTES = 256  # bound on a Step header's JSON (ints < 2**53, a 2-d shape)
@@ -50,7 +50,7 @@ class ErrorCode(str, Enum):
     LIMIT = "limit"  # too many sessions on this connection
     CAPACITY = "capacity"  # a step larger than the whole KV pool, or no blocks came free in time: retry later
     # The server took this session's KV blocks for an older session (preemption by
-    # recompute): close it, open a new one naming its prefix (Open.prefix) and send its
+    # recompute): reopen it (Open.reopen, naming its prefix in Open.prefix) and send its
     # states again from Opened.cached; the server runs the re-sent step once it fits.
     PREEMPTED = "preempted"
     INTERNAL = "internal"
@@ -96,13 +96,16 @@ class Open(_Message):
     fine-tuned adapter the server serves (one of `Welcome.adapters`); None: the base model.
     `prefix`: the block keys (fedsea_shared.prefix, hex) of hidden states the edge sent
     before and is about to send again; `Opened.cached` says how many tokens of them the
-    server still holds, and the first Step starts there."""
+    server still holds, and the first Step starts there.  `reopen`: `sid` is open and the
+    server preempted it (ErrorCode.PREEMPTED); it takes up its cached prefix again and keeps
+    its place in the order the server serves sessions (its adapter cannot change)."""
 
     type: Literal["open"] = "open"
     sid: Annotated[int, Field(ge=0, lt=2**53)]
     noise: Annotated[float, Field(ge=0)]
     adapter: Annotated[str, Field(max_length=128)] | None = None
     prefix: Annotated[list[Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]], Field(max_length=MAX_PREFIX_KEYS)] | None = None
+    reopen: bool = False
 
 
 class Fork(_Message):

@@ -435,27 +435,33 @@ class ServerRuntime:
                 raise ProtocolError(ErrorCode.UNKNOWN_ADAPTER, f"this server serves no adapter {msg.adapter!r} (adapters: {served})", msg.sid)
             elif not s.noise_min <= msg.noise <= s.noise_max:
                 raise ProtocolError(ErrorCode.NOISE_OUT_OF_BOUNDS, f"noise {msg.noise} is outside the server's bounds [{s.noise_min}, {s.noise_max}]", msg.sid)
-            if msg.sid in conn.sessions:
-                raise ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open on this connection", msg.sid)
-            if len(conn.sessions) >= s.max_sessions_per_connection:
-                raise ProtocolError(ErrorCode.LIMIT, f"this connection already has {len(conn.sessions)} sessions (limit {s.max_sessions_per_connection})", msg.sid)
-            if conn.key_id is not None and len(self._sessions_per_key[conn.key_id]) >= s.max_sessions_per_key:
-                raise ProtocolError(ErrorCode.LIMIT, f"this API key already has {s.max_sessions_per_key} open sessions", msg.sid)
-            conn.sessions.add(msg.sid)
-            if conn.key_id is not None:
-                self._sessions_per_key[conn.key_id].add(conn.key(msg.sid))
+            reopen = isinstance(msg, Open) and msg.reopen
+            if reopen:
+                if msg.sid not in conn.sessions:
+                    raise ProtocolError(ErrorCode.UNKNOWN_SESSION, "reopen of a session that is not open on this connection", msg.sid)
+            else:
+                if msg.sid in conn.sessions:
+                    raise ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open on this connection", msg.sid)
+                if len(conn.sessions) >= s.max_sessions_per_connection:
+                    raise ProtocolError(ErrorCode.LIMIT, f"this connection already has {len(conn.sessions)} sessions (limit {s.max_sessions_per_connection})", msg.sid)
+                if conn.key_id is not None and len(self._sessions_per_key[conn.key_id]) >= s.max_sessions_per_key:
+                    raise ProtocolError(ErrorCode.LIMIT, f"this API key already has {s.max_sessions_per_key} open sessions", msg.sid)
+                conn.sessions.add(msg.sid)
+                if conn.key_id is not None:
+                    self._sessions_per_key[conn.key_id].add(conn.key(msg.sid))
             key = conn.key(msg.sid)
             if isinstance(msg, Fork):
                 opened = self.engine.fork(key, conn.key(msg.parent))
             else:
                 root = prefix_root(conn.hello.num_layers, conn.hello.hidden_size, self.partition.server_range,
                                    conn.hello.dtype, msg.adapter)
-                opened = self.engine.open(key, msg.adapter, root, [bytes.fromhex(k) for k in msg.prefix or ()])
+                opened = self.engine.open(key, msg.adapter, root, [bytes.fromhex(k) for k in msg.prefix or ()], reopen)
             try:
                 cached = await asyncio.wrap_future(opened)
             except BaseException:
-                conn.sessions.discard(msg.sid)
-                self._forget_session(conn, msg.sid)
+                if not reopen:  # a failed reopen leaves the session open (preempted): the edge may close it
+                    conn.sessions.discard(msg.sid)
+                    self._forget_session(conn, msg.sid)
                 raise
             await conn.ws.send(encode(Opened(sid=msg.sid, cached=cached)))
         except ProtocolError as e:

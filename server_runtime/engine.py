@@ -32,7 +32,8 @@ log = logging.getLogger("fedsea.server.engine")
 
 
 class EngineBackend(Protocol):
-    def open(self, key: Hashable, model: str | None = None, root: bytes = b"", prefix: list[bytes] = ()) -> Future: ...
+    def open(self, key: Hashable, model: str | None = None, root: bytes = b"", prefix: list[bytes] = (),
+             reopen: bool = False) -> Future: ...
     def fork(self, key: Hashable, parent: Hashable) -> Future: ...
     def step(self, key: Hashable, pos: int, hidden: torch.Tensor) -> Future: ...
     def close(self, key: Hashable) -> Future: ...
@@ -79,10 +80,14 @@ class Engine:
 
     # ---- thread-safe API -------------------------------------------------------------
 
-    def open(self, key: Hashable, model: str | None = None, root: bytes = b"", prefix: list[bytes] = ()) -> Future:
+    def open(self, key: Hashable, model: str | None = None, root: bytes = b"", prefix: list[bytes] = (),
+             reopen: bool = False) -> Future:
         """Open a session; `root` and `prefix` are its block-key root and the keys of the
-        prefix the edge hopes is cached.  Resolves to the number of tokens it already holds."""
-        return self._submit(lambda fut: self._open(key, _OpenRequest(model, root, list(prefix)), fut))
+        prefix the edge hopes is cached.  Resolves to the number of tokens it already holds.
+        `reopen`: the session is open and was preempted; it takes up its cached prefix again
+        and keeps its place in the order sessions are served."""
+        request = _OpenRequest(model, root, list(prefix))
+        return self._submit(lambda fut: (self._reopen if reopen else self._open)(key, request, fut))
 
     def fork(self, key: Hashable, parent: Hashable) -> Future:
         """Open `key` as a copy of the idle session `parent`, sharing its KV blocks."""
@@ -246,13 +251,32 @@ class Engine:
 
     def _admit(self, key: Hashable, spec: _OpenRequest, fut: Future) -> None:
         model, root, prefix = spec
-        session = Session(key, BlockTable(self.pool.block_size), model, PrefixHasher(root, self.pool.block_size))
+        session = Session(key, BlockTable(self.pool.block_size), model, PrefixHasher(root, self.pool.block_size),
+                          priority=self.scheduler.arrival())
+        self.sessions[key] = session
+        self._take_up_prefix(session, prefix, fut)
+
+    def _reopen(self, key: Hashable, spec: _OpenRequest, fut: Future) -> None:
+        session = self.sessions.get(key)
+        if session is None:
+            return self._fail_future(fut, ProtocolError(ErrorCode.UNKNOWN_SESSION, "reopen of a session that is not open", key[-1]))
+        if not session.preempted:
+            return self._fail_future(fut, ProtocolError(ErrorCode.SESSION_EXISTS, "reopen of a session that was not preempted", key[-1]))
+        if spec.model != session.model:
+            return self._fail_future(fut, ProtocolError(
+                ErrorCode.UNKNOWN_ADAPTER, f"reopen names adapter {spec.model!r}; the session runs {session.model!r}", key[-1]))
+        session.preempted = False
+        session.hasher = PrefixHasher(spec.root, self.pool.block_size)
+        session.last_active = time.monotonic()
+        self._take_up_prefix(session, spec.prefix, fut)
+
+    def _take_up_prefix(self, session: Session, prefix: list[bytes], fut: Future) -> None:
+        """Share the cached blocks of the prefix the edge named; resolve to the tokens held."""
         hits = self.pool.share_prefix(session.table, prefix) if prefix else 0
         session.hasher.adopt(prefix[:hits])
         if prefix:
             self.metrics.prefix_queries.inc(len(prefix) * self.pool.block_size)
             self.metrics.prefix_hits.inc(hits * self.pool.block_size)
-        self.sessions[key] = session
         _resolve(fut, session.table.num_tokens)
 
     def _fork(self, key: Hashable, parent_key: Hashable, fut: Future) -> None:
@@ -265,9 +289,8 @@ class Engine:
             return self._fail_future(fut, _preempted_error(key[-1]))
         if key in self.sessions or any(k == key for k, _, _, _ in self._opens):
             return self._fail_future(fut, ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open", key[-1]))
-        twin = self.sessions[key] = Session(key, self.pool.fork(parent.table), parent.model, parent.hasher.copy())
-        if parent.started is not None:
-            self.scheduler.start(twin)  # running, as its parent: the newest session
+        twin = self.sessions[key] = Session(key, self.pool.fork(parent.table), parent.model, parent.hasher.copy(),
+                                            priority=self.scheduler.arrival(), running=parent.running)
         parent.last_active = time.monotonic()
         _resolve(fut, parent.table.num_tokens)
 
@@ -336,7 +359,7 @@ class Engine:
 
 def _preempted_error(sid: int) -> ProtocolError:
     return ProtocolError(ErrorCode.PREEMPTED, "the server gave this session's KV blocks to an older session; "
-                                              "reopen it and send its states again", sid)
+                                              "reopen it (Open with reopen) and send its states again", sid)
 
 
 def _resolve(fut: Future, value) -> None:

@@ -5,14 +5,19 @@ prefill chunks, until the per-tick token budget is used.  A long prompt is split
 chunks across ticks, so it cannot stall the decode steps of everyone else.
 
 A step starts only once the KV pool holds blocks for all of its tokens (taken at once, so
-a started step always runs to its end).  When a *running* session's step finds the pool
-full, it preempts by recompute (vLLM's policy, `victim`): the newest session holding
-blocks gives them back and its edge re-sends its states later (they stay in the prefix
-cache where they can).  A session not running yet (new, or re-sending after a
-preemption) never takes blocks from a running one: it waits, and fails with a typed
-capacity error only after `wait_timeout` in which no step ran at all (the blocks are held
-by idle sessions).  A failed or preempted step is
-rolled back (the blocks it grew given back), so no session is left half-written.
+a started step always runs to its end).  Sessions are served first come, first served
+(vLLM's FCFS policy): each has a `priority`, its place in the order sessions opened, which
+it keeps for life, across preemptions.  When a running session's step finds the pool full,
+it preempts by recompute (`victim`): the newest session holding blocks that opened after it
+gives them back, and its edge reopens it in place and re-sends its states (they stay in
+the prefix cache where they can); the session keeps its place, so it is never the first
+to go again for a newer one.  A session not running (new, or re-sending after a
+preemption) never takes blocks from a running one: it waits, the oldest first, and no
+newer waiting session starts before it (a steady stream of small new sessions cannot
+starve a preempted one).  A wait fails with a typed capacity error only after
+`wait_timeout` in which no step ran at all (the blocks are held by idle sessions).  A
+failed or preempted step is rolled back (the blocks it grew given back), so no session is
+left half-written.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Hashable, Iterable
+from typing import Callable, Hashable, Iterable
 
 import torch
 
@@ -37,9 +42,10 @@ class Session:
     table: BlockTable
     model: str | None = None  # the adapter this session runs (None: the base model)
     hasher: PrefixHasher | None = None  # block keys over the hidden states received
+    priority: int = 0  # its place in the order sessions opened (lower: older, served first, kept longer)
     last_active: float = field(default_factory=time.monotonic)
     work: "StepWork | None" = None  # at most one step in flight per session
-    started: int | None = None  # when its first step got its blocks, in order (lower: kept longer); None: waiting
+    running: bool = False  # a step of it got its blocks since it opened (or reopened)
     preempted: bool = False  # its blocks were taken for an older session: its edge must reopen it
 
 
@@ -83,21 +89,23 @@ class Chunk:
         return self.work.hidden[self.start : self.end]
 
 
-def victim(asker: Session, sessions: Iterable[Session]) -> Session | None:
+def victim(asker: Session, sessions: Iterable[Session], frees: Callable[[Session], bool]) -> Session | None:
     """Whose blocks the step of `asker` takes when the pool is full (the policy; the
-    scheduler applies it): first a waiting session's (it holds only a shared cached
-    prefix), newest first; then the newest running session's, which is the asker's own when
-    it is the newest.  None: `asker` waits (it is not running, or nobody else holds blocks)."""
-    if asker.started is None:
-        return None
+    scheduler applies it): the newest session that opened after `asker` and whose blocks
+    would come free (`frees`: it holds one that nobody else does; taking only blocks that
+    others share, such as a chat template's, gains nothing and costs its edge a reopen),
+    waiting or running; else, for a running asker, its own (it gives way to the older
+    ones).  A waiting asker takes nobody's blocks while anything runs (it waits for them to
+    come free); when nothing runs, the pool is full of waiting sessions' cached prefixes
+    and the oldest of them takes them from the newer ones, else nobody would ever start.
+    None: `asker` waits."""
     holders = [s for s in sessions if s.table.blocks and s is not asker]
-    waiting = [s for s in holders if s.started is None]
-    if waiting:
-        return waiting[-1]  # sessions are listed in the order they were opened
-    running = [s for s in holders if s.started > asker.started]
-    if running:
-        return max(running, key=lambda s: s.started)
-    return asker if holders else None
+    if not asker.running and any(s.running for s in holders):
+        return None
+    newer = [s for s in holders if s.priority > asker.priority and frees(s)]
+    if newer:
+        return max(newer, key=lambda s: s.priority)
+    return asker if asker.running and holders and frees(asker) else None
 
 
 @dataclass
@@ -114,7 +122,7 @@ class Scheduler:
         self.token_budget = token_budget
         self.wait_timeout = wait_timeout
         self.queue: deque[StepWork] = deque()
-        self._starts = count()
+        self._arrivals = count()
 
     def add(self, work: StepWork) -> None:
         self.queue.append(work)
@@ -122,30 +130,38 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self.queue)
 
-    def start(self, session: Session) -> None:
-        """Count `session` as running from now (the newest)."""
-        session.started = next(self._starts)
+    def arrival(self) -> int:
+        """The priority of a session opening now: after every session opened before."""
+        return next(self._arrivals)
 
     def schedule(self, sessions: Iterable[Session]) -> Tick:
         """This tick's chunks; `sessions`: every open session, in the order they opened."""
         tick = Tick([], [])
         now = time.monotonic()
-        # Running sessions first (older first: they are kept longest), decode steps first.
-        order = sorted(self.queue, key=lambda w: (w.session.started is None, w.remaining > 1, w.session.started or 0))
+        # Running sessions first, decode steps first, older first (they are kept longest);
+        # then the waiting ones in the order they opened.
+        order = sorted(self.queue, key=lambda w: (not w.session.running, w.session.running and w.remaining > 1,
+                                                  w.session.priority))
         budget = self.token_budget
+        head_waits = False  # a waiting step found no room: no newer waiting one may start before it
         for work in order:
             if budget == 0:
                 break
             if work.session.work is not work:  # preempted earlier in this pass
                 continue
+            if not work.reserved and not work.session.running and head_waits:
+                if work.blocked_since is None:
+                    work.blocked_since = now
+                continue
             if not work.reserved:
-                preempted = len(tick.preempted)
+                preempted, was_running = len(tick.preempted), work.session.running
                 reserved = self._reserve(work, sessions, tick)
                 if len(tick.preempted) > preempted:  # their chunks left this tick
                     budget = self.token_budget - sum(c.end - c.start for c in tick.chunks)
                 if not reserved:
                     if work.blocked_since is None:
                         work.blocked_since = now
+                    head_waits = head_waits or not was_running
                     continue
             n = min(work.remaining, budget)
             tick.chunks.append(Chunk(work, work.done, work.done + n))
@@ -165,17 +181,19 @@ class Scheduler:
                 self.pool.grow(session.table, work.remaining)
                 break
             except OutOfBlocks:
-                loser = victim(session, sessions)
+                loser = victim(session, sessions, self._frees)
                 if loser is None:
                     return False
                 tick.preempted.append((loser, self.preempt(loser)))
                 tick.chunks = [c for c in tick.chunks if c.session is not loser]
                 if loser is session:
                     return False
-        work.reserved, work.blocked_since = True, None
-        if session.started is None:
-            self.start(session)
+        work.reserved, work.blocked_since, session.running = True, None, True
         return True
+
+    def _frees(self, session: Session) -> bool:
+        """Whether preempting `session` gives blocks back (it holds one nobody shares)."""
+        return any(self.pool.allocator.refs(b) == 1 for b in session.table.blocks)
 
     def preempt(self, session: Session) -> StepWork | None:
         """Give back all of the session's blocks (full, keyed ones stay cached as
@@ -184,7 +202,7 @@ class Scheduler:
         if work is not None:
             self.queue.remove(work)
         self.pool.free(session.table)
-        session.work, session.started, session.preempted = None, None, True
+        session.work, session.running, session.preempted = None, False, True
         return work
 
     def complete(self, chunks: list[Chunk], outputs: list[torch.Tensor]) -> list[StepWork]:

@@ -61,6 +61,40 @@ def test_the_newest_session_is_preempted_for_an_older_one(start_server, tiny_mod
     assert metric(server, "fedsea_preemptions_total") == 1
 
 
+def test_a_preempted_session_keeps_its_place(start_server, tiny_model_dir):
+    """First come, first served across a preemption: the reopened session starts before a
+    newer one that would fit, and once running it is not the one that gives way to it."""
+    server = start_server(tiny_model_dir, kv_cache_memory=f"{5 * BLOCK}", kv_quota=1.0)  # 4 blocks
+    engine = server.runtime.engine
+    wait(engine.open((0, 0)))
+    wait(engine.open((0, 1)))
+    old = wait(engine.step((0, 0), 0, torch.randn(32, HIDDEN)))
+    wait(engine.step((0, 1), 0, torch.randn(32, HIDDEN)))
+    wait(engine.step((0, 0), 32, old[:1]))  # takes (0, 1)'s blocks
+    with pytest.raises(ProtocolError):
+        wait(engine.step((0, 1), 32, torch.randn(1, HIDDEN)))
+    with pytest.raises(ProtocolError) as info:  # only a preempted session may be reopened
+        wait(engine.open((0, 0), reopen=True))
+    assert info.value.code.value == "session_exists"
+    assert wait(engine.open((0, 1), reopen=True)) == 0
+    replay = engine.step((0, 1), 0, torch.randn(32, HIDDEN))  # 2 blocks; 1 is free
+    wait(engine.open((0, 2)))
+    newer = engine.step((0, 2), 0, torch.randn(16, HIDDEN))  # 1 block: would fit now
+    wait(engine.step((0, 0), 33, old[:1]))  # a tick ran: neither started
+    assert not replay.done() and not newer.done()
+    wait(engine.close((0, 0)))
+    wait(replay)
+    wait(newer)
+    # (0, 1) grows into the last free block; (0, 2), newer, then finds the pool full and
+    # gives way itself instead of taking the older session's blocks.
+    wait(engine.step((0, 1), 32, torch.randn(1, HIDDEN)))
+    with pytest.raises(ProtocolError) as info:
+        wait(engine.step((0, 2), 16, torch.randn(1, HIDDEN)))
+    assert info.value.code.value == "preempted"
+    assert wait(engine.step((0, 1), 33, torch.randn(15, HIDDEN))).shape == (15, HIDDEN)
+    assert metric(server, "fedsea_preemptions_total") == 2
+
+
 CHATS = [[{"role": "user", "content": "Tell me about the sea."}], [{"role": "user", "content": "hello there"}]]
 
 
@@ -101,3 +135,33 @@ async def test_a_server_that_preempts_forever_is_a_clear_error(tiny_model_dir):
             assert (await client.generate(CHATS[1], max_tokens=3)).completion_tokens == 3  # the edge still serves
         finally:
             await client.aclose()
+
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant who writes short stories about places, "
+                                        "with care for detail and a calm voice."}
+OVERCOMMITTED = [[SYSTEM, {"role": "user", "content": f"Story {i}: a walk by the {topic}."}]
+                 for i, topic in enumerate(["sea", "river", "hills", "city", "forest", "lake", "road", "park"] * 3)]
+
+
+async def test_an_overcommitted_pool_finishes_every_generation(start_server, tiny_model_dir):
+    """24 generations at once on a pool that holds about two, all sharing the blocks of one
+    system prompt (the edge names its cached prefix): sessions are preempted again and
+    again, and still every one ends with the tokens it gives on a roomy server.  Before
+    preempted sessions kept their place and only preemptions that free blocks were made,
+    waiting sessions holding just the shared prefix were preempted for nothing at every
+    full pool, and some gave up after 10 in a row."""
+    roomy = start_server(tiny_model_dir, kv_quota=1.0)
+    tight = start_server(tiny_model_dir, kv_cache_memory=f"{9 * BLOCK}", kv_quota=1.0)  # 8 blocks
+    params = dict(max_tokens=50, temperature=0)
+    runs = []
+    for server in (roomy, tight):
+        client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0)
+        try:
+            await client.generate(OVERCOMMITTED[0], **params)  # the edge caches the shared prefix
+            runs.append([g.token_ids for g in await asyncio.gather(*(client.generate(c, **params) for c in OVERCOMMITTED))])
+        finally:
+            await client.aclose()
+    assert runs[1] == runs[0]
+    assert metric(tight, "fedsea_preemptions_total") >= len(OVERCOMMITTED)
+    await asyncio.sleep(0.1)
+    assert metric(tight, "fedsea_kv_blocks_used") == 0

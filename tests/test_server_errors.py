@@ -99,6 +99,8 @@ BAD_INPUTS = {
     "oversize": (step(0, 0, torch.randn(300, HIDDEN)), "too_large"),  # 76.8 kB > 64 KiB
     "noise_bounds": (encode(Open(sid=5, noise=3.0)), "noise_out_of_bounds"),
     "duplicate_open": (encode(Open(sid=0, noise=0.1)), "session_exists"),
+    "reopen_unknown": (encode(Open(sid=7, noise=0.1, reopen=True)), "unknown_session"),
+    "reopen_not_preempted": (encode(Open(sid=0, noise=0.1, reopen=True)), "session_exists"),
     "server_message": (encode(Opened(sid=0)), "bad_frame"),
 }
 
