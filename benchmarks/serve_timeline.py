@@ -1,14 +1,17 @@
 """When the edge and the server engine of `fedsea serve` compute, apart or together.
 
 Runs what `fedsea serve` runs in one process (the server runtime on a loopback port, the
-edge client, the same thread policy), without the HTTP layer, drives N concurrent greedy
+edge client, one compute thread for both sides' forward passes), without the HTTP layer, drives N concurrent greedy
 generations of the default model (the prompts of benchmarks/vs_peers.py), and records each
 edge batch (head, tail) and each engine tick with its start, end and size.  Reported per
 level: tokens/s, time to first token, process CPU per token, the share of the wall time in
 which the edge computes, the engine computes, both (overlap) or neither, batch sizes, and
 the machine's idle share (/proc/stat: other jobs included).
 
-    python benchmarks/serve_timeline.py [--clients 1 8 16] [--threads N]
+    python benchmarks/serve_timeline.py [--clients 1 8 16] [--threads N] [--separate]
+
+`--separate`: the previous layout instead, the edge worker and the engine each running
+their own forward passes with half the cores (`--threads` each).
 
 Writes benchmarks/results/serve_timeline.json.
 """
@@ -86,12 +89,12 @@ async def level(client, spans: list[Span], clients: int, rounds: int, max_tokens
     }
 
 
-async def run(args, url: str) -> list[dict]:
+async def run(args, url: str, compute) -> list[dict]:
     from edge_runtime.client import AsyncEdgeClient
 
     spans: list[Span] = []
     record(spans)
-    client = AsyncEdgeClient(url, edge_cache_memory=0)  # no prefix reuse: every request does the full work
+    client = AsyncEdgeClient(url, edge_cache_memory=0, compute=compute)  # no prefix reuse: every request does the full work
     await client.generate([{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)  # warm-up
     out = []
     for c in args.clients:
@@ -111,21 +114,30 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--rounds", type=int, default=2, help="requests each client sends in a row (1 client: at least 4)")
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--threads", type=int, help="intra-op threads per compute thread (default: fedsea serve's policy)")
+    ap.add_argument("--threads", type=int, help="intra-op threads of the compute thread (default: fedsea serve's)")
+    ap.add_argument("--separate", action="store_true", help="edge and engine compute on their own threads")
     args = ap.parse_args()
-    n, source = threads.threads_per_compute_thread(args.threads)
+    if args.separate:
+        n, source = args.threads or max(1, threads.core_budget() // 2), "each of edge worker and engine"
+        compute = None
+    else:
+        (n, source), compute = threads.compute_threads(args.threads), threads.ComputeThread()
     threads.apply(n)
-    print(f"intra-op threads per compute thread: {n} ({source})")
+    threads.serial()  # this thread runs the edge's event loop
+    print(f"intra-op threads: {n} ({source})")
     from server_runtime.app import ServerSettings, ServerThread
 
-    server = ServerThread(ServerSettings(port=0, kv_quota=1.0))
+    run_on = compute.run if compute else threads.run_here
+    server = ServerThread(ServerSettings(port=0, kv_quota=1.0), run_on)
     try:
-        levels = asyncio.run(run(args, server.url))
+        levels = asyncio.run(run(args, server.url, run_on))
     finally:
         server.stop()
+        if compute:
+            compute.close()
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "serve_timeline.json"
-    out.write_text(json.dumps({"threads": n, "threads_source": source, "settings": vars(args), "levels": levels}, indent=2))
+    out.write_text(json.dumps({"threads": n, "threads_source": source, "layout": "separate" if args.separate else "shared", "settings": vars(args), "levels": levels}, indent=2))
     print(f"wrote {out}")
 
 

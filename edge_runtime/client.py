@@ -20,7 +20,7 @@ import random
 import threading
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig
@@ -32,6 +32,7 @@ from fedsea_shared.noise import KEY_BYTES, NoiseChain, public_prefix_len
 from fedsea_shared.prefix import prefix_root
 from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello
 from fedsea_shared.shard import Partition, load_config, load_edge_shard
+from fedsea_shared.threads import run_here, serial
 
 from websockets.exceptions import WebSocketException
 
@@ -91,8 +92,11 @@ class AsyncEdgeClient:
         server_ca: str | None = None,
         public_template: bool = defaults.PUBLIC_TEMPLATE,
         pseudonymize: bool = defaults.PSEUDONYMIZE,
+        compute: Callable = run_here,
     ):
-        """`adapters`: fine-tuned LoRA adapters by name (-> directory) a generation may
+        """`compute(fn, *args)` runs the edge's forward passes (default: on the edge
+        worker's thread; `fedsea serve` passes its shared ComputeThread.run, see
+        fedsea_shared.threads).  `adapters`: fine-tuned LoRA adapters by name (-> directory) a generation may
         pick; the server must serve each under the same name.  `noise_key`: the secret
         the noise is keyed with (default: this installation's, see edge_runtime.keys).
         `edge_cache_memory`: bytes of recent conversations kept for prefix reuse (0: off).
@@ -116,10 +120,10 @@ class AsyncEdgeClient:
         self.config = load_config(model_dir)
         self.partition = Partition(self.config.num_hidden_layers, head, tail)
         shard = load_edge_shard(model_dir, self.partition, dtype=WIRE_DTYPES[dtype], device=device, config=self.config)
-        self.worker = EdgeWorker(EdgeModel(shard, self.partition))
+        self.worker = EdgeWorker(EdgeModel(shard, self.partition), compute=compute)
         self.workers: dict[str | None, EdgeWorker] = {None: self.worker}
         for name, adapted in load_adapters(shard, model, adapters or {}).items():
-            self.workers[name] = EdgeWorker(EdgeModel(adapted, self.partition))
+            self.workers[name] = EdgeWorker(EdgeModel(adapted, self.partition), compute=compute)
         self.noise_key = load_or_create_key() if noise_key is None else noise_key
         if len(self.noise_key) != KEY_BYTES:
             raise ValueError(f"noise_key must be {KEY_BYTES} bytes, got {len(self.noise_key)}")
@@ -439,9 +443,13 @@ class EdgeClient:
 
     def __init__(self, server_url: str | list[str] = f"ws://127.0.0.1:{defaults.SERVER_PORT}", **kwargs):
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fedsea-edge-loop", daemon=True)
+        self._thread = threading.Thread(target=self._serve_loop, name="fedsea-edge-loop", daemon=True)
         self._thread.start()
         self._client = AsyncEdgeClient(server_url, **kwargs)
+
+    def _serve_loop(self) -> None:
+        serial()  # the loop only moves small tensors; the edge worker computes
+        self._loop.run_forever()
 
     @property
     def tokenizer(self):

@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from fedsea_shared.shard import ModelShard, Partition, causal_attention
+from fedsea_shared.threads import run_here, serial
 
 
 @dataclass
@@ -115,14 +117,16 @@ class EdgeWorker:
     group's head/tail here while the other's middle blocks run on the server.
     """
 
-    def __init__(self, model: EdgeModel, coalesce_s: float = 0.002):
+    def __init__(self, model: EdgeModel, coalesce_s: float = 0.002, compute: Callable = run_here):
         self.model = model
+        self.compute = compute  # runs each batch: on this worker's thread, or on a shared ComputeThread
         self.coalesce_s = coalesce_s
         self._wake = threading.Condition()
         self._pending: list[tuple[str, _Item, asyncio.Future, asyncio.AbstractEventLoop]] = []
         self._notify_scheduled = False
         self._closed = False
         self._recent: set[int] = set()  # sequences (cache ids) of the previous round
+        self._threads: int | None = None
         self._stats = {"batches": 0, "rows": 0, "max_batch_sequences": 0, "intra_op_threads": None}
         self._thread = threading.Thread(target=self._serve, name="fedsea-edge", daemon=True)
         self._thread.start()
@@ -166,6 +170,8 @@ class EdgeWorker:
     # ---- worker thread ----------------------------------------------------------------
 
     def _serve(self) -> None:
+        if self.compute is not run_here:
+            serial()  # the batches run on the compute thread, with the cores
         while True:
             with self._wake:
                 idle = not self._pending
@@ -190,10 +196,14 @@ class EdgeWorker:
                 if part:
                     self._run(kind, part)
 
+    def _batch(self, kind: str, items: list[_Item]) -> list:
+        self._threads = torch.get_num_threads()  # of the thread running it: this one or the compute thread
+        return getattr(self.model, kind)(items)
+
     def _run(self, kind: str, part: list[tuple[_Item, asyncio.Future, asyncio.AbstractEventLoop]]) -> None:
         items = [item for item, _, _ in part]
         try:
-            results: list | Exception = getattr(self.model, kind)(items)
+            results: list | Exception = self.compute(self._batch, kind, items)
         except Exception as e:  # fail this batch's requests, keep serving
             results = e
         with self._wake:
@@ -201,7 +211,7 @@ class EdgeWorker:
             s["batches"] += 1
             s["rows"] += sum(it.x.shape[0] for it in items)
             s["max_batch_sequences"] = max(s["max_batch_sequences"], len(items))
-            s["intra_op_threads"] = torch.get_num_threads()  # this thread's own team size
+            s["intra_op_threads"] = self._threads
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for i, (_, fut, loop) in enumerate(part):
             by_loop.setdefault(loop, []).append((fut, results if isinstance(results, Exception) else results[i]))

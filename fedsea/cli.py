@@ -135,8 +135,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV pool size of the server runtime")
     _attention_backend_arg(p)
     p.add_argument("--threads", type=int, metavar="N",
-                   help="torch intra-op threads of each of the two compute threads, the edge worker and the server's "
-                        "engine (default: $FEDSEA_THREADS, else half the cores, or of $OMP_NUM_THREADS, at least 1)")
+                   help="torch intra-op threads of the one thread that runs both sides' forward passes "
+                        "(default: $FEDSEA_THREADS, else the cores, or $OMP_NUM_THREADS)")
 
 
 def _gateway_parser(sub) -> None:
@@ -193,27 +193,31 @@ def _gateway_settings(args, server_url: str | list[str], server_api_key: str | N
 
 
 def _run_serve(args) -> None:
+    from fedsea_shared import threads
     from fedsea_shared.models import resolve_model
-    from fedsea_shared.threads import apply as apply_threads
-    from fedsea_shared.threads import threads_per_compute_thread
     from gateway import run_gateway
     from server_runtime.app import ServerSettings, ServerThread
 
     resolve_model(args.model)  # prepares the default model once; safe when two processes start together
-    threads, source = threads_per_compute_thread(args.threads)
-    apply_threads(threads)  # before the edge worker and the engine run their first op: both adopt it
-    logging.getLogger("fedsea").info("torch intra-op threads: %d for the edge worker, %d for the server engine (%s)",
-                                     threads, threads, source)
+    n, source = threads.compute_threads(args.threads)
+    threads.apply(n)
+    # One OpenMP team for the process (fedsea_shared.threads): the edge's and the server's
+    # forward passes take turns on one thread with all the cores.
+    compute = threads.ComputeThread()
+    logging.getLogger("fedsea").info("torch intra-op threads: %d on the compute thread of both sides (%s)", n, source)
     server = ServerThread(ServerSettings(
         model=args.model, head=args.head, tail=args.tail, host="127.0.0.1", port=args.server_port,
         device=args.device, kv_cache_memory=args.kv_cache_memory, adapters=_adapters(args),
         attention_backend=args.attention_backend,
         kv_quota=1.0,  # its only tenant is this process's own gateway
-    ))
+    ), compute.run)
     try:
-        run_gateway(_gateway_settings(args, server.url), log_level=args.log_level.lower())
+        settings = _gateway_settings(args, server.url)
+        settings.compute = compute.run
+        run_gateway(settings, log_level=args.log_level.lower())
     finally:
         server.stop()
+        compute.close()
 
 
 def _run_gateway(args) -> None:

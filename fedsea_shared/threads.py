@@ -1,26 +1,38 @@
-"""How many torch intra-op (OpenMP) threads each compute thread of a process uses.
+"""Which threads of a process run torch ops in parallel, and with how many threads.
 
-`fedsea serve` runs two compute threads in one process, the edge worker and the server's
-engine, and they overlap (one group of sessions' head/tail runs while another's middle
-blocks do).  Each thread that runs a parallel torch op drives its own OpenMP team, so with
-torch's default (one thread per core for every team) the two teams together ask for twice
-the cores there are, and every op waits at its team's barrier for a thread the OS has not
-scheduled.  The policy: split the cores between the two, `cores // 2` each (at least 1).
+libgomp (the OpenMP runtime of torch's CPU build) keeps its idle workers spinning between
+parallel regions only while the process holds no more OpenMP threads than cores; past that
+(it counts every team, idle ones included) each region wakes its workers through the kernel
+instead.  On the 2-core machine that made a second team, of any size above 1, cost the whole
+gain of the first: 150 products of 1536x576 by one row took 20 ms with one team of 2, 33 ms
+once an event-loop thread had run a single parallel op (`nan_to_num` over the 49152 logits is
+above torch's grain size), 39 ms with 1 thread.  So the rule of a process here is one team:
 
-What torch 2.13 (libgomp, MKL) does, measured here: `torch.set_num_threads(n)` sets the
-calling thread's team size and the process default; a thread adopts the default the first
-time it runs a parallel op and keeps it after.  So setting it once, before the edge worker
-and the engine run their first op, sizes both.  The inter-op pool is not used by fedsea.
+- `serial()`: every thread that touches torch but only to move or check small tensors (the
+  event loops, the engine's and the edge worker's own loops) runs its ops on itself;
+- the thread that runs the forward passes has the process's cores.  In `fedsea serve` both
+  sides' forward passes, the edge's head/tail/LM head and the server's middle blocks, run on
+  one `ComputeThread`: on 2 cores one pass at a time with both cores beats the edge and the
+  engine overlapping with one core each.  `fedsea server` and `fedsea gateway` as separate
+  processes run their forward passes on the engine thread and the edge worker thread.
 
-`fedsea server` and `fedsea gateway` as separate processes keep torch's default (or
-$OMP_NUM_THREADS): each has the machine, or its share, to itself.
+torch.set_num_threads is process-wide (a thread adopts the value at its next op), so
+`serial()` sets libgomp's per-thread value directly, after torch's own per-thread setup.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Callable, TypeVar
+
+import torch
 
 ENV = "FEDSEA_THREADS"
+T = TypeVar("T")
 
 
 def core_budget() -> int:
@@ -32,23 +44,73 @@ def core_budget() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def threads_per_compute_thread(flag: int | None, compute_threads: int = 2) -> tuple[int, str]:
-    """(threads, where the number came from): `flag` (--threads), else $FEDSEA_THREADS,
-    else the core budget split between the process's compute threads."""
+def compute_threads(flag: int | None) -> tuple[int, str]:
+    """(intra-op threads of the process's compute thread, where the number came from):
+    `flag` (--threads), else $FEDSEA_THREADS, else the core budget."""
     if flag is not None:
         source, value = "--threads", str(flag)
     elif os.environ.get(ENV):
         source, value = f"${ENV}", os.environ[ENV]
     else:
-        budget = core_budget()
-        return max(1, budget // compute_threads), f"{budget} cores / {compute_threads} compute threads"
+        return core_budget(), "cores"
     if not value.strip().isdigit() or int(value) < 1:
         raise ValueError(f"{source} must be a whole number >= 1, got {value!r}")
     return int(value), source
 
 
 def apply(threads: int) -> None:
-    """Make `threads` the team size of every thread that runs its first torch op from now on."""
-    import torch
-
+    """Make `threads` torch's intra-op thread count for the process."""
     torch.set_num_threads(threads)
+
+
+def _libgomp() -> ctypes.CDLL | None:
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+    try:
+        return ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0))  # torch's own copy, already loaded
+    except OSError:
+        return None  # another OpenMP runtime (or none): nothing to keep apart
+
+
+_GOMP = _libgomp()
+
+
+def serial() -> None:
+    """Run the calling thread's torch ops on it alone, leaving every other thread's count
+    as it is."""
+    torch.get_num_threads()  # torch's per-thread setup, which would overwrite the value below
+    if _GOMP is not None:
+        _GOMP.omp_set_num_threads(1)
+
+
+class ComputeThread:
+    """One thread that runs the forward passes of all the sides a process holds.
+
+    `run(fn, *args)` runs fn there and blocks the calling thread until it returns (or raises
+    there, then here).  Callers are the engine thread and the edge worker thread, each still
+    the sole owner of its state: while fn runs on its behalf, it waits."""
+
+    def __init__(self, name: str = "fedsea-compute"):
+        self._work: queue.SimpleQueue[tuple[Future, Callable, tuple] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, fn: Callable[..., T], *args) -> T:
+        fut: Future = Future()
+        self._work.put((fut, fn, args))
+        return fut.result()
+
+    def close(self) -> None:
+        self._work.put(None)
+
+    def _serve(self) -> None:
+        while (job := self._work.get()) is not None:
+            fut, fn, args = job
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # delivered to the caller, which decides
+                fut.set_exception(e)
+
+
+def run_here(fn: Callable[..., T], *args) -> T:
+    """The default for a side without a shared compute thread: its own thread runs it."""
+    return fn(*args)

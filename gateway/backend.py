@@ -22,6 +22,7 @@ from edge_runtime.connection import ServerError
 from edge_runtime.constraints import Constraint
 from edge_runtime.sampling import SamplingParams
 from fedsea_shared import defaults
+from fedsea_shared.threads import run_here
 
 from . import errors
 from .limits import SessionShare
@@ -50,6 +51,7 @@ class GatewaySettings:
     server_ca: str | None = None  # PEM verifying a wss:// server (default: the system trust store)
     ssl_certfile: str | None = None  # with ssl_keyfile: serve the API over https
     ssl_keyfile: str | None = None
+    compute: Callable = run_here  # runs the edge's forward passes (fedsea serve: its shared ComputeThread.run)
 
     @property
     def servers(self) -> str:
@@ -90,7 +92,7 @@ class Backend:
             self.client = await asyncio.to_thread(
                 AsyncEdgeClient, s.server_url, s.model, s.head, s.tail, s.noise, api_key=s.server_api_key,
                 adapters=s.adapters, edge_cache_memory=s.edge_cache_memory, server_ca=s.server_ca,
-                pseudonymize=s.pseudonymize,
+                pseudonymize=s.pseudonymize, compute=s.compute,
             )
         except Exception as e:
             self.problem = f"the edge model failed to load: {e}"

@@ -11,6 +11,8 @@ import time
 
 import uvicorn
 
+from fedsea_shared.threads import serial
+
 from .app import create_app
 from .backend import GatewaySettings
 
@@ -47,6 +49,7 @@ def run_gateway(settings: GatewaySettings, log_level: str = "info") -> None:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", settings.host)
     print(f"fedsea gateway: OpenAI-compatible API at {api_url(settings.host, settings.port, bool(settings.ssl_certfile))} "
           f"(model {settings.model_id}; /health answers 503 until the edge is ready)", flush=True)
+    serial()  # the event loop only moves small tensors; the edge worker computes
     uvicorn.Server(_config(settings, log_level)).run()
 
 
@@ -62,8 +65,12 @@ class GatewayThread:
         config = _config(settings, log_level)
         self.app = config.app
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, name="fedsea-gateway", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="fedsea-gateway", daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        serial()
+        self._server.run(sockets=[self._sock])
 
     @property
     def url(self) -> str:

@@ -22,6 +22,7 @@ import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Callable
 
 import torch
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -53,6 +54,7 @@ from fedsea_shared.protocol import (
 )
 from fedsea_shared.prefix import prefix_root
 from fedsea_shared.shard import Partition, head_dim, load_config, load_server_shard
+from fedsea_shared.threads import run_here, serial
 
 from .engine import Engine, EngineSettings
 from .kv_pool import KVPool, parse_memory
@@ -158,7 +160,9 @@ def _peer(ws: ServerConnection) -> str:
 
 
 class ServerRuntime:
-    def __init__(self, settings: ServerSettings):
+    def __init__(self, settings: ServerSettings, compute: Callable = run_here):
+        """`compute(fn, *args)` runs the engine's forward passes (default: on the engine
+        thread; `fedsea serve` passes its shared ComputeThread.run, see fedsea_shared.threads)."""
         settings.check_exposure()
         self.settings = settings
         self._ssl = self._ssl_context() if settings.tls else None
@@ -203,7 +207,7 @@ class ServerRuntime:
         quota = (BlockQuota(max(1, int(settings.kv_quota * num_blocks)), owner_of=lambda key: key[0])
                  if settings.kv_quota < 1 else None)  # 1: a tenant may fill the pool (then waits, as anyone)
         self.engine = Engine(runner(self.shard), self.pool, settings.engine, self.metrics,
-                             {name: runner(shard) for name, shard in adapted.items()}, quota)
+                             {name: runner(shard) for name, shard in adapted.items()}, quota, compute)
         self.training = (TrainingService(self.shard, self.partition, settings.device, settings.training)
                          if settings.enable_training else None)
         if self.training is not None:
@@ -510,6 +514,7 @@ class ServerRuntime:
 
 
 async def run_server(settings: ServerSettings) -> None:
+    serial()  # this event loop only moves small tensors; the engine thread computes
     runtime = ServerRuntime(settings)
     try:
         async with await runtime.serve() as server:
@@ -525,8 +530,8 @@ class ServerThread:
     """A server runtime on its own event-loop thread: the embedded server of `fedsea
     serve`, and the tests' in-process server.  port=0 picks a free port."""
 
-    def __init__(self, settings: ServerSettings):
-        self.runtime = ServerRuntime(settings)
+    def __init__(self, settings: ServerSettings, compute: Callable = run_here):
+        self.runtime = ServerRuntime(settings, compute)
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fedsea-server", daemon=True)
@@ -539,6 +544,7 @@ class ServerThread:
     _error: BaseException | None = None
 
     def _run(self) -> None:
+        serial()
         asyncio.set_event_loop(self._loop)
         try:
             self._server = self._loop.run_until_complete(self.runtime.serve())

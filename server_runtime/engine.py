@@ -20,6 +20,7 @@ from typing import Callable, Hashable, NamedTuple, Protocol
 import torch
 
 from fedsea_shared.prefix import PrefixHasher
+from fedsea_shared.threads import run_here, serial
 from fedsea_shared.protocol import ErrorCode, ProtocolError
 
 from .kv_pool import BlockTable, KVPool
@@ -61,7 +62,11 @@ class Engine:
     over the same KV pool.  A session runs one model for its lifetime."""
 
     def __init__(self, runner: ModelRunner, pool: KVPool, settings: EngineSettings, metrics: ServerMetrics,
-                 adapters: dict[str, ModelRunner] | None = None, quota: BlockQuota | None = None):
+                 adapters: dict[str, ModelRunner] | None = None, quota: BlockQuota | None = None,
+                 compute: Callable = run_here):
+        # `compute(fn, *args)` runs a forward pass: here on the engine thread, or on the
+        # process's shared compute thread (fedsea_shared.threads.ComputeThread.run).
+        self.compute = compute
         self.runners: dict[str | None, ModelRunner] = {None: runner, **(adapters or {})}
         self.pool = pool
         self.settings = settings
@@ -112,6 +117,8 @@ class Engine:
     # ---- worker thread ----------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.compute is not run_here:
+            serial()  # the forward passes run on the compute thread, with the cores
         wait = 0.5
         while self._running:
             for command in self._collect(wait):
@@ -182,10 +189,10 @@ class Engine:
         for i, c in enumerate(chunks):
             groups.setdefault(c.session.model, []).append(i)
         if len(groups) == 1:
-            return self.runners[chunks[0].session.model].run(chunks)
+            return self.compute(self.runners[chunks[0].session.model].run, chunks)
         outputs: list = [None] * len(chunks)
         for model, idx in groups.items():
-            for i, out in zip(idx, self.runners[model].run([chunks[i] for i in idx])):
+            for i, out in zip(idx, self.compute(self.runners[model].run, [chunks[i] for i in idx])):
                 outputs[i] = out
         return outputs
 

@@ -1,5 +1,5 @@
 """The edge worker's rounds (heads then tails, one batch each, on its own thread) and the
-thread policy of `fedsea serve`."""
+thread policy: serial event loops, and one compute thread for both sides in `fedsea serve`."""
 
 from __future__ import annotations
 
@@ -88,46 +88,110 @@ async def test_concurrent_greedy_generations_equal_sequential_ones(start_server,
     await client.aclose()
 
 
-def test_thread_count_comes_from_the_flag_then_the_environment_then_half_the_cores(monkeypatch):
+def test_thread_count_comes_from_the_flag_then_the_environment_then_the_cores(monkeypatch):
     monkeypatch.delenv(threads.ENV, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "6")
-    assert threads.threads_per_compute_thread(None) == (3, "6 cores / 2 compute threads")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert threads.threads_per_compute_thread(None)[0] == 1  # never 0
+    assert threads.compute_threads(None) == (6, "cores")
     monkeypatch.setenv(threads.ENV, "4")
-    assert threads.threads_per_compute_thread(None) == (4, "$FEDSEA_THREADS")
-    assert threads.threads_per_compute_thread(2) == (2, "--threads")
+    assert threads.compute_threads(None) == (4, "$FEDSEA_THREADS")
+    assert threads.compute_threads(2) == (2, "--threads")
     for bad in ("0", "two", "-1"):
         monkeypatch.setenv(threads.ENV, bad)
         with pytest.raises(ValueError, match="FEDSEA_THREADS must be a whole number"):
-            threads.threads_per_compute_thread(None)
+            threads.compute_threads(None)
     with pytest.raises(ValueError, match="--threads"):
-        threads.threads_per_compute_thread(0)
+        threads.compute_threads(0)
 
 
-async def test_the_policy_sizes_a_worker_started_after_it(edge_model, restore_torch_threads):
-    threads.apply(1)
-    worker = EdgeWorker(edge_model)
-    await worker.head(SequenceCache(), 0, torch.tensor([1, 2]))
-    assert worker.stats()["intra_op_threads"] == 1
-    worker.close()
+def _in_thread(fn):
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("value", fn()))
+    t.start()
+    t.join()
+    return out["value"]
 
 
-def test_serve_applies_the_thread_flag_before_it_starts_the_edge(tiny_model_dir, monkeypatch, caplog,
-                                                                 restore_torch_threads):
+@pytest.mark.skipif(threads._GOMP is None, reason="torch is not built with libgomp here")
+def test_serial_makes_only_the_calling_thread_single_threaded(restore_torch_threads):
+    threads.apply(2)
+
+    def serial_then_count():
+        threads.serial()
+        torch.nan_to_num(torch.randn(100_000))  # above the grain size: would go parallel
+        return torch.get_num_threads()
+
+    assert _in_thread(serial_then_count) == 1
+    assert torch.get_num_threads() == 2 and _in_thread(torch.get_num_threads) == 2
+
+
+def test_the_compute_thread_runs_work_in_order_and_hands_back_results_and_errors():
+    compute = threads.ComputeThread()
+    try:
+        names = [compute.run(lambda: threading.current_thread().name) for _ in range(3)]
+        assert names == ["fedsea-compute"] * 3
+        with pytest.raises(ZeroDivisionError):
+            compute.run(lambda: 1 / 0)
+        assert compute.run(sum, [1, 2, 3]) == 6  # an error does not stop it
+    finally:
+        compute.close()
+
+
+async def test_a_worker_given_a_compute_thread_runs_its_batches_there(edge_model, restore_torch_threads):
+    threads.apply(2)
+    compute = threads.ComputeThread()
+    ran_on: list[str] = []
+
+    def run(fn, *args):
+        ran_on.append(compute.run(lambda: threading.current_thread().name))
+        return compute.run(fn, *args)
+
+    alone, shared = EdgeWorker(edge_model), EdgeWorker(edge_model, compute=run)
+    ids = torch.tensor([5, 6, 7])
+    torch.testing.assert_close(await shared.head(SequenceCache(), 0, ids), await alone.head(SequenceCache(), 0, ids))
+    assert ran_on == ["fedsea-compute"]
+    assert shared.stats()["intra_op_threads"] == 2  # the compute thread's count
+    for w in (alone, shared):
+        w.close()
+    compute.close()
+
+
+async def test_split_generation_on_one_compute_thread_equals_separate_threads(tiny_model_dir):
+    from server_runtime.app import ServerSettings, ServerThread
+
+    chats = [[{"role": "user", "content": f"Tell me about {t}"}] for t in ("owls", "rain", "tea")]
+
+    async def generate(compute) -> list[list[int]]:
+        server = ServerThread(ServerSettings(model=str(tiny_model_dir), port=0), compute)
+        client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), edge_cache_memory=0, compute=compute)
+        try:
+            done = await asyncio.gather(*(client.generate(c, max_tokens=10, temperature=0) for c in chats))
+            return [d.token_ids for d in done]
+        finally:
+            await client.aclose()
+            server.stop()
+
+    separate = await generate(threads.run_here)
+    compute = threads.ComputeThread()
+    try:
+        assert await generate(compute.run) == separate
+    finally:
+        compute.close()
+
+
+def test_serve_runs_both_sides_on_one_compute_thread_of_the_flag_s_size(tiny_model_dir, monkeypatch, caplog,
+                                                                       restore_torch_threads):
     import gateway
 
     seen = {}
 
-    def fake_gateway(settings, log_level):  # stands in for the edge and the API: a thread started now
-        t = threading.Thread(target=lambda: seen.setdefault("threads", torch.get_num_threads()))
-        t.start()
-        t.join()
+    def fake_gateway(settings, log_level):  # stands in for the edge and the API
+        seen["threads"] = settings.compute(torch.get_num_threads)
+        seen["thread"] = settings.compute(lambda: threading.current_thread().name)
 
     monkeypatch.setattr(gateway, "run_gateway", fake_gateway)
     with caplog.at_level(logging.INFO, logger="fedsea"):
         cli.main(["serve", "--model", str(tiny_model_dir), "--threads", "3"])
-    assert seen["threads"] == 3
-    assert "torch intra-op threads: 3 for the edge worker, 3 for the server engine (--threads)" in caplog.text
+    assert seen == {"threads": 3, "thread": "fedsea-compute"}
+    assert "torch intra-op threads: 3 on the compute thread of both sides (--threads)" in caplog.text
     with pytest.raises(SystemExit, match="--threads must be a whole number"):
         cli.main(["serve", "--model", str(tiny_model_dir), "--threads", "0"])
