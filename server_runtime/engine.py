@@ -47,6 +47,9 @@ class _OpenRequest(NamedTuple):
     prefix: list[bytes]  # block keys of the prefix the edge hopes the cache holds
 
 
+ACTIVE_S = 0.25
+
+
 @dataclass
 class EngineSettings:
     max_context: int = 8192
@@ -55,6 +58,7 @@ class EngineSettings:
     idle_timeout: float = 600.0  # seconds before an idle session is freed
     admission_free_blocks: int = 1  # an open waits until at least this many blocks are free
     coalesce_s: float = 0.002  # when idle, how long to gather a burst of steps into one tick
+    company_wait_s: float = 0.05  # shared compute thread: how long a tick waits for the other active sessions
 
 
 class Engine:
@@ -135,11 +139,14 @@ class Engine:
             self._publish()
             # Runnable work: loop straight on.  Work blocked on capacity: poll. Else sleep.
             wait = 0.0 if ran else 0.05 if (len(self.scheduler) or self._opens) else 0.5
+            if ran and self.compute is not run_here:
+                self._await_company()
 
     def _collect(self, wait: float) -> list[Callable[[], None] | None]:
         """Commands in the inbox.  When idle, block up to `wait` for the first one, then
-        linger `coalesce_s` for more: the steps of many sessions arrive as a burst, and
-        taking the burst whole makes one tick of them instead of several."""
+        linger `coalesce_s` for more while several sessions are active: the steps of many
+        sessions arrive as a burst, and taking the burst whole makes one tick of them
+        instead of several."""
         commands: list[Callable[[], None] | None] = []
         timeout = wait
         while True:
@@ -151,7 +158,42 @@ class Engine:
             if command is None:
                 return commands
             if wait > 0:
-                timeout = self.settings.coalesce_s
+                if not self._company():
+                    timeout = 0.0  # take what is queued, wait for nothing more
+                else:
+                    timeout = self.settings.coalesce_s
+
+    def _active(self) -> list[Session]:
+        """Sessions that opened or stepped in the last ACTIVE_S: the ones generating now (a
+        session that finished lingers on in this list that long at most)."""
+        since = time.monotonic() - ACTIVE_S
+        return [s for s in self.sessions.values() if s.last_active > since]
+
+    def _company(self) -> bool:
+        """Whether another session is active: a lone stream has no burst to wait for, and
+        lingering would add coalesce_s to each of its tokens."""
+        return len(self._active()) > 1
+
+    def _await_company(self) -> None:
+        """With a compute thread shared with the edge (fedsea serve), wait up to
+        `company_wait_s` after a tick for the next step of every active session.  The
+        forward passes take turns on that thread anyway, so a tick of the sessions already
+        queued gains little by starting while the others' edge batch runs, and taking them
+        all in one tick reads the weights once instead of once per group (without this, 8
+        sessions settle into two alternating groups of 4)."""
+        deadline = time.monotonic() + self.settings.company_wait_s
+        while self._running:
+            active = self._active()
+            if len(active) < 2 or all(s.work is not None for s in active):
+                return
+            try:
+                command = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return
+            if command is None:
+                self._inbox.put(None)  # shutdown: leave it for the loop
+                return
+            command()
 
     def _tick(self) -> bool:
         tick = self.scheduler.schedule(self.sessions.values())
