@@ -198,12 +198,14 @@ def _run_serve(args) -> None:
     from gateway import run_gateway
     from server_runtime.app import ServerSettings, ServerThread
 
-    resolve_model(args.model)  # prepares the default model once; safe when two processes start together
     n, source = threads.compute_threads(args.threads)
     threads.apply(n)
-    # One OpenMP team for the process (fedsea_shared.threads): the edge's and the server's
-    # forward passes take turns on one thread with all the cores.
+    # One OpenMP team for the process (fedsea_shared.threads): this thread (the gateway's
+    # event loop) is serial before it runs any op, and the edge's and the server's forward
+    # passes take turns on one compute thread with all the cores.
+    threads.serial()
     compute = threads.ComputeThread()
+    resolve_model(args.model)  # prepares the default model once; safe when two processes start together
     logging.getLogger("fedsea").info("torch intra-op threads: %d on the compute thread of both sides (%s)", n, source)
     server = ServerThread(ServerSettings(
         model=args.model, head=args.head, tail=args.tail, host="127.0.0.1", port=args.server_port,
@@ -222,7 +224,10 @@ def _run_serve(args) -> None:
 
 def _run_gateway(args) -> None:
     from fedsea_shared.models import resolve_model
+    from fedsea_shared.threads import serial
     from gateway import run_gateway
+
+    serial()  # before any op here: the event loop stays out of OpenMP (fedsea_shared.threads)
 
     servers = args.server or [f"ws://127.0.0.1:{defaults.SERVER_PORT}"]
     for url in servers:

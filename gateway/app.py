@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -18,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from edge_runtime.constraints import GrammarError
+from fedsea_shared.threads import serial
 
 from . import errors, limits, tools
 from .backend import Backend, GatewaySettings
@@ -62,6 +64,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # The threads that load the edge and tokenize for the event loop stay out of OpenMP
+        # (fedsea_shared.threads: one team per process).
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(thread_name_prefix="fedsea-gateway-io", initializer=serial))
         backend.start()
         yield
         await backend.close()
