@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedsea_shared.models import DEFAULT_MODEL, resolve_model
+from fedsea_shared.threads import run_here
 from gateway import GatewaySettings, GatewayThread
 from server_runtime.app import ServerSettings, ServerThread
 from server_runtime.engine import EngineSettings
@@ -95,12 +96,13 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
 
 @pytest.fixture
 def start_server():
-    """Factory: start_server(model_dir, head=, tail=, **settings) -> ServerThread."""
+    """Factory: start_server(model_dir, head=, tail=, engine=, compute=, **settings) -> ServerThread."""
     servers: list[ServerThread] = []
 
-    def start(model: Path | str, head: int = 2, tail: int = 2, engine: EngineSettings | None = None, **kw) -> ServerThread:
+    def start(model: Path | str, head: int = 2, tail: int = 2, engine: EngineSettings | None = None,
+              compute=run_here, **kw) -> ServerThread:
         settings = ServerSettings(model=str(model), head=head, tail=tail, port=0, engine=engine or EngineSettings(), **kw)
-        server = ServerThread(settings)
+        server = ServerThread(settings, compute)
         servers.append(server)
         return server
 

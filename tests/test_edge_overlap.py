@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from edge_runtime.model import EdgeModel, EdgeWorker, SequenceCache
 from fedsea import cli
 from fedsea_shared import threads
 from fedsea_shared.shard import Partition, load_config, load_edge_shard
+from server_runtime.engine import EngineSettings
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +155,28 @@ async def test_a_worker_given_a_compute_thread_runs_its_batches_there(edge_model
     for w in (alone, shared):
         w.close()
     compute.close()
+
+
+def test_with_a_shared_compute_thread_a_tick_waits_for_the_other_active_sessions(start_server, tiny_model_dir):
+    """fedsea serve's engine holds a decode step back until the other session that is
+    generating sends its own, so both go in one tick; on its own thread it runs at once."""
+    hidden = load_config(tiny_model_dir).hidden_size
+    compute = threads.ComputeThread()
+    try:
+        for run_on, held in ((threads.run_here, False), (compute.run, True)):
+            engine = start_server(tiny_model_dir, engine=EngineSettings(company_wait_s=5.0), compute=run_on).runtime.engine
+            keys = [(0, 0), (0, 1)]
+            for key in keys:
+                engine.open(key).result(30)
+            prompts = [engine.step(key, 0, torch.randn(4, hidden)) for key in keys]
+            last = [p.result(30)[-1:] for p in prompts]
+            first = engine.step(keys[0], 4, last[0])
+            time.sleep(0.3)
+            assert first.done() is not held
+            second = engine.step(keys[1], 4, last[1])
+            assert first.result(30).shape == second.result(30).shape == (1, hidden)
+    finally:
+        compute.close()
 
 
 async def test_split_generation_on_one_compute_thread_equals_separate_threads(tiny_model_dir):
