@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Callable
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 

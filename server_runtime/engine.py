@@ -20,8 +20,8 @@ from typing import Callable, Hashable, NamedTuple, Protocol
 import torch
 
 from fedsea_shared.prefix import PrefixHasher
-from fedsea_shared.threads import run_here, serial
 from fedsea_shared.protocol import ErrorCode, ProtocolError
+from fedsea_shared.threads import run_here, serial
 
 from .kv_pool import BlockTable, KVPool
 from .limits import BlockQuota
@@ -47,7 +47,7 @@ class _OpenRequest(NamedTuple):
     prefix: list[bytes]  # block keys of the prefix the edge hopes the cache holds
 
 
-ACTIVE_S = 0.25
+ACTIVE_S = 0.25  # a session that opened or stepped this recently is generating now
 
 
 @dataclass
