@@ -1,8 +1,8 @@
 """When the edge and the server engine of `fedsea serve` compute, apart or together.
 
 Runs what `fedsea serve` runs in one process (the server runtime on a loopback port, the
-edge client, one compute thread for both sides' forward passes), without the HTTP layer, drives N concurrent greedy
-generations of the default model (the prompts of benchmarks/vs_peers.py), and records each
+edge client, one compute thread for both sides' forward passes), without the HTTP layer,
+drives N concurrent greedy generations of the default model (the prompts of benchmarks/vs_peers.py), and records each
 edge batch (head, tail) and each engine tick with its start, end and size.  Reported per
 level: tokens/s, time to first token, process CPU per token, the share of the wall time in
 which the edge computes, the engine computes, both (overlap) or neither, batch sizes, and

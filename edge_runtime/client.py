@@ -96,8 +96,8 @@ class AsyncEdgeClient:
     ):
         """`compute(fn, *args)` runs the edge's forward passes (default: on the edge
         worker's thread; `fedsea serve` passes its shared ComputeThread.run, see
-        fedsea_shared.threads).  `adapters`: fine-tuned LoRA adapters by name (-> directory) a generation may
-        pick; the server must serve each under the same name.  `noise_key`: the secret
+        fedsea_shared.threads).  `adapters`: fine-tuned LoRA adapters by name
+        (-> directory) a generation may pick; the server must serve each under the same name.  `noise_key`: the secret
         the noise is keyed with (default: this installation's, see edge_runtime.keys).
         `edge_cache_memory`: bytes of recent conversations kept for prefix reuse (0: off).
         `server_url`: one server runtime, or a list of them (same model and cut) to fail

@@ -157,11 +157,8 @@ class Engine:
             commands.append(command)
             if command is None:
                 return commands
-            if wait > 0:
-                if not self._company():
-                    timeout = 0.0  # take what is queued, wait for nothing more
-                else:
-                    timeout = self.settings.coalesce_s
+            if wait > 0:  # alone: take what is queued and wait for nothing more
+                timeout = self.settings.coalesce_s if self._company() else 0.0
 
     def _active(self) -> list[Session]:
         """Sessions that opened or stepped in the last ACTIVE_S: the ones generating now (a
