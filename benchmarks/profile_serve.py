@@ -42,7 +42,7 @@ BUCKETS = [
     ("embedding", ("ModelShard.embed",)),
     ("attention (SDPA)", ("causal_attention", "decode_attention")),
     ("KV cache gather/write", ("server_runtime/paged_attention.py", "server_runtime/decode_graphs.py", "SequenceCache.extend")),
-    ("MLP", ("LlamaMLP",)),
+    ("MLP", ("MLP.forward",)),
     ("q/k/v/o proj + rotary", ("SelfAttention.forward", "apply_rotary_pos_emb", "rotate_half")),
     ("RMSNorm", ("LlamaRMSNorm",)),
     ("rotary tables", ("rotary_tables", "LlamaRotaryEmbedding", "dynamic_rope_update")),

@@ -94,7 +94,8 @@ async def run(args, url: str, compute) -> list[dict]:
 
     spans: list[Span] = []
     record(spans)
-    client = AsyncEdgeClient(url, edge_cache_memory=0, compute=compute)  # no prefix reuse: every request does the full work
+    client = AsyncEdgeClient(url, edge_cache_memory=0, compute=compute,  # no prefix reuse: every request does the full work
+                             linear_kernel=args.linear_kernel)
     await client.generate([{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)  # warm-up
     out = []
     for c in args.clients:
@@ -116,6 +117,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, help="intra-op threads of the compute thread (default: fedsea serve's)")
     ap.add_argument("--separate", action="store_true", help="edge and engine compute on their own threads")
+    ap.add_argument("--linear-kernel", default="auto", choices=["auto", "onednn", "torch"], help="both sides' matmuls")
     args = ap.parse_args()
     if args.separate:
         n, source = args.threads or max(1, threads.core_budget() // 2), "each of edge worker and engine"
@@ -128,7 +130,7 @@ def main() -> None:
     from server_runtime.app import ServerSettings, ServerThread
 
     run_on = compute.run if compute else threads.run_here
-    server = ServerThread(ServerSettings(port=0, kv_quota=1.0), run_on)
+    server = ServerThread(ServerSettings(port=0, kv_quota=1.0, linear_kernel=args.linear_kernel), run_on)
     try:
         levels = asyncio.run(run(args, server.url, run_on))
     finally:

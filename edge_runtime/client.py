@@ -31,7 +31,7 @@ from fedsea_shared.models import resolve_model
 from fedsea_shared.noise import KEY_BYTES, NoiseChain, public_prefix_len
 from fedsea_shared.prefix import prefix_root
 from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello
-from fedsea_shared.shard import Partition, load_config, load_edge_shard
+from fedsea_shared.shard import Partition, apply_linear_kernel, load_config, load_edge_shard
 from fedsea_shared.threads import run_here, serial
 
 from websockets.exceptions import WebSocketException
@@ -93,6 +93,7 @@ class AsyncEdgeClient:
         public_template: bool = defaults.PUBLIC_TEMPLATE,
         pseudonymize: bool = defaults.PSEUDONYMIZE,
         compute: Callable = run_here,
+        linear_kernel: str = "auto",
     ):
         """`compute(fn, *args)` runs the edge's forward passes (default: on the edge
         worker's thread; `fedsea serve` passes its shared ComputeThread.run, see
@@ -120,6 +121,7 @@ class AsyncEdgeClient:
         self.config = load_config(model_dir)
         self.partition = Partition(self.config.num_hidden_layers, head, tail)
         shard = load_edge_shard(model_dir, self.partition, dtype=WIRE_DTYPES[dtype], device=device, config=self.config)
+        self.linear_kernel = apply_linear_kernel(shard, linear_kernel, device)
         self.worker = EdgeWorker(EdgeModel(shard, self.partition), compute=compute)
         self.workers: dict[str | None, EdgeWorker] = {None: self.worker}
         for name, adapted in load_adapters(shard, model, adapters or {}).items():

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .shard import ModelShard
+from .shard import ModelShard, dense, use_onednn, uses_onednn
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -148,7 +148,7 @@ def merged_shard(base: ModelShard, adapter: LoraAdapter) -> ModelShard:
     deltas = adapter.deltas(base, layers)
     state = {n: t for n, t in base.state_dict().items() if not n.startswith("rotary.")}
     for name, delta in deltas.items():
-        w = state[name]
+        w = dense(state[name])
         state[name] = (w.float() + delta.to(w.device)).to(w.dtype)
     with torch.device("meta"):
         shard = ModelShard(base.config, layers, edge_parts)
@@ -156,7 +156,10 @@ def merged_shard(base: ModelShard, adapter: LoraAdapter) -> ModelShard:
     if edge_parts and base.lm_head.weight is base.model.embed_tokens.weight:
         shard.lm_head.weight = shard.model.embed_tokens.weight
     shard.rotary = base.rotary
-    return shard.eval().requires_grad_(False)
+    shard.eval().requires_grad_(False)
+    if uses_onednn(base):
+        use_onednn(shard)  # packs the adapted weights; the others are the base's packed ones
+    return shard
 
 
 def load_adapters(base: ModelShard, model: str, adapters: dict[str, str | Path]) -> dict[str, ModelShard]:

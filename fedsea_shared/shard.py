@@ -20,12 +20,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import (
-    LlamaMLP,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
-    apply_rotary_pos_emb,
-)
+from transformers.activations import ACT2FN
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 
 @dataclass(frozen=True)
@@ -117,6 +113,112 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     return out.reshape(q.shape[0], -1)
 
 
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _FrozenOneDNNLinear(torch.autograd.Function):
+    """oneDNN's linear has no backward; a frozen weight needs only the input's gradient
+    (LoRA training through the inference shard's packed weights, server_runtime's
+    training service)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad @ (weight.to_dense() if weight.is_mkldnn else weight), None, None
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` that can run on oneDNN's CPU matmul (`use_onednn`).
+
+    On CPU torch's dense linear goes to MKL, which on some CPUs (AMD's, measured in
+    docs/performance.md) reads the weights of a one-to-sixteen-row product at half the
+    memory bandwidth oneDNN reaches; oneDNN is faster still with the weight reordered
+    into its blocked layout ("packed": same bytes, replacing the dense tensor).  A packed
+    weight always runs on oneDNN (also in a shard loaded from this one's state_dict);
+    `onednn` sends a dense one there too."""
+
+    onednn = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.onednn or self.weight.is_mkldnn):
+            return F.linear(x, self.weight, self.bias)
+        if self.weight.requires_grad:
+            raise RuntimeError(f"{self} runs on oneDNN, which cannot train its weight")
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenOneDNNLinear.apply(x, self.weight, self.bias)
+        return _onednn_linear(x, self.weight, self.bias)
+
+
+def onednn_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear runs here: a CPU build of torch with oneDNN, a dtype it
+    computes in (probed once, so a CPU without the instructions for bf16 says no)."""
+    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, w = torch.ones(1, 32, dtype=dtype), torch.ones(16, 32, dtype=dtype)
+        out = _onednn_linear(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), None)
+    except RuntimeError:
+        return False
+    return bool((out == 32).all())
+
+
+# The batch-size hint oneDNN picks its weight layout for: measured on 1-40-row products
+# of SmolLM2's shapes, 64 was fastest at every size (docs/performance.md).
+PACK_HINT_ROWS = 64
+
+
+def use_onednn(shard: nn.Module) -> int:
+    """Run every `Linear` of a frozen (inference) shard on oneDNN, packing its weight
+    unless another module shares it (the LM head tied to the embedding stays dense, which
+    oneDNN also reads); returns how many it packed.  Already-packed weights (an adapted
+    shard's untouched ones, shared with the base) stay as they are."""
+    linears = [m for m in shard.modules() if isinstance(m, Linear)]
+    users: dict[int, int] = {}
+    for m in shard.modules():
+        for p in m.parameters(recurse=False):
+            users[id(p)] = users.get(id(p), 0) + 1
+    packed = 0
+    for m in linears:
+        if not m.weight.is_mkldnn and users[id(m.weight)] == 1:
+            m.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), PACK_HINT_ROWS),
+                                    requires_grad=False)
+            packed += 1
+        m.onednn = True
+    return packed
+
+
+LINEAR_KERNELS = ("auto", "onednn", "torch")
+
+
+def apply_linear_kernel(shard: nn.Module, kernel: str, device: torch.device | str) -> str:
+    """Put an inference shard's linears on `kernel` (auto: oneDNN where it runs, else
+    torch's); returns the one in use.  Call it before merging adapters into the shard."""
+    if kernel not in LINEAR_KERNELS:
+        raise ValueError(f"linear kernel must be one of {', '.join(LINEAR_KERNELS)}, not {kernel!r}")
+    dtype = next(shard.parameters()).dtype
+    if kernel == "torch" or not onednn_available(device, dtype):
+        if kernel == "onednn":
+            raise ValueError(f"oneDNN's linear does not run on {device} with {dtype} here (--linear-kernel torch or auto)")
+        return "torch"
+    use_onednn(shard)
+    return "onednn"
+
+
+def uses_onednn(shard: nn.Module) -> bool:
+    return any(m.onednn for m in shard.modules() if isinstance(m, Linear))
+
+
+def dense(weight: torch.Tensor) -> torch.Tensor:
+    """A weight in the plain layout (a copy only if `use_onednn` packed it)."""
+    return weight.to_dense() if weight.is_mkldnn else weight
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int):
         super().__init__()
@@ -127,10 +229,10 @@ class SelfAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         bias = getattr(config, "attention_bias", False)
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+        self.q_proj = Linear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
         t = x.shape[0]
@@ -143,13 +245,28 @@ class SelfAttention(nn.Module):
         return self.o_proj(out)
 
 
+class MLP(nn.Module):
+    """LLaMA's gated MLP (as transformers' LlamaMLP, on `Linear`)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        h, ff, bias = config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False)
+        self.gate_proj = Linear(h, ff, bias=bias)
+        self.up_proj = Linear(h, ff, bias=bias)
+        self.down_proj = Linear(ff, h, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
 class DecoderBlock(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int):
         super().__init__()
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = SelfAttention(config, layer)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
@@ -176,7 +293,7 @@ class ModelShard(nn.Module):
         if with_edge_parts:
             self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
             self.model.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def rotary_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         probe = torch.empty(0, dtype=dtype, device=positions.device)
@@ -262,5 +379,5 @@ def resident_bytes(module: nn.Module) -> int:
     """Bytes of parameters and buffers, counting tied tensors once."""
     seen: dict[int, int] = {}
     for t in [*module.parameters(), *module.buffers()]:
-        seen[t.data_ptr()] = t.numel() * t.element_size()
+        seen[id(t) if t.is_mkldnn else t.data_ptr()] = t.numel() * t.element_size()  # packed: no data_ptr
     return sum(seen.values())

@@ -52,6 +52,7 @@ class GatewaySettings:
     ssl_certfile: str | None = None  # with ssl_keyfile: serve the API over https
     ssl_keyfile: str | None = None
     compute: Callable = run_here  # runs the edge's forward passes (fedsea serve: its shared ComputeThread.run)
+    linear_kernel: str = "auto"  # the edge shard's matmuls: onednn | torch | auto (fedsea_shared.shard.apply_linear_kernel)
 
     @property
     def servers(self) -> str:
@@ -92,7 +93,7 @@ class Backend:
             self.client = await asyncio.to_thread(
                 AsyncEdgeClient, s.server_url, s.model, s.head, s.tail, s.noise, api_key=s.server_api_key,
                 adapters=s.adapters, edge_cache_memory=s.edge_cache_memory, server_ca=s.server_ca,
-                pseudonymize=s.pseudonymize, compute=s.compute,
+                pseudonymize=s.pseudonymize, compute=s.compute, linear_kernel=s.linear_kernel,
             )
         except Exception as e:
             self.problem = f"the edge model failed to load: {e}"

@@ -53,7 +53,7 @@ from fedsea_shared.protocol import (
     tensor_meta,
 )
 from fedsea_shared.prefix import prefix_root
-from fedsea_shared.shard import Partition, head_dim, load_config, load_server_shard
+from fedsea_shared.shard import Partition, apply_linear_kernel, head_dim, load_config, load_server_shard
 from fedsea_shared.threads import run_here, serial
 
 from .engine import Engine, EngineSettings
@@ -79,6 +79,7 @@ class ServerSettings:
     kv_cache_memory: str = "1GiB"  # bytes, or a fraction of free accelerator memory
     block_size: int = 16
     attention_backend: str = "auto"  # torch | vllm (vLLM's paged-attention kernels) | auto: vllm where installed and fit
+    linear_kernel: str = "auto"  # onednn | torch | auto: onednn where it runs (fedsea_shared.shard.apply_linear_kernel)
     decode_attention: str = "auto"  # torch backend: gather | flex | auto: flex (reads the pool in place) on CUDA, gather on CPU
     cuda_graphs: bool = True  # replay decode-only ticks as CUDA graphs (CUDA with flex attention only)
     max_graph_batch: int = 64  # decode ticks up to this many sessions use a graph
@@ -171,6 +172,7 @@ class ServerRuntime:
         self.partition = Partition(self.config.num_hidden_layers, settings.head, settings.tail)
         dtype = self.shard_dtype = WIRE_DTYPES[settings.dtype]
         self.shard = load_server_shard(model_dir, self.partition, dtype=dtype, device=settings.device, config=self.config)
+        self.linear_kernel = apply_linear_kernel(self.shard, settings.linear_kernel, settings.device)
         layers = self.partition.server_layers
         per_block = KVPool.bytes_per_block(
             len(layers), settings.block_size, self.config.num_key_value_heads, head_dim(self.config), dtype
@@ -223,11 +225,11 @@ class ServerRuntime:
         self._handshake_refusals = RefusalLog(log, "new connections", settings.refusal_log_interval)
         log.info(
             "server runtime: layers [%d, %d) of %d, KV pool %d blocks x %d tokens (%.1f MiB), "
-            "attention %s%s, adapters: %s",
+            "attention %s%s, linear %s, adapters: %s",
             *self.partition.server_range, self.config.num_hidden_layers,
             num_blocks, settings.block_size, self.pool.nbytes / 2**20,
             "vllm" if backend == "vllm" else f"torch ({attention} decode)",
-            " + CUDA graphs" if graphs else "", ", ".join(settings.adapters) or "none",
+            " + CUDA graphs" if graphs else "", self.linear_kernel, ", ".join(settings.adapters) or "none",
         )
 
     def _ssl_context(self) -> ssl.SSLContext:

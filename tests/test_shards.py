@@ -11,12 +11,16 @@ from conftest import make_tiny_model, spy_safetensors
 from fedsea_shared import shard as shard_mod
 from fedsea_shared.shard import (
     Partition,
+    apply_linear_kernel,
     causal_attention,
     load_config,
     load_edge_shard,
     load_server_shard,
+    onednn_available,
     resident_bytes,
 )
+
+needs_onednn = pytest.mark.skipif(not onednn_available("cpu", torch.float32), reason="oneDNN's linear does not run here")
 
 
 def layer_names(names, i):
@@ -100,3 +104,58 @@ def test_resident_bytes_counts_tied_weights_once(tiny_model_dir):
     edge = load_edge_shard(tiny_model_dir, p)
     embed = cfg.vocab_size * cfg.hidden_size * 4
     assert resident_bytes(edge) < 2 * embed  # lm_head shares the embedding's storage
+
+
+def _split_logits(edge, server, p, ids):
+    attend = full_attend(edge.model.layers["0"].self_attn.scale)
+    pos = torch.arange(ids.shape[0])
+    with torch.no_grad():
+        h = edge.run_blocks(p.head_layers, edge.embed(ids), pos, attend)
+        h = server.run_blocks(p.server_layers, h, pos, attend)
+        return edge.logits(edge.run_blocks(p.tail_layers, h, pos, attend))
+
+
+@needs_onednn
+def test_onednn_shards_compute_the_dense_forward_in_the_same_bytes(tiny_model_dir):
+    p = Partition(6, head=2, tail=2)
+    dense_edge, dense_server = load_edge_shard(tiny_model_dir, p), load_server_shard(tiny_model_dir, p)
+    edge, server = load_edge_shard(tiny_model_dir, p), load_server_shard(tiny_model_dir, p)
+    before = resident_bytes(edge), resident_bytes(server)
+    assert apply_linear_kernel(edge, "auto", "cpu") == "onednn"
+    assert apply_linear_kernel(server, "onednn", "cpu") == "onednn"
+    assert (resident_bytes(edge), resident_bytes(server)) == before  # packed in place of the dense weights
+    assert server.model.layers["2"].mlp.down_proj.weight.is_mkldnn
+    assert edge.lm_head.weight is edge.model.embed_tokens.weight  # the tied LM head stays the embedding
+    for rows in (1, 7, 40):  # a decode row, a short and a long prompt (oneDNN picks kernels by rows)
+        ids = torch.randint(0, edge.config.vocab_size, (rows,))
+        torch.testing.assert_close(_split_logits(edge, server, p, ids), _split_logits(dense_edge, dense_server, p, ids),
+                                   atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+def test_a_packed_shard_passes_gradients_to_its_input_and_refuses_to_train_its_weights(tiny_model_dir):
+    p = Partition(6, head=2, tail=2)
+    dense, packed = load_server_shard(tiny_model_dir, p), load_server_shard(tiny_model_dir, p)
+    apply_linear_kernel(packed, "onednn", "cpu")
+    attend = full_attend(dense.model.layers["2"].self_attn.scale)
+    x, pos = torch.randn(5, dense.config.hidden_size), torch.arange(5)
+    grads = []
+    for shard in (dense, packed):
+        xg = x.clone().requires_grad_(True)
+        (shard.run_blocks(p.server_layers, xg, pos, attend) ** 2).sum().backward()
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
+    packed.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="cannot train"):
+        packed.run_blocks(p.server_layers, x, pos, attend)
+
+
+def test_linear_kernel_choice_is_checked(tiny_model_dir):
+    server = load_server_shard(tiny_model_dir, Partition(6, 2, 2))
+    with pytest.raises(ValueError, match="linear kernel must be one of"):
+        apply_linear_kernel(server, "mkl", "cpu")
+    with pytest.raises(ValueError, match="does not run on meta"):
+        apply_linear_kernel(server, "onednn", "meta")
+    assert apply_linear_kernel(server, "auto", "meta") == "torch"
+    assert apply_linear_kernel(server, "torch", "cpu") == "torch"
+    assert not server.model.layers["2"].self_attn.q_proj.weight.is_mkldnn

@@ -28,7 +28,7 @@ def test_ratios_are_fedsea_over_each_peer_per_level_and_skip_skipped_peers():
 def test_profile_buckets_by_innermost_known_frame_per_thread(tmp_path):
     engine = ("thread (11): fedsea-engine;Thread.run (threading.py:982);Engine._loop (server_runtime/engine.py:99);"
               "ModelRunner._run (server_runtime/model_runner.py:121);DecoderBlock.forward (fedsea_shared/shard.py:155);"
-              "LlamaMLP.forward (transformers/models/llama/modeling_llama.py:164);Linear.forward (torch/nn/modules/linear.py:134)")
+              "MLP.forward (fedsea_shared/shard.py:246);Linear.forward (fedsea_shared/shard.py:150)")
     raw = tmp_path / "raw.txt"
     raw.write_text("\n".join([
         f"{engine} 7",
