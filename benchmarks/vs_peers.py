@@ -19,7 +19,7 @@ is skipped with a message; set them up (outside the repo) with
     bash benchmarks/setup_vllm.sh          # vLLM CPU venv (~3.4 GB, ~3 min)
     python benchmarks/vs_peers.py [--peers-dir DIR] [--clients 1 8 16] [--only fedsea llamacpp ...]
 
-Writes benchmarks/results/vs_peers.json and vs_peers.png.
+Writes benchmarks/results/vs_peers.json and vs_peers.png (or --out and its .png).
 """
 
 from __future__ import annotations
@@ -290,6 +290,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="requests each client sends in a row (the 1-client level sends at least 4)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="compute threads of every server (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "vs_peers.json", help="JSON (and PNG beside it) to write")
     ap.add_argument("--only", nargs="+", choices=[*SERVERS, "transformers"], help="run only these")
     args = ap.parse_args()
     if args.max_tokens < 2 or args.rounds < 1 or any(c < 1 for c in args.clients):
@@ -357,10 +358,10 @@ def main() -> None:
                      "noise": defaults.NOISE},
         "servers": results, "transformers": hf, "roofline": roofline, "fedsea_ratios": rs,
     }
-    out = RESULTS / "vs_peers.json"
+    out = args.out
     out.write_text(json.dumps(result, indent=2))
     if any(isinstance(results.get(s), dict) for s in SERVERS) and hf:
-        plot(results, hf, roofline, levels, RESULTS / "vs_peers.png")
+        plot(results, hf, roofline, levels, out.with_suffix(".png"))
     print(f"wrote {out}")
 
 
