@@ -260,7 +260,11 @@ def ratios(results: dict, levels: list[int]) -> dict:
 
 
 def plot(results: dict, hf: dict, roofline: dict, levels: list[int], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # vLLM's venv has none: the JSON is written, the picture is skipped
+        print(f"matplotlib is not installed here: no {path.name}")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
