@@ -130,7 +130,7 @@ class _FrozenOneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        return grad @ (weight.to_dense() if weight.is_mkldnn else weight), None, None
+        return grad @ dense(weight), None, None
 
 
 class Linear(nn.Linear):
@@ -157,7 +157,8 @@ class Linear(nn.Linear):
 
 def onednn_available(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether oneDNN's linear runs here: a CPU build of torch with oneDNN, a dtype it
-    computes in (probed once, so a CPU without the instructions for bf16 says no)."""
+    computes in (probed with one tiny product, so a CPU without the instructions for bf16
+    says no)."""
     if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -173,24 +174,21 @@ def onednn_available(device: torch.device | str, dtype: torch.dtype) -> bool:
 PACK_HINT_ROWS = 64
 
 
-def use_onednn(shard: nn.Module) -> int:
+def use_onednn(shard: nn.Module) -> None:
     """Run every `Linear` of a frozen (inference) shard on oneDNN, packing its weight
     unless another module shares it (the LM head tied to the embedding stays dense, which
-    oneDNN also reads); returns how many it packed.  Already-packed weights (an adapted
-    shard's untouched ones, shared with the base) stay as they are."""
+    oneDNN also reads).  Already-packed weights (an adapted shard's untouched ones, shared
+    with the base) stay as they are."""
     linears = [m for m in shard.modules() if isinstance(m, Linear)]
     users: dict[int, int] = {}
     for m in shard.modules():
         for p in m.parameters(recurse=False):
             users[id(p)] = users.get(id(p), 0) + 1
-    packed = 0
     for m in linears:
         if not m.weight.is_mkldnn and users[id(m.weight)] == 1:
             m.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), PACK_HINT_ROWS),
                                     requires_grad=False)
-            packed += 1
         m.onednn = True
-    return packed
 
 
 LINEAR_KERNELS = ("auto", "onednn", "torch")

@@ -87,8 +87,8 @@ class GatherAttention:
         self.scale = scale
 
     def plan(self, rows: DecodeRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Every block of the table's width (no host sync for the longest row); slots past a
-        # row's length are read, then zeroed.  Whole blocks are gathered, not single slots:
+        # Every block of the table's width, whatever the longest row; slots past a row's
+        # length are read, then zeroed.  Whole blocks are gathered, not single slots:
         # one index per block_size tokens (measured 5-10x faster per layer on CPU).
         pos = torch.arange(rows.page_table.shape[1] * self.block_size, device=rows.lengths.device)
         valid = pos[None, :] < rows.lengths[:, None]
