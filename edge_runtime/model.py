@@ -182,12 +182,9 @@ class EdgeWorker:
                     batch, self._pending = self._pending, []
                     _deliver_all(batch, RuntimeError("the edge worker is closed"))
                     return
-            # Replies of many sessions arrive frame by frame: after idling, linger a moment
-            # so the burst becomes one batch, but only while several sequences use the edge
-            # (a lone stream never has company to wait for).
-            if idle and len(self._recent) > 1:
-                time.sleep(self.coalesce_s)
             with self._wake:
+                if idle:
+                    self._linger()
                 batch, self._pending = self._pending, []
                 self._notify_scheduled = False  # the next submit wakes the thread again
             self._recent = {id(item.cache) for _, item, _, _ in batch}
@@ -195,6 +192,21 @@ class EdgeWorker:
                 part = [(item, fut, loop) for k, item, fut, loop in batch if k == kind and not fut.cancelled()]
                 if part:
                     self._run(kind, part)
+
+    def _linger(self) -> None:
+        """Replies of many sessions arrive frame by frame: after idling, wait up to
+        `coalesce_s` for the sequences of the previous round that have nothing queued yet,
+        so the burst becomes one batch.  No wait when they are all in (the heads a batch
+        of tails woke come in one event-loop iteration) or for a lone stream (no company
+        to wait for).  Called holding `_wake`."""
+        deadline = time.monotonic() + self.coalesce_s
+        while len(self._recent) > 1 and not self._closed:
+            if self._recent <= {id(item.cache) for _, item, _, _ in self._pending}:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(timeout=left)
 
     def _batch(self, kind: str, items: list[_Item]) -> list:
         self._threads = torch.get_num_threads()  # of the thread running it: this one or the compute thread

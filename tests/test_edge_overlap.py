@@ -67,6 +67,22 @@ async def test_one_round_runs_queued_heads_as_one_batch_then_tails_with_the_same
     torch.testing.assert_close(got[0], want_tail, rtol=1e-5, atol=1e-5)
 
 
+async def test_after_idling_a_round_waits_for_the_previous_rounds_sequences_and_no_longer(edge_model, monkeypatch):
+    calls = _spy(edge_model, monkeypatch)
+    worker = EdgeWorker(edge_model, coalesce_s=10.0)
+    a, b = SequenceCache(), SequenceCache()
+    await asyncio.gather(worker.head(a, 0, torch.tensor([1, 2])), worker.head(b, 0, torch.tensor([3])))
+    # Their next tokens come apart: the round waits for b's, then runs both as one batch as
+    # soon as it is in, not after coalesce_s.
+    first = asyncio.ensure_future(worker.head(a, 2, torch.tensor([4])))
+    await asyncio.sleep(0.2)
+    t0 = time.monotonic()
+    await asyncio.gather(first, worker.head(b, 1, torch.tensor([5])))
+    assert time.monotonic() - t0 < 5
+    assert calls == [("head", 2), ("head", 2)]
+    worker.close()
+
+
 async def test_a_failing_batch_fails_its_requests_and_the_worker_keeps_serving(edge_model):
     worker = EdgeWorker(edge_model)
     width = (await worker.head(SequenceCache(), 0, torch.tensor([1])))[0].shape[0]
