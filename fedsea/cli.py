@@ -127,6 +127,10 @@ def _edge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-cache-memory", default="256MiB",
                    help="memory for recent conversations' edge state, so a chat's next turn computes and sends only "
                         "its new tokens (bytes, e.g. 512MiB; 0 turns prefix reuse off; default: %(default)s)")
+    p.add_argument("--no-lm-head-copy", dest="lm_head_copy", action="store_false",
+                   help="run the LM head tied to the embedding on the embedding's own weight instead of a copy "
+                        "packed for oneDNN (saves the embedding's size in memory, 113 MB for SmolLM2-135M; the LM "
+                        "head of a batch of 8-16 generations takes about twice as long)")
 
 
 def _serve_parser(sub) -> None:
@@ -191,7 +195,7 @@ def _gateway_settings(args, server_url: str | list[str], server_api_key: str | N
         edge_cache_memory=parse_memory(args.edge_cache_memory),
         server_url=server_url, server_api_key=server_api_key, model=args.model, head=args.head, tail=args.tail,
         noise=args.noise, pseudonymize=args.pseudonymize, host=args.host, port=args.port, api_key=api_key, protect_status=args.protect_status,
-        adapters=_adapters(args), linear_kernel=args.linear_kernel,
+        adapters=_adapters(args), linear_kernel=args.linear_kernel, lm_head_copy=args.lm_head_copy,
     )
 
 

@@ -174,18 +174,19 @@ def onednn_available(device: torch.device | str, dtype: torch.dtype) -> bool:
 PACK_HINT_ROWS = 64
 
 
-def use_onednn(shard: nn.Module) -> None:
+def use_onednn(shard: nn.Module, copy_shared: bool = False) -> None:
     """Run every `Linear` of a frozen (inference) shard on oneDNN, packing its weight
-    unless another module shares it (the LM head tied to the embedding stays dense, which
-    oneDNN also reads).  Already-packed weights (an adapted shard's untouched ones, shared
-    with the base) stay as they are."""
+    unless another module shares it: the LM head tied to the embedding stays dense (which
+    oneDNN also reads, at about half the speed at 8-16 rows), or with `copy_shared` gets
+    a packed copy of its own (more memory: the embedding's size).  Already-packed weights
+    (an adapted shard's untouched ones, shared with the base) stay as they are."""
     linears = [m for m in shard.modules() if isinstance(m, Linear)]
     users: dict[int, int] = {}
     for m in shard.modules():
         for p in m.parameters(recurse=False):
             users[id(p)] = users.get(id(p), 0) + 1
     for m in linears:
-        if not m.weight.is_mkldnn and users[id(m.weight)] == 1:
+        if not m.weight.is_mkldnn and (users[id(m.weight)] == 1 or copy_shared):
             m.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), PACK_HINT_ROWS),
                                     requires_grad=False)
         m.onednn = True
@@ -194,9 +195,10 @@ def use_onednn(shard: nn.Module) -> None:
 LINEAR_KERNELS = ("auto", "onednn", "torch")
 
 
-def apply_linear_kernel(shard: nn.Module, kernel: str, device: torch.device | str) -> str:
+def apply_linear_kernel(shard: nn.Module, kernel: str, device: torch.device | str, copy_shared: bool = False) -> str:
     """Put an inference shard's linears on `kernel` (auto: oneDNN where it runs, else
-    torch's); returns the one in use.  Call it before merging adapters into the shard."""
+    torch's); returns the one in use.  `copy_shared`: see `use_onednn`.  Call it before
+    merging adapters into the shard."""
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"linear kernel must be one of {', '.join(LINEAR_KERNELS)}, not {kernel!r}")
     dtype = next(shard.parameters()).dtype
@@ -204,7 +206,7 @@ def apply_linear_kernel(shard: nn.Module, kernel: str, device: torch.device | st
         if kernel == "onednn":
             raise ValueError(f"oneDNN's linear does not run on {device} with {dtype} here (--linear-kernel torch or auto)")
         return "torch"
-    use_onednn(shard)
+    use_onednn(shard, copy_shared)
     return "onednn"
 
 

@@ -133,6 +133,21 @@ def test_onednn_shards_compute_the_dense_forward_in_the_same_bytes(tiny_model_di
 
 
 @needs_onednn
+def test_a_tied_lm_head_can_get_a_packed_copy_of_its_own(tiny_model_dir):
+    p = Partition(6, head=2, tail=2)
+    dense_edge, server = load_edge_shard(tiny_model_dir, p), load_server_shard(tiny_model_dir, p)
+    edge = load_edge_shard(tiny_model_dir, p)
+    before = resident_bytes(edge)
+    assert apply_linear_kernel(edge, "auto", "cpu", copy_shared=True) == "onednn"
+    assert edge.lm_head.weight.is_mkldnn and not edge.model.embed_tokens.weight.is_mkldnn  # lookups stay dense
+    assert resident_bytes(edge) == before + edge.model.embed_tokens.weight.nbytes
+    for rows in (1, 9):
+        ids = torch.randint(0, edge.config.vocab_size, (rows,))
+        torch.testing.assert_close(_split_logits(edge, server, p, ids), _split_logits(dense_edge, server, p, ids),
+                                   atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
 def test_a_packed_shard_passes_gradients_to_its_input_and_refuses_to_train_its_weights(tiny_model_dir):
     p = Partition(6, head=2, tail=2)
     dense, packed = load_server_shard(tiny_model_dir, p), load_server_shard(tiny_model_dir, p)
