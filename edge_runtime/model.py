@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from fedsea_shared.shard import ModelShard, Partition, causal_attention
+from fedsea_shared.shard import ModelShard, Partition, causal_attention, warm_linear_kernels
 from fedsea_shared.threads import run_here, serial
 
 
@@ -172,6 +172,7 @@ class EdgeWorker:
     def _serve(self) -> None:
         if self.compute is not run_here:
             serial()  # the batches run on the compute thread, with the cores
+        self.compute(warm_linear_kernels, self.model.shard)  # before the first batch, where batches run
         while True:
             with self._wake:
                 idle = not self._pending

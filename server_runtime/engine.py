@@ -21,6 +21,7 @@ import torch
 
 from fedsea_shared.prefix import PrefixHasher
 from fedsea_shared.protocol import ErrorCode, ProtocolError
+from fedsea_shared.shard import warm_linear_kernels
 from fedsea_shared.threads import run_here, serial
 
 from .kv_pool import BlockTable, KVPool
@@ -123,6 +124,8 @@ class Engine:
     def _loop(self) -> None:
         if self.compute is not run_here:
             serial()  # the forward passes run on the compute thread, with the cores
+        # Before the first step (which queues behind it): kernels built where the passes run.
+        self.compute(warm_linear_kernels, self.runners[None].shard)
         wait = 0.5
         while self._running:
             for command in self._collect(wait):

@@ -166,7 +166,7 @@ async def test_a_worker_given_a_compute_thread_runs_its_batches_there(edge_model
     alone, shared = EdgeWorker(edge_model), EdgeWorker(edge_model, compute=run)
     ids = torch.tensor([5, 6, 7])
     torch.testing.assert_close(await shared.head(SequenceCache(), 0, ids), await alone.head(SequenceCache(), 0, ids))
-    assert ran_on == ["fedsea-compute"]
+    assert len(ran_on) == 2 and set(ran_on) == {"fedsea-compute"}  # the kernel warm-up, then the batch
     assert shared.stats()["intra_op_threads"] == 2  # the compute thread's count
     for w in (alone, shared):
         w.close()

@@ -18,6 +18,7 @@ from fedsea_shared.shard import (
     load_server_shard,
     onednn_available,
     resident_bytes,
+    warm_linear_kernels,
 )
 
 needs_onednn = pytest.mark.skipif(not onednn_available("cpu", torch.float32), reason="oneDNN's linear does not run here")
@@ -130,6 +131,26 @@ def test_onednn_shards_compute_the_dense_forward_in_the_same_bytes(tiny_model_di
         ids = torch.randint(0, edge.config.vocab_size, (rows,))
         torch.testing.assert_close(_split_logits(edge, server, p, ids), _split_logits(dense_edge, dense_server, p, ids),
                                    atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+def test_after_warm_up_a_new_batch_size_builds_no_onednn_kernel(tiny_model_dir, capfd):
+    p = Partition(6, head=2, tail=2)
+    edge, server = load_edge_shard(tiny_model_dir, p), load_server_shard(tiny_model_dir, p)
+    apply_linear_kernel(edge, "auto", "cpu", copy_shared=True)
+    apply_linear_kernel(server, "auto", "cpu")
+
+    def kernels_built(rows: int) -> int:  # oneDNN's verbose log names each kernel it creates
+        capfd.readouterr()
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):
+            _split_logits(edge, server, p, torch.randint(0, edge.config.vocab_size, (rows,)))
+        return capfd.readouterr().out.count("create:cache_miss")
+
+    # Row counts no other test runs (oneDNN's kernel cache is the process's).
+    assert kernels_built(57) > 0  # the control: a size seen for the first time builds its kernels
+    warm_linear_kernels(edge)
+    warm_linear_kernels(server)
+    assert kernels_built(58) == 0
 
 
 @needs_onednn
