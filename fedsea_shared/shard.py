@@ -99,10 +99,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     mask = None
     if q_len > 1:
         mask = torch.ones(q_len, ctx_len, dtype=torch.bool, device=q.device).tril(diagonal=ctx_len - q_len)
+    # 4-D (a batch of one): torch's CPU flash kernel takes only 4-D inputs; 3-D ones went
+    # to the unfused math path, which also repeats K/V for the grouped heads.
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask, scale=scale,
+        enable_gqa=True,
     )
-    return out.transpose(0, 1).reshape(q_len, -1)
+    return out[0].transpose(0, 1).reshape(q_len, -1)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
