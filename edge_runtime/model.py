@@ -143,10 +143,14 @@ class EdgeWorker:
         with self._wake:
             return dict(self._stats)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Fail what is queued and wait for the batch in flight (see ComputeThread.close:
+        a thread stopped inside a torch op at interpreter exit aborts the process)."""
         with self._wake:
             self._closed = True
             self._wake.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     async def _submit(self, kind: str, item: _Item) -> torch.Tensor:
         loop = asyncio.get_running_loop()

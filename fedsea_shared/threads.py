@@ -91,16 +91,28 @@ class ComputeThread:
 
     def __init__(self, name: str = "fedsea-compute"):
         self._work: queue.SimpleQueue[tuple[Future, Callable, tuple] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._lock = threading.Lock()  # a job is queued before the close marker or refused, never after it
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
     def run(self, fn: Callable[..., T], *args) -> T:
         fut: Future = Future()
-        self._work.put((fut, fn, args))
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the compute thread is closed")
+            self._work.put((fut, fn, args))
         return fut.result()
 
-    def close(self) -> None:
-        self._work.put(None)
+    def close(self, timeout: float = 30.0) -> None:
+        """Run what is queued, refuse more, and wait for the thread to finish: a daemon
+        thread that the interpreter's exit stops inside a torch op aborts the whole process
+        (std::terminate while it unwinds to take the GIL)."""
+        with self._lock:
+            self._closed = True
+            self._work.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     def _serve(self) -> None:
         while (job := self._work.get()) is not None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,3 +238,42 @@ def test_serve_runs_both_sides_on_one_compute_thread_of_the_flag_s_size(tiny_mod
     assert "torch intra-op threads: 3 on the compute thread of both sides (--threads)" in caplog.text
     with pytest.raises(SystemExit, match="--threads must be a whole number"):
         cli.main(["serve", "--model", str(tiny_model_dir), "--threads", "0"])
+
+
+def test_closing_the_compute_thread_waits_for_the_pass_in_flight_then_refuses_more():
+    compute = threads.ComputeThread()
+    started, done = threading.Event(), []
+
+    def slow_pass():
+        started.set()
+        time.sleep(0.3)
+        done.append(True)
+
+    caller = threading.Thread(target=compute.run, args=(slow_pass,))
+    caller.start()
+    assert started.wait(10)
+    compute.close()
+    assert done == [True]  # close returned after the pass, not while it ran
+    with pytest.raises(RuntimeError, match="closed"):
+        compute.run(lambda: None)
+    caller.join(10)
+
+
+def test_a_process_closing_its_edge_worker_during_the_kernel_warm_up_exits_cleanly(tiny_model_dir):
+    # The worker builds its kernels on the compute thread as it starts; exiting while that
+    # (or any pass) ran inside a torch op used to abort the process (exit status 134).
+    script = f"""
+from fedsea_shared import threads
+from fedsea_shared.shard import Partition, apply_linear_kernel, load_config, load_edge_shard
+from edge_runtime.model import EdgeModel, EdgeWorker
+p = Partition(load_config({str(tiny_model_dir)!r}).num_hidden_layers, 2, 2)
+shard = load_edge_shard({str(tiny_model_dir)!r}, p)
+apply_linear_kernel(shard, "auto", "cpu")
+compute = threads.ComputeThread()
+worker = EdgeWorker(EdgeModel(shard, p), compute=compute.run)
+worker.close()
+compute.close()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=str(Path(__file__).resolve().parent.parent))
+    assert done.returncode == 0, done.stderr[-2000:]
