@@ -1,0 +1,140 @@
+"""Where one decode step's wall time goes in `fedsea serve`, phase by phase.
+
+Runs what `fedsea serve` runs in one process (server runtime on a loopback port, edge
+client, one compute thread for both sides), drives N concurrent greedy generations of
+vs_peers.py's prompts, and times every edge batch (head, tail) and engine tick.  A decode
+step of N sessions is a cycle tick -> tail -> head -> next tick on the compute thread;
+the gaps between them are the time the compute thread waits on the rest of the system:
+
+- tick -> tail: the server's reply (encode, websocket, the edge's decode and checks);
+- tail -> head: sampling, then the edge worker taking the next heads (and any linger);
+- head -> tick: noise, encode, websocket, the server's decode, the engine's wait for the
+  other sessions' steps and its tick plan.
+
+Reported per level: the mean of each phase over the cycles in which all N sessions
+decode together (prompts, and the ends of generations with fewer sessions, left out),
+the cycle's tokens/s, and each level's mean time to first token.  Timing only: run it
+when nothing else runs.
+
+    python benchmarks/step_trace.py [--clients 1 8 16] [--rounds 2]
+
+Writes benchmarks/results/step_trace.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.vs_peers import PROMPTS, RESULTS  # noqa: E402
+from fedsea_shared import threads  # noqa: E402
+
+PHASES = ("tick", "tick->tail", "tail", "tail->head", "head", "head->tick")
+
+
+def record(spans: list[tuple[str, float, float, int]]) -> None:
+    """(what, start, end, sequences) of every edge batch and engine tick."""
+    from edge_runtime.model import EdgeModel
+    from server_runtime.model_runner import ModelRunner
+
+    for cls, name in ((EdgeModel, "head"), (EdgeModel, "tail"), (ModelRunner, "run")):
+        real = getattr(cls, name)
+        what = "tick" if name == "run" else name
+
+        def timed(self, items, real=real, what=what):
+            t0 = time.monotonic()
+            try:
+                return real(self, items)
+            finally:
+                spans.append((what, t0, time.monotonic(), len(items)))
+
+        setattr(cls, name, timed)
+
+
+def cycles(spans: list[tuple[str, float, float, int]], sessions: int) -> list[dict[str, float]]:
+    """Phase durations (s) of each tick -> tail -> head -> tick cycle of `sessions` sequences."""
+    out = []
+    order = sorted(spans, key=lambda s: s[1])
+    for i in range(len(order) - 3):
+        window = order[i:i + 4]
+        if [w[0] for w in window] != ["tick", "tail", "head", "tick"] or any(w[3] != sessions for w in window):
+            continue
+        (_, t0, t1, _), (_, a0, a1, _), (_, h0, h1, _), (_, n0, _, _) = window
+        out.append(dict(zip(PHASES, (t1 - t0, a0 - t1, a1 - a0, h0 - a1, h1 - h0, n0 - h1))))
+    return out
+
+
+async def run_level(client, spans, clients: int, rounds: int, max_tokens: int) -> dict:
+    async def one(c: int, r: int) -> float:
+        t0, first = time.monotonic(), None
+        chat = [{"role": "user", "content": PROMPTS[(c + clients * r) % len(PROMPTS)]}]
+        async for _ in client.stream(chat, max_tokens=max_tokens, temperature=0):
+            first = first or time.monotonic()
+        return first - t0
+
+    spans.clear()
+    ttft = []
+    for r in range(rounds):
+        ttft += await asyncio.gather(*(one(c, r) for c in range(clients)))
+    found = cycles(spans, clients)
+    mean = {p: sum(c[p] for c in found) / len(found) for p in PHASES} if found else {}
+    cycle = sum(mean.values())
+    return {"clients": clients, "cycles": len(found), "phases_ms": {p: 1000 * v for p, v in mean.items()},
+            "cycle_ms": 1000 * cycle, "cycle_tok_s": clients / cycle if cycle else None,
+            "mean_ttft_s": sum(ttft) / len(ttft)}
+
+
+async def main_async(args, url: str, compute) -> list[dict]:
+    from edge_runtime.client import AsyncEdgeClient
+
+    spans: list = []
+    record(spans)
+    client = AsyncEdgeClient(url, compute=compute, lm_head_copy=True)  # as fedsea serve
+    await client.generate([{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)  # warm-up
+    levels = []
+    for c in args.clients:
+        levels.append(await run_level(client, spans, c, max(args.rounds, 4) if c == 1 else args.rounds, args.max_tokens))
+    await client.aclose()
+    return levels
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16])
+    ap.add_argument("--rounds", type=int, default=2, help="requests each client sends in a row (1 client: at least 4)")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--out", type=Path, default=RESULTS / "step_trace.json")
+    args = ap.parse_args()
+    if args.max_tokens < 2 or args.rounds < 1 or any(c < 1 for c in args.clients):
+        ap.error("--max-tokens must be >= 2, --rounds and --clients >= 1")
+    (n, source), compute = threads.compute_threads(None), threads.ComputeThread()
+    threads.apply(n)
+    threads.serial()  # this thread runs the edge's event loop
+    from server_runtime.app import ServerSettings, ServerThread
+
+    server = ServerThread(ServerSettings(port=0, kv_quota=1.0), compute.run)
+    try:
+        levels = asyncio.run(main_async(args, server.url, compute.run))
+    finally:
+        server.stop()
+        compute.close()
+    print(f"\nms per decode step of all sessions ({n} threads, {source}); cycles: steps in which all decode together")
+    print(f"{'clients':>7} {'cycles':>6} " + " ".join(f"{p:>10}" for p in PHASES) + f" {'cycle':>7} {'tok/s':>6} {'TTFT s':>7}")
+    for lv in levels:
+        ph = lv["phases_ms"]
+        cells = " ".join(f"{ph[p]:10.2f}" if ph else f"{'-':>10}" for p in PHASES)
+        rate = f"{lv['cycle_tok_s']:6.1f}" if lv["cycle_tok_s"] else f"{'-':>6}"
+        print(f"{lv['clients']:>7} {lv['cycles']:>6} {cells} {lv['cycle_ms']:7.2f} {rate} {lv['mean_ttft_s']:7.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"threads": n, "settings": {k: str(v) for k, v in vars(args).items()},
+                                    "levels": levels}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
