@@ -110,11 +110,16 @@ async def run(args, url: str, compute) -> list[dict]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def workload_args(ap: argparse.ArgumentParser) -> None:
+    """The streaming workload's levels, shared with step_trace.py."""
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--rounds", type=int, default=2, help="requests each client sends in a row (1 client: at least 4)")
     ap.add_argument("--max-tokens", type=int, default=48)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    workload_args(ap)
     ap.add_argument("--threads", type=int, help="intra-op threads of the compute thread (default: fedsea serve's)")
     ap.add_argument("--separate", action="store_true", help="edge and engine compute on their own threads")
     ap.add_argument("--linear-kernel", default="auto", choices=["auto", "onednn", "torch"], help="both sides' matmuls")

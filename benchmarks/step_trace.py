@@ -31,38 +31,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.serve_timeline import Span, record, workload_args  # noqa: E402
 from benchmarks.vs_peers import PROMPTS, RESULTS  # noqa: E402
 from fedsea_shared import threads  # noqa: E402
 
 PHASES = ("tick", "tick->tail", "tail", "tail->head", "head", "head->tick")
+CYCLE = ["engine tick", "edge tail", "edge head", "engine tick"]  # serve_timeline.record's span names
 
 
-def record(spans: list[tuple[str, float, float, int]]) -> None:
-    """(what, start, end, sequences) of every edge batch and engine tick."""
-    from edge_runtime.model import EdgeModel
-    from server_runtime.model_runner import ModelRunner
-
-    for cls, name in ((EdgeModel, "head"), (EdgeModel, "tail"), (ModelRunner, "run")):
-        real = getattr(cls, name)
-        what = "tick" if name == "run" else name
-
-        def timed(self, items, real=real, what=what):
-            t0 = time.monotonic()
-            try:
-                return real(self, items)
-            finally:
-                spans.append((what, t0, time.monotonic(), len(items)))
-
-        setattr(cls, name, timed)
-
-
-def cycles(spans: list[tuple[str, float, float, int]], sessions: int) -> list[dict[str, float]]:
+def cycles(spans: list[Span], sessions: int) -> list[dict[str, float]]:
     """Phase durations (s) of each tick -> tail -> head -> tick cycle of `sessions` sequences."""
     out = []
     order = sorted(spans, key=lambda s: s[1])
     for i in range(len(order) - 3):
         window = order[i:i + 4]
-        if [w[0] for w in window] != ["tick", "tail", "head", "tick"] or any(w[3] != sessions for w in window):
+        if [w[0] for w in window] != CYCLE or any(w[3] != sessions for w in window):
             continue
         (_, t0, t1, _), (_, a0, a1, _), (_, h0, h1, _), (_, n0, _, _) = window
         out.append(dict(zip(PHASES, (t1 - t0, a0 - t1, a1 - a0, h0 - a1, h1 - h0, n0 - h1))))
@@ -105,9 +88,7 @@ async def main_async(args, url: str, compute) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16])
-    ap.add_argument("--rounds", type=int, default=2, help="requests each client sends in a row (1 client: at least 4)")
-    ap.add_argument("--max-tokens", type=int, default=48)
+    workload_args(ap)
     ap.add_argument("--out", type=Path, default=RESULTS / "step_trace.json")
     args = ap.parse_args()
     if args.max_tokens < 2 or args.rounds < 1 or any(c < 1 for c in args.clients):

@@ -50,9 +50,10 @@ def test_profile_buckets_by_innermost_known_frame_per_thread(tmp_path):
 def test_step_trace_splits_full_decode_cycles_into_phases():
     # Two cycles of 2 sessions (tick -> tail -> head -> tick), then a tick of one session
     # (a generation ended): only windows in which all sessions decode together count.
-    spans = [("tick", 0.0, 10.0, 2), ("tail", 11.0, 14.0, 2), ("head", 15.0, 16.0, 2),
-             ("tick", 18.0, 28.0, 2), ("tail", 29.0, 31.0, 2), ("head", 32.0, 33.0, 2),
-             ("tick", 35.0, 40.0, 1), ("tail", 41.0, 42.0, 1)]
+    tick, tail, head = "engine tick", "edge tail", "edge head"
+    spans = [(tick, 0.0, 10.0, 2), (tail, 11.0, 14.0, 2), (head, 15.0, 16.0, 2),
+             (tick, 18.0, 28.0, 2), (tail, 29.0, 31.0, 2), (head, 32.0, 33.0, 2),
+             (tick, 35.0, 40.0, 1), (tail, 41.0, 42.0, 1)]
     found = cycles(spans[::-1], 2)  # in any order: sorted by start
     assert found == [dict(zip(PHASES, (10.0, 1.0, 3.0, 1.0, 1.0, 2.0)))]
     assert cycles(spans, 1) == []
