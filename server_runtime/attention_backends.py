@@ -50,6 +50,7 @@ class AttentionBackend(Protocol):
 class TorchMetadata:
     slots: torch.Tensor  # [tokens]: the plan's slot mapping
     decode_rows: torch.Tensor | None  # batch rows of the decode sequences (None: no decode row)
+    all_decode: bool  # every row is a decode row, in order: the kernel takes q and gives out as they are
     padding: int  # extra rows the decode kernel's batch is padded with
     decode_plan: Any  # the DecodeAttention's plan of those rows
     prefill: list[tuple[int, int, torch.Tensor]]  # (first row, end row, context slots) per prefill chunk
@@ -70,27 +71,31 @@ class TorchAttention:
         decode = [i for i in range(plan.num_seqs) if plan.is_decode(i)]
         prefill = [(*plan.rows(i), plan.context_slots(i).to(device)) for i in range(plan.num_seqs) if not plan.is_decode(i)]
         if not decode:
-            return TorchMetadata(plan.slot_mapping, None, 0, None, prefill)
+            return TorchMetadata(plan.slot_mapping, None, False, 0, None, prefill)
         n = len(decode)
         padded = padded_batch(n) if self.decode.pads_batch else n
         rows = DecodeRows.build([plan.block_tables[i] for i in decode], [plan.seq_lens[i] for i in decode],
                                 self.pool, padded, device)
         decode_rows = torch.tensor([plan.query_start[i] for i in decode], device=device)
-        return TorchMetadata(plan.slot_mapping, decode_rows, padded - n, self.decode.plan(rows), prefill)
+        return TorchMetadata(plan.slot_mapping, decode_rows, plan.all_decode, padded - n, self.decode.plan(rows), prefill)
 
     def attend(self, layer, q, k, v, metadata: TorchMetadata):
         self.pool.write(layer, metadata.slots, k, v)
+        if metadata.all_decode:  # no gather of the rows, no scatter of the results
+            return self._decode(layer, q, metadata)[: q.shape[0]]
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
         if metadata.decode_rows is not None:
             rows = metadata.decode_rows
-            qd = q[rows]
-            if metadata.padding:
-                qd = torch.cat([qd, qd.new_zeros(metadata.padding, *qd.shape[1:])])
-            out[rows] = self.decode.attend(metadata.decode_plan, qd, self.pool.k[layer], self.pool.v[layer])[: len(rows)]
+            out[rows] = self._decode(layer, q[rows], metadata)[: len(rows)]
         for a, b, ctx in metadata.prefill:
             kc, vc = self.pool.read(layer, ctx)
             out[a:b] = causal_attention(q[a:b], kc, vc, self.scale)
         return out
+
+    def _decode(self, layer: int, q: torch.Tensor, metadata: TorchMetadata) -> torch.Tensor:
+        if metadata.padding:
+            q = torch.cat([q, q.new_zeros(metadata.padding, *q.shape[1:])])
+        return self.decode.attend(metadata.decode_plan, q, self.pool.k[layer], self.pool.v[layer])
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, block_size: int, head_dim: int) -> str:
