@@ -17,7 +17,10 @@ is skipped with a message; set them up (outside the repo) with
 
     bash benchmarks/setup_llamacpp.sh      # llama-server + f32 GGUF (~10 min on 2 cores)
     bash benchmarks/setup_vllm.sh          # vLLM CPU venv (~3.4 GB, ~3 min)
-    python benchmarks/vs_peers.py [--peers-dir DIR] [--clients 1 8 16] [--only fedsea llamacpp ...]
+    python benchmarks/vs_peers.py [--peers-dir DIR] [--clients 1 8 16] [--repeat 3] [--only fedsea llamacpp ...]
+
+This shared VM's speed drifts by a third within minutes: `--repeat N` runs the servers in
+turn N times and reports each number's median (every run is kept in the JSON).
 
 Writes benchmarks/results/vs_peers.json and vs_peers.png (or --out and its .png).
 """
@@ -29,6 +32,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -245,6 +249,16 @@ def _timed(fn) -> float:
 
 # --- report --------------------------------------------------------------------------------
 
+def median_levels(runs: list[dict]) -> dict:
+    """Per level, the median of each number over a server's repeated runs (of one run: it)."""
+    out = {}
+    for level, first in runs[0].items():
+        rows = [r[level] for r in runs]
+        out[level] = {k: statistics.median(row[k] for row in rows) if isinstance(v, (int, float)) else rows[-1][k]
+                      for k, v in first.items()}
+    return out
+
+
 def ratios(results: dict, levels: list[int]) -> dict:
     """fedsea's tokens/s over each peer's (>1 means fedsea is faster) and TTFT over theirs
     (<1 means fedsea answers sooner), per level."""
@@ -295,28 +309,33 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="compute threads of every server (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=RESULTS / "vs_peers.json", help="JSON (and PNG beside it) to write")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every server this many times, taking turns, and report each number's median")
     ap.add_argument("--only", nargs="+", choices=[*SERVERS, "transformers"], help="run only these")
     args = ap.parse_args()
-    if args.max_tokens < 2 or args.rounds < 1 or any(c < 1 for c in args.clients):
-        ap.error("--max-tokens must be >= 2, --rounds and --clients >= 1")
+    if args.max_tokens < 2 or args.rounds < 1 or args.repeat < 1 or any(c < 1 for c in args.clients):
+        ap.error("--max-tokens must be >= 2, --rounds, --repeat and --clients >= 1")
     RESULTS.mkdir(exist_ok=True)
     chosen = args.only or [*SERVERS, "transformers"]
     load_before = os.getloadavg()
 
     results: dict = {}
-    for name, start in SERVERS.items():
-        if name not in chosen:
-            continue
-        print(f"\n{LABELS[name]}", flush=True)
-        server = start(args.peers_dir, args.threads)
-        if isinstance(server, str):
-            print(f"  skipped: {server}")
-            results[name] = f"skipped: {server}"
-            continue
-        t0 = time.perf_counter()
-        with server as (url, _):
-            print(f"  up in {time.perf_counter() - t0:.0f} s at {url}", flush=True)
-            results[name] = asyncio.run(bench_server(url, args.clients, args.rounds, args.max_tokens))
+    runs: dict[str, list[dict]] = {}
+    for repeat in range(args.repeat):  # servers take turns, so a slow spell of the machine hits them all
+        for name, start in SERVERS.items():
+            if name not in chosen or isinstance(results.get(name), str):
+                continue
+            print(f"\n{LABELS[name]}" + (f", run {repeat + 1} of {args.repeat}" if args.repeat > 1 else ""), flush=True)
+            server = start(args.peers_dir, args.threads)
+            if isinstance(server, str):
+                print(f"  skipped: {server}")
+                results[name] = f"skipped: {server}"
+                continue
+            t0 = time.perf_counter()
+            with server as (url, _):
+                print(f"  up in {time.perf_counter() - t0:.0f} s at {url}", flush=True)
+                runs.setdefault(name, []).append(asyncio.run(bench_server(url, args.clients, args.rounds, args.max_tokens)))
+    results.update({name: median_levels(r) for name, r in runs.items()})
 
     hf = None
     if "transformers" in chosen:
@@ -331,7 +350,8 @@ def main() -> None:
 
     levels = args.clients
     print(f"\nSmolLM2-135M-Instruct fp32, {args.max_tokens}-token greedy chat answers, {args.threads} threads each; "
-          f"machine shared with other jobs (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)")
+          f"machine shared with other jobs (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)"
+          + (f"; medians of {args.repeat} runs each, taking turns" if args.repeat > 1 else ""))
     head = "".join(f"{f'{c} cl tok/s':>12}{'TTFT s':>8}" for c in levels)
     print(f"{'server':36}{head}{'idle@8':>8}")
     for name in SERVERS:
@@ -359,8 +379,8 @@ def main() -> None:
                     "loadavg_before": load_before, "loadavg_after": load_after},
         "settings": {"model": defaults.MODEL, "dtype": "float32", "max_tokens": args.max_tokens, "clients": levels,
                      "rounds": args.rounds, "threads": args.threads, "head": defaults.HEAD, "tail": defaults.TAIL,
-                     "noise": defaults.NOISE},
-        "servers": results, "transformers": hf, "roofline": roofline, "fedsea_ratios": rs,
+                     "noise": defaults.NOISE, "repeat": args.repeat},
+        "servers": results, "runs": runs, "transformers": hf, "roofline": roofline, "fedsea_ratios": rs,
     }
     out = args.out
     out.write_text(json.dumps(result, indent=2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from benchmarks.profile_serve import parse_raw
 from benchmarks.step_trace import PHASES, cycles
-from benchmarks.vs_peers import llamacpp_server, ratios, vllm_server
+from benchmarks.vs_peers import llamacpp_server, median_levels, ratios, vllm_server
 
 
 def test_a_peer_that_is_not_set_up_is_skipped_with_its_setup_script(tmp_path):
@@ -57,3 +57,11 @@ def test_step_trace_splits_full_decode_cycles_into_phases():
     found = cycles(spans[::-1], 2)  # in any order: sorted by start
     assert found == [dict(zip(PHASES, (10.0, 1.0, 3.0, 1.0, 1.0, 2.0)))]
     assert cycles(spans, 1) == []
+
+
+def test_repeated_runs_report_each_numbers_median_per_level():
+    run = lambda tok_s, ttft: {"8": {"clients": 8, "tok_s": tok_s, "mean_ttft_s": ttft, "loadavg": (tok_s,)}}  # noqa: E731
+    got = median_levels([run(100.0, 0.3), run(160.0, 0.1), run(120.0, 0.2)])
+    assert got["8"]["tok_s"] == 120.0 and got["8"]["mean_ttft_s"] == 0.2 and got["8"]["clients"] == 8
+    assert got["8"]["loadavg"] == (120.0,)  # not a number: the last run's
+    assert median_levels([run(7.0, 1.0)]) == run(7.0, 1.0)
