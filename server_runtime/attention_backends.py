@@ -50,10 +50,14 @@ class AttentionBackend(Protocol):
 class TorchMetadata:
     slots: torch.Tensor  # [tokens]: the plan's slot mapping
     decode_rows: torch.Tensor | None  # batch rows of the decode sequences (None: no decode row)
-    all_decode: bool  # every row is a decode row, in order: the kernel takes q and gives out as they are
     padding: int  # extra rows the decode kernel's batch is padded with
     decode_plan: Any  # the DecodeAttention's plan of those rows
     prefill: list[tuple[int, int, torch.Tensor]]  # (first row, end row, context slots) per prefill chunk
+
+    @property
+    def all_decode(self) -> bool:
+        """Every row is a decode row, in order: the kernel takes q and gives its output as they are."""
+        return self.decode_rows is not None and not self.prefill
 
 
 class TorchAttention:
@@ -71,13 +75,13 @@ class TorchAttention:
         decode = [i for i in range(plan.num_seqs) if plan.is_decode(i)]
         prefill = [(*plan.rows(i), plan.context_slots(i).to(device)) for i in range(plan.num_seqs) if not plan.is_decode(i)]
         if not decode:
-            return TorchMetadata(plan.slot_mapping, None, False, 0, None, prefill)
+            return TorchMetadata(plan.slot_mapping, None, 0, None, prefill)
         n = len(decode)
         padded = padded_batch(n) if self.decode.pads_batch else n
         rows = DecodeRows.build([plan.block_tables[i] for i in decode], [plan.seq_lens[i] for i in decode],
                                 self.pool, padded, device)
         decode_rows = torch.tensor([plan.query_start[i] for i in decode], device=device)
-        return TorchMetadata(plan.slot_mapping, decode_rows, plan.all_decode, padded - n, self.decode.plan(rows), prefill)
+        return TorchMetadata(plan.slot_mapping, decode_rows, padded - n, self.decode.plan(rows), prefill)
 
     def attend(self, layer, q, k, v, metadata: TorchMetadata):
         self.pool.write(layer, metadata.slots, k, v)
