@@ -31,7 +31,7 @@ from fedsea_shared.models import resolve_model
 from fedsea_shared.noise import KEY_BYTES, NoiseChain, public_prefix_len
 from fedsea_shared.prefix import prefix_root
 from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello
-from fedsea_shared.shard import Partition, apply_linear_kernel, load_config, load_edge_shard
+from fedsea_shared.shard import ModelShard, Partition, apply_linear_kernel, fuse_projections, load_config, load_edge_shard
 from fedsea_shared.threads import run_here, serial
 
 from websockets.exceptions import WebSocketException
@@ -126,10 +126,10 @@ class AsyncEdgeClient:
         self.partition = Partition(self.config.num_hidden_layers, head, tail)
         shard = load_edge_shard(model_dir, self.partition, dtype=WIRE_DTYPES[dtype], device=device, config=self.config)
         self.linear_kernel = apply_linear_kernel(shard, linear_kernel, device, copy_shared=lm_head_copy)
-        self.worker = EdgeWorker(EdgeModel(shard, self.partition), compute=compute)
-        self.workers: dict[str | None, EdgeWorker] = {None: self.worker}
-        for name, adapted in load_adapters(shard, model, adapters or {}).items():
-            self.workers[name] = EdgeWorker(EdgeModel(adapted, self.partition), compute=compute)
+        shards: dict[str | None, ModelShard] = {None: shard, **load_adapters(shard, model, adapters or {})}
+        fuse_projections(list(shards.values()))  # before the workers warm their kernels up
+        self.workers = {name: EdgeWorker(EdgeModel(s, self.partition), compute=compute) for name, s in shards.items()}
+        self.worker = self.workers[None]
         self.noise_key = load_or_create_key() if noise_key is None else noise_key
         if len(self.noise_key) != KEY_BYTES:
             raise ValueError(f"noise_key must be {KEY_BYTES} bytes, got {len(self.noise_key)}")

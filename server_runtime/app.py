@@ -53,7 +53,7 @@ from fedsea_shared.protocol import (
     tensor_meta,
 )
 from fedsea_shared.prefix import prefix_root
-from fedsea_shared.shard import Partition, apply_linear_kernel, head_dim, load_config, load_server_shard
+from fedsea_shared.shard import Partition, apply_linear_kernel, fuse_projections, head_dim, load_config, load_server_shard
 from fedsea_shared.threads import run_here, serial
 
 from .engine import Engine, EngineSettings
@@ -192,6 +192,8 @@ class ServerRuntime:
         self.metrics = ServerMetrics()
         # Merged before training can wrap the shard's linears in LoRA layers.
         adapted = load_adapters(self.shard, settings.model, settings.adapters)
+        if not settings.enable_training:  # the training shard shares the per-projection weights
+            fuse_projections([self.shard, *adapted.values()])
         on_cuda = torch.device(settings.device).type == "cuda"
         attention = settings.decode_attention
         if attention == "auto":

@@ -25,7 +25,7 @@ from fedsea import cli
 from edge_runtime.sampling import SamplingParams
 from fedsea_shared.adapters import LoraAdapter, merged_shard, parse_adapter_args
 from fedsea_shared.protocol import Error, Hello, LoraSpec, Open, Opened, OptimSpec, Welcome, decode, encode
-from fedsea_shared.shard import Partition, load_edge_shard, load_server_shard
+from fedsea_shared.shard import Partition, causal_attention, fuse_projections, load_edge_shard, load_server_shard
 from gateway import GatewaySettings, GatewayThread
 from server_runtime.process import _healthy, free_port
 from training.federation import FinetuneConfig, run
@@ -157,6 +157,24 @@ def test_each_side_reads_only_its_own_lora_tensors_and_shares_the_rest(tiny_mode
         if hasattr(base, "lm_head"):
             assert merged.model.embed_tokens.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
             assert merged.lm_head.weight is merged.model.embed_tokens.weight
+
+
+def test_fusing_a_merged_shard_with_its_base_shares_the_groups_the_adapter_left_alone(tiny_model_dir, adapter_dir):
+    partition = Partition(6, 2, 2)
+    base = load_server_shard(tiny_model_dir, partition)
+    merged = merged_shard(base, LoraAdapter.read(adapter_dir))
+    x, pos = torch.randn(5, base.config.hidden_size), torch.arange(5)
+    attend = lambda layer, q, k, v: causal_attention(q, k, v, base.model.layers["2"].self_attn.scale)
+    with torch.no_grad():
+        want = [s.run_blocks(partition.server_layers, x, pos, attend) for s in (base, merged)]
+        fuse_projections([base, merged])
+        got = [s.run_blocks(partition.server_layers, x, pos, attend) for s in (base, merged)]
+    for i in partition.server_layers:
+        b, m = base.model.layers[str(i)], merged.model.layers[str(i)]
+        assert m.mlp.gate_up_proj is b.mlp.gate_up_proj  # the adapter targets attention only
+        assert not torch.equal(m.self_attn.qkv_proj.weight, b.self_attn.qkv_proj.weight)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def test_adapters_that_do_not_fit_are_refused(tiny_model_dir, adapter_dir, default_model_dir, tmp_path, start_server):

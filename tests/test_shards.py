@@ -13,6 +13,7 @@ from fedsea_shared.shard import (
     Partition,
     apply_linear_kernel,
     causal_attention,
+    fuse_projections,
     load_config,
     load_edge_shard,
     load_server_shard,
@@ -184,6 +185,26 @@ def test_a_packed_shard_passes_gradients_to_its_input_and_refuses_to_train_its_w
     packed.requires_grad_(True)
     with pytest.raises(RuntimeError, match="cannot train"):
         packed.run_blocks(p.server_layers, x, pos, attend)
+
+
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("onednn", marks=needs_onednn)])
+def test_fused_projections_compute_the_same_forward_in_the_same_bytes(tiny_model_dir, kernel):
+    p = Partition(6, head=2, tail=2)
+    shards = [load_edge_shard(tiny_model_dir, p), load_server_shard(tiny_model_dir, p)]
+    fused = [load_edge_shard(tiny_model_dir, p), load_server_shard(tiny_model_dir, p)]
+    for s in shards + fused:
+        apply_linear_kernel(s, kernel, "cpu")
+    before = [resident_bytes(s) for s in fused]
+    fuse_projections(fused)
+    assert [resident_bytes(s) for s in fused] == before  # the fused weights replace the parts
+    for s in fused:
+        for block in s.model.layers.values():
+            assert block.self_attn.qkv_proj.weight.is_mkldnn == (kernel == "onednn")
+            assert not hasattr(block.self_attn, "q_proj") and not hasattr(block.mlp, "up_proj")
+            assert block.mlp.gate_up_proj.out_features == 2 * s.config.intermediate_size
+    for rows in (1, 7, 40):
+        ids = torch.randint(0, fused[0].config.vocab_size, (rows,))
+        torch.testing.assert_close(_split_logits(*fused, p, ids), _split_logits(*shards, p, ids))
 
 
 def test_linear_kernel_choice_is_checked(tiny_model_dir):
