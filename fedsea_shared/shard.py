@@ -344,7 +344,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class RMSNorm(nn.Module):
-    """LLaMA's RMSNorm (transformers' LlamaRMSNorm) as torch's one fused op."""
+    """LLaMA's RMSNorm (transformers' LlamaRMSNorm) as torch's `rms_norm`, or as vLLM's
+    kernel (`use_vllm_norms`)."""
+
+    kernel = None  # vllm._custom_ops.rms_norm(out, x, weight, eps), set by use_vllm_norms
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -352,7 +355,23 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if self.kernel is None or (torch.is_grad_enabled() and x.requires_grad):  # vLLM's has no backward
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        out = torch.empty_like(x)
+        self.kernel(out, x.contiguous(), self.weight, self.eps)
+        return out
+
+
+def use_vllm_norms(shard: nn.Module) -> None:
+    """Run the shard's RMSNorms on vLLM's kernel (vllm must be installed): on a CPU torch's
+    `rms_norm` runs as seven small ops, vLLM's as one (2.3 vs 8.2 us for one row of 576
+    here, 0.97 ms of a one-row tick of the middle blocks in torch's); the same outputs to
+    about one ulp."""
+    from vllm import _custom_ops as ops
+
+    for m in shard.modules():
+        if isinstance(m, RMSNorm):
+            m.kernel = ops.rms_norm
 
 
 class MLP(nn.Module):

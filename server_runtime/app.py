@@ -53,7 +53,8 @@ from fedsea_shared.protocol import (
     tensor_meta,
 )
 from fedsea_shared.prefix import prefix_root
-from fedsea_shared.shard import Partition, apply_linear_kernel, fuse_projections, head_dim, load_config, load_server_shard
+from fedsea_shared.shard import (Partition, apply_linear_kernel, fuse_projections, head_dim, load_config,
+                                 load_server_shard, use_vllm_norms)
 from fedsea_shared.threads import run_here, serial
 
 from .engine import Engine, EngineSettings
@@ -194,6 +195,9 @@ class ServerRuntime:
         adapted = load_adapters(self.shard, settings.model, settings.adapters)
         if not settings.enable_training:  # the training shard shares the per-projection weights
             fuse_projections([self.shard, *adapted.values()])
+        if backend == "vllm":  # vllm imports here: its norm kernel too
+            for shard in (self.shard, *adapted.values()):
+                use_vllm_norms(shard)
         on_cuda = torch.device(settings.device).type == "cuda"
         attention = settings.decode_attention
         if attention == "auto":

@@ -14,7 +14,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from fedsea_shared.shard import Partition, causal_attention, head_dim, load_server_shard
+from fedsea_shared.shard import Partition, causal_attention, head_dim, load_server_shard, use_vllm_norms
 from server_runtime.attention_backends import make_attention_backend, pool_layer_shape, resolve_backend
 from server_runtime.kv_pool import BlockTable, KVPool
 from server_runtime.model_runner import ModelRunner
@@ -40,6 +40,25 @@ def shard(tmp_path_factory, default_model_dir):
     path = make_tiny_model(tmp_path_factory.mktemp("tiny32"), default_model_dir, hidden_size=128,
                            num_attention_heads=4, num_key_value_heads=2)
     return load_server_shard(path, PARTITION)
+
+
+@needs_vllm
+def test_vllm_norms_compute_the_torch_forward(tmp_path, default_model_dir):
+    path = make_tiny_model(tmp_path, default_model_dir, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+    torch_norms, vllm_norms = load_server_shard(path, PARTITION), load_server_shard(path, PARTITION)
+    use_vllm_norms(vllm_norms)
+    attend = lambda layer, q, k, v: causal_attention(q, k, v, head_dim(torch_norms.config) ** -0.5)
+    for rows in (1, 9, 40):
+        x, pos = torch.randn(rows, torch_norms.config.hidden_size), torch.arange(rows)
+        with torch.inference_mode():
+            want, got = (s.run_blocks(PARTITION.server_layers, x, pos, attend) for s in (torch_norms, vllm_norms))
+        torch.testing.assert_close(got, want)
+    grads = []  # training through the shard: torch's norm, whose backward vLLM's kernel lacks
+    for s in (torch_norms, vllm_norms):
+        x = torch.randn(3, s.config.hidden_size, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        (s.run_blocks(PARTITION.server_layers, x, torch.arange(3), attend) ** 2).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0])
 
 
 def make_pool(backend: str, shard, num_blocks: int) -> KVPool:
