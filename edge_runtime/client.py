@@ -330,7 +330,7 @@ class AsyncEdgeClient:
                                    prior.digests[:m] if prior is not None else [],
                                    public_prefix_len(prompt_ids, self.public_ids))
         try:
-            await session.open()
+            await session.open(upto=reuse)
             new = torch.tensor(prompt_ids[m:], dtype=torch.long)
             hidden = await worker.head(cache, m, new) if m < n else torch.empty(0, self.config.hidden_size, dtype=worker.model.dtype)
             out = await session.step(hidden, prompt_ids[m:])

@@ -151,11 +151,12 @@ class ServerConnection:
         return next(self._sids)
 
     async def open(self, sid: int, noise: float, adapter: str | None = None, prefix: list[bytes] | None = None,
-                   reopen: bool = False) -> int:
+                   reopen: bool = False, partial: list[bytes] | None = None) -> int:
         """Open a session (`reopen`: again, after the server preempted it); returns how
-        many tokens of `prefix` (block keys) the server holds."""
+        many tokens of `prefix` (block keys), then of `partial` (row digests), the server holds."""
         keys = [k.hex() for k in prefix] if prefix else None
-        open_ = Open(sid=sid, noise=noise, adapter=adapter, prefix=keys, reopen=reopen)
+        rows = [d.hex() for d in partial] if partial else None
+        open_ = Open(sid=sid, noise=noise, adapter=adapter, prefix=keys, partial=rows, reopen=reopen)
         message, _ = await self._request(sid, encode(open_), Opened)
         return message.cached
 

@@ -27,7 +27,7 @@ import torch
 
 from fedsea_shared.noise import NoiseChain, add_keyed_noise, keep_public
 from fedsea_shared.prefix import PrefixHasher
-from fedsea_shared.protocol import MAX_PREFIX_KEYS, ErrorCode, max_step_rows
+from fedsea_shared.protocol import MAX_PARTIAL_ROWS, MAX_PREFIX_KEYS, ErrorCode, max_step_rows
 
 from .connection import BadReply, ConnectionLost, ServerConnection, ServerError
 from .servers import NoOtherServer
@@ -90,9 +90,11 @@ class InferenceSession:
             need -= parts[-1].shape[0]
         return parts[0] if len(parts) == 1 else torch.cat(parts[::-1])
 
-    async def open(self) -> "InferenceSession":
+    async def open(self, upto: int | None = None) -> "InferenceSession":
+        """`upto`: the first position whose output the caller will need (default: the last
+        state sent before); the server may hold everything below it."""
         self.conn = await self._connect()
-        await self._survive(lambda: self._attach(None))
+        await self._survive(lambda: self._attach(upto))
         return self
 
     async def _attach(self, upto: int | None) -> None:
@@ -119,19 +121,22 @@ class InferenceSession:
         self.sid = sid
 
     async def _open(self, sid: int, upto: int | None, reopen: bool = False) -> int:
-        keys = None
+        """Name what this session sent before (below `upto`) as whole blocks, then the rows
+        after them; the server answers how much of it it holds."""
+        keys, partial, block = [], [], self.conn.welcome.block_size
         sent = self.sent
         if sent is not None:
-            hasher = PrefixHasher(self.root, self.conn.welcome.block_size)
-            hasher.extend(sent)
-            # The last state always goes again: its output is what the tail needs next.
-            usable = (sent.shape[0] - 1) // hasher.block_size
-            if upto is not None:
-                usable = min(usable, upto // hasher.block_size)
-            keys = hasher.keys[: min(MAX_PREFIX_KEYS, usable)]
-        cached = await self.conn.open(sid, self.noise, self.adapter, keys or None, reopen)
-        if cached % self.conn.welcome.block_size or cached > len(keys or ()) * self.conn.welcome.block_size:
-            raise BadReply(f"the server claims {cached} cached tokens of a {len(keys or ())}-block prefix")
+            # Without `upto` the last state goes again: its output is what the tail needs next.
+            usable = sent.shape[0] - 1 if upto is None else min(sent.shape[0], upto)
+            hasher = PrefixHasher(self.root, block)
+            hasher.extend(sent[:usable])
+            keys = hasher.keys[:MAX_PREFIX_KEYS]
+            if len(keys) == len(hasher.keys):
+                partial = hasher.pending[:MAX_PARTIAL_ROWS]
+        cached = await self.conn.open(sid, self.noise, self.adapter, keys or None, reopen, partial or None)
+        whole = cached % block == 0 and cached <= len(keys) * block
+        if not (whole or (partial and cached == len(keys) * block + len(partial))):
+            raise BadReply(f"the server claims {cached} cached tokens of {len(keys)} blocks and {len(partial)} rows")
         return cached
 
     async def fork(self) -> "InferenceSession":

@@ -1,15 +1,21 @@
 """Block keys of a session's prefix, over the hidden states the server receives.
 
-A full block of `block_size` tokens is named by blake2b(parent key || the block's bytes at
-the wire dtype); the first block's parent is a root naming the model cut, wire dtype and
-adapter.  A key thus names a whole prefix, not just one block.  The server computes the
-chain over what it receives (to find a cached prefix); the edge computes the same chain
-over what it sent (to ask for it), which is why this code is shared.
+Every row (one token's state, at the wire dtype) has a digest, blake2b(row bytes); a run
+of r rows after a parent key is named by blake2b(parent || their r digests).  A full
+block of `block_size` rows is named that way (its block key), and so is each of its
+proper prefixes (its partial keys, r < block_size): the server caches a block under its
+key and its partial keys, so a session can take up a prefix that ends inside a block (a
+chat template, a turn that ended mid-block).  The first block's parent is a root naming
+the model cut, wire dtype and adapter, so a key names a whole prefix, not just one block.
+The server computes the chain over what it receives (to find and name cached prefixes);
+the edge computes the same chain over what it sent (to ask for them), which is why this
+code is shared.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 
@@ -17,47 +23,80 @@ KEY_BYTES = 16
 
 
 def prefix_root(num_layers: int, hidden_size: int, layers: tuple[int, int], dtype: str, adapter: str | None) -> bytes:
-    tag = f"fedsea-prefix-v1|{num_layers}|{hidden_size}|{layers[0]},{layers[1]}|{dtype}|{adapter or ''}"
+    tag = f"fedsea-prefix-v2|{num_layers}|{hidden_size}|{layers[0]},{layers[1]}|{dtype}|{adapter or ''}"
     return hashlib.blake2b(tag.encode(), digest_size=KEY_BYTES).digest()
+
+
+def run_key(parent: bytes, digests: list[bytes]) -> bytes:
+    """The key of the rows with these digests, right after the prefix `parent` names."""
+    return hashlib.blake2b(parent + b"".join(digests), digest_size=KEY_BYTES).digest()
+
+
+@dataclass(frozen=True)
+class Block:
+    """A full block the chain completed: its key, its parent's and its rows' digests."""
+
+    key: bytes
+    parent: bytes
+    digests: tuple[bytes, ...]
+
+    def partial_keys(self) -> list[bytes]:
+        """The keys of its first 1, 2, ..., block_size - 1 rows."""
+        h, out = hashlib.blake2b(self.parent, digest_size=KEY_BYTES), []
+        for d in self.digests[:-1]:
+            h.update(d)
+            out.append(h.copy().digest())
+        return out
 
 
 class PrefixHasher:
     """Running block-key chain of one sequence; feed it rows as they are sent/received."""
 
     def __init__(self, root: bytes, block_size: int):
+        self.root = root
         self.block_size = block_size
         self.parent = root
         self.keys: list[bytes] = []  # one per full block
-        self._partial = bytearray()
-        self._partial_rows = 0
+        self.pending: list[bytes] = []  # digests of the rows after the last full block
 
-    def extend(self, hidden: torch.Tensor) -> list[bytes]:
-        """Fold in the next rows ([n, hidden], wire dtype); return the keys of blocks it completed."""
+    def extend(self, hidden: torch.Tensor) -> list[Block]:
+        """Fold in the next rows ([n, hidden], wire dtype); return the blocks they completed."""
         data = hidden.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
         row = len(data) // hidden.shape[0] if hidden.shape[0] else 0
-        new, i = [], 0
-        while i < hidden.shape[0]:
-            take = min(self.block_size - self._partial_rows, hidden.shape[0] - i)
-            self._partial += data[i * row : (i + take) * row]
-            self._partial_rows += take
-            i += take
-            if self._partial_rows == self.block_size:
-                self.parent = hashlib.blake2b(self.parent + bytes(self._partial), digest_size=KEY_BYTES).digest()
-                self.keys.append(self.parent)
-                new.append(self.parent)
-                self._partial.clear()
-                self._partial_rows = 0
-        return new
+        done = []
+        for i in range(hidden.shape[0]):
+            self.pending.append(hashlib.blake2b(data[i * row : (i + 1) * row], digest_size=KEY_BYTES).digest())
+            if len(self.pending) == self.block_size:
+                block = Block(run_key(self.parent, self.pending), self.parent, tuple(self.pending))
+                self.parent = block.key
+                self.keys.append(block.key)
+                self.pending = []
+                done.append(block)
+        return done
 
-    def adopt(self, keys: list[bytes]) -> None:
-        """Start from a prefix of len(keys) full blocks named by `keys` (a cache hit)."""
-        if self.keys or self._partial_rows:
+    def partial_keys(self, fresh: int) -> list[bytes]:
+        """The keys of the runs of rows after the last full block that end in its last
+        `fresh` rows (the ones a step just added)."""
+        h, out = hashlib.blake2b(self.parent, digest_size=KEY_BYTES), []
+        for i, d in enumerate(self.pending):
+            h.update(d)
+            if i >= len(self.pending) - fresh:
+                out.append(h.copy().digest())
+        return out
+
+    def adopt(self, keys: list[bytes], pending: list[bytes] = ()) -> None:
+        """Start from a cached prefix: len(keys) full blocks named by `keys`, then rows with
+        the digests `pending` (fewer than a block)."""
+        if self.keys or self.pending:
             raise RuntimeError("adopt() is only valid on an empty hasher")
+        if len(pending) >= self.block_size:
+            raise ValueError(f"{len(pending)} pending rows fill a block of {self.block_size}")
         self.keys = list(keys)
         if keys:
             self.parent = keys[-1]
+        self.pending = list(pending)
 
     def copy(self) -> "PrefixHasher":
-        twin = PrefixHasher(self.parent, self.block_size)
-        twin.keys, twin._partial, twin._partial_rows = list(self.keys), bytearray(self._partial), self._partial_rows
+        twin = PrefixHasher(self.root, self.block_size)
+        twin.parent, twin.keys, twin.pending = self.parent, list(self.keys), list(self.pending)
         return twin

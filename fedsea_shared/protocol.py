@@ -21,8 +21,9 @@ import orjson
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 3  # 3: Open.reopen (a preempted session keeps its place)
+PROTOCOL_VERSION = 4  # 3: Open.reopen (a preempted session keeps its place); 4: Open.partial, row-digest block keys
 MAX_PREFIX_KEYS = 384  # block keys an Open may name (32 hex digits each; fits the header limit)
+MAX_PARTIAL_ROWS = 63  # row digests an Open may name after them (32 hex digits each; with 384 keys the header still fits)
 MAX_HEADER_BYTES = 16 * 1024
 STEP_HEADER_BYTES = 256  # bound on a Step header's JSON (ints < 2**53, a 2-d shape)
 
@@ -95,8 +96,10 @@ class Open(_Message):
     to per-token RMS); the server refuses one outside its bounds.  `adapter` picks a
     fine-tuned adapter the server serves (one of `Welcome.adapters`); None: the base model.
     `prefix`: the block keys (fedsea_shared.prefix, hex) of hidden states the edge sent
-    before and is about to send again; `Opened.cached` says how many tokens of them the
-    server still holds, and the first Step starts there.  `reopen`: `sid` is open and the
+    before and is about to send again; `partial`: the row digests (hex) of fewer than
+    `Welcome.block_size` such states after those blocks, which a cached block may start
+    with.  `Opened.cached` says how many tokens of them the server still holds (whole
+    blocks of `prefix`, then all of `partial` or none), and the first Step starts there.  `reopen`: `sid` is open and the
     server preempted it (ErrorCode.PREEMPTED); it takes up its cached prefix again and keeps
     its place in the order the server serves sessions (its adapter cannot change)."""
 
@@ -105,6 +108,7 @@ class Open(_Message):
     noise: Annotated[float, Field(ge=0)]
     adapter: Annotated[str, Field(max_length=128)] | None = None
     prefix: Annotated[list[Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]], Field(max_length=MAX_PREFIX_KEYS)] | None = None
+    partial: Annotated[list[Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]], Field(max_length=MAX_PARTIAL_ROWS)] | None = None
     reopen: bool = False
 
 

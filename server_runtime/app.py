@@ -447,6 +447,8 @@ class ServerRuntime:
                 raise ProtocolError(ErrorCode.UNKNOWN_ADAPTER, f"this server serves no adapter {msg.adapter!r} (adapters: {served})", msg.sid)
             elif not s.noise_min <= msg.noise <= s.noise_max:
                 raise ProtocolError(ErrorCode.NOISE_OUT_OF_BOUNDS, f"noise {msg.noise} is outside the server's bounds [{s.noise_min}, {s.noise_max}]", msg.sid)
+            elif len(msg.partial or ()) >= s.block_size:
+                raise ProtocolError(ErrorCode.BAD_FRAME, f"open names {len(msg.partial)} partial rows; a block holds {s.block_size}", msg.sid)
             reopen = isinstance(msg, Open) and msg.reopen
             if reopen:
                 if msg.sid not in conn.sessions:
@@ -467,7 +469,8 @@ class ServerRuntime:
             else:
                 root = prefix_root(conn.hello.num_layers, conn.hello.hidden_size, self.partition.server_range,
                                    conn.hello.dtype, msg.adapter)
-                opened = self.engine.open(key, msg.adapter, root, [bytes.fromhex(k) for k in msg.prefix or ()], reopen)
+                opened = self.engine.open(key, msg.adapter, root, [bytes.fromhex(k) for k in msg.prefix or ()], reopen,
+                                          [bytes.fromhex(d) for d in msg.partial or ()])
             try:
                 cached = await asyncio.wrap_future(opened)
             except BaseException:

@@ -19,7 +19,7 @@ from typing import Callable, Hashable, NamedTuple, Protocol
 
 import torch
 
-from fedsea_shared.prefix import PrefixHasher
+from fedsea_shared.prefix import PrefixHasher, run_key
 from fedsea_shared.protocol import ErrorCode, ProtocolError
 from fedsea_shared.shard import warm_linear_kernels
 from fedsea_shared.threads import run_here, serial
@@ -35,7 +35,7 @@ log = logging.getLogger("fedsea.server.engine")
 
 class EngineBackend(Protocol):
     def open(self, key: Hashable, model: str | None = None, root: bytes = b"", prefix: list[bytes] = (),
-             reopen: bool = False) -> Future: ...
+             reopen: bool = False, partial: list[bytes] = ()) -> Future: ...
     def fork(self, key: Hashable, parent: Hashable) -> Future: ...
     def step(self, key: Hashable, pos: int, hidden: torch.Tensor) -> Future: ...
     def close(self, key: Hashable) -> Future: ...
@@ -46,6 +46,7 @@ class _OpenRequest(NamedTuple):
     model: str | None  # the adapter (None: the base model)
     root: bytes  # the session's block-key root (fedsea_shared.prefix)
     prefix: list[bytes]  # block keys of the prefix the edge hopes the cache holds
+    partial: list[bytes]  # row digests of the rows after those blocks it hopes are cached too
 
 
 ACTIVE_S = 0.25  # a session that opened or stepped this recently is generating now
@@ -91,12 +92,13 @@ class Engine:
     # ---- thread-safe API -------------------------------------------------------------
 
     def open(self, key: Hashable, model: str | None = None, root: bytes = b"", prefix: list[bytes] = (),
-             reopen: bool = False) -> Future:
+             reopen: bool = False, partial: list[bytes] = ()) -> Future:
         """Open a session; `root` and `prefix` are its block-key root and the keys of the
-        prefix the edge hopes is cached.  Resolves to the number of tokens it already holds.
-        `reopen`: the session is open and was preempted; it takes up its cached prefix again
-        and keeps its place in the order sessions are served."""
-        request = _OpenRequest(model, root, list(prefix))
+        prefix the edge hopes is cached, `partial` the row digests (fedsea_shared.prefix) of
+        up to block_size - 1 rows after it that it hopes are cached as well.  Resolves to the
+        number of tokens it already holds.  `reopen`: the session is open and was preempted;
+        it takes up its cached prefix again and keeps its place in the order sessions are served."""
+        request = _OpenRequest(model, root, list(prefix), list(partial))
         return self._submit(lambda fut: (self._reopen if reopen else self._open)(key, request, fut))
 
     def fork(self, key: Hashable, parent: Hashable) -> Future:
@@ -215,9 +217,12 @@ class Engine:
         now = time.monotonic()
         for work in self.scheduler.complete(chunks, outputs):
             session = work.session
-            keys = session.hasher.extend(work.hidden)
-            if keys:
-                self.pool.cache_blocks(session.table, len(session.hasher.keys) - len(keys), keys)
+            blocks = session.hasher.extend(work.hidden)
+            if blocks:
+                self.pool.cache_blocks(session.table, len(session.hasher.keys) - len(blocks), blocks)
+            fresh = min(work.hidden.shape[0], len(session.hasher.pending))
+            if fresh:  # a later session (this chat's next turn) may start with these rows
+                self.pool.cache_partial(session.table, session.hasher.partial_keys(fresh))
             work.session.work = None
             work.session.last_active = now
             self.metrics.step_latency.observe(now - work.enqueued)
@@ -299,11 +304,10 @@ class Engine:
             self._opens.append((key, spec, fut, time.monotonic()))
 
     def _admit(self, key: Hashable, spec: _OpenRequest, fut: Future) -> None:
-        model, root, prefix = spec
-        session = Session(key, BlockTable(self.pool.block_size), model, PrefixHasher(root, self.pool.block_size),
+        session = Session(key, BlockTable(self.pool.block_size), spec.model, PrefixHasher(spec.root, self.pool.block_size),
                           priority=self.scheduler.arrival())
         self.sessions[key] = session
-        self._take_up_prefix(session, prefix, fut)
+        self._take_up_prefix(session, spec, fut)
 
     def _reopen(self, key: Hashable, spec: _OpenRequest, fut: Future) -> None:
         session = self.sessions.get(key)
@@ -317,15 +321,23 @@ class Engine:
         session.preempted = False
         session.hasher = PrefixHasher(spec.root, self.pool.block_size)
         session.last_active = time.monotonic()
-        self._take_up_prefix(session, spec.prefix, fut)
+        self._take_up_prefix(session, spec, fut)
 
-    def _take_up_prefix(self, session: Session, prefix: list[bytes], fut: Future) -> None:
-        """Share the cached blocks of the prefix the edge named; resolve to the tokens held."""
+    def _take_up_prefix(self, session: Session, spec: _OpenRequest, fut: Future) -> None:
+        """Share the cached blocks of the prefix the edge named, and, when it holds them all,
+        a copy of the rows after them that a cached block starts with (the digests match
+        only if their bytes do); resolve to the tokens held."""
+        prefix, partial = spec.prefix, spec.partial
         hits = self.pool.share_prefix(session.table, prefix) if prefix else 0
-        session.hasher.adopt(prefix[:hits])
-        if prefix:
-            self.metrics.prefix_queries.inc(len(prefix) * self.pool.block_size)
-            self.metrics.prefix_hits.inc(hits * self.pool.block_size)
+        rows = 0
+        # The copy is a block of the session's own: charged to its tenant now, not at its first step.
+        if partial and hits == len(prefix) and not (self.quota and self.quota.reserve(session.key, hits + 1)):
+            key = run_key(prefix[-1] if prefix else spec.root, partial)
+            rows = len(partial) if self.pool.share_partial(session.table, key, len(partial)) else 0
+        session.hasher.adopt(prefix[:hits], partial[:rows])
+        if prefix or partial:
+            self.metrics.prefix_queries.inc(len(prefix) * self.pool.block_size + len(partial))
+            self.metrics.prefix_hits.inc(hits * self.pool.block_size + rows)
         _resolve(fut, session.table.num_tokens)
 
     def _fork(self, key: Hashable, parent_key: Hashable, fut: Future) -> None:

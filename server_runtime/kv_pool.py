@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedsea_shared.prefix import Block
+
 
 class OutOfBlocks(Exception):
     pass
@@ -29,9 +31,10 @@ class OutOfBlocks(Exception):
 
 class BlockPool:
     """Which blocks are free, who holds each (reference counts) and which hold a cached
-    prefix (key -> block).  A block whose count drops to 0 goes back to the free list, or,
-    if it is cached, to the evictable LRU: it keeps its contents for a later hit and is
-    only reused, least recently released first, when the free list runs dry."""
+    prefix (key -> block, and each partial key of the block -> block: a prefix ending
+    inside it).  A block whose count drops to 0 goes back to the free list, or, if it is
+    cached, to the evictable LRU: it keeps its contents for a later hit and is only reused,
+    least recently released first, when the free list runs dry."""
 
     def __init__(self, num_blocks: int):
         if num_blocks < 1:
@@ -41,6 +44,9 @@ class BlockPool:
         self._refs = [0] * num_blocks
         self._by_key: dict[bytes, int] = {}
         self._key_of: dict[int, bytes] = {}
+        self._by_partial_key: dict[bytes, int] = {}
+        self._partial_keys_of: dict[int, list[bytes]] = {}
+        self._keyed: set[int] = set()  # blocks any key names: kept, when released, for a later hit
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self.evictions = 0
 
@@ -51,7 +57,7 @@ class BlockPool:
 
     @property
     def num_cached(self) -> int:
-        return len(self._by_key)
+        return len(self._keyed)
 
     def allocate(self, n: int) -> list[int]:
         if n > self.num_free:
@@ -62,7 +68,7 @@ class BlockPool:
                 block = self._free.popleft()
             else:  # evict the least recently used cached block nobody holds
                 block, _ = self._evictable.popitem(last=False)
-                del self._by_key[self._key_of.pop(block)]
+                self._forget(block)
                 self.evictions += 1
             self._refs[block] = 1
             out.append(block)
@@ -77,7 +83,7 @@ class BlockPool:
         for block in blocks:
             self._refs[block] -= 1
             if self._refs[block] == 0:
-                if block in self._key_of:
+                if block in self._keyed:
                     self._evictable[block] = None
                 else:
                     self._free.append(block)
@@ -85,11 +91,32 @@ class BlockPool:
     def refs(self, block: int) -> int:
         return self._refs[block]
 
-    def cache(self, block: int, key: bytes) -> None:
-        """Name a full, held block by its prefix key (first writer wins)."""
+    def cache(self, block: int, key: bytes, partial_keys: list[bytes]) -> None:
+        """Name a full, held block by its prefix key and the keys of the prefixes that end
+        inside it (first writer wins)."""
         if key not in self._by_key and block not in self._key_of:
             self._by_key[key] = block
             self._key_of[block] = key
+            self._keyed.add(block)
+        for k in partial_keys:
+            self.cache_partial(block, k)
+
+    def cache_partial(self, block: int, key: bytes) -> None:
+        """Name the rows a held block starts with (it may be partly filled: its holder
+        writes only after them) by their prefix key (first writer wins)."""
+        if key not in self._by_partial_key:
+            self._by_partial_key[key] = block
+            self._partial_keys_of.setdefault(block, []).append(key)
+            self._keyed.add(block)
+
+    def _forget(self, block: int) -> None:
+        """Drop every key naming an evicted block."""
+        self._keyed.discard(block)
+        key = self._key_of.pop(block, None)
+        if key is not None:
+            del self._by_key[key]
+        for k in self._partial_keys_of.pop(block, ()):
+            del self._by_partial_key[k]
 
     def lookup(self, keys: list[bytes]) -> list[int]:
         """The cached blocks of the longest prefix of `keys` (not yet shared)."""
@@ -100,6 +127,10 @@ class BlockPool:
                 break
             blocks.append(block)
         return blocks
+
+    def lookup_partial(self, key: bytes) -> int | None:
+        """The cached block whose first rows hold the prefix `key` names (not yet shared)."""
+        return self._by_partial_key.get(key)
 
     def stats(self) -> dict[str, int]:
         return {
@@ -201,10 +232,39 @@ class KVPool:
         table.blocks, table.num_tokens = blocks, len(blocks) * self.block_size
         return len(blocks)
 
-    def cache_blocks(self, table: BlockTable, first: int, keys: list[bytes]) -> None:
-        """Record that the table's full blocks first, first+1, ... hold the prefixes `keys`."""
-        for i, key in enumerate(keys):
-            self.allocator.cache(table.blocks[first + i], key)
+    def share_partial(self, table: BlockTable, key: bytes, rows: int) -> bool:
+        """Extend a table that ends on a block boundary by the first `rows` tokens of the
+        cached block whose partial key is `key`, in a private copy of that block (the
+        session writes its own tokens after them); False if none is cached or no block is
+        free for the copy."""
+        source = self.allocator.lookup_partial(key)
+        if source is None or table.num_tokens % self.block_size:
+            return False
+        self.allocator.share(source)  # so the allocation below cannot evict it
+        try:
+            (copy,) = self.allocator.allocate(1)
+        except OutOfBlocks:
+            self.allocator.release([source])
+            return False
+        for t in (self.k, self.v):
+            # The whole block: its slots past `rows` hold the other session's K/V (finite,
+            # never attended to: the session's length masks them) until this one writes there.
+            self._by_block(t)[:, copy] = self._by_block(t)[:, source]
+        self.allocator.release([source])
+        table.blocks.append(copy)
+        table.num_tokens += rows
+        return True
+
+    def cache_blocks(self, table: BlockTable, first: int, blocks: list[Block]) -> None:
+        """Record that the table's full blocks first, first+1, ... hold the prefixes `blocks` name."""
+        for i, block in enumerate(blocks):
+            self.allocator.cache(table.blocks[first + i], block.key, block.partial_keys())
+
+    def cache_partial(self, table: BlockTable, keys: list[bytes]) -> None:
+        """Record that the table's partly filled last block starts with the prefixes `keys` name."""
+        block = table.blocks[table.num_tokens // self.block_size]
+        for key in keys:
+            self.allocator.cache_partial(block, key)
 
     def _by_block(self, t: torch.Tensor) -> torch.Tensor:
         """[layers, blocks, block elements]: a view of any layout whose blocks are contiguous."""

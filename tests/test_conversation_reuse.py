@@ -1,7 +1,8 @@
 """A conversation through a recording relay on a real websocket: across the turns of a
 chat and the choices of n=3, no position of a shared prefix reaches the server in two
-versions (so its noise cannot be averaged away), while the content arrives noised; and
-later turns send only their new tokens."""
+versions (so its noise cannot be averaged away), also when the server has lost what it
+held and the edge re-sends it, while the content arrives noised; and later turns send
+only their new tokens."""
 
 from __future__ import annotations
 
@@ -16,15 +17,18 @@ from websockets.asyncio.server import serve
 from edge_runtime import AsyncEdgeClient
 from edge_runtime.sampling import SamplingParams
 from fedsea_shared.noise import public_prefix_len
-from fedsea_shared.protocol import Fork, Open, Step, decode
+from fedsea_shared.protocol import Fork, Open, Step, decode, encode
 
 
 class RecordingRelay:
-    """A websocket relay between edge and server that keeps every edge -> server frame."""
+    """A websocket relay between edge and server that keeps every edge -> server frame.
+    While `forget` is set it strips the prefix an `open` names: the server then holds
+    nothing for the session, as after it evicted the prefix, and the edge re-sends it."""
 
     def __init__(self, upstream: str):
         self.upstream = upstream
         self.frames: list[bytes] = []
+        self.forget = False
         self._loop = asyncio.new_event_loop()
         started = threading.Event()
         threading.Thread(target=self._run, args=(started,), daemon=True).start()
@@ -44,6 +48,9 @@ class RecordingRelay:
         async with connect(self.upstream, compression=None, max_size=None) as server:
             async def up():
                 async for frame in edge:
+                    message, _ = decode(frame)
+                    if self.forget and isinstance(message, Open):
+                        frame = encode(message.model_copy(update={"prefix": None, "partial": None}))
                     self.frames.append(bytes(frame))
                     await server.send(frame)
                 await server.close()
@@ -97,7 +104,9 @@ async def test_a_chat_and_its_choices_never_resend_a_prefix_in_a_new_version(rel
     turn1 = await client.generate(chat, max_tokens=12, temperature=0)
     chat += [{"role": "assistant", "content": turn1.text}, {"role": "user", "content": "Something with fish, please."}]
     turn2_prompt = client.chat_prompt(chat)
+    relay.forget = True  # turn 2 re-sends turn 1's states: in the versions sent before
     turn2 = await client.generate(chat, max_tokens=12, temperature=0)
+    relay.forget = False
     chat += [{"role": "assistant", "content": turn2.text}, {"role": "user", "content": "And a dessert?"}]
     turn3_prompt = client.chat_prompt(chat)
     choices = [SamplingParams(max_tokens=6, temperature=1.0, seed=s) for s in range(3)]
@@ -126,10 +135,12 @@ async def test_a_chat_and_its_choices_never_resend_a_prefix_in_a_new_version(rel
     # The prompt of n=3 went to the server once, in the parent session; the forks only
     # sent their own tokens.
     assert all(pos >= len(turn3_prompt) for sid in sids[3:] for pos in sent[sid])
-    # Turn 2 and 3 sent only what the server did not hold (block-aligned cache hits).
-    for sid, prev, prompt in ((sids[1], seqs[sids[0]], turn2_prompt), (sids[2], seqs[sids[1]], turn3_prompt)):
-        reused = min(common(prev, prompt), len(prompt) - 1)
-        assert reused >= 16 and min(sent[sid]) == reused // 16 * 16
+    assert min(sent[sids[1]]) == 0
+    # Turn 3 sent only what the server did not hold: every token of turn 2 it reuses, the
+    # part of its last, partly filled block included.
+    reused = min(common(seqs[sids[1]], turn3_prompt), len(turn3_prompt) - 1)
+    assert reused % 16, "the reuse should end inside a block"
+    assert min(sent[sids[2]]) == reused
     await client.aclose()
 
     # The content still arrives noised: compare with a clean head forward (noise 0).

@@ -28,9 +28,17 @@ def keys_of(hidden: torch.Tensor, root: bytes = ROOT) -> list[bytes]:
     return hasher.keys
 
 
-def run(engine, key, hidden, prefix=(), root=ROOT) -> tuple[int, torch.Tensor]:
-    """Open (naming `prefix`), send what the server lacks of `hidden`, return (cached, output)."""
-    cached = wait(engine.open(key, None, root, list(prefix)))
+def named(hidden: torch.Tensor, root: bytes = ROOT) -> tuple[list[bytes], list[bytes]]:
+    """What an edge names for these states: the keys of their full blocks and the
+    digests of the rows after them."""
+    hasher = PrefixHasher(root, 16)
+    hasher.extend(hidden)
+    return hasher.keys, hasher.pending
+
+
+def run(engine, key, hidden, prefix=(), root=ROOT, partial=()) -> tuple[int, torch.Tensor]:
+    """Open (naming `prefix` and `partial`), send what the server lacks of `hidden`, return (cached, output)."""
+    cached = wait(engine.open(key, None, root, list(prefix), False, list(partial)))
     return cached, wait(engine.step(key, cached, hidden[cached:]))
 
 
@@ -66,6 +74,43 @@ def test_prefix_hit_is_bit_identical_to_a_miss(start_server, tiny_model_dir):
     assert stats["cached"] >= 2
     assert metric(server, "fedsea_prefix_cache_hit_tokens_total") == 48
     assert metric(server, "fedsea_prefix_cache_query_tokens_total") == 96
+
+
+def test_a_prefix_ending_inside_a_block_is_taken_up_bit_identical(start_server, tiny_model_dir):
+    server = start_server(tiny_model_dir)
+    engine, pool = server.runtime.engine, server.runtime.pool.allocator
+    reference = start_server(tiny_model_dir).runtime.engine  # the same sessions, no cache hits
+    torch.manual_seed(4)
+    history = torch.randn(45, HIDDEN)  # two full blocks, then 13 rows in a third
+    run(engine, (0, 0), history)
+    # A session whose first 40 rows are those (a template, the previous turn) and the
+    # rest its own takes up all 40 while the first still holds its block.
+    mine, token = torch.cat([history[:40], torch.randn(5, HIDDEN)]), torch.randn(1, HIDDEN)
+    _, expected = run(reference, (0, 0), mine)
+    keys, partial = named(mine[:40])
+    assert len(keys) == 2 and len(partial) == 8
+    used = pool.stats()["used"]
+    cached, hit = run(engine, (0, 1), mine, keys, partial=partial)
+    assert cached == 40 and torch.equal(hit, expected[40:])
+    assert pool.stats()["used"] == used + 1  # a private copy of the third block: it writes after row 40
+    # The first session writes on in its block; the copy decodes as without any cache.
+    wait(engine.step((0, 0), 45, torch.randn(1, HIDDEN)))
+    expected_token = wait(reference.step((0, 0), 45, token))
+    assert torch.equal(wait(engine.step((0, 1), 45, token)), expected_token)
+    # Rows that differ in one place find only the whole blocks before it.
+    other = mine.clone()
+    other[35] += 1
+    keys, partial = named(other[:40])
+    assert run(engine, (0, 2), other, keys, partial=partial)[0] == 32
+    # After they close, a session reuses the second one's 46 rows but for the last, whose
+    # output it needs: its last, partly filled block had cached them as it went.
+    for key in ((0, 0), (0, 1), (0, 2)):
+        wait(engine.close(key))
+    sequence = torch.cat([mine, token])
+    keys, partial = named(sequence[:45])
+    cached, again = run(engine, (0, 3), sequence, keys, partial=partial)
+    assert cached == 45 and torch.equal(again, expected_token)
+    assert metric(server, "fedsea_prefix_cache_hit_tokens_total") == 40 + 32 + 45
 
 
 def test_fork_shares_blocks_and_copies_the_partial_one_on_write(start_server, tiny_model_dir):
@@ -135,7 +180,8 @@ def test_random_open_fork_close_evict_lifecycles_return_every_block(start_server
             h = rng.choice(histories)
             key = (0, i)
             try:
-                cached = wait(engine.open(key, None, ROOT, keys_of(h) if rng.random() < 0.7 else []))
+                keys, partial = named(h[: rng.randint(0, len(h))]) if rng.random() < 0.7 else ([], [])
+                cached = wait(engine.open(key, None, ROOT, keys, False, partial))
                 open_[key] = cached
                 if rng.random() < 0.8:
                     open_[key] += wait(engine.step(key, cached, h[cached:])).shape[0] if cached < len(h) else 0

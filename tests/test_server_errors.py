@@ -226,6 +226,10 @@ async def test_bad_fork_and_prefix_messages_get_typed_errors(server):
         header = orjson.dumps({"type": "open", "sid": 2, "noise": 0.1, "prefix": prefix})
         reply, _ = await request(ws, struct.pack(">I", len(header)) + header)
         assert isinstance(reply, Error) and reply.code.value == "bad_frame"
+    for partial in (["zz" * 16], ["00" * 16] * 16, ["00" * 16] * 64):  # not hex, a whole block (of 16), over the cap
+        header = orjson.dumps({"type": "open", "sid": 2, "noise": 0.1, "partial": partial})
+        reply, _ = await request(ws, struct.pack(">I", len(header)) + header)
+        assert isinstance(reply, Error) and reply.code.value == "bad_frame" and "partial" in reply.message
     # An unknown prefix is no error: nothing is cached, the session starts empty ...
     reply, _ = await request(ws, encode(Open(sid=3, noise=0.1, prefix=["00" * 16])))
     assert isinstance(reply, Opened) and reply.cached == 0
