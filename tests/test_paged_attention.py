@@ -62,6 +62,22 @@ def test_decode_attention_matches_per_session_attention(kind):
     torch.testing.assert_close(out[: len(lengths)], reference(q, pool, tables, lengths, scale), atol=1e-5, rtol=1e-5)
 
 
+def test_a_lone_row_reads_its_context_up_to_its_length_only():
+    """One decode row (a lone stream) takes the gather kernel's unmasked path: the
+    unwritten tail of its last block holds NaN, which must not reach it."""
+    torch.manual_seed(1)
+    pool = KVPool(num_layers=1, num_blocks=8, block_size=BLOCK, num_kv_heads=2, head_dim=16, dtype=torch.float32)
+    pool.k.normal_()
+    pool.v.normal_()
+    tables, lengths = [[5, 2]], [BLOCK + 1]
+    for t in (pool.k, pool.v):
+        t[0, 2 * BLOCK + 1 : 3 * BLOCK] = float("nan")
+    kernel = GatherAttention(BLOCK, 16**-0.5)
+    q = torch.randn(1, 4, 16)
+    out = kernel.attend(kernel.plan(DecodeRows.build(tables, lengths, pool, 1, torch.device("cpu"))), q, pool.k[0], pool.v[0])
+    torch.testing.assert_close(out, reference(q, pool, tables, lengths, 16**-0.5), atol=1e-5, rtol=1e-5)
+
+
 def tick(runner, sessions, hidden_size, steps):
     """Run one tick: `steps` maps session index -> tokens to append; returns outputs."""
     chunks = []
