@@ -34,23 +34,17 @@ def run_key(parent: bytes, digests: list[bytes]) -> bytes:
 
 @dataclass(frozen=True)
 class Block:
-    """A full block the chain completed: its key, its parent's and its rows' digests."""
+    """A full block the chain completed: its key and the keys of its first 1, 2, ...,
+    block_size - 1 rows."""
 
     key: bytes
-    parent: bytes
-    digests: tuple[bytes, ...]
-
-    def partial_keys(self) -> list[bytes]:
-        """The keys of its first 1, 2, ..., block_size - 1 rows."""
-        h, out = hashlib.blake2b(self.parent, digest_size=KEY_BYTES), []
-        for d in self.digests[:-1]:
-            h.update(d)
-            out.append(h.copy().digest())
-        return out
+    partial_keys: tuple[bytes, ...]
 
 
 class PrefixHasher:
-    """Running block-key chain of one sequence; feed it rows as they are sent/received."""
+    """Running block-key chain of one sequence; feed it rows as they are sent/received.
+    The key of the run of rows after the last full block is kept up to date row by row
+    (one digest per row, not a rehash of the run: the server files a key per decode step)."""
 
     def __init__(self, root: bytes, block_size: int):
         self.root = root
@@ -58,6 +52,8 @@ class PrefixHasher:
         self.parent = root
         self.keys: list[bytes] = []  # one per full block
         self.pending: list[bytes] = []  # digests of the rows after the last full block
+        self.pending_keys: list[bytes] = []  # the key of each run of them: their first 1, 2, ... rows
+        self._run = hashlib.blake2b(root, digest_size=KEY_BYTES)
 
     def extend(self, hidden: torch.Tensor) -> list[Block]:
         """Fold in the next rows ([n, hidden], wire dtype); return the blocks they completed."""
@@ -65,24 +61,18 @@ class PrefixHasher:
         row = len(data) // hidden.shape[0] if hidden.shape[0] else 0
         done = []
         for i in range(hidden.shape[0]):
-            self.pending.append(hashlib.blake2b(data[i * row : (i + 1) * row], digest_size=KEY_BYTES).digest())
+            self._append(hashlib.blake2b(data[i * row : (i + 1) * row], digest_size=KEY_BYTES).digest())
             if len(self.pending) == self.block_size:
-                block = Block(run_key(self.parent, self.pending), self.parent, tuple(self.pending))
-                self.parent = block.key
+                block = Block(self.pending_keys[-1], tuple(self.pending_keys[:-1]))
                 self.keys.append(block.key)
-                self.pending = []
+                self._restart(block.key)
                 done.append(block)
         return done
 
     def partial_keys(self, fresh: int) -> list[bytes]:
         """The keys of the runs of rows after the last full block that end in its last
         `fresh` rows (the ones a step just added)."""
-        h, out = hashlib.blake2b(self.parent, digest_size=KEY_BYTES), []
-        for i, d in enumerate(self.pending):
-            h.update(d)
-            if i >= len(self.pending) - fresh:
-                out.append(h.copy().digest())
-        return out
+        return self.pending_keys[len(self.pending_keys) - fresh :] if fresh else []
 
     def adopt(self, keys: list[bytes], pending: list[bytes] = ()) -> None:
         """Start from a cached prefix: len(keys) full blocks named by `keys`, then rows with
@@ -93,10 +83,22 @@ class PrefixHasher:
             raise ValueError(f"{len(pending)} pending rows fill a block of {self.block_size}")
         self.keys = list(keys)
         if keys:
-            self.parent = keys[-1]
-        self.pending = list(pending)
+            self._restart(keys[-1])
+        for d in pending:
+            self._append(d)
 
     def copy(self) -> "PrefixHasher":
         twin = PrefixHasher(self.root, self.block_size)
-        twin.parent, twin.keys, twin.pending = self.parent, list(self.keys), list(self.pending)
+        twin.parent, twin.keys = self.parent, list(self.keys)
+        twin.pending, twin.pending_keys, twin._run = list(self.pending), list(self.pending_keys), self._run.copy()
         return twin
+
+    def _append(self, digest: bytes) -> None:
+        self.pending.append(digest)
+        self._run.update(digest)
+        self.pending_keys.append(self._run.copy().digest())
+
+    def _restart(self, parent: bytes) -> None:
+        self.parent = parent
+        self.pending, self.pending_keys = [], []
+        self._run = hashlib.blake2b(parent, digest_size=KEY_BYTES)

@@ -258,7 +258,7 @@ class KVPool:
     def cache_blocks(self, table: BlockTable, first: int, blocks: list[Block]) -> None:
         """Record that the table's full blocks first, first+1, ... hold the prefixes `blocks` name."""
         for i, block in enumerate(blocks):
-            self.allocator.cache(table.blocks[first + i], block.key, block.partial_keys())
+            self.allocator.cache(table.blocks[first + i], block.key, block.partial_keys)
 
     def cache_partial(self, table: BlockTable, keys: list[bytes]) -> None:
         """Record that the table's partly filled last block starts with the prefixes `keys` name."""

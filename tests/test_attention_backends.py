@@ -123,14 +123,14 @@ def test_backend_matches_the_unpaged_reference(shard, backend):
     s.tick({"A": 1, "B": 1, "C": 20, "D": 5})  # mixed: decode rows, a prompt's second chunk, a new prompt
     a, b = s.sessions["A"].table, s.sessions["B"].table
     s.open("E", pool.fork(b), s.history["B"])  # shares B's partly filled block: copy on first write
-    rows = [bytes([i]) * 16 for i in range(BLOCK)]  # stand-ins for row digests
-    pool.cache_blocks(a, 0, [Block(b"a0", b"", tuple(rows)), Block(b"a1", b"a0", tuple(rows))])
+    partial = [run_key(b"a0", [bytes([i]) * 16 for i in range(n)]) for n in range(1, BLOCK)]
+    pool.cache_blocks(a, 0, [Block(b"a0", ()), Block(b"a1", tuple(partial))])
     prefix = BlockTable(BLOCK)
     assert pool.share_prefix(prefix, [b"a0", b"a1", b"a2"]) == 2
     s.open("F", prefix, s.history["A"][: 2 * BLOCK])  # A's first two blocks, continued differently
-    partial = BlockTable(BLOCK)
-    assert pool.share_prefix(partial, [b"a0"]) == 1 and pool.share_partial(partial, run_key(b"a0", rows[:5]), 5)
-    s.open("H", partial, s.history["A"][: BLOCK + 5])  # and a copy of its second block's first 5 rows
+    copied = BlockTable(BLOCK)
+    assert pool.share_prefix(copied, [b"a0"]) == 1 and pool.share_partial(copied, partial[4], 5)
+    s.open("H", copied, s.history["A"][: BLOCK + 5])  # and a copy of its second block's first 5 rows
     s.tick({"A": 1, "B": 1, "E": 1, "C": 1, "D": 1, "F": 3, "H": 2})
     assert s.sessions["E"].table.blocks[-1] != b.blocks[-1] and s.sessions["E"].table.blocks[:-1] == b.blocks[:-1]
     for _ in range(2):

@@ -3,6 +3,7 @@ through the engine's API and observed through the pool's stats() and /metrics.""
 
 from __future__ import annotations
 
+import hashlib
 import random
 import urllib.request
 from concurrent.futures import Future
@@ -10,7 +11,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from fedsea_shared.prefix import PrefixHasher, prefix_root
+from fedsea_shared.prefix import PrefixHasher, prefix_root, run_key
 from fedsea_shared.protocol import ProtocolError
 from server_runtime.engine import EngineSettings
 
@@ -48,6 +49,39 @@ def metric(server, name: str) -> float:
             if line.startswith(name + " "):
                 return float(line.split()[1])
     raise KeyError(name)
+
+
+def test_the_hasher_names_every_run_the_same_way_however_it_is_fed():
+    torch.manual_seed(5)
+    rows = torch.randn(40, HIDDEN)
+    whole = PrefixHasher(ROOT, 16)
+    blocks = whole.extend(rows)
+    digests = [hashlib.blake2b(r.numpy().tobytes(), digest_size=16).digest() for r in rows]
+    parent = ROOT
+    for i, block in enumerate(blocks):
+        d = digests[16 * i : 16 * (i + 1)]
+        assert block.key == run_key(parent, d)
+        assert list(block.partial_keys) == [run_key(parent, d[:r]) for r in range(1, 16)]
+        parent = block.key
+    assert whole.keys == [b.key for b in blocks] and len(whole.pending) == 8
+    assert whole.pending_keys == [run_key(parent, digests[32 : 32 + r]) for r in range(1, 9)]
+    assert whole.partial_keys(3) == whole.pending_keys[-3:] and whole.partial_keys(0) == []
+    # Fed in pieces, from an adopted prefix (what a server takes up), or copied: the same chain.
+    pieces = PrefixHasher(ROOT, 16)
+    for lo, hi in ((0, 7), (7, 23), (23, 40)):
+        pieces.extend(rows[lo:hi])
+    adopted = PrefixHasher(ROOT, 16)
+    adopted.adopt(whole.keys[:1], digests[16:21])
+    adopted.extend(rows[21:40])
+    twin = whole.copy()
+    for h in (pieces, adopted, twin):
+        assert h.keys == whole.keys and h.pending_keys == whole.pending_keys
+    fresh = PrefixHasher(ROOT, 16)
+    fresh.extend(torch.cat([rows, rows[:8]]))
+    twin.extend(rows[:8])  # a copy goes on apart: the original's chain is untouched
+    assert twin.keys == fresh.keys and len(whole.keys) == 2
+    whole.extend(rows[:8])
+    assert whole.keys == fresh.keys
 
 
 def test_prefix_hit_is_bit_identical_to_a_miss(start_server, tiny_model_dir):
