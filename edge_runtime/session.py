@@ -66,6 +66,7 @@ class InferenceSession:
         self.preempted = False  # `sid` is open but the server took its blocks: reopen it before sending
         self.position = 0  # tokens the server holds for this session
         self._sent: list[torch.Tensor] = [prior] if prior is not None and len(prior) else []
+        self.length = sum(t.shape[0] for t in self._sent)  # states in `sent`: counted, not summed per step
         self.digests: list[bytes] = list(prior_digests)  # the noise digest of each position
 
     @property
@@ -74,10 +75,6 @@ class InferenceSession:
         if len(self._sent) > 1:
             self._sent = [torch.cat(self._sent)]
         return self._sent[0] if self._sent else None
-
-    @property
-    def length(self) -> int:
-        return sum(t.shape[0] for t in self._sent)
 
     def _unsent(self) -> torch.Tensor:
         """The states from `position` on, touching only the pieces that hold them (a
@@ -171,6 +168,7 @@ class InferenceSession:
         noised = noised.to(self.conn.wire_dtype)
         if noised.shape[0]:
             self._sent.append(noised)
+            self.length += noised.shape[0]
             self.digests += digests
         start = self.position
 
