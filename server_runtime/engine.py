@@ -330,10 +330,12 @@ class Engine:
         prefix, partial = spec.prefix, spec.partial
         hits = self.pool.share_prefix(session.table, prefix) if prefix else 0
         rows = 0
-        # The copy is a block of the session's own: charged to its tenant now, not at its first step.
-        if partial and hits == len(prefix) and not (self.quota and self.quota.reserve(session.key, hits + 1)):
+        if partial and hits == len(prefix):
+            # The copy is a block of the session's own: charged to its tenant now, not at its first step.
+            refused = self.quota is not None and self.quota.reserve(session.key, hits + 1)
             key = run_key(prefix[-1] if prefix else spec.root, partial)
-            rows = len(partial) if self.pool.share_partial(session.table, key, len(partial)) else 0
+            if not refused and self.pool.share_partial(session.table, key, len(partial)):
+                rows = len(partial)
         session.hasher.adopt(prefix[:hits], partial[:rows])
         if prefix or partial:
             self.metrics.prefix_queries.inc(len(prefix) * self.pool.block_size + len(partial))
