@@ -31,7 +31,8 @@ from fedsea_shared.models import resolve_model
 from fedsea_shared.noise import KEY_BYTES, NoiseChain, public_prefix_len
 from fedsea_shared.prefix import prefix_root
 from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello
-from fedsea_shared.shard import ModelShard, Partition, apply_linear_kernel, fuse_projections, load_config, load_edge_shard
+from fedsea_shared.shard import (ModelShard, Partition, apply_linear_kernel, fuse_projections, load_config,
+                                 load_edge_shard, make_block_ops, use_block_ops)
 from fedsea_shared.threads import run_here, serial
 
 from websockets.exceptions import WebSocketException
@@ -94,6 +95,7 @@ class AsyncEdgeClient:
         pseudonymize: bool = defaults.PSEUDONYMIZE,
         compute: Callable = run_here,
         linear_kernel: str = "auto",
+        block_ops: str = "auto",
         lm_head_copy: bool = False,
     ):
         """`compute(fn, *args)` runs the edge's forward passes (default: on the edge
@@ -109,7 +111,8 @@ class AsyncEdgeClient:
         un-noised (see fedsea_shared.noise.public_prefix_len).  `pseudonymize`: replace
         names, digit runs and e-mails in text prompts by surrogates keyed to `noise_key`,
         and map them back in the generated text (edge_runtime.pseudonyms).
-        `lm_head_copy`: with oneDNN linears, give the LM head tied to the embedding a
+        `block_ops`: the blocks' norms, rotary, SiLU and decode attention (native: fused C
+        kernels, see fedsea_shared.shard.make_block_ops).  `lm_head_copy`: with oneDNN linears, give the LM head tied to the embedding a
         packed copy of its own (the embedding's size again, 113 MB for SmolLM2-135M;
         about twice as fast at 8-16 rows, for an edge serving many generations at once)."""
         if wire_dtype not in WIRE_DTYPES:
@@ -128,7 +131,11 @@ class AsyncEdgeClient:
         self.linear_kernel = apply_linear_kernel(shard, linear_kernel, device, copy_shared=lm_head_copy)
         shards: dict[str | None, ModelShard] = {None: shard, **load_adapters(shard, model, adapters or {})}
         fuse_projections(list(shards.values()))  # before the workers warm their kernels up
-        self.workers = {name: EdgeWorker(EdgeModel(s, self.partition), compute=compute) for name, s in shards.items()}
+        ops = make_block_ops(block_ops, device, WIRE_DTYPES[dtype])
+        for s in shards.values():
+            use_block_ops(s, ops)
+        self.workers = {name: EdgeWorker(EdgeModel(s, self.partition, ops.kernels), compute=compute)
+                        for name, s in shards.items()}
         self.worker = self.workers[None]
         self.noise_key = load_or_create_key() if noise_key is None else noise_key
         if len(self.noise_key) != KEY_BYTES:

@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from fedsea_shared.shard import ModelShard, Partition, causal_attention, warm_linear_kernels
+from fedsea_shared.cpu_kernels import decode_attention_fits, paged_decode_attention
+from fedsea_shared.shard import ModelShard, Partition, causal_attention, head_dim, warm_linear_kernels
 from fedsea_shared.threads import run_here, serial
 
 
@@ -65,11 +66,17 @@ class _Item:
 
 
 class EdgeModel:
-    def __init__(self, shard: ModelShard, partition: Partition):
+    def __init__(self, shard: ModelShard, partition: Partition, kernels=None):
+        """`kernels`: the fused CPU kernels (cpu_kernels.load()), for a generated token's
+        attention over its sequence's buffers; None: SDPA for every item."""
         self.shard = shard
         self.partition = partition
         self.dtype = next(shard.parameters()).dtype
         self.scale = shard.model.layers[str(partition.head_layers[0])].self_attn.scale
+        cfg, device = shard.config, next(shard.parameters()).device
+        fits = decode_attention_fits(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim(cfg), self.dtype, device)
+        self.kernels = kernels if fits else None
+        self._one_block = torch.zeros(1, 1, dtype=torch.long)  # a buffer read as one block of the cache
 
     def _run(self, layers: range, items: list[_Item], hidden: torch.Tensor) -> tuple[torch.Tensor, list]:
         spans, positions, offset = [], [], 0
@@ -79,11 +86,17 @@ class EdgeModel:
             positions.append(torch.arange(it.start, it.start + n))
             offset += n
 
+        kernels = self.kernels
+
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
             for it, (a, b) in zip(items, spans):
                 kc, vc = it.cache.extend(layer, it.start, k[a:b], v[a:b])
-                out[a:b] = causal_attention(q[a:b], kc, vc, self.scale)
+                if b - a == 1 and kernels is not None:
+                    out[a:b] = paged_decode_attention(kernels, q[a:b], kc, vc, self._one_block,
+                                                      torch.tensor([kc.shape[0]]), kc.shape[0], self.scale)
+                else:
+                    out[a:b] = causal_attention(q[a:b], kc, vc, self.scale)
             return out
 
         return self.shard.run_blocks(layers, hidden, torch.cat(positions), attend), spans

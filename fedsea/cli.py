@@ -23,6 +23,10 @@ def _split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--linear-kernel", default="auto", choices=["auto", "onednn", "torch"],
                    help="matmuls of this side's blocks: onednn (oneDNN, weights packed in its layout; CPU) or torch's "
                         "(MKL on CPU); auto = onednn where it runs, else torch")
+    p.add_argument("--block-ops", default="auto", choices=["auto", "native", "vllm", "torch"],
+                   help="a block's norms, rotary, SiLU-and-mul and short decode attention: native (fused C kernels "
+                        "built with the machine's compiler on first use; float32 CPU), vllm (vLLM's RMSNorm) or "
+                        "torch's ops; auto = native where it builds, else vllm with the vllm attention backend, else torch")
 
 
 def _adapters(args) -> dict[str, str]:
@@ -195,7 +199,8 @@ def _gateway_settings(args, server_url: str | list[str], server_api_key: str | N
         edge_cache_memory=parse_memory(args.edge_cache_memory),
         server_url=server_url, server_api_key=server_api_key, model=args.model, head=args.head, tail=args.tail,
         noise=args.noise, pseudonymize=args.pseudonymize, host=args.host, port=args.port, api_key=api_key, protect_status=args.protect_status,
-        adapters=_adapters(args), linear_kernel=args.linear_kernel, lm_head_copy=args.lm_head_copy,
+        adapters=_adapters(args), linear_kernel=args.linear_kernel, block_ops=args.block_ops,
+        lm_head_copy=args.lm_head_copy,
     )
 
 
@@ -217,7 +222,7 @@ def _run_serve(args) -> None:
     server = ServerThread(ServerSettings(
         model=args.model, head=args.head, tail=args.tail, host="127.0.0.1", port=args.server_port,
         device=args.device, kv_cache_memory=args.kv_cache_memory, adapters=_adapters(args),
-        attention_backend=args.attention_backend, linear_kernel=args.linear_kernel,
+        attention_backend=args.attention_backend, linear_kernel=args.linear_kernel, block_ops=args.block_ops,
         kv_quota=1.0,  # its only tenant is this process's own gateway
     ), compute.run)
     try:
@@ -255,7 +260,7 @@ def _run_server(args) -> None:
         model=args.model, head=args.head, tail=args.tail, host=args.host, port=args.port,
         device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
         block_size=args.block_size, attention_backend=args.attention_backend, linear_kernel=args.linear_kernel,
-        decode_attention=args.decode_attention, cuda_graphs=args.cuda_graphs,
+        block_ops=args.block_ops, decode_attention=args.decode_attention, cuda_graphs=args.cuda_graphs,
         max_graph_batch=args.max_graph_batch, noise_min=args.noise_min, noise_max=args.noise_max,
         max_sessions_per_connection=args.max_sessions_per_connection,
         max_sessions_per_key=args.max_sessions_per_key, adapters=_adapters(args), **_server_security(args),

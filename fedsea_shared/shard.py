@@ -270,7 +270,11 @@ class FusedLinear(Linear):
         self.onednn = first.onednn
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return super().forward(x).split(self.sizes, -1)
+        return self.product(x).split(self.sizes, -1)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """The parts' outputs side by side, unsplit."""
+        return super().forward(x)
 
 
 # (submodule, fused name, the projections it replaces) in each DecoderBlock.
@@ -326,14 +330,15 @@ class SelfAttention(nn.Module):
         self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=bias)
         self.qkv_proj: FusedLinear | None = None  # set by fuse_projections, replacing q/k/v_proj
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn,
+                ops: "BlockOps") -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x) if self.qkv_proj is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = attend(self.layer, rotate(q, cos, sin), rotate(k, cos, sin), v)
-        return self.o_proj(out)
+        q, k = ops.rope(q, k, cos, sin)
+        return self.o_proj(attend(self.layer, q, k, v))
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -344,10 +349,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class RMSNorm(nn.Module):
-    """LLaMA's RMSNorm (transformers' LlamaRMSNorm) as torch's `rms_norm`, or as vLLM's
-    kernel (`use_vllm_norms`)."""
-
-    kernel = None  # vllm._custom_ops.rms_norm(out, x, weight, eps), set by use_vllm_norms
+    """LLaMA's RMSNorm (transformers' LlamaRMSNorm) as torch's `rms_norm`; a block runs its
+    two through its `BlockOps`."""
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -355,23 +358,91 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is None or (torch.is_grad_enabled() and x.requires_grad):  # vLLM's has no backward
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class BlockOps:
+    """A decoder block's operations between its products, in torch: the reference, and
+    what runs wherever a fused kernel does not (autograd, other dtypes and devices).
+    `cpu_kernels.NativeOps` and `VllmOps` replace them with fused kernels (`use_block_ops`)."""
+
+    name = "torch"
+    kernels = None  # the compiled library behind fused ops (cpu_kernels.load()), for attention to share
+
+    def for_rows(self, x: torch.Tensor) -> "BlockOps":
+        """The ops to run a block's forward of hidden states x with (these, or a fallback)."""
+        return self
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return F.rms_norm(x, weight.shape, weight, eps)
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual sum x + delta, and its norm."""
+        x = x + delta
+        return x, self.rms_norm(x, weight, eps)
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k: [tokens, heads, d], views of the block's q/k/v product (a kernel may
+        rotate them in place)."""
+        return rotate(q, cos, sin), rotate(k, cos, sin)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of a fused gate/up product [tokens, 2 * ff]."""
+        gate, up = gate_up.chunk(2, -1)
+        return F.silu(gate) * up
+
+
+class VllmOps(BlockOps):
+    """RMSNorm on vLLM's kernels (vllm must be installed): vLLM's `rms_norm` is one op
+    where torch's runs as seven (2.3 vs 8.2 us for one row of 576 here); the same outputs
+    to about one ulp.  vLLM's kernels have no backward."""
+
+    name = "vllm"
+
+    def __init__(self):
+        from vllm import _custom_ops
+
+        self.ops = _custom_ops
+
+    def rms_norm(self, x, weight, eps):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return super().rms_norm(x, weight, eps)
         out = torch.empty_like(x)
-        self.kernel(out, x.contiguous(), self.weight, self.eps)
+        self.ops.rms_norm(out, x.contiguous(), weight, eps)
         return out
 
 
-def use_vllm_norms(shard: nn.Module) -> None:
-    """Run the shard's RMSNorms on vLLM's kernel (vllm must be installed): on a CPU torch's
-    `rms_norm` runs as seven small ops, vLLM's as one (2.3 vs 8.2 us for one row of 576
-    here, 0.97 ms of a one-row tick of the middle blocks in torch's); the same outputs to
-    about one ulp."""
-    from vllm import _custom_ops as ops
+BLOCK_OPS = ("auto", "native", "vllm", "torch")
 
+
+def make_block_ops(kind: str, device: torch.device | str, dtype: torch.dtype, vllm: bool = False) -> BlockOps:
+    """auto: the fused CPU kernels where they build and the shard is float32 on the CPU,
+    else vLLM's norm where `vllm` says it is imported anyway (its attention backend), else
+    torch's ops.  native and vllm fail loudly where they cannot run."""
+    if kind not in BLOCK_OPS:
+        raise ValueError(f"block ops must be one of {', '.join(BLOCK_OPS)}, not {kind!r}")
+    if kind == "torch":
+        return BlockOps()
+    if kind == "vllm":
+        return VllmOps()
+    from . import cpu_kernels
+
+    runs = torch.device(device).type == "cpu" and dtype == torch.float32
+    lib = cpu_kernels.load() if runs else None
+    if lib is not None:
+        return cpu_kernels.NativeOps(lib)
+    if kind == "native":
+        raise ValueError(f"the fused CPU kernels do not run here ({device}, {dtype}; "
+                         "float32 on a CPU with a C compiler): --block-ops torch or auto")
+    return VllmOps() if vllm else BlockOps()
+
+
+def use_block_ops(shard: nn.Module, ops: BlockOps) -> None:
     for m in shard.modules():
-        if isinstance(m, RMSNorm):
-            m.kernel = ops.rms_norm
+        if isinstance(m, DecoderBlock):
+            m.ops = ops
 
 
 class MLP(nn.Module):
@@ -384,14 +455,19 @@ class MLP(nn.Module):
         self.up_proj = Linear(h, ff, bias=bias)
         self.down_proj = Linear(ff, h, bias=bias)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.silu = config.hidden_act == "silu"
         self.gate_up_proj: FusedLinear | None = None  # set by fuse_projections, replacing gate/up_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: BlockOps) -> torch.Tensor:
+        if self.gate_up_proj is not None and self.silu:
+            return self.down_proj(ops.silu_mul(self.gate_up_proj.product(x)))
         gate, up = self.gate_up_proj(x) if self.gate_up_proj is not None else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(self.act_fn(gate) * up)
 
 
 class DecoderBlock(nn.Module):
+    ops = BlockOps()  # its small ops; use_block_ops puts an inference shard's on fused kernels
+
     def __init__(self, config: LlamaConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -400,8 +476,10 @@ class DecoderBlock(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        ops, norm1, norm2 = self.ops.for_rows(x), self.input_layernorm, self.post_attention_layernorm
+        delta = self.self_attn(ops.rms_norm(x, norm1.weight, norm1.eps), cos, sin, attend, ops)
+        x, h = ops.add_rms_norm(x, delta, norm2.weight, norm2.eps)
+        return x + self.mlp(h, ops)
 
 
 class _Blocks(nn.Module):

@@ -54,7 +54,7 @@ from fedsea_shared.protocol import (
 )
 from fedsea_shared.prefix import prefix_root
 from fedsea_shared.shard import (Partition, apply_linear_kernel, fuse_projections, head_dim, load_config,
-                                 load_server_shard, use_vllm_norms)
+                                 load_server_shard, make_block_ops, use_block_ops)
 from fedsea_shared.threads import run_here, serial
 
 from .engine import Engine, EngineSettings
@@ -81,6 +81,7 @@ class ServerSettings:
     block_size: int = 16
     attention_backend: str = "auto"  # torch | vllm (vLLM's paged-attention kernels) | auto: vllm where installed and fit
     linear_kernel: str = "auto"  # onednn | torch | auto: onednn where it runs (fedsea_shared.shard.apply_linear_kernel)
+    block_ops: str = "auto"  # norms, rotary, SiLU, short decode attention: native | vllm | torch | auto (shard.make_block_ops)
     decode_attention: str = "auto"  # torch backend: gather | flex | auto: flex (reads the pool in place) on CUDA, gather on CPU
     cuda_graphs: bool = True  # replay decode-only ticks as CUDA graphs (CUDA with flex attention only)
     max_graph_batch: int = 64  # decode ticks up to this many sessions use a graph
@@ -195,9 +196,9 @@ class ServerRuntime:
         adapted = load_adapters(self.shard, settings.model, settings.adapters)
         if not settings.enable_training:  # the training shard shares the per-projection weights
             fuse_projections([self.shard, *adapted.values()])
-        if backend == "vllm":  # vllm imports here: its norm kernel too
-            for shard in (self.shard, *adapted.values()):
-                use_vllm_norms(shard)
+        self.block_ops = make_block_ops(settings.block_ops, settings.device, dtype, vllm=backend == "vllm")
+        for shard in (self.shard, *adapted.values()):
+            use_block_ops(shard, self.block_ops)
         on_cuda = torch.device(settings.device).type == "cuda"
         attention = settings.decode_attention
         if attention == "auto":
@@ -208,7 +209,8 @@ class ServerRuntime:
 
         def runner(shard):
             return ModelRunner(shard, layers, self.pool, settings.device, attention, graphs,
-                               settings.max_graph_batch, settings.engine.max_context, backend)
+                               settings.max_graph_batch, settings.engine.max_context, backend,
+                               self.block_ops.kernels)
 
         if not 0 < settings.kv_quota <= 1:
             raise ValueError(f"--kv-quota is a share of the KV pool in (0, 1], got {settings.kv_quota}")
@@ -231,11 +233,12 @@ class ServerRuntime:
         self._handshake_refusals = RefusalLog(log, "new connections", settings.refusal_log_interval)
         log.info(
             "server runtime: layers [%d, %d) of %d, KV pool %d blocks x %d tokens (%.1f MiB), "
-            "attention %s%s, linear %s, adapters: %s",
+            "attention %s%s, linear %s, block ops %s, adapters: %s",
             *self.partition.server_range, self.config.num_hidden_layers,
             num_blocks, settings.block_size, self.pool.nbytes / 2**20,
             "vllm" if backend == "vllm" else f"torch ({attention} decode)",
-            " + CUDA graphs" if graphs else "", self.linear_kernel, ", ".join(settings.adapters) or "none",
+            " + CUDA graphs" if graphs else "", self.linear_kernel, self.block_ops.name,
+            ", ".join(settings.adapters) or "none",
         )
 
     def _ssl_context(self) -> ssl.SSLContext:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
+from fedsea_shared.cpu_kernels import decode_attention_fits
 from fedsea_shared.shard import causal_attention
 
 from .kv_pool import KVPool
@@ -135,10 +136,15 @@ def pool_layer_shape(backend: str, num_blocks: int, block_size: int, num_kv_head
 
 
 def make_attention_backend(backend: str, pool: KVPool, scale: float, num_heads: int,
-                           decode_attention: str = "gather") -> AttentionBackend:
-    """`decode_attention` (gather | flex) picks the torch backend's decode kernel."""
+                           decode_attention: str = "gather", kernels=None) -> AttentionBackend:
+    """`decode_attention` (gather | flex) picks the torch backend's decode kernel;
+    `kernels` (fedsea_shared.cpu_kernels.load()) lets gather read short contexts with the
+    fused CPU kernel where it takes the pool."""
     if backend == "torch":
-        return TorchAttention(pool, scale, make_decode_attention(decode_attention, pool, scale))
+        kv_heads, d = pool.k.shape[-2:]  # the torch backend's flat layout, [layers, slots, kv_heads, d]
+        if kernels is not None and not decode_attention_fits(num_heads, kv_heads, d, pool.k.dtype, pool.k.device):
+            kernels = None
+        return TorchAttention(pool, scale, make_decode_attention(decode_attention, pool, scale, kernels))
     if backend == "vllm":
         from .vllm_attention import VllmAttention
 

@@ -34,7 +34,10 @@ log = logging.getLogger("fedsea.server.runner")
 class ModelRunner:
     def __init__(self, shard: ModelShard, layers: range, pool: KVPool, device: str | torch.device = "cpu",
                  decode_attention: str = "gather", decode_graphs: bool = False,
-                 max_graph_batch: int = 64, max_context: int = 8192, attention_backend: str = "torch"):
+                 max_graph_batch: int = 64, max_context: int = 8192, attention_backend: str = "torch",
+                 kernels=None):
+        """`kernels`: the fused CPU kernels' library (the shard's `BlockOps.kernels`), which
+        the torch backend's gather decode uses for short contexts; None: torch's ops only."""
         self.shard = shard
         self.layers = layers
         self.pool = pool
@@ -42,7 +45,7 @@ class ModelRunner:
         self.dtype = next(shard.parameters()).dtype
         self.scale = shard.model.layers[str(layers[0])].self_attn.scale
         self.backend: AttentionBackend = make_attention_backend(
-            attention_backend, pool, self.scale, shard.config.num_attention_heads, decode_attention)
+            attention_backend, pool, self.scale, shard.config.num_attention_heads, decode_attention, kernels)
         self.graphs = self._decode_graphs(max_graph_batch, max_context) if decode_graphs else None
 
     def _decode_graphs(self, max_batch: int, max_context: int) -> DecodeGraphs | None:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from fedsea_shared.cpu_kernels import paged_decode_attention
 from fedsea_shared.shard import causal_attention, decode_attention
 
 from .kv_pool import KVPool
@@ -78,15 +79,33 @@ class DecodeAttention(Protocol):
         Returns [rows, heads * d]."""
 
 
+# Up to this many context tokens in all of a tick's decode rows, `GatherAttention` reads them
+# with the fused CPU kernel (fedsea_shared.cpu_kernels, one thread, straight from the pool)
+# instead of gathering them for SDPA: per layer at 1 row x 60 tokens 10 us against 40, 16 x 60
+# 100 against 141, 1 x 1000 119 against 193; even at 4 x 300 and 8 x 300, behind from 2 x 1000
+# (docs/performance.md).
+FUSED_MAX_CONTEXT = 1024
+
+
+@dataclass
+class _FusedRows:
+    tables: torch.Tensor  # [rows, width] int64
+    lengths: torch.Tensor  # [rows] int64
+
+
 class GatherAttention:
     pads_batch = False
     needs_clean_blocks = False
 
-    def __init__(self, block_size: int, scale: float):
+    def __init__(self, block_size: int, scale: float, kernels=None):
+        """`kernels`: the fused CPU kernels' library (cpu_kernels.load()) for short contexts, or None."""
         self.block_size = block_size
         self.scale = scale
+        self.kernels = kernels
 
-    def plan(self, rows: DecodeRows) -> tuple[torch.Tensor, torch.Tensor | int, torch.Tensor | None]:
+    def plan(self, rows: DecodeRows) -> tuple[torch.Tensor, torch.Tensor | int, torch.Tensor | None] | _FusedRows:
+        if self.kernels is not None and int(rows.lengths.sum()) <= FUSED_MAX_CONTEXT:
+            return _FusedRows(rows.page_table.long(), rows.lengths.long())
         if rows.page_table.shape[0] == 1:
             # A lone stream: its context is read up to its length, so nothing is masked
             # (no zeroing, no mask in the kernel: 0.4-0.5 ms of a 13 ms one-row tick here).
@@ -103,6 +122,9 @@ class GatherAttention:
         return rows.page_table.flatten().long(), valid, masked
 
     def attend(self, plan, q, k_cache, v_cache):
+        if isinstance(plan, _FusedRows):
+            return paged_decode_attention(self.kernels, q, k_cache, v_cache, plan.tables, plan.lengths,
+                                          self.block_size, self.scale)
         blocks, valid, masked = plan
         by_block = (-1, self.block_size, *k_cache.shape[1:])
         k = k_cache.view(by_block).index_select(0, blocks)
@@ -191,9 +213,11 @@ class FlexPagedAttention:
         return out.reshape(q.shape[0], -1)
 
 
-def make_decode_attention(kind: str, pool: KVPool, scale: float) -> DecodeAttention:
+def make_decode_attention(kind: str, pool: KVPool, scale: float, kernels=None) -> DecodeAttention:
+    """`kernels`: the fused CPU kernels, which gather uses for short contexts where they fit
+    the pool (float32 on the CPU, see `fused_decode_fits`)."""
     if kind == "gather":
-        return GatherAttention(pool.block_size, scale)
+        return GatherAttention(pool.block_size, scale, kernels)
     if kind == "flex":
         return FlexPagedAttention(pool, scale)
     raise ValueError(f"unknown decode attention {kind!r} (gather or flex)")

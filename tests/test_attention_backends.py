@@ -14,8 +14,10 @@ from concurrent.futures import Future
 import pytest
 import torch
 
+from fedsea_shared import cpu_kernels
 from fedsea_shared.prefix import Block, run_key
-from fedsea_shared.shard import Partition, causal_attention, head_dim, load_server_shard, use_vllm_norms
+from fedsea_shared.shard import (Partition, causal_attention, fuse_projections, head_dim, load_server_shard,
+                                 make_block_ops, use_block_ops)
 from server_runtime.attention_backends import make_attention_backend, pool_layer_shape, resolve_backend
 from server_runtime.kv_pool import BlockTable, KVPool
 from server_runtime.model_runner import ModelRunner
@@ -43,19 +45,20 @@ def shard(tmp_path_factory, default_model_dir):
     return load_server_shard(path, PARTITION)
 
 
-@needs_vllm
-def test_vllm_norms_compute_the_torch_forward(tmp_path, default_model_dir):
+@pytest.mark.parametrize("kind", [pytest.param("native", id="native"), pytest.param("vllm", id="vllm", marks=needs_vllm)])
+def test_block_ops_compute_the_torch_forward(tmp_path, default_model_dir, kind):
     path = make_tiny_model(tmp_path, default_model_dir, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
-    torch_norms, vllm_norms = load_server_shard(path, PARTITION), load_server_shard(path, PARTITION)
-    use_vllm_norms(vllm_norms)
-    attend = lambda layer, q, k, v: causal_attention(q, k, v, head_dim(torch_norms.config) ** -0.5)
-    for rows in (1, 9, 40):
-        x, pos = torch.randn(rows, torch_norms.config.hidden_size), torch.arange(rows)
+    reference, fused = load_server_shard(path, PARTITION), load_server_shard(path, PARTITION)
+    fuse_projections([reference, fused])
+    use_block_ops(fused, make_block_ops(kind, "cpu", torch.float32))
+    attend = lambda layer, q, k, v: causal_attention(q, k, v, head_dim(reference.config) ** -0.5)
+    for rows in (1, 9, 40, 80):  # 80: past the native kernels' rows, torch's ops again
+        x, pos = torch.randn(rows, reference.config.hidden_size), torch.arange(rows)
         with torch.inference_mode():
-            want, got = (s.run_blocks(PARTITION.server_layers, x, pos, attend) for s in (torch_norms, vllm_norms))
+            want, got = (s.run_blocks(PARTITION.server_layers, x, pos, attend) for s in (reference, fused))
         torch.testing.assert_close(got, want)
-    grads = []  # training through the shard: torch's norm, whose backward vLLM's kernel lacks
-    for s in (torch_norms, vllm_norms):
+    grads = []  # training through the shard: torch's ops, which have a backward
+    for s in (reference, fused):
         x = torch.randn(3, s.config.hidden_size, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
         (s.run_blocks(PARTITION.server_layers, x, torch.arange(3), attend) ** 2).sum().backward()
         grads.append(x.grad)
@@ -107,16 +110,21 @@ class Sessions:
                                             lambda layer, q, k, v: causal_attention(q, k, v, scale))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_matches_the_unpaged_reference(shard, backend):
+@pytest.mark.parametrize("backend, fused", [pytest.param("torch", False, id="torch"),
+                                             pytest.param("torch", True, id="torch-fused-decode"),
+                                             pytest.param("vllm", False, id="vllm", marks=needs_vllm)])
+def test_backend_matches_the_unpaged_reference(shard, backend, fused):
+    """fused: the torch backend's gather decode reads short contexts with the fused CPU kernel."""
     torch.manual_seed(0)
+    kernels = cpu_kernels.load() if fused else None
+    assert not fused or kernels is not None, "the fused CPU kernels did not build"
     pool = make_pool(backend, shard, 48)
     pool.k.fill_(float("nan"))  # what closed sessions may leave in free blocks
     pool.v.fill_(float("nan"))
     # Blocks handed out out of order: take them all, give them back shuffled.
     taken = pool.allocator.allocate(48)
     pool.allocator.release(random.Random(0).sample(taken, 48))
-    s = Sessions(ModelRunner(shard, PARTITION.server_layers, pool, attention_backend=backend))
+    s = Sessions(ModelRunner(shard, PARTITION.server_layers, pool, attention_backend=backend, kernels=kernels))
     for name in "ABCD":
         s.open(name)
     s.tick({"A": 40, "B": 7, "C": 33})  # prefill, lengths on and off block boundaries

@@ -21,9 +21,11 @@ PROMPTS = [
 PARTITIONS = [(1, 1), (2, 2), (5, 2)]  # the thinnest edge, the default, an asymmetric cut
 # Each partition through the default attention backend and linear kernel (oneDNN where it
 # runs); the default one through vllm's attention and through torch's linear too.
-SPLITS = [pytest.param(h, t, "torch", "auto", id=f"head{h}-tail{t}") for h, t in PARTITIONS]
-SPLITS.append(pytest.param(2, 2, "torch", "torch", id="head2-tail2-torch-linear"))
-SPLITS.append(pytest.param(2, 2, "vllm", "auto", id="head2-tail2-vllm", marks=needs_vllm))
+# Block ops: auto (the fused CPU kernels where they build), torch's ops once.
+SPLITS = [pytest.param(h, t, "torch", "auto", "auto", id=f"head{h}-tail{t}") for h, t in PARTITIONS]
+SPLITS.append(pytest.param(2, 2, "torch", "torch", "auto", id="head2-tail2-torch-linear"))
+SPLITS.append(pytest.param(2, 2, "torch", "auto", "torch", id="head2-tail2-torch-ops"))
+SPLITS.append(pytest.param(2, 2, "vllm", "auto", "auto", id="head2-tail2-vllm", marks=needs_vllm))
 NEW_TOKENS = 40
 # Tolerance on log-probabilities (fp32 end to end): differences come only from the
 # order of floating-point operations (observed max 2.6e-5 over 80 tokens, head=2/tail=2).
@@ -35,12 +37,13 @@ def reference(default_model_dir):
     return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("head, tail, backend, linear", SPLITS)
-def test_split_greedy_equals_transformers_generate(default_model_dir, reference, tmp_path, head, tail, backend, linear):
+@pytest.mark.parametrize("head, tail, backend, linear, ops", SPLITS)
+def test_split_greedy_equals_transformers_generate(default_model_dir, reference, tmp_path, head, tail, backend,
+                                                   linear, ops):
     with server_process(default_model_dir, head, tail, "--attention-backend", backend, "--linear-kernel", linear,
-                        log_path=tmp_path / "server.log") as url:
+                        "--block-ops", ops, log_path=tmp_path / "server.log") as url:
         with EdgeClient(url, model=str(default_model_dir), head=head, tail=tail, noise=0.0,
-                        linear_kernel=linear) as client:
+                        linear_kernel=linear, block_ops=ops) as client:
             for prompt in PROMPTS:
                 messages = [{"role": "user", "content": prompt}]
                 got = client.generate(messages, max_tokens=NEW_TOKENS, temperature=0, logprobs=5)
