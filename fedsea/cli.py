@@ -20,9 +20,11 @@ def _split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                    help="also serve this fine-tuned LoRA adapter (a fedsea-finetune adapter/ directory) as model NAME "
                         "(default: the directory's name); repeatable. Edge and server need the same adapters")
-    p.add_argument("--linear-kernel", default="auto", choices=["auto", "onednn", "torch"],
-                   help="matmuls of this side's blocks: onednn (oneDNN, weights packed in its layout; CPU) or torch's "
-                        "(MKL on CPU); auto = onednn where it runs, else torch")
+    p.add_argument("--linear-kernel", default="auto", choices=["auto", "onednn", "mixed", "torch"],
+                   help="matmuls of this side's blocks: onednn (oneDNN, weights packed in its layout; CPU), mixed "
+                        "(those plus dense copies for one- or two-row products, on MKL: twice the weights' memory) or "
+                        "torch's (MKL on CPU); auto = mixed where a startup measurement finds MKL clearly faster at "
+                        "one row, else onednn where it runs, else torch")
     p.add_argument("--block-ops", default="auto", choices=["auto", "native", "vllm", "torch"],
                    help="a block's norms, rotary, SiLU-and-mul and short decode attention: native (fused C kernels "
                         "built with the machine's compiler on first use; float32 CPU), vllm (vLLM's RMSNorm) or "

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -147,11 +149,17 @@ class Linear(nn.Linear):
     memory bandwidth oneDNN reaches; oneDNN is faster still with the weight reordered
     into its blocked layout ("packed": same bytes, replacing the dense tensor).  A packed
     weight always runs on oneDNN (also in a shard loaded from this one's state_dict);
-    `onednn` sends a dense one there too."""
+    `onednn` sends a dense one there too.  On other CPUs (Intel's here) MKL is the faster one
+    at one or two rows: `few_rows`, a dense copy kept beside the packed weight (a buffer, so
+    it counts in `resident_bytes`), runs products of at most `few_rows_limit` rows on torch's
+    (`keep_dense_for_few_rows`)."""
 
     onednn = False
+    few_rows_limit = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self.few_rows_limit and not self.weight.requires_grad:
+            return F.linear(x, self.few_rows, self.bias)
         if not (self.onednn or self.weight.is_mkldnn):
             return F.linear(x, self.weight, self.bias)
         if self.weight.requires_grad:
@@ -198,22 +206,82 @@ def use_onednn(shard: nn.Module, copy_shared: bool = False) -> None:
         m.onednn = True
 
 
-LINEAR_KERNELS = ("auto", "onednn", "torch")
+LINEAR_KERNELS = ("auto", "onednn", "mixed", "torch")
 
 
 def apply_linear_kernel(shard: nn.Module, kernel: str, device: torch.device | str, copy_shared: bool = False) -> str:
-    """Put an inference shard's linears on `kernel` (auto: oneDNN where it runs, else
-    torch's); returns the one in use.  `copy_shared`: see `use_onednn`.  Call it before
-    merging adapters into the shard."""
+    """Put an inference shard's linears on `kernel`; returns the one in use.  onednn: packed
+    oneDNN weights; mixed: those plus dense copies for the few-row products where torch's
+    (MKL) measures faster here (twice the weights' memory); auto: mixed where that
+    measurement finds torch's at least 10% faster at one row, else onednn, and torch's where
+    oneDNN does not run.  `copy_shared`: see `use_onednn`.  Call it before merging adapters
+    into the shard (merged weights get no dense copies)."""
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"linear kernel must be one of {', '.join(LINEAR_KERNELS)}, not {kernel!r}")
     dtype = next(shard.parameters()).dtype
     if kernel == "torch" or not onednn_available(device, dtype):
-        if kernel == "onednn":
+        if kernel in ("onednn", "mixed"):
             raise ValueError(f"oneDNN's linear does not run on {device} with {dtype} here (--linear-kernel torch or auto)")
         return "torch"
+    dense_weights = {m: m.weight for m in shard.modules() if isinstance(m, Linear) and not m.weight.is_mkldnn}
     use_onednn(shard, copy_shared)
-    return "onednn"
+    if kernel == "onednn":
+        return "onednn"
+    limit = few_rows_limit(dense_weights)
+    if kernel == "auto" and limit == 0:
+        return "onednn"
+    for m, w in dense_weights.items():
+        m.register_buffer("few_rows", w.detach(), persistent=False)  # the packed weight's dense original
+        m.few_rows_limit = max(limit, 1)
+    return "mixed"
+
+
+# (rows, minimum speed-up) `few_rows_limit` tries in turn: a dense copy costs the weights'
+# memory again, so it has to win clearly.
+FEW_ROWS_TRIALS = ((1, 1.1), (2, 1.05), (4, 1.05), (8, 1.05))
+
+
+def few_rows_limit(dense_weights: dict["Linear", torch.Tensor], repeats: int = 3) -> int:
+    """The most rows up to which torch's dense product beats the packed oneDNN one over all
+    these linears, timed here, each kernel's best of `repeats` interleaved passes (a pass
+    reads every weight once: from memory, as when serving); 0 where it does not win at one
+    row.  About 0.3 s for the middle blocks of SmolLM2-135M.
+
+    Timed on a thread of its own that then ends: the products run in parallel, and the
+    OpenMP team a thread makes for that lives as long as the thread (fedsea_shared.threads:
+    a second live team makes every parallel region of the serving thread wake its workers
+    through the kernel; a calibration on the loading thread cost 15% of tokens/s)."""
+    if not dense_weights:
+        return 0
+    found: list[int] = []
+    thread = threading.Thread(target=lambda: found.append(_time_few_rows(dense_weights, repeats)),
+                              name="fedsea-linear-calibration")
+    thread.start()
+    thread.join()
+    if not found:
+        raise RuntimeError("timing the linears failed (see the thread's traceback above)")
+    return found[0]
+
+
+def _time_few_rows(dense_weights: dict["Linear", torch.Tensor], repeats: int) -> int:
+    limit = 0
+    with torch.inference_mode():
+        for rows, speedup in FEW_ROWS_TRIALS:
+            x = torch.zeros(rows, next(iter(dense_weights)).in_features)
+            best = {"dense": float("inf"), "packed": float("inf")}
+            for _ in range(repeats):
+                for kind in best:
+                    t0 = time.perf_counter()
+                    for m, w in dense_weights.items():
+                        xi = x if x.shape[1] == m.in_features else torch.zeros(rows, m.in_features)
+                        F.linear(xi, w, m.bias) if kind == "dense" else _onednn_linear(xi, m.weight, m.bias)
+                    best[kind] = min(best[kind], time.perf_counter() - t0)
+            log.info("linears at %d rows: torch's dense %.2f ms, oneDNN's packed %.2f ms", rows,
+                     best["dense"] * 1e3, best["packed"] * 1e3)
+            if best["packed"] < speedup * best["dense"]:
+                break
+            limit = rows
+    return limit
 
 
 # Row counts whose oneDNN kernels a serving thread builds before its first batch: decode
@@ -261,6 +329,9 @@ class FusedLinear(Linear):
         super().__init__(first.in_features, sum(self.sizes), bias=any(p.bias is not None for p in parts), device="meta")
         packed = first.weight.is_mkldnn
         weight = torch.cat([dense(p.weight) for p in parts])
+        if first.few_rows_limit:  # the dense copy stays, fused as well
+            self.register_buffer("few_rows", weight, persistent=False)
+            self.few_rows_limit = first.few_rows_limit
         if packed:
             weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_HINT_ROWS)
         self.weight = nn.Parameter(weight, requires_grad=False)

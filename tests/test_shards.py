@@ -10,6 +10,8 @@ from transformers import LlamaForCausalLM
 from conftest import make_tiny_model, spy_safetensors
 from fedsea_shared import shard as shard_mod
 from fedsea_shared.shard import (
+    Linear,
+    address,
     Partition,
     apply_linear_kernel,
     causal_attention,
@@ -123,7 +125,7 @@ def test_onednn_shards_compute_the_dense_forward_in_the_same_bytes(tiny_model_di
     dense_edge, dense_server = load_edge_shard(tiny_model_dir, p), load_server_shard(tiny_model_dir, p)
     edge, server = load_edge_shard(tiny_model_dir, p), load_server_shard(tiny_model_dir, p)
     before = resident_bytes(edge), resident_bytes(server)
-    assert apply_linear_kernel(edge, "auto", "cpu") == "onednn"
+    assert apply_linear_kernel(edge, "onednn", "cpu") == "onednn"
     assert apply_linear_kernel(server, "onednn", "cpu") == "onednn"
     assert (resident_bytes(edge), resident_bytes(server)) == before  # packed in place of the dense weights
     assert server.model.layers["2"].mlp.down_proj.weight.is_mkldnn
@@ -160,7 +162,7 @@ def test_a_tied_lm_head_can_get_a_packed_copy_of_its_own(tiny_model_dir):
     dense_edge, server = load_edge_shard(tiny_model_dir, p), load_server_shard(tiny_model_dir, p)
     edge = load_edge_shard(tiny_model_dir, p)
     before = resident_bytes(edge)
-    assert apply_linear_kernel(edge, "auto", "cpu", copy_shared=True) == "onednn"
+    assert apply_linear_kernel(edge, "onednn", "cpu", copy_shared=True) == "onednn"
     assert edge.lm_head.weight.is_mkldnn and not edge.model.embed_tokens.weight.is_mkldnn  # lookups stay dense
     assert resident_bytes(edge) == before + edge.model.embed_tokens.weight.nbytes
     for rows in (1, 9):
@@ -185,6 +187,34 @@ def test_a_packed_shard_passes_gradients_to_its_input_and_refuses_to_train_its_w
     packed.requires_grad_(True)
     with pytest.raises(RuntimeError, match="cannot train"):
         packed.run_blocks(p.server_layers, x, pos, attend)
+
+
+@needs_onednn
+def test_mixed_linears_run_few_rows_on_dense_copies_and_compute_the_same_forward(tiny_model_dir):
+    p = Partition(6, head=2, tail=2)
+    dense_edge, dense_server = load_edge_shard(tiny_model_dir, p), load_server_shard(tiny_model_dir, p)
+    edge, server = load_edge_shard(tiny_model_dir, p), load_server_shard(tiny_model_dir, p)
+    before = resident_bytes(edge), resident_bytes(server)
+    weights = sum(m.weight.nbytes for m in server.modules() if isinstance(m, Linear))
+    edge_weights = sum(m.weight.nbytes for m in edge.modules() if isinstance(m, Linear))  # the LM head: the embedding
+    assert apply_linear_kernel(edge, "mixed", "cpu", copy_shared=True) == "mixed"
+    assert apply_linear_kernel(server, "mixed", "cpu") == "mixed"
+    down = server.model.layers["2"].mlp.down_proj
+    assert down.weight.is_mkldnn and not down.few_rows.is_mkldnn and down.few_rows_limit >= 1
+    assert resident_bytes(server) == before[1] + weights  # a dense copy of every weight beside the packed one
+    # The edge's tied LM head: its packed copy is the extra, its dense copy the embedding itself.
+    assert address(edge.lm_head.few_rows) == address(edge.model.embed_tokens.weight)
+    assert resident_bytes(edge) == before[0] + edge_weights
+    fuse_projections([edge, server])
+    assert resident_bytes(server) == before[1] + weights  # fused, the copies too
+    qkv = server.model.layers["2"].self_attn.qkv_proj
+    assert qkv.few_rows.shape == (qkv.out_features, qkv.in_features) and qkv.few_rows_limit == down.few_rows_limit
+    for rows in (1, 2, 3, 9, 40):  # either side of the limit
+        ids = torch.randint(0, edge.config.vocab_size, (rows,))
+        torch.testing.assert_close(_split_logits(edge, server, p, ids), _split_logits(dense_edge, dense_server, p, ids),
+                                   atol=1e-4, rtol=1e-4)
+    auto = load_server_shard(tiny_model_dir, p)
+    assert apply_linear_kernel(auto, "auto", "cpu") in ("onednn", "mixed")  # as timed on this machine
 
 
 @pytest.mark.parametrize("kernel", ["torch", pytest.param("onednn", marks=needs_onednn)])
