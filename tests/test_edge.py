@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from edge_runtime import AsyncEdgeClient
-from edge_runtime.sampling import SamplingParams, sample
+from edge_runtime.sampling import NUCLEUS_CANDIDATES, SamplingParams, sample
 from edge_runtime.text import IncrementalDetokenizer, StopMatcher
 from conftest import record_frames
 
@@ -30,6 +30,17 @@ def test_greedy_top_k_top_p():
     assert set(draw(logits, temperature=1.0, top_p=0.5)) == {1, 2}
     assert set(draw(logits, temperature=1.0, top_p=0.3)) == {1}
     assert 4 not in draw(logits, temperature=1.0)  # p ~ 2e-4: never in 400 draws (seeded)
+
+
+def test_draws_follow_the_distribution_and_a_wide_nucleus_is_found_past_the_candidates():
+    logits = torch.tensor([1.0, 2.0, 0.5, -1.0, 2.2])
+    counts = torch.bincount(torch.tensor(draw(logits, 20000, temperature=1.0)), minlength=5) / 20000
+    torch.testing.assert_close(counts, torch.softmax(logits, 0), atol=0.015, rtol=0)  # seeded: 4+ sigma
+    # 2000 nearly flat logits, best first: top_p=0.5 keeps about the first thousand, more
+    # than the candidates the nucleus is looked for among first.
+    flat = torch.linspace(0.0, -0.01, 2000)
+    ids = torch.tensor(draw(flat, 2000, temperature=1.0, top_p=0.5))
+    assert ids.max() < 1010 and ids.max() > NUCLEUS_CANDIDATES
 
 
 def test_seed_reproduces_and_temperature_spreads():
