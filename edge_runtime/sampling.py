@@ -97,8 +97,7 @@ def sample(
     Logprobs are those of the distribution sampled from, after bias and mask.
 
     Runs on the edge's event loop once per token of every generation, so each step counts
-    (49152 logits, one thread, ms here): greedy 0.11 -> 0.03, temperature 1 about 1.1 -> 0.2,
-    top_p 0.9 4.2 -> 0.4 (docs/performance.md)."""
+    (docs/performance.md)."""
     logits = logits.float()
     penalised = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
     logits = apply_penalties(logits.clone() if penalised else logits, params, prompt, generated)  # a new tensor
@@ -114,9 +113,12 @@ def sample(
         # and top_p stays nonzero, and the best token's scaled logit is exactly 0, never NaN.
         scaled = (logits - logits.max()).double() / params.temperature
         token = _draw(scaled, params, generator)
-    norm = torch.logsumexp(logits, 0)
-    top = None if params.logprobs is None else top_logprobs(logits - norm, params.logprobs, token)
-    return Sample(token, float(logits[token] - norm), top)
+    # log_softmax, not logsumexp: on a thread kept out of OpenMP (fedsea_shared.threads) torch's
+    # logsumexp still starts a worker of its own, and the serving thread's team then sleeps
+    # between regions (a one-client step went from 31 to 44 ms).
+    logprobs = torch.log_softmax(logits, dim=-1)
+    top = None if params.logprobs is None else top_logprobs(logprobs, params.logprobs, token)
+    return Sample(token, float(logprobs[token]), top)
 
 
 def _draw(scaled: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +44,30 @@ def test_draws_follow_the_distribution_and_a_wide_nucleus_is_found_past_the_cand
     flat = torch.linspace(0.0, -0.01, 2000)
     ids = torch.tensor(draw(flat, 2000, temperature=1.0, top_p=0.5))
     assert ids.max() < 1010 and ids.max() > NUCLEUS_CANDIDATES
+
+
+def test_sampling_starts_no_thread_on_a_thread_kept_out_of_openmp():
+    """A worker started from the event loop's thread makes the serving thread's OpenMP team
+    sleep between parallel regions (fedsea_shared.threads): torch's logsumexp did, over a
+    vocabulary's logits, and a one-client step went from 31 to 44 ms.  In a fresh process, so
+    no other test's threads come and go meanwhile."""
+    code = """
+import os, torch
+from fedsea_shared import threads
+from edge_runtime.sampling import SamplingParams, sample
+torch.set_num_threads(2)
+threads.serial()
+logits, none = torch.randn(49152) * 3, torch.tensor([], dtype=torch.long)
+before = len(os.listdir("/proc/self/task"))
+for kw in ({"temperature": 0}, {"temperature": 0, "logprobs": 5}, {"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.9},
+           {"temperature": 1.0, "top_k": 40, "presence_penalty": 1.0, "repetition_penalty": 1.2}):
+    sample(logits, SamplingParams(**kw), torch.Generator().manual_seed(0), torch.tensor([5, 7]), torch.tensor([9]))
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
 
 
 def test_seed_reproduces_and_temperature_spreads():
