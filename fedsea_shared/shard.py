@@ -267,14 +267,14 @@ def _time_few_rows(dense_weights: dict["Linear", torch.Tensor], repeats: int) ->
     limit = 0
     with torch.inference_mode():
         for rows, speedup in FEW_ROWS_TRIALS:
-            x = torch.zeros(rows, next(iter(dense_weights)).in_features)
+            inputs = {m: torch.zeros(rows, m.in_features, dtype=w.dtype) for m, w in dense_weights.items()}
             best = {"dense": float("inf"), "packed": float("inf")}
             for _ in range(repeats):
                 for kind in best:
                     t0 = time.perf_counter()
                     for m, w in dense_weights.items():
-                        xi = x if x.shape[1] == m.in_features else torch.zeros(rows, m.in_features)
-                        F.linear(xi, w, m.bias) if kind == "dense" else _onednn_linear(xi, m.weight, m.bias)
+                        x = inputs[m]
+                        F.linear(x, w, m.bias) if kind == "dense" else _onednn_linear(x, m.weight, m.bias)
                     best[kind] = min(best[kind], time.perf_counter() - t0)
             log.info("linears at %d rows: torch's dense %.2f ms, oneDNN's packed %.2f ms", rows,
                      best["dense"] * 1e3, best["packed"] * 1e3)
