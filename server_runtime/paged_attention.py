@@ -81,10 +81,11 @@ class DecodeAttention(Protocol):
 
 # Up to this many context tokens in all of a tick's decode rows, `GatherAttention` reads them
 # with the fused CPU kernel (fedsea_shared.cpu_kernels, one thread, straight from the pool)
-# instead of gathering them for SDPA: per layer at 1 row x 60 tokens 10 us against 40, 16 x 60
-# 100 against 141, 1 x 1000 119 against 193; even at 4 x 300 and 8 x 300, behind from 2 x 1000
-# (docs/performance.md).
-FUSED_MAX_CONTEXT = 1024
+# instead of gathering them for SDPA on every core.  The whole tick of the middle blocks, the
+# two interleaved (docs/performance.md): about 1 ms faster from 1 x 60 up to 8 x 30 and 2 x 120
+# tokens, level at 300-500 in all, 2-2.5 ms slower at ~1000 (the one thread reads K/V that the
+# weights have pushed out of cache at a quarter of the machine's bandwidth).
+FUSED_MAX_CONTEXT = 320
 
 
 @dataclass
