@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -213,8 +214,9 @@ def apply_linear_kernel(shard: nn.Module, kernel: str, device: torch.device | st
     """Put an inference shard's linears on `kernel`; returns the one in use.  onednn: packed
     oneDNN weights; mixed: those plus dense copies for the few-row products where torch's
     (MKL) measures faster here (twice the weights' memory); auto: mixed where that
-    measurement finds torch's at least 10% faster at one row, else onednn, and torch's where
-    oneDNN does not run.  `copy_shared`: see `use_onednn`.  Call it before merging adapters
+    measurement finds torch's at least 10% faster at one row and the copies take at most a
+    quarter of the memory available, else onednn, and torch's where oneDNN does not run.
+    `copy_shared`: see `use_onednn`.  Call it before merging adapters
     into the shard (merged weights get no dense copies)."""
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"linear kernel must be one of {', '.join(LINEAR_KERNELS)}, not {kernel!r}")
@@ -227,6 +229,13 @@ def apply_linear_kernel(shard: nn.Module, kernel: str, device: torch.device | st
     use_onednn(shard, copy_shared)
     if kernel == "onednn":
         return "onednn"
+    if kernel == "auto":
+        extra = sum(w.nbytes for m, w in dense_weights.items() if m.weight.is_mkldnn)  # kept beside a packed copy
+        free = _available_memory()
+        if free is not None and extra > free // 4:
+            log.info("linear kernel auto: onednn (dense copies of %.0f MB would take over a quarter of the "
+                     "%.0f MB of memory available)", extra / 1e6, free / 1e6)
+            return "onednn"
     limit = few_rows_limit(dense_weights)
     if kernel == "auto" and limit == 0:
         return "onednn"
@@ -234,6 +243,14 @@ def apply_linear_kernel(shard: nn.Module, kernel: str, device: torch.device | st
         m.register_buffer("few_rows", w.detach(), persistent=False)  # the packed weight's dense original
         m.few_rows_limit = max(limit, 1)
     return "mixed"
+
+
+def _available_memory() -> int | None:
+    """Bytes of physical memory available now (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 # (rows, minimum speed-up) `few_rows_limit` tries in turn: a dense copy costs the weights'

@@ -217,6 +217,19 @@ def test_mixed_linears_run_few_rows_on_dense_copies_and_compute_the_same_forward
     assert apply_linear_kernel(auto, "auto", "cpu") in ("onednn", "mixed")  # as timed on this machine
 
 
+@needs_onednn
+def test_auto_keeps_no_dense_copies_that_would_crowd_memory(tiny_model_dir, monkeypatch):
+    import fedsea_shared.shard as shard_module
+
+    server = load_server_shard(tiny_model_dir, Partition(6, 2, 2))
+    before = resident_bytes(server)
+    weights = sum(m.weight.nbytes for m in server.modules() if isinstance(m, Linear))
+    monkeypatch.setattr(shard_module, "_available_memory", lambda: 4 * weights - 1)
+    monkeypatch.setattr(shard_module, "few_rows_limit", lambda dense: pytest.fail("timed although the copies do not fit"))
+    assert apply_linear_kernel(server, "auto", "cpu") == "onednn"
+    assert resident_bytes(server) == before
+
+
 @pytest.mark.parametrize("kernel", ["torch", pytest.param("onednn", marks=needs_onednn)])
 def test_fused_projections_compute_the_same_forward_in_the_same_bytes(tiny_model_dir, kernel):
     p = Partition(6, head=2, tail=2)
