@@ -255,14 +255,14 @@ def _available_memory() -> int | None:
 
 # (rows, minimum speed-up) `few_rows_limit` tries in turn: a dense copy costs the weights'
 # memory again, so it has to win clearly.
-FEW_ROWS_TRIALS = ((1, 1.1), (2, 1.05), (4, 1.05), (8, 1.05))
+FEW_ROWS_TRIALS = ((1, 1.1), (2, 1.05), (3, 1.05), (4, 1.05), (8, 1.05))
 
 
 def few_rows_limit(dense_weights: dict["Linear", torch.Tensor], repeats: int = 3) -> int:
     """The most rows up to which torch's dense product beats the packed oneDNN one over all
     these linears, timed here, each kernel's best of `repeats` interleaved passes (a pass
     reads every weight once: from memory, as when serving); 0 where it does not win at one
-    row.  About 0.3 s for the middle blocks of SmolLM2-135M.
+    row.  About 0.4 s for the middle blocks of SmolLM2-135M.
 
     Timed on a thread of its own that then ends: the products run in parallel, and the
     OpenMP team a thread makes for that lives as long as the thread (fedsea_shared.threads:
