@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from fedsea_shared.cpu_kernels import decode_attention_fits, paged_decode_attention
+from fedsea_shared.cpu_kernels import MAX_DECODE_CONTEXT, decode_attention_fits, paged_decode_attention
 from fedsea_shared.shard import ModelShard, Partition, causal_attention, head_dim, warm_linear_kernels
 from fedsea_shared.threads import run_here, serial
 
@@ -68,7 +68,8 @@ class _Item:
 class EdgeModel:
     def __init__(self, shard: ModelShard, partition: Partition, kernels=None):
         """`kernels`: the fused CPU kernels (cpu_kernels.load()), for a generated token's
-        attention over its sequence's buffers; None: SDPA for every item."""
+        attention over its sequence's buffers (up to MAX_DECODE_CONTEXT tokens); None: SDPA
+        for every item."""
         self.shard = shard
         self.partition = partition
         self.dtype = next(shard.parameters()).dtype
@@ -92,7 +93,7 @@ class EdgeModel:
             out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
             for it, (a, b) in zip(items, spans):
                 kc, vc = it.cache.extend(layer, it.start, k[a:b], v[a:b])
-                if b - a == 1 and kernels is not None:
+                if b - a == 1 and kernels is not None and kc.shape[0] <= MAX_DECODE_CONTEXT:
                     out[a:b] = paged_decode_attention(kernels, q[a:b], kc, vc, self._one_block,
                                                       torch.tensor([kc.shape[0]]), kc.shape[0], self.scale)
                 else:

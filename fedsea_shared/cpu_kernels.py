@@ -154,6 +154,15 @@ class NativeOps(BlockOps):
         return out
 
 
+# The fused decode attention runs where a tick's decode rows (the server) or a generated
+# token's sequence (the edge) hold at most this many context tokens; beyond, SDPA on every
+# core.  The whole tick of the server's middle blocks, the two interleaved
+# (docs/performance.md): about 1 ms faster from 1 x 60 up to 8 x 30 and 2 x 120 tokens, level
+# at 300-500 in all, 2-2.5 ms slower at ~1000 (one thread reads K/V that the weights have
+# pushed out of cache at a quarter of the machine's bandwidth).
+MAX_DECODE_CONTEXT = 320
+
+
 def decode_attention_fits(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                           device: torch.device) -> bool:
     """Whether the fused decode attention takes this model's caches: float32 on the CPU,

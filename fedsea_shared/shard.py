@@ -153,7 +153,7 @@ class Linear(nn.Linear):
     `onednn` sends a dense one there too.  On other CPUs (Intel's here) MKL is the faster one
     at one or two rows: `few_rows`, a dense copy kept beside the packed weight (a buffer, so
     it counts in `resident_bytes`), runs products of at most `few_rows_limit` rows on torch's
-    (`keep_dense_for_few_rows`)."""
+    (`apply_linear_kernel`'s "mixed")."""
 
     onednn = False
     few_rows_limit = 0

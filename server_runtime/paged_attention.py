@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from fedsea_shared.cpu_kernels import paged_decode_attention
+from fedsea_shared.cpu_kernels import MAX_DECODE_CONTEXT, paged_decode_attention
 from fedsea_shared.shard import causal_attention, decode_attention
 
 from .kv_pool import KVPool
@@ -79,15 +79,6 @@ class DecodeAttention(Protocol):
         Returns [rows, heads * d]."""
 
 
-# Up to this many context tokens in all of a tick's decode rows, `GatherAttention` reads them
-# with the fused CPU kernel (fedsea_shared.cpu_kernels, one thread, straight from the pool)
-# instead of gathering them for SDPA on every core.  The whole tick of the middle blocks, the
-# two interleaved (docs/performance.md): about 1 ms faster from 1 x 60 up to 8 x 30 and 2 x 120
-# tokens, level at 300-500 in all, 2-2.5 ms slower at ~1000 (the one thread reads K/V that the
-# weights have pushed out of cache at a quarter of the machine's bandwidth).
-FUSED_MAX_CONTEXT = 320
-
-
 @dataclass
 class _FusedRows:
     tables: torch.Tensor  # [rows, width] int64
@@ -99,13 +90,14 @@ class GatherAttention:
     needs_clean_blocks = False
 
     def __init__(self, block_size: int, scale: float, kernels=None):
-        """`kernels`: the fused CPU kernels' library (cpu_kernels.load()) for short contexts, or None."""
+        """`kernels`: the fused CPU kernels' library (cpu_kernels.load()), for ticks whose decode
+        rows hold at most cpu_kernels.MAX_DECODE_CONTEXT tokens in all; None: gather + SDPA."""
         self.block_size = block_size
         self.scale = scale
         self.kernels = kernels
 
     def plan(self, rows: DecodeRows) -> tuple[torch.Tensor, torch.Tensor | int, torch.Tensor | None] | _FusedRows:
-        if self.kernels is not None and int(rows.lengths.sum()) <= FUSED_MAX_CONTEXT:
+        if self.kernels is not None and int(rows.lengths.sum()) <= MAX_DECODE_CONTEXT:
             return _FusedRows(rows.page_table.long(), rows.lengths.long())
         if rows.page_table.shape[0] == 1:
             # A lone stream: its context is read up to its length, so nothing is masked
@@ -215,8 +207,8 @@ class FlexPagedAttention:
 
 
 def make_decode_attention(kind: str, pool: KVPool, scale: float, kernels=None) -> DecodeAttention:
-    """`kernels`: the fused CPU kernels, which gather uses for short contexts where they fit
-    the pool (float32 on the CPU, see `fused_decode_fits`)."""
+    """`kernels`: the fused CPU kernels, which gather uses for short contexts (the caller checks
+    that they take the pool: cpu_kernels.decode_attention_fits)."""
     if kind == "gather":
         return GatherAttention(pool.block_size, scale, kernels)
     if kind == "flex":
