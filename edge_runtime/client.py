@@ -112,9 +112,10 @@ class AsyncEdgeClient:
         names, digit runs and e-mails in text prompts by surrogates keyed to `noise_key`,
         and map them back in the generated text (edge_runtime.pseudonyms).
         `block_ops`: the blocks' norms, rotary, SiLU and decode attention (native: fused C
-        kernels, see fedsea_shared.shard.make_block_ops).  `lm_head_copy`: with oneDNN linears, give the LM head tied to the embedding a
-        packed copy of its own (the embedding's size again, 113 MB for SmolLM2-135M;
-        about twice as fast at 8-16 rows, for an edge serving many generations at once)."""
+        kernels, see fedsea_shared.shard.make_block_ops).  `lm_head_copy`: with oneDNN
+        linears, give the LM head tied to the embedding a packed copy of its own (the
+        embedding's size again, 113 MB for SmolLM2-135M; about twice as fast at 8-16 rows,
+        for an edge serving many generations at once)."""
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}")
         self.servers = ServerList([server_url] if isinstance(server_url, str) else list(server_url))

@@ -52,7 +52,7 @@ class GatewaySettings:
     ssl_certfile: str | None = None  # with ssl_keyfile: serve the API over https
     ssl_keyfile: str | None = None
     compute: Callable = run_here  # runs the edge's forward passes (fedsea serve: its shared ComputeThread.run)
-    linear_kernel: str = "auto"  # the edge shard's matmuls: onednn | torch | auto (fedsea_shared.shard.apply_linear_kernel)
+    linear_kernel: str = "auto"  # the edge shard's matmuls: onednn | mixed | torch | auto (fedsea_shared.shard.apply_linear_kernel)
     block_ops: str = "auto"  # the edge blocks' small ops: native | vllm | torch | auto (fedsea_shared.shard.make_block_ops)
     lm_head_copy: bool = True  # a packed copy of the tied LM head: +embedding size, faster batches (AsyncEdgeClient)
 

@@ -80,7 +80,7 @@ class ServerSettings:
     kv_cache_memory: str = "1GiB"  # bytes, or a fraction of free accelerator memory
     block_size: int = 16
     attention_backend: str = "auto"  # torch | vllm (vLLM's paged-attention kernels) | auto: vllm where installed and fit
-    linear_kernel: str = "auto"  # onednn | torch | auto: onednn where it runs (fedsea_shared.shard.apply_linear_kernel)
+    linear_kernel: str = "auto"  # onednn | mixed | torch | auto: timed at start-up (fedsea_shared.shard.apply_linear_kernel)
     block_ops: str = "auto"  # norms, rotary, SiLU, short decode attention: native | vllm | torch | auto (shard.make_block_ops)
     decode_attention: str = "auto"  # torch backend: gather | flex | auto: flex (reads the pool in place) on CUDA, gather on CPU
     cuda_graphs: bool = True  # replay decode-only ticks as CUDA graphs (CUDA with flex attention only)
