@@ -32,9 +32,9 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def frame_bytes(tokens: int, hidden: int, dtype: torch.dtype, sid: int = 0, pos: int = 0) -> int:
-    """Exact size of one Step (or Output) frame carrying `tokens` hidden states."""
+    """Exact size of one Step (or Output) frame carrying `tokens` hidden states of one session."""
     t = torch.zeros(tokens, hidden, dtype=dtype)
-    return len(encode(Step(sid=sid, pos=pos, tensor=tensor_meta(t)), t))
+    return len(encode(Step(rows=[(sid, pos, tokens)], tensor=tensor_meta(t)), t))
 
 
 async def kv_collaboration(client: AsyncEdgeClient, prompt: list[int], steps: int) -> list[float]:

@@ -8,8 +8,8 @@
 background event loop for synchronous code.  `server_url` may list several server runtimes
 of the same model and cut: sessions open on the first one up (edge_runtime.servers picks),
 and a session whose server dies or misbehaves replays its states to another and goes on.
-All concurrent generations share one connection per server and one `EdgeWorker` that
-batches their head and tail work.
+All concurrent generations share one connection per server, and one decode loop per
+model (edge_runtime.decode_loop) steps them all at once.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import asyncio
 import logging
 import random
 import threading
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator
 
@@ -39,27 +38,17 @@ from websockets.exceptions import WebSocketException
 
 from .connection import ServerConnection, ServerError, client_ssl
 from .constraints import Constraint, Grammars
+from .decode_loop import DecodeLoop, Generation, TokenEvent
 from .keys import load_or_create_key
 from .model import EdgeModel, EdgeWorker, SequenceCache
 from .prefix_cache import Prefix, PrefixStore
 from .pseudonyms import Pseudonymizer, PseudonymizedPrompt, output_text
-from .sampling import SamplingParams, sample, score_prompt
+from .sampling import SamplingParams, score_prompt
 from .servers import NoOtherServer, ServerList
 from .session import InferenceSession
 from .text import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger("fedsea.edge")
-
-
-@dataclass
-class TokenEvent:
-    token_id: int
-    text: str  # text this token adds (may be "" while a character is incomplete)
-    logprob: float
-    top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None  # "stop" or "length" on the last event
-    # First event only, when asked for: (logprob, top alternatives) of prompt tokens 2..n
-    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -149,6 +138,7 @@ class AsyncEdgeClient:
         self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.eos_ids)
         self.public_ids = _public_prefix_ids(self.tokenizer) if public_template else []
         self._conns: dict[str, ServerConnection] = {}  # by server URL
+        self._decode_loops: dict[str | None, DecodeLoop] = {}  # by adapter
         self._connect_lock: asyncio.Lock | None = None
 
     # ---- connection ----------------------------------------------------------------------
@@ -201,6 +191,15 @@ class AsyncEdgeClient:
                 self._conns[url] = conn
                 return conn
             raise error
+
+    def stats(self) -> dict:
+        """The decode loops' iterations, rows decoded through them and the most rows in one
+        iteration (summed over adapters), and the base model's worker's batches."""
+        decode = {"iterations": 0, "rows": 0, "max_rows": 0}
+        for loop in self._decode_loops.values():
+            for k, v in loop.stats().items():
+                decode[k] = max(decode[k], v) if k == "max_rows" else decode[k] + v
+        return {"decode": decode, "worker": self.worker.stats()}
 
     async def aclose(self) -> None:
         for conn in self._conns.values():
@@ -293,33 +292,50 @@ class AsyncEdgeClient:
         max_context = min(conn.welcome.max_context, self.config.max_position_embeddings)
         if len(prompt_ids) >= max_context:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context limit is {max_context}")
-        gens = [torch.Generator().manual_seed(p.seed if p.seed is not None else random.getrandbits(63)) for p in choices]
+        generators = [torch.Generator().manual_seed(p.seed if p.seed is not None else random.getrandbits(63))
+                      for p in choices]
 
         scope = (adapter, noise)
         sessions: list[InferenceSession] = []
+        gens: list[Generation] = []
+        events: asyncio.Queue = asyncio.Queue()
         try:
             # Prompt scores are the same for every choice: one request asks for them for all.
             scored = choices[0].prompt_logprobs
             session, cache, logits, scores = await self._prefill(worker, prompt_ids, noise, adapter, scope, scored)
             sessions.append(session)
-            runs = [(session, cache)]
+            caches = [cache]
             for _ in choices[1:]:
                 sessions.append(await session.fork())
-                runs.append((sessions[-1], cache.fork(len(prompt_ids))))
-            decodes = [
-                self._decode(worker, s, c, prompt_ids, logits, scores, p, g, k, max_context, scope)
-                for (s, c), p, g, k in zip(runs, choices, gens, constraints)
-            ]
-            if len(decodes) == 1:
-                async with aclosing(decodes[0]) as events:
-                    async for event in events:
-                        yield 0, event
-            else:
-                async with aclosing(_merge(decodes)) as events:
-                    async for item in events:
-                        yield item
+                caches.append(cache.fork(len(prompt_ids)))
+            prompt = torch.tensor(prompt_ids)
+
+            def remember(g: Generation) -> None:
+                self.prefixes.insert(scope, Prefix(prompt_ids + g.generated[:-1], g.session.sent, g.session.digests,
+                                                   g.cache))
+
+            loop = self._decode_loops.setdefault(adapter, DecodeLoop(worker, self.eos_ids))
+            for i, (sess, c, params, generator, constraint) in enumerate(zip(sessions, caches, choices, generators,
+                                                                              constraints)):
+                gens.append(Generation(
+                    i, sess, c, prompt, params, generator, constraint, IncrementalDetokenizer(self.tokenizer),
+                    output_text(prompt_ids, StopMatcher(params.stop)), max_context, events, remember,
+                    logits=logits, prompt_scores=scores, pos=len(prompt_ids),
+                ))
+                loop.add(gens[-1])
+            running = len(gens)
+            while running:
+                i, item = await events.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
         finally:
             # Close even when the consumer stops early (a client disconnect cancels us).
+            for g in gens:
+                await asyncio.shield(g.cancel())
             for s in sessions:
                 await asyncio.shield(s.close())
 
@@ -362,74 +378,6 @@ class AsyncEdgeClient:
         root = prefix_root(hello.num_layers, hello.hidden_size, hello.layers, hello.dtype, adapter)
         return InferenceSession(self.connection, noise, chain, root, prior, prior_digests, adapter=adapter,
                                 public=public)
-
-    async def _decode(self, worker, session, cache, prompt_ids, logits, prompt_scores, params, sample_gen,
-                      constraint, max_context, scope) -> AsyncIterator[TokenEvent]:
-        prompt = torch.tensor(prompt_ids)
-        generated: list[int] = []
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = output_text(prompt_ids, StopMatcher(params.stop))  # surrogates restored first
-        pos = len(prompt_ids)
-        while True:
-            allowed = constraint.allowed() if constraint else None
-            s = sample(logits, params, sample_gen, prompt, torch.tensor(generated, dtype=torch.long), allowed)
-            generated.append(s.token_id)
-            if constraint:
-                constraint.advance(s.token_id)
-            event = TokenEvent(s.token_id, "", s.logprob, s.top, prompt_logprobs=None if generated[1:] else prompt_scores)
-            if s.token_id in self.eos_ids:
-                event.text, event.finish_reason = stops.flush(), "stop"
-            else:
-                event.text, stopped = stops.push(detok.push(s.token_id))
-                if stopped:
-                    event.finish_reason = "stop"
-                elif constraint and constraint.finished:
-                    event.text += stops.flush()
-                    event.finish_reason = "stop"
-                elif len(generated) >= params.max_tokens or pos + 1 >= max_context:
-                    event.text += stops.flush()
-                    event.finish_reason = "length"
-            if event.finish_reason:
-                # Remember the sequence the server and the edge now hold (the last token
-                # was sampled, never sent): the next turn of this chat starts with it.
-                self.prefixes.insert(scope, Prefix(prompt_ids + generated[:-1], session.sent, session.digests, cache))
-            yield event
-            if event.finish_reason:
-                return
-            x = torch.tensor([s.token_id])
-            hidden = await worker.head(cache, pos, x)
-            out = await session.step(hidden, [s.token_id])
-            logits = await worker.tail(cache, pos, out[-1:])
-            pos += 1
-
-
-async def _merge(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
-    """Run several event streams concurrently; yield (stream index, event)."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i, stream):
-        try:
-            async for event in stream:
-                queue.put_nowait((i, event))
-            queue.put_nowait((i, None))
-        except BaseException as e:
-            queue.put_nowait((i, e))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _public_prefix_ids(tokenizer) -> list[int]:

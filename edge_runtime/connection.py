@@ -1,9 +1,11 @@
 """The edge's end of the websocket: handshake, then many sessions multiplexed on it.
 
 Each session has at most one request in flight, so replies are matched to requests by
-session id alone.  A reader task dispatches replies; if the connection drops, every
-waiting request fails with `ConnectionLost` and the session objects decide whether to
-recover on a new connection.
+session id alone.  The steps that sessions ask for in one event-loop iteration (the decode
+loop steps every live generation at once) leave as one Step frame, and the server answers
+them with one Output per tick.  A reader task dispatches replies; if the connection drops,
+every waiting request fails with `ConnectionLost` and the session objects decide whether
+to recover on a new connection.
 
 A broken or hostile server must not hurt the edge: no frame larger than the largest
 reply the edge can ask for is read (websockets refuses it from its length field, before
@@ -25,6 +27,7 @@ from websockets.frames import CloseCode
 
 from fedsea_shared.protocol import (
     MAX_HEADER_BYTES,
+    MAX_STEP_SESSIONS,
     WIRE_DTYPES,
     Close,
     Closed,
@@ -41,6 +44,7 @@ from fedsea_shared.protocol import (
     Welcome,
     decode,
     encode,
+    step_frame_bytes,
     tensor_meta,
 )
 
@@ -99,13 +103,20 @@ def client_ssl(url: str, server_ca: str | None = None) -> ssl.SSLContext | None:
 
 
 class ServerConnection:
-    def __init__(self, ws: ClientConnection, welcome: Welcome, wire_dtype: str, url: str):
+    def __init__(self, ws: ClientConnection, welcome: Welcome, wire_dtype: str, url: str,
+                 max_step_tokens: int | None = None):
         self.ws = ws
+        # Rows per Step frame: the server answers a frame's rows in Outputs no larger than
+        # the frame, which must fit the frames this edge reads (see connect).
+        self.max_frame_rows = max_step_tokens
         self.url = url  # which server runtime (for the client's failover policy and messages)
         self.welcome = welcome
         self.wire_dtype = WIRE_DTYPES[wire_dtype]
         self._sids = itertools.count()
         self._waiting: dict[int, asyncio.Future] = {}
+        self._asked: dict[int, tuple[int, TensorMeta]] = {}  # sid -> (pos, rows) of its step in flight
+        self._outbox: list[tuple[int, int, torch.Tensor]] = []  # steps asked for this loop iteration
+        self._sender: asyncio.Task | None = None
         # Sessions whose request was cancelled (a client went away mid-step): the server
         # still answers it, and that late reply must not be taken for the next request's.
         self._abandoned: set[int] = set()
@@ -145,7 +156,7 @@ class ServerConnection:
         if not isinstance(message, Welcome):
             await ws.close()
             raise ServerError(ErrorCode.BAD_FRAME.value, f"expected welcome, got {message.type}")
-        return cls(ws, message, hello.dtype, url)
+        return cls(ws, message, hello.dtype, url, max_step_tokens)
 
     def new_sid(self) -> int:
         return next(self._sids)
@@ -166,14 +177,37 @@ class ServerConnection:
         return message.cached
 
     async def step(self, sid: int, pos: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The middle blocks' output for session `sid`'s states at [pos, pos + n).  Steps
+        asked for in the same event-loop iteration share one frame."""
         hidden = hidden.to(self.wire_dtype)
-        meta = tensor_meta(hidden)
-        frame = encode(Step(sid=sid, pos=pos, tensor=meta), hidden)
-        reply, tensor = await self._request(sid, frame, Output)
-        if reply.pos != pos:
-            raise BadReply(f"asked for position {pos}, got position {reply.pos}")
-        check_reply(meta, reply.tensor, tensor)
+        _, tensor = await self._request(sid, None, Output, (sid, pos, hidden))
         return tensor
+
+    async def _send_steps(self) -> None:
+        """Send the steps queued in this loop iteration, as few frames as the server's
+        message limit allows."""
+        await asyncio.sleep(0)  # the other sessions woken with the first one queue theirs too
+        self._sender = None
+        queued, self._outbox = self._outbox, []
+        if not queued:  # all cancelled meanwhile
+            return
+        row_bytes = queued[0][2].shape[1] * queued[0][2].element_size()
+        frames: list[list] = [[]]
+        for entry in queued:
+            rows = sum(e[2].shape[0] for e in frames[-1]) + entry[2].shape[0]
+            fits = (len(frames[-1]) < MAX_STEP_SESSIONS and rows <= (self.max_frame_rows or rows)
+                    and step_frame_bytes(rows, row_bytes, len(frames[-1]) + 1) <= self.welcome.max_message_bytes)
+            if frames[-1] and not fits:
+                frames.append([])
+            frames[-1].append(entry)
+        for entries in frames:
+            tensor = torch.cat([e[2] for e in entries]) if len(entries) > 1 else entries[0][2]
+            rows = [(sid, pos, t.shape[0]) for sid, pos, t in entries]
+            try:
+                await self.ws.send(encode(Step(rows=rows, tensor=tensor_meta(tensor)), tensor))
+            except Exception as e:  # their requests fail; the connection's other traffic goes on
+                for sid, _, _ in entries:
+                    self._fail(sid, ConnectionLost() if isinstance(e, ConnectionClosed) else e)
 
     async def close_session(self, sid: int) -> None:
         if not self.closed:
@@ -184,7 +218,9 @@ class ServerConnection:
         await self.ws.close()
         self._reader.cancel()
 
-    async def _request(self, sid: int, frame: bytes, expect: type):
+    async def _request(self, sid: int, frame: bytes | None, expect: type, step: tuple | None = None):
+        """Send `frame` (or queue `step` for this iteration's Step frame) and wait for the
+        reply to session `sid`."""
         if self.closed:
             raise ConnectionLost()
         if sid in self._waiting:
@@ -193,20 +229,56 @@ class ServerConnection:
         self._waiting[sid] = fut
         sent = False
         try:
-            await self.ws.send(frame)
+            if step is None:
+                await self.ws.send(frame)
+            else:
+                self._asked[sid] = (step[1], tensor_meta(step[2]))
+                self._outbox.append(step)
+                if self._sender is None:
+                    self._sender = asyncio.get_running_loop().create_task(self._send_steps())
             sent = True
             message, tensor = await fut
         except ConnectionClosed:
             raise ConnectionLost() from None
         except asyncio.CancelledError:
-            if sent and not fut.done():
+            queued = step is not None and any(e is step for e in self._outbox)
+            if queued:
+                self._outbox = [e for e in self._outbox if e is not step]
+            elif sent and not fut.done():
                 self._abandoned.add(sid)
             raise
         finally:
             self._waiting.pop(sid, None)
+            self._asked.pop(sid, None)
         if not isinstance(message, expect):
             raise ServerError(ErrorCode.BAD_FRAME.value, f"expected {expect.__name__}, got {message.type}")
         return message, tensor
+
+    def _fail(self, sid: int, error: Exception) -> None:
+        fut = self._waiting.get(sid)
+        if fut is not None and not fut.done():
+            fut.set_exception(error)
+
+    def _on_output(self, message: Output, tensor: torch.Tensor) -> None:
+        """Hand each session its rows of an Output, each checked against what it asked for."""
+        for (sid, pos, n), rows in zip(message.rows, message.split(tensor)):
+            if sid in self._abandoned:
+                self._abandoned.discard(sid)  # the reply to a cancelled request
+                continue
+            fut, asked = self._waiting.get(sid), self._asked.get(sid)
+            if fut is None or fut.done() or asked is None:
+                self._log_fault(logging.ERROR, "output for session %s, which asked for none", sid)
+                continue
+            want_pos, meta = asked
+            got = TensorMeta(dtype=message.tensor.dtype, shape=[n, message.tensor.shape[1]])
+            try:
+                if pos != want_pos:
+                    raise BadReply(f"asked for position {want_pos}, got position {pos}")
+                check_reply(meta, got, rows)
+            except BadReply as e:
+                fut.set_exception(e)
+                continue
+            fut.set_result((message, rows))
 
     def _log_fault(self, level: int, msg: str, *args) -> None:
         self._faults += 1
@@ -222,13 +294,15 @@ class ServerConnection:
                     message, tensor = decode(data)
                 except ProtocolError as e:
                     self._log_fault(logging.ERROR, "undecodable frame from server: %s", e)
-                    fut = self._waiting.get(e.sid)
-                    if fut is not None and not fut.done():  # its request would wait forever
-                        fut.set_exception(BadReply(e.message))
+                    for sid in e.sid if isinstance(e.sid, list) else [e.sid]:
+                        self._fail(sid, BadReply(e.message))  # its request would wait forever
                     continue
                 sid = getattr(message, "sid", None)
                 if sid in self._abandoned and not isinstance(message, Closed):
                     self._abandoned.discard(sid)  # the reply to a cancelled request
+                    continue
+                if isinstance(message, Output):
+                    self._on_output(message, tensor)
                     continue
                 fut = self._waiting.get(sid) if sid is not None else None
                 if isinstance(message, Error):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -121,35 +120,36 @@ class EdgeModel:
 
 
 class EdgeWorker:
-    """Batches concurrent head/tail requests and runs them on its own thread.
+    """Runs head/tail work on its own thread, batched.
 
     Requests queue while a round runs; the thread then takes everything queued and runs the
     heads (whose outputs the server runtime waits for) and then the tails, as one batched
-    forward each, handing each batch's results to the event loop as soon as it is done.  The
-    thread takes its next round itself, so the event loop does no per-token work to keep it
-    going: sessions that the server answers in two groups are served alternately, one
-    group's head/tail here while the other's middle blocks run on the server.
+    forward each, handing each batch's results to the event loop as soon as it is done.
+    The decode loop (edge_runtime.decode_loop) submits all its generations' rows at once;
+    prompts being prefilled meanwhile join whichever round comes next.
     """
 
-    def __init__(self, model: EdgeModel, coalesce_s: float = 0.002, compute: Callable = run_here):
+    def __init__(self, model: EdgeModel, compute: Callable = run_here):
         self.model = model
         self.compute = compute  # runs each batch: on this worker's thread, or on a shared ComputeThread
-        self.coalesce_s = coalesce_s
         self._wake = threading.Condition()
         self._pending: list[tuple[str, _Item, asyncio.Future, asyncio.AbstractEventLoop]] = []
         self._notify_scheduled = False
         self._closed = False
-        self._recent: set[int] = set()  # sequences (cache ids) of the previous round
         self._threads: int | None = None
         self._stats = {"batches": 0, "rows": 0, "max_batch_sequences": 0, "intra_op_threads": None}
         self._thread = threading.Thread(target=self._serve, name="fedsea-edge", daemon=True)
         self._thread.start()
 
     async def head(self, cache: SequenceCache, start: int, token_ids: torch.Tensor) -> torch.Tensor:
-        return await self._submit("head", _Item(cache, start, token_ids))
+        return (await self._submit("head", [_Item(cache, start, token_ids)]))[0]
 
     async def tail(self, cache: SequenceCache, start: int, hidden: torch.Tensor, every: bool = False) -> torch.Tensor:
-        return await self._submit("tail", _Item(cache, start, hidden, every))
+        return (await self._submit("tail", [_Item(cache, start, hidden, every)]))[0]
+
+    async def run_many(self, kind: str, rows: list[tuple[SequenceCache, int, torch.Tensor]]) -> list[torch.Tensor]:
+        """`kind` ("head" or "tail") of many sequences, (cache, start, input) each, in one round."""
+        return await self._submit(kind, [_Item(*r) for r in rows])
 
     def stats(self) -> dict:
         """Batches run, rows (tokens) through them, the most sequences in one batch, and the
@@ -166,19 +166,23 @@ class EdgeWorker:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    async def _submit(self, kind: str, item: _Item) -> torch.Tensor:
+    async def _submit(self, kind: str, items: list[_Item]) -> list[torch.Tensor]:
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        futs = [loop.create_future() for _ in items]
         with self._wake:
             if self._closed:
                 raise RuntimeError("the edge worker is closed")
-            self._pending.append((kind, item, fut, loop))
+            self._pending += [(kind, item, fut, loop) for item, fut in zip(items, futs)]
             schedule, self._notify_scheduled = not self._notify_scheduled, True
         if schedule:
-            # Wake the thread after this loop iteration, not now: the sessions a batch of
-            # results woke submit their next requests in one iteration, and they go as one batch.
+            # Wake the thread after this loop iteration, not now: prompts submitted in the
+            # same iteration go in the same round.
             loop.call_soon(self._notify)
-        return await fut
+        try:
+            return [await fut for fut in futs]
+        finally:
+            for fut in futs:
+                fut.cancel()  # those not run yet leave the queue (a cancelled request)
 
     def _notify(self) -> None:
         with self._wake:
@@ -193,7 +197,6 @@ class EdgeWorker:
         self.compute(warm_linear_kernels, self.model.shard)  # before the first batch, where batches run
         while True:
             with self._wake:
-                idle = not self._pending
                 while not self._pending and not self._closed:
                     # The timeout only guards against a notify lost with a loop that closed first.
                     self._wake.wait(timeout=1.0)
@@ -202,30 +205,12 @@ class EdgeWorker:
                     _deliver_all(batch, RuntimeError("the edge worker is closed"))
                     return
             with self._wake:
-                if idle:
-                    self._linger()
                 batch, self._pending = self._pending, []
                 self._notify_scheduled = False  # the next submit wakes the thread again
-            self._recent = {id(item.cache) for _, item, _, _ in batch}
             for kind in ("head", "tail"):
                 part = [(item, fut, loop) for k, item, fut, loop in batch if k == kind and not fut.cancelled()]
                 if part:
                     self._run(kind, part)
-
-    def _linger(self) -> None:
-        """Replies of many sessions arrive frame by frame: after idling, wait up to
-        `coalesce_s` for the sequences of the previous round that have nothing queued yet,
-        so the burst becomes one batch.  No wait when they are all in (the heads a batch
-        of tails woke come in one event-loop iteration) or for a lone stream (no company
-        to wait for).  Called holding `_wake`."""
-        deadline = time.monotonic() + self.coalesce_s
-        while len(self._recent) > 1 and not self._closed:
-            if self._recent <= {id(item.cache) for _, item, _, _ in self._pending}:
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._wake.wait(timeout=left)
 
     def _batch(self, kind: str, items: list[_Item]) -> list:
         self._threads = torch.get_num_threads()  # of the thread running it: this one or the compute thread

@@ -64,6 +64,7 @@ class InferenceSession:
         self.conn: ServerConnection | None = None
         self.sid: int | None = None  # None: not open on `conn` (yet, or any more)
         self.preempted = False  # `sid` is open but the server took its blocks: reopen it before sending
+        self.closed = False  # by its owner: it never opens again
         self.position = 0  # tokens the server holds for this session
         self._sent: list[torch.Tensor] = [prior] if prior is not None and len(prior) else []
         self.length = sum(t.shape[0] for t in self._sent)  # states in `sent`: counted, not summed per step
@@ -173,6 +174,8 @@ class InferenceSession:
         start = self.position
 
         async def send() -> torch.Tensor:
+            if self.closed:
+                raise ServerError("closed", "the session was closed")
             if self.sid is None or self.preempted:  # reopen after a failover or preemption
                 await self._attach(start)
             return await self._send(start)
@@ -225,6 +228,7 @@ class InferenceSession:
                     raise
 
     async def close(self) -> None:
+        self.closed = True
         if self.conn is not None and self.sid is not None and not self.conn.closed:
             try:
                 await self.conn.close_session(self.sid)

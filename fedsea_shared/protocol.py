@@ -19,13 +19,17 @@ from typing import Annotated, Literal, Union
 
 import orjson
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-PROTOCOL_VERSION = 4  # 3: Open.reopen (a preempted session keeps its place); 4: Open.partial, row-digest block keys
+PROTOCOL_VERSION = 5  # docs/protocol.md lists what each version changed
 MAX_PREFIX_KEYS = 384  # block keys an Open may name (32 hex digits each; fits the header limit)
 MAX_PARTIAL_ROWS = 63  # row digests an Open may name after them (32 hex digits each; with 384 keys the header still fits)
 MAX_HEADER_BYTES = 16 * 1024
-STEP_HEADER_BYTES = 256  # bound on a Step header's JSON (ints < 2**53, a 2-d shape)
+MAX_STEP_SESSIONS = 256  # sessions one Step frame may carry
+# Bounds on a Step header's JSON: the type, a 2-d tensor shape and the brackets, plus one
+# [sid, pos, n] entry per session (ints < 2**53: at most 16 digits each).
+STEP_HEADER_BYTES = 128
+STEP_ENTRY_BYTES = 56
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -121,14 +125,44 @@ class Fork(_Message):
     parent: int
 
 
-class Step(_Message):
-    """Hidden states of the next tokens at positions [pos, pos + n): the whole prompt at
-    prefill, one token per decode step.  Tensor: [n, hidden_size]."""
+SessionRows = tuple[Annotated[int, Field(ge=0, lt=2**53)], Annotated[int, Field(ge=0)], Annotated[int, Field(ge=1)]]
+
+
+class _Rows(_Message):
+    """Rows of many sessions in one tensor: `rows[i] = (sid, pos, n)` says the next n rows
+    are session sid's hidden states at positions [pos, pos + n), in the order listed."""
+
+    rows: Annotated[list[SessionRows], Field(min_length=1, max_length=MAX_STEP_SESSIONS)]
+    tensor: TensorMeta
+
+    @model_validator(mode="after")
+    def _one_run_per_session(self):
+        sids = [sid for sid, _, _ in self.rows]
+        if len(set(sids)) != len(sids):
+            raise ValueError("a session appears twice in one frame")
+        return self
+
+    def tensor_mismatch(self) -> str | None:
+        """Why the tensor cannot hold these rows, if it cannot."""
+        total = sum(n for _, _, n in self.rows)
+        if len(self.tensor.shape) != 2 or self.tensor.shape[0] != total:
+            return f"the rows add up to {total} but the tensor's shape is {self.tensor.shape}"
+        return None
+
+    @property
+    def sids(self) -> list[int]:
+        return [sid for sid, _, _ in self.rows]
+
+    def split(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return list(tensor.split([n for _, _, n in self.rows]))
+
+
+class Step(_Rows):
+    """The next hidden states of one or many sessions: a decode step of every generation
+    the edge runs carries one row each, a prompt (or a replay) its whole run.  Tensor:
+    [sum of n, hidden_size]."""
 
     type: Literal["step"] = "step"
-    sid: int
-    pos: Annotated[int, Field(ge=0)]
-    tensor: TensorMeta
 
 
 class Close(_Message):
@@ -164,13 +198,11 @@ class Opened(_Message):
     cached: int = 0
 
 
-class Output(_Message):
-    """The middle blocks' output for the tokens of one Step.  Tensor: [n, hidden_size]."""
+class Output(_Rows):
+    """The middle blocks' output for the rows of sessions whose steps finished in the same
+    tick (those of one Step frame, or part of them).  Tensor: [sum of n, hidden_size]."""
 
     type: Literal["output"] = "output"
-    sid: int
-    pos: int
-    tensor: TensorMeta
 
 
 class Closed(_Message):
@@ -384,22 +416,42 @@ _MESSAGE = TypeAdapter(Message)
 
 
 class ProtocolError(Exception):
-    """A message that cannot be accepted; carries what the peer should be told."""
+    """A message that cannot be accepted; carries what the peer should be told.  `sid`: the
+    session it concerns, or the sessions of a many-session frame (each is told)."""
 
-    def __init__(self, code: ErrorCode, message: str, sid: int | None = None):
+    def __init__(self, code: ErrorCode, message: str, sid: int | list[int] | None = None):
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
         self.sid = sid
 
-    def to_message(self, fatal: bool = False) -> Error:
-        return Error(code=self.code, message=self.message, sid=self.sid, fatal=fatal)
+    def to_messages(self, fatal: bool = False) -> list[Error]:
+        sids = self.sid if isinstance(self.sid, list) else [self.sid]
+        return [Error(code=self.code, message=self.message, sid=sid, fatal=fatal) for sid in sids or [None]]
+
+
+def _sids_of(raw) -> int | list[int] | None:
+    """The sessions an unparsable frame names, so each of them can be told why it failed."""
+    if not isinstance(raw, dict):
+        return None
+    if isinstance(raw.get("sid"), int):
+        return raw["sid"]
+    rows = raw.get("rows")
+    if isinstance(rows, list) and len(rows) <= MAX_STEP_SESSIONS:
+        sids = {r[0] for r in rows if isinstance(r, list) and r and isinstance(r[0], int) and not isinstance(r[0], bool)}
+        return sorted(sids) or None
+    return None
+
+
+def step_frame_bytes(rows: int, row_bytes: int, sessions: int) -> int:
+    """The most a Step frame of `sessions` sessions and `rows` hidden states can take."""
+    return 4 + STEP_HEADER_BYTES + sessions * STEP_ENTRY_BYTES + rows * row_bytes
 
 
 def max_step_rows(max_message_bytes: int, row_bytes: int) -> int:
-    """How many hidden states of `row_bytes` each one Step frame may carry under a
-    server's `Welcome.max_message_bytes` (longer histories go as several Steps)."""
-    rows = (max_message_bytes - 4 - STEP_HEADER_BYTES) // row_bytes
+    """How many hidden states of `row_bytes` each a Step frame of one session may carry
+    under a server's `Welcome.max_message_bytes` (longer histories go as several Steps)."""
+    rows = (max_message_bytes - step_frame_bytes(0, row_bytes, 1)) // row_bytes
     if rows < 1:
         raise ValueError(f"the server's max_message_bytes ({max_message_bytes}) cannot carry one {row_bytes}-byte hidden state")
     return rows
@@ -433,7 +485,7 @@ def decode(data: bytes | str) -> tuple[_Message, torch.Tensor | None]:
         raw = orjson.loads(data[4 : 4 + n])
     except orjson.JSONDecodeError as e:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"header is not JSON: {e}") from None
-    sid = raw.get("sid") if isinstance(raw, dict) and isinstance(raw.get("sid"), int) else None
+    sid = _sids_of(raw)
     try:
         message = _MESSAGE.validate_python(raw)
     except ValidationError as e:
@@ -448,6 +500,9 @@ def decode(data: bytes | str) -> tuple[_Message, torch.Tensor | None]:
         return message, None
     if math.prod(meta.shape) == 0:
         raise ProtocolError(ErrorCode.BAD_TENSOR, f"empty tensor of shape {meta.shape}", sid)
+    mismatch = message.tensor_mismatch() if isinstance(message, _Rows) else None
+    if mismatch:
+        raise ProtocolError(ErrorCode.BAD_TENSOR, mismatch, sid)
     if len(payload) != meta.nbytes:
         raise ProtocolError(
             ErrorCode.BAD_TENSOR,

@@ -353,7 +353,8 @@ class ServerRuntime:
         self.metrics.errors.labels(error.code.value).inc()
         conn.refusals.refused(error.code.value, f"{error}{' (closing)' if fatal else ''}")
         try:
-            await conn.ws.send(encode(error.to_message(fatal)))
+            for message in error.to_messages(fatal):
+                await conn.ws.send(encode(message))
             if fatal:
                 await conn.ws.close(1008, error.code.value)
         except ConnectionClosed:
@@ -371,8 +372,10 @@ class ServerRuntime:
         if isinstance(message, (Open, Fork)):
             return self._spawn(conn, self._on_open(conn, message))
         if isinstance(message, Step):
-            tensor = self._check_step(conn, message, tensor)
-            return self._spawn(conn, self._on_step(conn, message, tensor), len(data), message.sid)
+            steps = await self._check_step(conn, message, tensor)
+            if steps:
+                self._spawn(conn, self._on_step(conn, steps), len(data), [sid for sid, _, _ in steps])
+            return
         if isinstance(message, Close):
             return await self._on_close(conn, message)
         if isinstance(message, TRAINING_REQUESTS):
@@ -391,7 +394,7 @@ class ServerRuntime:
         except ConnectionClosed:
             pass
 
-    def _spawn(self, conn: _Connection, coro, nbytes: int = 0, sid: int | None = None) -> None:
+    def _spawn(self, conn: _Connection, coro, nbytes: int = 0, sid: int | list[int] | None = None) -> None:
         """Run a request; `nbytes` of input stay counted against the connection until it is
         answered, so a peer that sends faster than the server answers is refused, not queued."""
         limit = self.settings.max_queued_bytes
@@ -492,29 +495,57 @@ class ServerRuntime:
         if conn.key_id is not None:
             self._sessions_per_key[conn.key_id].discard(conn.key(sid))
 
-    def _check_step(self, conn: _Connection, msg: Step, tensor: torch.Tensor) -> torch.Tensor:
-        """The step's hidden states in the server's dtype, checked."""
-        if msg.sid not in conn.sessions:
-            raise ProtocolError(ErrorCode.UNKNOWN_SESSION, "no such session on this connection", msg.sid)
+    async def _check_step(self, conn: _Connection, msg: Step, tensor: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+        """The frame's (sid, pos, hidden states in the server's dtype) that pass the checks;
+        each session whose rows do not is told why, and the others go on."""
         hidden = self.config.hidden_size
-        if tensor.dim() != 2 or tensor.shape[1] != hidden:
-            raise ProtocolError(ErrorCode.BAD_TENSOR, f"hidden states must be [tokens, {hidden}], got {list(tensor.shape)}", msg.sid)
+        if tensor.shape[1] != hidden:
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"hidden states must be [tokens, {hidden}], got {list(tensor.shape)}", msg.sids)
         if msg.tensor.dtype != conn.hello.dtype:
-            raise ProtocolError(ErrorCode.BAD_TENSOR, f"dtype {msg.tensor.dtype} but {conn.hello.dtype} was negotiated", msg.sid)
+            raise ProtocolError(ErrorCode.BAD_TENSOR, f"dtype {msg.tensor.dtype} but {conn.hello.dtype} was negotiated", msg.sids)
         # Checked after the cast: 3.4e38 is finite in float32 and Inf in bfloat16.
         tensor = tensor.to(self.shard_dtype)
-        if not torch.isfinite(tensor).all():
-            raise ProtocolError(ErrorCode.NON_FINITE, f"hidden states contain NaN or Inf (in the server's {self.settings.dtype})", msg.sid)
-        return tensor
+        finite = torch.isfinite(tensor).all(dim=1)
+        steps, start = [], 0
+        for (sid, pos, n), rows in zip(msg.rows, msg.split(tensor)):
+            ok = finite[start : start + n].all()
+            start += n
+            if sid not in conn.sessions:
+                await self._refuse(conn, ProtocolError(ErrorCode.UNKNOWN_SESSION, "no such session on this connection", sid))
+            elif not ok:
+                await self._refuse(conn, ProtocolError(
+                    ErrorCode.NON_FINITE, f"hidden states contain NaN or Inf (in the server's {self.settings.dtype})", sid))
+            else:
+                steps.append((sid, pos, rows))
+        return steps
 
-    async def _on_step(self, conn: _Connection, msg: Step, tensor: torch.Tensor) -> None:
+    async def _on_step(self, conn: _Connection, steps: list[tuple[int, int, torch.Tensor]]) -> None:
+        """Run the steps of one frame in one engine command (so they share a tick) and answer
+        with one Output per tick that finished some of them."""
+        wire = WIRE_DTYPES[conn.hello.dtype]
+        futures = self.engine.step_many([(conn.key(sid), pos, rows) for sid, pos, rows in steps])
+        waiting = {asyncio.wrap_future(f): (f, sid, pos) for f, (sid, pos, _) in zip(futures, steps)}
         try:
-            out = await asyncio.wrap_future(self.engine.step(conn.key(msg.sid), msg.pos, tensor))
-            out = out.to("cpu", WIRE_DTYPES[conn.hello.dtype])
-            await conn.ws.send(encode(Output(sid=msg.sid, pos=msg.pos, tensor=tensor_meta(out)), out))
-        except ProtocolError as e:
-            e.sid = msg.sid
-            await self._refuse(conn, e)
+            while waiting:
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                with self.engine.resolving:  # the whole tick's results, not the first few
+                    finished = [w for w, (f, _, _) in waiting.items() if f.done()]
+                rows, outs = [], []
+                for w in finished:
+                    fut, sid, pos = waiting.pop(w)
+                    error = fut.exception()
+                    if error is None:
+                        out = fut.result().to("cpu", wire)
+                        rows.append((sid, pos, out.shape[0]))
+                        outs.append(out)
+                    elif isinstance(error, ProtocolError):
+                        error.sid = sid
+                        await self._refuse(conn, error)
+                    else:
+                        raise error
+                if rows:
+                    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+                    await conn.ws.send(encode(Output(rows=rows, tensor=tensor_meta(out)), out))
         except ConnectionClosed:
             pass
 

@@ -37,7 +37,8 @@ class EngineBackend(Protocol):
     def open(self, key: Hashable, model: str | None = None, root: bytes = b"", prefix: list[bytes] = (),
              reopen: bool = False, partial: list[bytes] = ()) -> Future: ...
     def fork(self, key: Hashable, parent: Hashable) -> Future: ...
-    def step(self, key: Hashable, pos: int, hidden: torch.Tensor) -> Future: ...
+    def step_many(self, steps: list[tuple[Hashable, int, torch.Tensor]]) -> list[Future]: ...
+    resolving: threading.Lock  # held while one tick's futures are resolved
     def close(self, key: Hashable) -> Future: ...
     def shutdown(self) -> None: ...
 
@@ -49,9 +50,6 @@ class _OpenRequest(NamedTuple):
     partial: list[bytes]  # row digests of the rows after those blocks it hopes are cached too
 
 
-ACTIVE_S = 0.25  # a session that opened or stepped this recently is generating now
-
-
 @dataclass
 class EngineSettings:
     max_context: int = 8192
@@ -59,8 +57,6 @@ class EngineSettings:
     wait_timeout: float = 30.0  # seconds a step or an open may wait for KV blocks
     idle_timeout: float = 600.0  # seconds before an idle session is freed
     admission_free_blocks: int = 1  # an open waits until at least this many blocks are free
-    coalesce_s: float = 0.002  # when idle, how long to gather a burst of steps into one tick
-    company_wait_s: float = 0.05  # shared compute thread: how long a tick waits for the other active sessions
 
 
 class Engine:
@@ -84,6 +80,9 @@ class Engine:
         self._next_idle_sweep = 0.0
         self._ran_at = 0.0  # when a tick last ran: opens waiting meanwhile are not timed out
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        # Held while a tick's (or a command's) futures are resolved: a reader that takes it
+        # sees all of them done or none, so one tick's results make one reply (step_many).
+        self.resolving = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="fedsea-engine", daemon=True)
         self._running = True
         self._thread.start()
@@ -105,8 +104,22 @@ class Engine:
         """Open `key` as a copy of the idle session `parent`, sharing its KV blocks."""
         return self._submit(lambda fut: self._fork(key, parent, fut))
 
+    def step_many(self, steps: list[tuple[Hashable, int, torch.Tensor]]) -> list[Future]:
+        """Queue the steps (key, position, hidden states) of many sessions as one command,
+        so they all make the next tick: an edge's frame of decode rows is one batch here
+        without waiting for stragglers.  One future per step, resolving to its output."""
+        futures = [Future() for _ in steps]
+
+        def command() -> None:
+            with self.resolving:
+                for (key, pos, hidden), fut in zip(steps, futures):
+                    self._step(key, pos, hidden, fut)
+
+        self._inbox.put(command)
+        return futures
+
     def step(self, key: Hashable, pos: int, hidden: torch.Tensor) -> Future:
-        return self._submit(lambda fut: self._step(key, pos, hidden, fut))
+        return self.step_many([(key, pos, hidden)])[0]
 
     def close(self, key: Hashable) -> Future:
         return self._submit(lambda fut: _resolve(fut, self._close(key)))
@@ -144,58 +157,19 @@ class Engine:
             self._publish()
             # Runnable work: loop straight on.  Work blocked on capacity: poll. Else sleep.
             wait = 0.0 if ran else 0.05 if (len(self.scheduler) or self._opens) else 0.5
-            if ran and self.compute is not run_here:
-                self._await_company()
 
     def _collect(self, wait: float) -> list[Callable[[], None] | None]:
-        """Commands in the inbox.  When idle, block up to `wait` for the first one, then
-        linger `coalesce_s` for more while several sessions are active: the steps of many
-        sessions arrive as a burst, and taking the burst whole makes one tick of them
-        instead of several."""
+        """Commands in the inbox: everything queued, after waiting up to `wait` for the
+        first when there is nothing to run.  Steps that arrive while a tick runs make the
+        next one (continuous batching); nothing waits for company."""
         commands: list[Callable[[], None] | None] = []
-        timeout = wait
-        while True:
-            try:
-                command = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
-            except queue.Empty:
-                return commands
-            commands.append(command)
-            if command is None:
-                return commands
-            if wait > 0:  # alone: take what is queued and wait for nothing more
-                timeout = self.settings.coalesce_s if self._company() else 0.0
-
-    def _active(self) -> list[Session]:
-        """Sessions that opened or stepped in the last ACTIVE_S: the ones generating now (a
-        session that finished lingers on in this list that long at most)."""
-        since = time.monotonic() - ACTIVE_S
-        return [s for s in self.sessions.values() if s.last_active > since]
-
-    def _company(self) -> bool:
-        """Whether another session is active: a lone stream has no burst to wait for, and
-        lingering would add coalesce_s to each of its tokens."""
-        return len(self._active()) > 1
-
-    def _await_company(self) -> None:
-        """With a compute thread shared with the edge (fedsea serve), wait up to
-        `company_wait_s` after a tick for the next step of every active session.  The
-        forward passes take turns on that thread anyway, so a tick of the sessions already
-        queued gains little by starting while the others' edge batch runs, and taking them
-        all in one tick reads the weights once instead of once per group (without this, 8
-        sessions settle into two alternating groups of 4)."""
-        deadline = time.monotonic() + self.settings.company_wait_s
-        while self._running:
-            active = self._active()
-            if len(active) < 2 or all(s.work is not None for s in active):
-                return
-            try:
-                command = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                return
-            if command is None:
-                self._inbox.put(None)  # shutdown: leave it for the loop
-                return
-            command()
+        try:
+            commands.append(self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait())
+            while commands[-1] is not None:
+                commands.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return commands
 
     def _tick(self) -> bool:
         tick = self.scheduler.schedule(self.sessions.values())
@@ -214,7 +188,7 @@ class Engine:
         self.metrics.tick_seconds.observe(time.monotonic() - t0)
         self.metrics.tokens_per_tick.observe(tokens)
         self.metrics.tokens.inc(tokens)
-        now = time.monotonic()
+        now, results = time.monotonic(), []
         for work in self.scheduler.complete(chunks, outputs):
             session = work.session
             blocks = session.hasher.extend(work.hidden)
@@ -226,8 +200,10 @@ class Engine:
             work.session.work = None
             work.session.last_active = now
             self.metrics.step_latency.observe(now - work.enqueued)
-            result = torch.cat(work.outputs) if len(work.outputs) > 1 else work.outputs[0]
-            _resolve(work.future, result)
+            results.append((work.future, torch.cat(work.outputs) if len(work.outputs) > 1 else work.outputs[0]))
+        with self.resolving:
+            for fut, result in results:
+                _resolve(fut, result)
         return True
 
     def _run(self, chunks: list) -> list[torch.Tensor]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import struct
 
+import orjson
+
 import torch
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
@@ -66,7 +68,8 @@ class FakeServer:
                 await ws.send(encode(TrainJoined(sid=msg.sid, job=msg.job, params=1, resumed=False)))
             elif isinstance(msg, (Step, TrainForward, TrainBackward)):  # concurrently: held steps hold up no others
                 if isinstance(msg, Step):
-                    lengths[msg.sid] = msg.pos + tensor.shape[0]
+                    for sid, pos, n in msg.rows:
+                        lengths[sid] = pos + n
                 task = asyncio.get_running_loop().create_task(self._reply(ws, msg, tensor))
                 self._replies.add(task)
                 task.add_done_callback(self._replies.discard)
@@ -82,7 +85,13 @@ class FakeServer:
         """The reply to `request` carrying `x` (the middle blocks' output or a gradient)."""
         meta = tensor_meta(x)
         if isinstance(request, Step):
-            return encode(Output(sid=request.sid, pos=request.pos + pos_offset, tensor=meta), x)
+            if x.shape[0] != meta.shape[0] or x.shape[0] != sum(n for _, _, n in request.rows):
+                # A reply whose rows do not add up to its tensor is not well-formed: frame it by hand.
+                header = {"type": "output", "rows": [list(r) for r in request.rows], "tensor": meta.model_dump()}
+                raw = orjson.dumps(header)
+                return struct.pack(">I", len(raw)) + raw + x.contiguous().view(torch.uint8).numpy().tobytes()
+            rows = [(sid, pos + pos_offset, n) for sid, pos, n in request.rows]
+            return encode(Output(rows=rows, tensor=meta), x)
         if isinstance(request, TrainForward):
             return encode(TrainOutput(sid=request.sid, tensor=meta), x)
         return encode(TrainGrad(sid=request.sid, stepped=True, tensor=meta), x)
@@ -97,7 +106,8 @@ class FakeServer:
             for _ in range(3000):
                 await ws.send(b"\x00\x00\x00\x02{}")
         if mode == "preempted":  # a server that preempts every step, forever
-            await ws.send(encode(Error(code=ErrorCode.PREEMPTED, message="preempted", sid=request.sid)))
+            for sid in request.sids:
+                await ws.send(encode(Error(code=ErrorCode.PREEMPTED, message="preempted", sid=sid)))
             return
         if mode == "huge_frame":
             # Only the header of a 600 MiB binary frame: an edge that waits for its payload hangs.

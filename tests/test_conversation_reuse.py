@@ -75,9 +75,10 @@ def sessions_of(frames: list[bytes]) -> dict[int, dict[int, bytes]]:
         if isinstance(message, (Open, Fork)):
             out[message.sid] = {}
         elif isinstance(message, Step):
-            for i, row in enumerate(tensor):
-                old = out[message.sid].setdefault(message.pos + i, row.numpy().tobytes())
-                assert old == row.numpy().tobytes()
+            for (sid, pos, _), part in zip(message.rows, message.split(tensor)):
+                for i, row in enumerate(part):
+                    old = out[sid].setdefault(pos + i, row.numpy().tobytes())
+                    assert old == row.numpy().tobytes()
     return out
 
 

@@ -70,22 +70,6 @@ async def test_one_round_runs_queued_heads_as_one_batch_then_tails_with_the_same
     torch.testing.assert_close(got[0], want_tail, rtol=1e-5, atol=1e-5)
 
 
-async def test_after_idling_a_round_waits_for_the_previous_rounds_sequences_and_no_longer(edge_model, monkeypatch):
-    calls = _spy(edge_model, monkeypatch)
-    worker = EdgeWorker(edge_model, coalesce_s=10.0)
-    a, b = SequenceCache(), SequenceCache()
-    await asyncio.gather(worker.head(a, 0, torch.tensor([1, 2])), worker.head(b, 0, torch.tensor([3])))
-    # Their next tokens come apart: the round waits for b's, then runs both as one batch as
-    # soon as it is in, not after coalesce_s.
-    first = asyncio.ensure_future(worker.head(a, 2, torch.tensor([4])))
-    await asyncio.sleep(0.2)
-    t0 = time.monotonic()
-    await asyncio.gather(first, worker.head(b, 1, torch.tensor([5])))
-    assert time.monotonic() - t0 < 5
-    assert calls == [("head", 2), ("head", 2)]
-    worker.close()
-
-
 async def test_a_failing_batch_fails_its_requests_and_the_worker_keeps_serving(edge_model):
     worker = EdgeWorker(edge_model)
     width = (await worker.head(SequenceCache(), 0, torch.tensor([1])))[0].shape[0]
@@ -176,26 +160,35 @@ async def test_a_worker_given_a_compute_thread_runs_its_batches_there(edge_model
     compute.close()
 
 
-def test_with_a_shared_compute_thread_a_tick_waits_for_the_other_active_sessions(start_server, tiny_model_dir):
-    """fedsea serve's engine holds a decode step back until the other session that is
-    generating sends its own, so both go in one tick; on its own thread it runs at once."""
-    hidden = load_config(tiny_model_dir).hidden_size
-    compute = threads.ComputeThread()
-    try:
-        for run_on, held in ((threads.run_here, False), (compute.run, True)):
-            engine = start_server(tiny_model_dir, engine=EngineSettings(company_wait_s=5.0), compute=run_on).runtime.engine
-            keys = [(0, 0), (0, 1)]
-            for key in keys:
-                engine.open(key).result(30)
-            prompts = [engine.step(key, 0, torch.randn(4, hidden)) for key in keys]
-            last = [p.result(30)[-1:] for p in prompts]
-            first = engine.step(keys[0], 4, last[0])
-            time.sleep(0.3)
-            assert first.done() is not held
-            second = engine.step(keys[1], 4, last[1])
-            assert first.result(30).shape == second.result(30).shape == (1, hidden)
-    finally:
-        compute.close()
+async def test_generations_that_start_apart_are_stepped_together_in_one_frame(start_server, tiny_model_dir):
+    """A generation that starts while another is decoding joins the decode loop's next
+    iteration: from then on both go in every head batch, Step frame and tick, with no
+    timer deciding it (each iteration's rows are counted by the client, each tick's by
+    the server)."""
+    server = start_server(tiny_model_dir)
+    client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), edge_cache_memory=0, noise=0.0)
+    no_eos = {t: -100.0 for t in client.eos_ids}  # every generation runs to max_tokens
+    chats = [[{"role": "user", "content": f"Tell me about {t}"}] for t in ("owls", "rain", "tea", "maps")]
+    first_events: list = []
+
+    async def first():
+        async for event in client.stream(chats[0], max_tokens=40, temperature=0, logit_bias=no_eos):
+            first_events.append(event)
+
+    lead = asyncio.ensure_future(first())
+    while len(first_events) < 5:
+        await asyncio.sleep(0.01)
+    rest = await asyncio.gather(*(client.generate(c, max_tokens=20, temperature=0, logit_bias=no_eos) for c in chats[1:]))
+    await lead
+    assert [len(r.token_ids) for r in rest] == [20, 20, 20] and len(first_events) == 40
+    stats = client.stats()["decode"]
+    assert stats["max_rows"] == 4
+    # Rows of every iteration: 40 + 3 * 20, minus each generation's first token (sampled
+    # from its prompt's logits, stepped on with the others).  Had the three latecomers
+    # formed a second group, there would be ~20 more iterations than the lead needs alone.
+    assert stats["rows"] == 40 + 3 * 20 - 4
+    assert stats["iterations"] <= 39 + 3
+    await client.aclose()
 
 
 async def test_split_generation_on_one_compute_thread_equals_separate_threads(tiny_model_dir):

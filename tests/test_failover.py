@@ -16,6 +16,7 @@ from edge_runtime.servers import ServerList
 from gateway import GatewaySettings, GatewayThread
 from test_prefix_cache import metric
 from conftest import record_frames
+from fedsea_shared.protocol import Step, decode
 
 USER = [{"role": "user", "content": "Tell me about the sea."}]
 
@@ -125,3 +126,33 @@ async def test_a_misbehaving_server_is_banned_and_the_others_serve(start_server,
             assert (await client.connection()).url == real.url  # new sessions go to the good one
         finally:
             await client.aclose()
+
+
+async def test_a_replay_after_failover_sends_the_very_bytes_of_the_first_sending(start_server, tiny_model_dir):
+    """With noise on: the states replayed to the second server after the first died are
+    byte for byte those the first received (fresh noise on a replay would hand the
+    servers two versions to average)."""
+    servers = [start_server(tiny_model_dir) for _ in range(2)]
+    frames = [record_frames(s) for s in servers]
+    client = AsyncEdgeClient([s.url for s in servers], model=str(tiny_model_dir), noise=0.5, edge_cache_memory=0)
+    got = 0
+    async for _ in client.stream(USER, max_tokens=12, temperature=0):
+        got += 1
+        if got == 6:
+            await asyncio.to_thread(servers[0].stop)
+    await client.aclose()
+    assert got == 12
+
+    def rows(fs):
+        out = {}
+        for m, t in (decode(f) for f in fs):
+            if isinstance(m, Step):
+                for (_, pos, n), part in zip(m.rows, m.split(t)):
+                    for i in range(n):
+                        out[pos + i] = part[i].numpy().tobytes()
+        return out
+
+    first, second = rows(frames[0]), rows(frames[1])
+    shared = sorted(set(first) & set(second))
+    assert len(shared) >= 20  # the prompt and the first tokens' states went again
+    assert all(first[p] == second[p] for p in shared)

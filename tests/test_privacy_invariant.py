@@ -131,3 +131,40 @@ def test_public_template_off_noises_every_position(recorded, tiny_model_dir):
         server, frames, tiny_model_dir, [{"role": "user", "content": PROMPT}], public_template=False
     )
     assert public == 0 and not any(_clean_rows(sent, local))
+
+
+def _all_sent_rows(frames) -> torch.Tensor:
+    """Every hidden state the server received, in position order (one session)."""
+    rows = {}
+    for m, t in (decode(f) for f in frames):
+        if isinstance(m, Step):
+            for (sid, pos, n), part in zip(m.rows, m.split(t)):
+                for i in range(n):
+                    rows[pos + i] = part[i]
+    return torch.stack([rows[p] for p in sorted(rows)])
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.5])
+def test_decode_step_states_are_noised_like_the_prompt_s(recorded, tiny_model_dir, noise):
+    """Not only the prefill: every generated token's state leaves noised (at noise 0,
+    exactly the head blocks' output), so a decode loop that sent clean states fails."""
+    server, frames = recorded
+    messages = [{"role": "user", "content": PROMPT}]
+    frames.clear()
+    with EdgeClient(server.url, model=str(tiny_model_dir), noise=noise, pseudonymize=False) as client:
+        got = client.generate(messages, max_tokens=6, temperature=0)
+        ids = client._client.chat_prompt(messages)
+        public = len(client._client.public_ids)
+    sent = _all_sent_rows(frames)
+    tokens = ids + got.token_ids[:-1]  # the last token is sampled, never sent
+    assert sent.shape[0] == len(tokens)
+    head = load_shard(tiny_model_dir, [0, 1], with_edge_parts=True)
+    local = head_states(head, torch.tensor([tokens]), [2])[2][0]
+    decode_rows = range(len(ids), len(tokens))
+    if noise == 0:
+        torch.testing.assert_close(sent, local, rtol=1e-4, atol=1e-4)
+    else:
+        assert _clean_rows(sent, local)[public:] == [False] * (len(tokens) - public)
+        for p in decode_rows:  # each moved by about `noise` of its RMS
+            moved = (sent[p] - local[p]).pow(2).mean().sqrt() / local[p].pow(2).mean().sqrt()
+            assert 0.3 < moved < 0.8, (p, float(moved))

@@ -23,10 +23,11 @@ from fedsea_shared.protocol import (
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_step_round_trip_is_bit_exact(dtype):
     t = torch.randn(7, 64).to(dtype)
-    frame = encode(Step(sid=3, pos=11, tensor=tensor_meta(t)), t)
+    frame = encode(Step(rows=[(3, 11, 5), (9, 40, 2)], tensor=tensor_meta(t)), t)
     msg, got = decode(frame)
-    assert isinstance(msg, Step) and msg.sid == 3 and msg.pos == 11
+    assert isinstance(msg, Step) and msg.rows == [(3, 11, 5), (9, 40, 2)] and msg.sids == [3, 9]
     assert got.dtype == dtype and torch.equal(got, t)
+    assert [x.shape[0] for x in msg.split(got)] == [5, 2] and torch.equal(msg.split(got)[1], t[5:])
     # The frame is the header plus exactly the tensor's bytes: nothing else rides along.
     (n,) = struct.unpack_from(">I", frame)
     assert len(frame) == 4 + n + t.numel() * t.element_size()
@@ -42,7 +43,7 @@ def raw(header: dict, payload: bytes = b"") -> bytes:
     return struct.pack(">I", len(h)) + h + payload
 
 
-STEP = {"type": "step", "sid": 1, "pos": 0, "tensor": {"dtype": "float32", "shape": [1, 4]}}
+STEP = {"type": "step", "rows": [[1, 0, 1]], "tensor": {"dtype": "float32", "shape": [1, 4]}}
 
 
 @pytest.mark.parametrize(
@@ -60,7 +61,15 @@ STEP = {"type": "step", "sid": 1, "pos": 0, "tensor": {"dtype": "float32", "shap
         (raw(STEP, b"\x00" * 15), ErrorCode.BAD_TENSOR),  # payload one byte short
         (raw({**STEP, "tensor": {"dtype": "int64", "shape": [1, 4]}}, b"\x00" * 32), ErrorCode.BAD_FRAME),
         (raw({**STEP, "tensor": {"dtype": "float32", "shape": [0, 4]}}), ErrorCode.BAD_TENSOR),
+        (raw({**STEP, "tensor": {"dtype": "float32", "shape": [2, 4]}}, b"\x00" * 32), ErrorCode.BAD_TENSOR),  # rows != tensor
         (raw({**STEP, "tensor": {"dtype": "float32", "shape": [-1, 4]}}), ErrorCode.BAD_FRAME),
+        (raw({**STEP, "rows": [[1, 0, 1], [1, 1, 1]], "tensor": {"dtype": "float32", "shape": [2, 4]}}, b"\x00" * 32),
+         ErrorCode.BAD_FRAME),  # one session twice
+        (raw({**STEP, "rows": [[1, 0, 0]]}, b"\x00" * 16), ErrorCode.BAD_FRAME),  # an empty run
+        (raw({**STEP, "rows": []}, b"\x00" * 16), ErrorCode.BAD_FRAME),
+        (raw({**STEP, "rows": [[i, 0, 1] for i in range(257)], "tensor": {"dtype": "float32", "shape": [257, 1]}},
+             b"\x00" * 4 * 257), ErrorCode.BAD_FRAME),  # more sessions than a frame may carry
+        (raw({**STEP, "tensor": {"dtype": "float32", "shape": [1, 4, 1]}}, b"\x00" * 16), ErrorCode.BAD_TENSOR),
     ],
 )
 def test_malformed_frames_raise_typed_errors(frame, code):
@@ -75,10 +84,15 @@ def test_text_frames_are_refused():
     assert info.value.code == ErrorCode.BAD_FRAME
 
 
-def test_error_keeps_the_session_id_when_it_can():
+def test_error_keeps_the_session_ids_when_it_can():
     with pytest.raises(ProtocolError) as info:
-        decode(raw(STEP, b"\x00"))
+        decode(raw({"type": "close", "sid": 1, "extra": 0}))
     assert info.value.sid == 1
+    with pytest.raises(ProtocolError) as info:
+        decode(raw({**STEP, "rows": [[4, 0, 1], [2, 7, 1]], "tensor": {"dtype": "float32", "shape": [2, 4]}}, b"\x00"))
+    assert info.value.code == ErrorCode.BAD_TENSOR
+    assert info.value.sid == [2, 4]  # each session of a frame is told
+    assert [m.sid for m in info.value.to_messages()] == [2, 4]
 
 
 def test_close_needs_no_tensor():

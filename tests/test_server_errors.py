@@ -59,7 +59,7 @@ async def request(ws, frame: bytes):
 
 
 def step(sid: int, pos: int, t: torch.Tensor) -> bytes:
-    return encode(Step(sid=sid, pos=pos, tensor=tensor_meta(t)), t)
+    return encode(Step(rows=[(sid, pos, t.shape[0])], tensor=tensor_meta(t)), t)
 
 
 async def open_session(ws, sid: int) -> None:
@@ -85,6 +85,10 @@ def raw(header: dict, payload: bytes = b"") -> bytes:
 
 BAD_INPUTS = {
     "malformed": (raw({"type": "step", "sid": 0}), "bad_frame"),
+    "session_twice": (raw({"type": "step", "rows": [[0, 0, 1], [0, 1, 1]], "tensor": {"dtype": "float32", "shape": [2, HIDDEN]}},
+                          b"\x00" * 8 * HIDDEN), "bad_frame"),
+    "rows_mismatch": (raw({"type": "step", "rows": [[0, 0, 3]], "tensor": {"dtype": "float32", "shape": [2, HIDDEN]}},
+                          b"\x00" * 8 * HIDDEN), "bad_tensor"),
     "not_json": (struct.pack(">I", 2) + b"{]", "bad_frame"),
     "text_frame": ("hello", "bad_frame"),
     "wrong_shape": (step(0, 0, torch.randn(3, HIDDEN // 2)), "bad_tensor"),
@@ -235,7 +239,7 @@ async def test_bad_fork_and_prefix_messages_get_typed_errors(server):
     assert isinstance(reply, Opened) and reply.cached == 0
     # ... a fork of it shares its length, and a fork under a taken sid is refused.
     x = torch.randn(5, HIDDEN)
-    reply, _ = await request(ws, encode(Step(sid=3, pos=0, tensor=tensor_meta(x)), x))
+    reply, _ = await request(ws, step(3, 0, x))
     assert isinstance(reply, Output)
     reply, _ = await request(ws, encode(Fork(sid=4, parent=3)))
     assert isinstance(reply, Opened) and reply.cached == 5
@@ -245,5 +249,47 @@ async def test_bad_fork_and_prefix_messages_get_typed_errors(server):
     assert isinstance(reply, Opened) and reply.cached == 5
     reply, _ = await request(ws, encode(Fork(sid=6, parent=3)))  # a 4th session: over the limit of 3
     assert isinstance(reply, Error) and reply.code.value == "limit"
-    reply, _ = await request(ws, encode(Step(sid=4, pos=5, tensor=tensor_meta(x[:1])), x[:1]))
+    reply, _ = await request(ws, step(4, 5, x[:1]))
     assert isinstance(reply, Output)
+
+
+async def test_a_frame_of_many_sessions_runs_the_good_ones_and_tells_each_bad_one_why(server):
+    """One Step frame carries rows of several sessions: one with NaN, one never opened and
+    one at the wrong position are each refused by name while the good one runs; then a
+    frame of two sessions is answered in one Output whose rows equal what each session
+    gets stepping alone."""
+    ws, other = await session_ws(server), await session_ws(server)
+    try:
+        for sid in (0, 1, 2):
+            await open_session(ws, sid)
+        first = {0: torch.randn(4, HIDDEN), 1: torch.randn(2, HIDDEN)}
+        x = torch.cat([first[0], torch.randn(1, HIDDEN), torch.randn(1, HIDDEN), torch.randn(2, HIDDEN)])
+        x[6, 3] = float("nan")  # session 2's first row
+        rows = [(0, 0, 4), (7, 0, 1), (1, 5, 1), (2, 0, 2)]
+        await ws.send(encode(Step(rows=rows, tensor=tensor_meta(x)), x))
+        errors, outputs = {}, []
+        while len(errors) < 3 or not outputs:
+            msg, out = decode(await ws.recv())
+            if isinstance(msg, Error):
+                errors[msg.sid] = msg.code.value
+            else:
+                assert isinstance(msg, Output)
+                outputs.append((msg, out))
+        assert errors == {7: "unknown_session", 1: "position_mismatch", 2: "non_finite"}
+        assert [m.rows for m, _ in outputs] == [[(0, 0, 4)]]
+        # Two good sessions in one frame: one reply, each part equal to stepping alone.
+        nxt = torch.randn(1, HIDDEN)
+        both = torch.cat([nxt, first[1]])
+        reply, out = await request(ws, encode(Step(rows=[(0, 4, 1), (1, 0, 2)], tensor=tensor_meta(both)), both))
+        assert isinstance(reply, Output) and reply.rows == [(0, 4, 1), (1, 0, 2)]
+        for sid in (0, 1):
+            await open_session(other, sid)
+        await request(other, step(0, 0, first[0]))
+        _, alone0 = await request(other, step(0, 4, nxt))
+        _, alone1 = await request(other, step(1, 0, first[1]))
+        parts = reply.split(out)
+        torch.testing.assert_close(parts[0], alone0, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(parts[1], alone1, rtol=1e-4, atol=1e-4)
+    finally:
+        await ws.close()
+        await other.close()
