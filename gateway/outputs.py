@@ -17,6 +17,10 @@ from edge_runtime.pseudonyms import restored
 from . import schemas as s
 from .tools import CallParser
 
+# What an alternative the grammar ruled out (logprob -inf, which JSON cannot carry) is
+# reported with, as vLLM does.
+MIN_LOGPROB = -9999.0
+
 
 @dataclass
 class _Choice:
@@ -95,7 +99,7 @@ class ChatOutput(Output):
         ])
 
     def _alt(self, token_id: int, logprob: float) -> dict:
-        return dict(token=self.token(token_id), logprob=logprob, bytes=list(self.vocab.token_bytes(token_id)))
+        return dict(token=self.token(token_id), logprob=max(logprob, MIN_LOGPROB), bytes=list(self.vocab.token_bytes(token_id)))
 
     def _finish(self, finish_reason: str | None, calls: int) -> str | None:
         return "tool_calls" if calls and finish_reason == "stop" else finish_reason
@@ -157,8 +161,15 @@ class CompletionOutput(Output):
         if not self.echo:
             return []
         ids = self.echo[index]
-        scored = [(lp, {self.token(t): v for t, v in top}) for lp, top in first.prompt_logprobs or []]
+        scored = [(lp, self._top(t, lp, top)) for t, (lp, top) in zip(ids[1:], first.prompt_logprobs or [])]
         return [(self.token(t), *score) for t, score in zip(ids, [(None, None), *scored])]
+
+    def _top(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None) -> dict[str, float]:
+        """The legacy API's alternatives: the k most likely and the chosen token, so up to
+        k + 1 (OpenAI's reference for `logprobs`)."""
+        alternatives = {self.token(t): max(lp, MIN_LOGPROB) for t, lp in top or []}
+        alternatives.setdefault(self.token(token_id), logprob)
+        return alternatives
 
     def _logprobs(self, entries: list[tuple], offset: int) -> s.CompletionLogprobs | None:
         """Entries: (token text, logprob, top alternatives) in order from `offset`."""
@@ -174,7 +185,7 @@ class CompletionOutput(Output):
         )
 
     def _entries(self, events: list[TokenEvent]) -> list[tuple]:
-        return [(self.token(e.token_id), e.logprob, {self.token(t): lp for t, lp in e.top_logprobs or []}) for e in events]
+        return [(self.token(e.token_id), e.logprob, self._top(e.token_id, e.logprob, e.top_logprobs)) for e in events]
 
     def response(self) -> s.TextCompletion:
         choices = []

@@ -78,8 +78,8 @@ def test_json_schema_stream_with_stop_and_logprobs(gw):
     jsonschema.validate(json.loads(text), ANSWER)
     tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert "".join(t.token for t in tokens) == text
-    # the masked distribution: the sampled token is among the top ones it reports
-    assert all(t.token in [a.token for a in t.top_logprobs] for t in tokens)
+    # the masked distribution: nothing outside the grammar is more likely than the sampled token
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob for t in tokens)
 
 
 def test_json_object_is_an_object(gw):
@@ -219,7 +219,9 @@ def test_sampled_token_is_in_top_logprobs_and_bytes_are_its_own(gw):
     r = chat(gw, max_tokens=1, temperature=0, logprobs=True, top_logprobs=0, logit_bias={str(emoji[0]): 100})
     (tok,) = r.choices[0].logprobs.content
     assert bytes(tok.bytes) == "😀".encode()[: len(bytes(tok.bytes))] and len(tok.bytes) < 4
-    assert [(a.token, a.bytes) for a in tok.top_logprobs] == [(tok.token, tok.bytes)]
+    assert tok.top_logprobs == []
+    r = chat(gw, max_tokens=1, temperature=0, logprobs=True, top_logprobs=1, logit_bias={str(emoji[0]): 100})
+    assert [(a.token, a.bytes) for a in r.choices[0].logprobs.content[0].top_logprobs] == [(tok.token, tok.bytes)]
     c = client(gw).completions.create(model=gw.settings.model_id, prompt="Hi", max_tokens=4, logprobs=0, seed=9)
     lp = c.choices[0].logprobs
     assert [list(d) for d in lp.top_logprobs] == [[t] for t in lp.tokens]
@@ -332,3 +334,28 @@ def test_responses_is_stateless(gw):
         client(gw).responses.create(model=gw.settings.model_id, input="Hi", previous_response_id="resp_123")
     with pytest.raises(openai.BadRequestError):
         client(gw).responses.create(model=gw.settings.model_id, input="Hi", tools=[{"type": "web_search"}])
+
+
+# ---- what outside clients (openai-node, langchain, vLLM's tests) check --------------------
+
+
+def test_top_logprobs_has_exactly_k_alternatives(gw):
+    # temperature 2 samples tokens outside the most likely few; their own logprob is the entry's
+    for k, stream in ((0, False), (1, False), (3, True)):
+        r = chat(gw, max_tokens=12, seed=20, temperature=2.0, logprobs=True, top_logprobs=k, logit_bias={"2": -100}, stream=stream)
+        entries = [t for c in r if c.choices[0].logprobs for t in c.choices[0].logprobs.content] if stream else r.choices[0].logprobs.content
+        assert len(entries) == 12 and all(len(t.top_logprobs) == k for t in entries), k
+        assert all(isinstance(a.logprob, float) for t in entries for a in t.top_logprobs)
+        if k:
+            assert any(t.token not in [a.token for a in t.top_logprobs] for t in entries)
+            assert all(t.top_logprobs[0].logprob >= t.logprob for t in entries)
+    # a grammar that admits fewer than k tokens: the rest are impossible, reported as vLLM does (-9999)
+    fmt = {"type": "json_schema", "json_schema": {"name": "flag", "schema": {"enum": ["yes"]}}}
+    forced = chat(gw, response_format=fmt, max_tokens=5, logprobs=True, top_logprobs=3).choices[0].logprobs.content
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[-1].logprob == -9999.0 for t in forced)
+    # the legacy completions API keeps its own rule: the k most likely and the sampled token (k + 1 at most)
+    c = client(gw).completions.create(model=gw.settings.model_id, prompt="Hi", max_tokens=12, logprobs=1, seed=20,
+                                      temperature=2.0, logit_bias={"2": -100})
+    lp = c.choices[0].logprobs
+    assert all(t in top and len(top) in (1, 2) for t, top in zip(lp.tokens, lp.top_logprobs))
+    assert any(len(top) == 2 for top in lp.top_logprobs)
