@@ -4,7 +4,9 @@ Requests ignore fields they do not know (clients send many); the ranges follow O
 API reference, so a request OpenAI would refuse gets a 400 here too, and an explicit
 null means the default wherever OpenAI allows null.  Fields OpenAI defines but fedsea
 cannot honour (suffix, best_of != n, non-text content) are refused with a 400 that
-says so, rather than silently ignored.
+says so, rather than silently ignored.  JSON Schemas (tool parameters, json_schema
+answers) are enforced as in OpenAI's strict mode: an object admits only the keys it
+declares unless it says otherwise (`closed`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,37 @@ MAX_CHOICES = 128  # OpenAI's limit on n; applied to prompts x n of a batch too
 MAX_TOOLS = 128  # OpenAI's limit on tools per request
 COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens, as OpenAI's
 FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+# JSON Schema keywords whose values are schemas: one, a list of them, or a map of them.
+_SUBSCHEMA = ("additionalProperties", "items", "additionalItems", "unevaluatedItems", "contains", "not", "if", "then", "else")
+_SUBSCHEMA_LIST = ("anyOf", "oneOf", "prefixItems", "items")
+_SUBSCHEMA_MAP = ("properties", "patternProperties", "dependentSchemas", "$defs", "definitions")
+
+
+def closed(schema: Any, part: bool = False) -> Any:
+    """`schema` with every object schema that does not say `additionalProperties` (or
+    `unevaluatedProperties`) admitting only the keys it declares: additionalProperties
+    false by default, as OpenAI's strict mode and xgrammar.  Without it a small model
+    adds keys until max_tokens.  The members of an allOf, and the schema holding it,
+    stay as written: one object's keys are spread over them."""
+    if not isinstance(schema, dict):
+        return schema  # true, false, or what the grammar compiler will refuse
+    out = {}
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAP and isinstance(value, dict):
+            out[key] = {name: closed(sub) for name, sub in value.items()}
+        elif key in (*_SUBSCHEMA_LIST, "allOf") and isinstance(value, list):
+            out[key] = [closed(sub, part=key == "allOf") for sub in value]
+        elif key in _SUBSCHEMA:
+            out[key] = closed(value)
+        else:
+            out[key] = value
+    kind = schema.get("type")
+    is_object = kind == "object" or isinstance(kind, list) and "object" in kind or "properties" in schema
+    if is_object and not part and "allOf" not in schema and not {"additionalProperties", "unevaluatedProperties"} & set(schema):
+        out["additionalProperties"] = False
+    return out
 
 
 class _Request(BaseModel):
@@ -103,7 +136,12 @@ class FunctionDefinition(_Request):
     name: FunctionName
     description: str | None = None
     parameters: dict[str, Any] | None = None  # JSON Schema; none: no arguments
-    strict: bool | None = None
+    strict: bool | None = None  # the parameters are enforced either way, as in strict mode
+
+    @property
+    def argument_schema(self) -> dict:
+        """What a call's arguments must follow (see `closed`: no undeclared keys)."""
+        return closed(self.parameters or {"type": "object", "properties": {}})
 
 
 class Tool(_Request):
@@ -128,7 +166,7 @@ class JSONSchemaFormat(_Request):
     name: FunctionName
     description: str | None = None
     schema_: Annotated[dict[str, Any], Field(alias="schema")] = {}
-    strict: bool | None = None  # the schema is enforced either way
+    strict: bool | None = None  # the schema is enforced either way, as in strict mode (see `closed`)
 
 
 class ResponseFormat(_Request):
@@ -143,10 +181,10 @@ class ResponseFormat(_Request):
 
     @property
     def answer_schema(self) -> dict | None:
-        """The JSON Schema the answer must follow (None: free text)."""
+        """The JSON Schema the answer must follow (None: free text); json_object: any object."""
         if self.type == "json_object":
             return {"type": "object"}
-        return self.json_schema.schema_ if self.type == "json_schema" else None
+        return closed(self.json_schema.schema_) if self.type == "json_schema" else None
 
 
 class _SamplingRequest(_Request):

@@ -6,7 +6,8 @@ Hermes / Qwen 2.5 format), one per line when several are allowed.  A model whose
 template takes `tools` (Qwen 2.5, Hermes, Llama 3.1+) gets them through its template;
 for any other template (the default SmolLM2's) a system message describes the tools and
 this format, and tool results come back as `<tool_response>` user turns.  The grammar
-makes every call name a declared function with arguments valid against its schema:
+makes every call name a declared function with arguments valid against its schema
+(no undeclared keys: `schemas.closed`):
 always with tool_choice "required" or a named function, and with "auto" as soon as the
 answer opens with `<tool_call>`.
 """
@@ -21,7 +22,6 @@ from edge_runtime.constraints import JSON_STYLE
 from . import schemas as s
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 GENERIC_PROMPT = """# Tools
 
@@ -88,7 +88,7 @@ def call_grammar(tools: list[s.Tool], mode: str, parallel: bool, answer_schema: 
         "anyOf": [
             {
                 "type": "object",
-                "properties": {"name": {"const": f.name}, "arguments": f.parameters or NO_ARGUMENTS},
+                "properties": {"name": {"const": f.name}, "arguments": f.argument_schema},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }

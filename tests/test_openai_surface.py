@@ -359,3 +359,35 @@ def test_top_logprobs_has_exactly_k_alternatives(gw):
     lp = c.choices[0].logprobs
     assert all(t in top and len(top) in (1, 2) for t, top in zip(lp.tokens, lp.top_logprobs))
     assert any(len(top) == 2 for top in lp.top_logprobs)
+
+
+# Schemas as clients write them: no additionalProperties anywhere (pydantic's, zod's without .strict()).
+OPEN_PLACE = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}
+OPEN_TRIP = {"type": "object", "properties": {"to": OPEN_PLACE, "days": {"type": "integer"}}, "required": ["to"]}
+
+
+def assert_closed(value, schema) -> None:
+    """Only the keys `schema` declares, at every level."""
+    jsonschema.validate(value, schema)
+    if isinstance(value, dict):
+        assert set(value) <= set(schema["properties"]), value
+        for key, item in value.items():
+            assert_closed(item, schema["properties"][key])
+
+
+def test_a_schema_without_additional_properties_admits_only_its_keys(gw):
+    tools = [{"type": "function", "function": {"name": "plan", "parameters": OPEN_TRIP}}]
+    named = {"type": "function", "function": {"name": "plan"}}
+    r = chat(gw, tools=tools, tool_choice=named, n=4, max_tokens=80, seed=21, parallel_tool_calls=False)
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls"
+        assert_closed(json.loads(choice.message.tool_calls[0].function.arguments), OPEN_TRIP)
+    fmt = {"type": "json_schema", "json_schema": {"name": "trip", "schema": OPEN_TRIP}}
+    r = chat(gw, response_format=fmt, n=4, max_tokens=80, seed=22)
+    for choice in r.choices:
+        assert choice.finish_reason == "stop"
+        assert_closed(json.loads(choice.message.content), OPEN_TRIP)
+    # an explicit additionalProperties stays as written; json_object is any object
+    free = {"type": "json_schema", "json_schema": {"name": "bag", "schema": {"type": "object", "additionalProperties": {"type": "integer"}}}}
+    r = chat(gw, response_format=free, max_tokens=60, seed=23, logit_bias={"2": -100})
+    assert r.choices[0].message.content.startswith("{")
