@@ -135,7 +135,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         check_bias(req.logit_bias, client.config.vocab_size)
         mode = req.tool_mode
         native = mode is not None and tools.template_takes_tools(client.tokenizer)
-        messages = tools.chat_messages(req.messages, req.tools if mode else None, native, req.parallel_tool_calls)
+        messages = tools.chat_messages(req.messages, req.tools if mode else None, native, req.parallel_calls)
         limits.refuse_overlong_text([str(m.get("content") or "") for m in messages], client.tokenizer,
                                     client.config.max_position_embeddings, "messages")
         try:
@@ -211,7 +211,7 @@ async def answer_constraint(client, req: ChatCompletionRequest):
     try:
         if mode is not None:
             param = "tools"
-            grammar = client.grammars.lark(tools.call_grammar(req.tools, mode, req.parallel_tool_calls, schema))
+            grammar = client.grammars.lark(tools.call_grammar(req.tools, mode, req.parallel_calls, schema))
         elif schema is not None:
             param = "response_format"
             grammar = client.grammars.json_schema(schema)

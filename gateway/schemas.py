@@ -283,6 +283,12 @@ class ChatCompletionRequest(_SamplingRequest):
         return choice if isinstance(choice, str) else choice.function.name
 
     @property
+    def parallel_calls(self) -> bool:
+        """Whether the answer may hold several calls: a named tool_choice calls that
+        function once, whatever parallel_tool_calls says (as OpenAI)."""
+        return self.parallel_tool_calls and self.tool_mode in ("auto", "required")
+
+    @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 

@@ -391,3 +391,12 @@ def test_a_schema_without_additional_properties_admits_only_its_keys(gw):
     free = {"type": "json_schema", "json_schema": {"name": "bag", "schema": {"type": "object", "additionalProperties": {"type": "integer"}}}}
     r = chat(gw, response_format=free, max_tokens=60, seed=23, logit_bias={"2": -100})
     assert r.choices[0].message.content.startswith("{")
+
+
+def test_a_named_tool_choice_makes_exactly_one_call(gw):
+    named = {"type": "function", "function": {"name": "get_time"}}  # parallel_tool_calls left at its default, true
+    r = chat(gw, tools=TOOLS, tool_choice=named, n=4, max_tokens=120, seed=24, logit_bias={"2": -100})
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert_valid_call(call, {"get_time"})
