@@ -147,7 +147,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         constraint = await answer_constraint(client, req)
         logprobs = req.top_alternatives
         names = {t.function.name for t in req.tools} if mode else None
-        out = ChatOutput(req.model, await vocab_of(client, logprobs is not None), req.n, len(prompt), logprobs is not None, fingerprint(settings, adapter), tools=names)
+        out = ChatOutput(req.model, await vocab_of(client, logprobs is not None), req.n, len(prompt), logprobs is not None, fingerprint(settings, adapter), tools=names, several_calls=req.parallel_calls)
         return out, backend.generate([prompt], req.n, req.sampling(logprobs), req.token_limit, adapter, constraint)
 
     @v1.post("/completions")

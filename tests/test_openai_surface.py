@@ -400,3 +400,33 @@ def test_a_named_tool_choice_makes_exactly_one_call(gw):
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         (call,) = choice.message.tool_calls
         assert_valid_call(call, {"get_time"})
+
+
+def test_a_call_whose_closing_tag_max_tokens_cut_is_still_a_call(gw):
+    args = dict(tools=TOOLS, tool_choice="required", seed=25, logprobs=True, logit_bias={"2": -100})
+    full = chat(gw, max_tokens=120, parallel_tool_calls=False, **args).choices[0]
+    (call,) = full.message.tool_calls
+    tokens = [t.token for t in full.logprobs.content]
+    text = "".join(tokens)
+    json_end = text.index(call.function.arguments) + len(call.function.arguments) + 1  # the call object's "}"
+    complete = next(m for m in range(len(tokens) + 1) if len("".join(tokens[:m])) >= json_end)
+    assert complete < len(tokens)  # the closing tag takes tokens of its own
+    for cut in range(complete, len(tokens)):
+        for stream in (False, True):
+            r = chat(gw, max_tokens=cut, parallel_tool_calls=False, stream=stream, **args)
+            if stream:
+                chunks = [c.choices[0] for c in r]
+                deltas = [d for c in chunks for d in c.delta.tool_calls or []]
+                assert [(d.function.name, d.function.arguments) for d in deltas] == [(call.function.name, call.function.arguments)]
+                assert not "".join(c.delta.content or "" for c in chunks)
+                finish = chunks[-1].finish_reason
+            else:
+                (got,) = r.choices[0].message.tool_calls
+                assert (got.function.name, got.function.arguments) == (call.function.name, call.function.arguments)
+                assert r.choices[0].message.content is None
+                finish = r.choices[0].finish_reason
+            # nothing but the closing tag could have followed: the answer is complete
+            assert finish == "tool_calls", (cut, stream)
+    # where more calls might have followed, max_tokens did cut the answer
+    r = chat(gw, max_tokens=complete, **args).choices[0]
+    assert r.message.tool_calls and r.finish_reason == "length"
