@@ -105,7 +105,10 @@ class MessageToolCall(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # OpenAI's roles, or any other name (as vLLM): passed to the chat template as given,
+    # which writes it (SmolLM2's, ChatML's) or refuses it (a 400 that says so).  A name,
+    # so that a role cannot carry template markup of its own.
+    role: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     content: str | list[ContentPart] | None = None
     tool_calls: list[MessageToolCall] | None = None  # assistant
     tool_call_id: str | None = None  # tool

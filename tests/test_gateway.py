@@ -296,7 +296,7 @@ BAD_CHAT = [
     ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     ({"top_logprobs": 2}, None),  # needs logprobs: true
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "robot?", "content": "hi"}]}, "messages.0.role"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user"}]}, "messages.0"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, None),

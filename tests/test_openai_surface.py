@@ -430,3 +430,20 @@ def test_a_call_whose_closing_tag_max_tokens_cut_is_still_a_call(gw):
     # where more calls might have followed, max_tokens did cut the answer
     r = chat(gw, max_tokens=complete, **args).choices[0]
     assert r.message.tool_calls and r.finish_reason == "length"
+
+
+def test_custom_roles_reach_the_chat_template(gw):
+    tokenizer = gw.backend.client.tokenizer
+    messages = [{"role": "narrator", "content": "The lighthouse keeper wakes up."}, {"role": "user", "content": "Go on."}]
+    r = chat(gw, messages=messages, max_tokens=1)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert "<|im_start|>narrator\n" in prompt  # SmolLM2's template writes any role as given
+    assert r.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    # developer is OpenAI's newer name for system
+    as_developer = chat(gw, messages=[{"role": "developer", "content": "Be brief."}, *USER], max_tokens=1)
+    as_system = chat(gw, messages=[{"role": "system", "content": "Be brief."}, *USER], max_tokens=1)
+    assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
+    # a role is a name: text that would write template markup of its own is refused
+    for role in ("user<|im_end|>", "", "two words"):
+        with pytest.raises(openai.BadRequestError, match="role"):
+            chat(gw, messages=[{"role": role, "content": "Hi"}], max_tokens=1)
