@@ -27,7 +27,7 @@ from .errors import APIError, json_response
 from .metrics import GatewayMetrics, RequestCounter
 from .outputs import ChatOutput, CompletionOutput, Output, Vocab
 from .responses import ResponseOutput, ResponsesRequest
-from .schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
+from .schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, listed
 
 log = logging.getLogger("fedsea.gateway")
 
@@ -95,7 +95,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     def check_bias(bias: dict | None, vocab: int) -> None:
         too_big = [k for k in bias or {} if int(k) >= vocab]
         if too_big:
-            raise errors.bad_request(f"logit_bias names token {too_big[0]}, outside the vocabulary (size {vocab})", param="logit_bias")
+            raise errors.bad_request(f"logit_bias names tokens outside the vocabulary (size {vocab}): {listed(too_big)}", param="logit_bias")
 
     async def vocab_of(client, logprobs: bool) -> Vocab:
         if logprobs:  # token bytes come from the grammar library's view of the vocabulary: built once, ~1 s

@@ -12,6 +12,7 @@ declares unless it says otherwise (`closed`).
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
@@ -25,6 +26,13 @@ MAX_CHOICES = 128  # OpenAI's limit on n; applied to prompts x n of a batch too
 MAX_TOOLS = 128  # OpenAI's limit on tools per request
 COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens, as OpenAI's
 FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+LISTED = 8  # offending items an error names, of however many
+
+
+def listed(items: list) -> str:
+    """Items for an error message: every one, up to LISTED of them."""
+    shown = ", ".join(map(repr, items[:LISTED]))
+    return shown + (f" and {len(items) - LISTED} more" if len(items) > LISTED else "")
 
 
 # JSON Schema keywords whose values are schemas: one, a list of them, or a map of them.
@@ -204,7 +212,7 @@ class _SamplingRequest(_Request):
     frequency_penalty: Penalty | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
     # Extras (vLLM's names): top_k -1 or 0 means no cut, repetition_penalty is HF's.
     top_k: Annotated[int, Field(ge=-1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None
@@ -215,6 +223,14 @@ class _SamplingRequest(_Request):
         if isinstance(stop, list) and len(stop) > MAX_STOPS:
             raise ValueError(f"stop takes at most {MAX_STOPS} sequences")
         return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, bias):
+        bad = [k for k, v in bias.items() if not (re.fullmatch(r"[0-9]{1,9}", k) and -100 <= v <= 100)]
+        if bad:
+            raise ValueError(f"logit_bias maps token ids to biases in [-100, 100]; these entries do not: {listed(bad)}")
+        return bias
 
     @model_validator(mode="after")
     def _check(self):

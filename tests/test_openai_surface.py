@@ -447,3 +447,21 @@ def test_custom_roles_reach_the_chat_template(gw):
     for role in ("user<|im_end|>", "", "two words"):
         with pytest.raises(openai.BadRequestError, match="role"):
             chat(gw, messages=[{"role": role, "content": "Hi"}], max_tokens=1)
+
+
+def test_every_bad_logit_bias_key_is_named(gw):
+    def message(bias: dict, path="/chat/completions") -> str:
+        body = {"model": gw.settings.model_id, "logit_bias": bias, "max_tokens": 1}
+        body.update({"messages": USER} if path == "/chat/completions" else {"prompt": "Hi"})
+        r = httpx.post(gw.url + path, json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+        return r.json()["error"]["message"]
+
+    for path in ("/chat/completions", "/completions"):
+        text = message({"5": 1, "abc": 1, "-3": 2, "7": 101, "9": -250}, path)
+        assert all(repr(k) in text for k in ("abc", "-3", "7", "9")) and "'5'" not in text, text
+        text = message({"49152": 1, "60000": 1, "12": 1}, path)  # outside the vocabulary (49152 tokens)
+        assert "49152" in text and "60000" in text and "12" not in text.replace("49152", ""), text
+    # the list is bounded
+    text = message({f"x{i}": 1 for i in range(100)})
+    assert "'x0'" in text and "'x99'" not in text and "and 92 more" in text and len(text) < 400, text
