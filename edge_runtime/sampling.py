@@ -49,7 +49,7 @@ class SamplingParams:
 class Sample:
     token_id: int
     logprob: float
-    top: list[tuple[int, float]] | None  # (token id, logprob) of the most likely tokens, then the sampled one if not among them
+    top: list[tuple[int, float]] | None  # (token id, logprob) of the `logprobs` most likely tokens, sampled or not
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
@@ -63,20 +63,18 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: torch.
     return torch.nan_to_num(logits, nan=-LOGIT_BOUND, posinf=LOGIT_BOUND, neginf=-LOGIT_BOUND).clamp_(-LOGIT_BOUND, LOGIT_BOUND)
 
 
-def top_logprobs(logprobs: torch.Tensor, k: int, token: int) -> list[tuple[int, float]]:
-    """The k most likely tokens, then `token` if it is not among them."""
+def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """The k most likely tokens, exactly k (as OpenAI's chat API): the sampled token's own
+    logprob is reported beside them, not added to them."""
     values, ids = torch.topk(logprobs, k) if k else (torch.empty(0), torch.empty(0))
-    top = [(int(i), float(v)) for i, v in zip(ids, values)]
-    if token not in {t for t, _ in top}:
-        top.append((token, float(logprobs[token])))
-    return top
+    return [(int(i), float(v)) for i, v in zip(ids, values)]
 
 
 def score_prompt(logits: torch.Tensor, prompt: torch.Tensor, k: int) -> list[tuple[float, list[tuple[int, float]]]]:
     """(logprob, top alternatives) of each prompt token after the first, from the
     unprocessed logits of the positions before it."""
     logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
-    return [(float(lp[t]), top_logprobs(lp, k, int(t))) for lp, t in zip(logprobs, prompt[1:])]
+    return [(float(lp[t]), top_logprobs(lp, k)) for lp, t in zip(logprobs, prompt[1:])]
 
 
 # Candidates the nucleus (top_p) is looked for among first: sorting all 49152 logits in
@@ -117,7 +115,7 @@ def sample(
     # logsumexp still starts a worker of its own, and the serving thread's team then sleeps
     # between regions (a one-client step went from 31 to 44 ms).
     logprobs = torch.log_softmax(logits, dim=-1)
-    top = None if params.logprobs is None else top_logprobs(logprobs, params.logprobs, token)
+    top = None if params.logprobs is None else top_logprobs(logprobs, params.logprobs)
     return Sample(token, float(logprobs[token]), top)
 
 

@@ -27,7 +27,7 @@ from .errors import APIError, json_response
 from .metrics import GatewayMetrics, RequestCounter
 from .outputs import ChatOutput, CompletionOutput, Output, Vocab
 from .responses import ResponseOutput, ResponsesRequest
-from .schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
+from .schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, listed
 
 log = logging.getLogger("fedsea.gateway")
 
@@ -95,7 +95,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     def check_bias(bias: dict | None, vocab: int) -> None:
         too_big = [k for k in bias or {} if int(k) >= vocab]
         if too_big:
-            raise errors.bad_request(f"logit_bias names token {too_big[0]}, outside the vocabulary (size {vocab})", param="logit_bias")
+            raise errors.bad_request(f"logit_bias names tokens outside the vocabulary (size {vocab}): {listed(too_big)}", param="logit_bias")
 
     async def vocab_of(client, logprobs: bool) -> Vocab:
         if logprobs:  # token bytes come from the grammar library's view of the vocabulary: built once, ~1 s
@@ -135,7 +135,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         check_bias(req.logit_bias, client.config.vocab_size)
         mode = req.tool_mode
         native = mode is not None and tools.template_takes_tools(client.tokenizer)
-        messages = tools.chat_messages(req.messages, req.tools if mode else None, native, req.parallel_tool_calls)
+        messages = tools.chat_messages(req.messages, req.tools if mode else None, native, req.parallel_calls)
         limits.refuse_overlong_text([str(m.get("content") or "") for m in messages], client.tokenizer,
                                     client.config.max_position_embeddings, "messages")
         try:
@@ -147,7 +147,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         constraint = await answer_constraint(client, req)
         logprobs = req.top_alternatives
         names = {t.function.name for t in req.tools} if mode else None
-        out = ChatOutput(req.model, await vocab_of(client, logprobs is not None), req.n, len(prompt), logprobs is not None, fingerprint(settings, adapter), tools=names)
+        out = ChatOutput(req.model, await vocab_of(client, logprobs is not None), req.n, len(prompt), logprobs is not None, fingerprint(settings, adapter), tools=names, several_calls=req.parallel_calls)
         return out, backend.generate([prompt], req.n, req.sampling(logprobs), req.token_limit, adapter, constraint)
 
     @v1.post("/completions")
@@ -211,7 +211,7 @@ async def answer_constraint(client, req: ChatCompletionRequest):
     try:
         if mode is not None:
             param = "tools"
-            grammar = client.grammars.lark(tools.call_grammar(req.tools, mode, req.parallel_tool_calls, schema))
+            grammar = client.grammars.lark(tools.call_grammar(req.tools, mode, req.parallel_calls, schema))
         elif schema is not None:
             param = "response_format"
             grammar = client.grammars.json_schema(schema)

@@ -17,6 +17,10 @@ from edge_runtime.pseudonyms import restored
 from . import schemas as s
 from .tools import CallParser
 
+# What an alternative the grammar ruled out (logprob -inf, which JSON cannot carry) is
+# reported with, as vLLM does.
+MIN_LOGPROB = -9999.0
+
 
 @dataclass
 class _Choice:
@@ -76,11 +80,16 @@ class Output:
 class ChatOutput(Output):
     prefix = "chatcmpl"
 
-    def __init__(self, *args, tools: set[str] | None = None, **kwargs):
-        """`tools`: the names of the functions the answer may call (None: no tools)."""
+    def __init__(self, *args, tools: set[str] | None = None, several_calls: bool = True, **kwargs):
+        """`tools`: the names of the functions the answer may call (None: no tools);
+        `several_calls`: whether an answer may hold more than one call."""
         super().__init__(*args, **kwargs)
         self.tools = tools
-        self.parsers = [CallParser(tools) for _ in self.choices] if tools else None
+        self.several_calls = several_calls
+        self.parsers = [self._parser() for _ in self.choices] if tools else None
+
+    def _parser(self) -> CallParser:
+        return CallParser(self.tools, self.several_calls)
 
     def _logprobs(self, events: list[TokenEvent]) -> s.ChatLogprobs | None:
         if not self.with_logprobs:
@@ -95,22 +104,25 @@ class ChatOutput(Output):
         ])
 
     def _alt(self, token_id: int, logprob: float) -> dict:
-        return dict(token=self.token(token_id), logprob=logprob, bytes=list(self.vocab.token_bytes(token_id)))
+        return dict(token=self.token(token_id), logprob=max(logprob, MIN_LOGPROB), bytes=list(self.vocab.token_bytes(token_id)))
 
-    def _finish(self, finish_reason: str | None, calls: int) -> str | None:
-        return "tool_calls" if calls and finish_reason == "stop" else finish_reason
+    def _finish(self, finish_reason: str | None, parser: CallParser) -> str | None:
+        if parser.calls and (finish_reason == "stop" or parser.complete):
+            return "tool_calls"
+        return finish_reason
 
     def response(self) -> s.ChatCompletion:
         choices = []
         for i, c in enumerate(self.choices):
-            text, calls = "".join(c.text), []
+            text, calls, finish = "".join(c.text), [], c.finish_reason
             if self.tools:
-                parser = CallParser(self.tools)
+                parser = self._parser()
                 pieces = parser.feed(text) + parser.finish()
                 text = "".join(p for p in pieces if isinstance(p, str))
                 calls = [p for p in pieces if isinstance(p, s.ToolCall)]
+                finish = self._finish(finish, parser)
             message = s.AssistantMessage(content=text if text or not calls else None, tool_calls=calls or None)
-            choices.append(s.ChatChoice(index=i, message=message, logprobs=self._logprobs(c.events), finish_reason=self._finish(c.finish_reason, len(calls))))
+            choices.append(s.ChatChoice(index=i, message=message, logprobs=self._logprobs(c.events), finish_reason=finish))
         return s.ChatCompletion(**self._common(), choices=choices, usage=self.usage())
 
     def opening(self) -> list[s.ChatCompletionChunk]:
@@ -130,7 +142,7 @@ class ChatOutput(Output):
                 s.ToolCallDelta(index=before + k, id=p.id, type="function", function=s.ToolCallFunctionDelta(**p.function.model_dump()))
                 for k, p in enumerate(p for p in pieces if isinstance(p, s.ToolCall))
             ]
-            finish = self._finish(finish, parser.calls)
+            finish = self._finish(finish, parser)
         if not (text or calls or finish or self.with_logprobs):
             return None  # nothing to say yet (a character, a possible stop string or tool call is incomplete)
         delta = s.ChatDelta(content=text or None, tool_calls=calls or None)
@@ -157,8 +169,15 @@ class CompletionOutput(Output):
         if not self.echo:
             return []
         ids = self.echo[index]
-        scored = [(lp, {self.token(t): v for t, v in top}) for lp, top in first.prompt_logprobs or []]
+        scored = [(lp, self._top(t, lp, top)) for t, (lp, top) in zip(ids[1:], first.prompt_logprobs or [])]
         return [(self.token(t), *score) for t, score in zip(ids, [(None, None), *scored])]
+
+    def _top(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None) -> dict[str, float]:
+        """The legacy API's alternatives: the k most likely and the chosen token, so up to
+        k + 1 (OpenAI's reference for `logprobs`)."""
+        alternatives = {self.token(t): max(lp, MIN_LOGPROB) for t, lp in top or []}
+        alternatives.setdefault(self.token(token_id), logprob)
+        return alternatives
 
     def _logprobs(self, entries: list[tuple], offset: int) -> s.CompletionLogprobs | None:
         """Entries: (token text, logprob, top alternatives) in order from `offset`."""
@@ -174,7 +193,7 @@ class CompletionOutput(Output):
         )
 
     def _entries(self, events: list[TokenEvent]) -> list[tuple]:
-        return [(self.token(e.token_id), e.logprob, {self.token(t): lp for t, lp in e.top_logprobs or []}) for e in events]
+        return [(self.token(e.token_id), e.logprob, self._top(e.token_id, e.logprob, e.top_logprobs)) for e in events]
 
     def response(self) -> s.TextCompletion:
         choices = []

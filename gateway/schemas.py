@@ -4,12 +4,15 @@ Requests ignore fields they do not know (clients send many); the ranges follow O
 API reference, so a request OpenAI would refuse gets a 400 here too, and an explicit
 null means the default wherever OpenAI allows null.  Fields OpenAI defines but fedsea
 cannot honour (suffix, best_of != n, non-text content) are refused with a 400 that
-says so, rather than silently ignored.
+says so, rather than silently ignored.  JSON Schemas (tool parameters, json_schema
+answers) are enforced as in OpenAI's strict mode: an object admits only the keys it
+declares unless it says otherwise (`closed`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
@@ -23,6 +26,44 @@ MAX_CHOICES = 128  # OpenAI's limit on n; applied to prompts x n of a batch too
 MAX_TOOLS = 128  # OpenAI's limit on tools per request
 COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens, as OpenAI's
 FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+LISTED = 8  # offending items an error names, of however many
+
+
+def listed(items: list) -> str:
+    """Items for an error message: every one, up to LISTED of them."""
+    shown = ", ".join(map(repr, items[:LISTED]))
+    return shown + (f" and {len(items) - LISTED} more" if len(items) > LISTED else "")
+
+
+# JSON Schema keywords whose values are schemas: one, a list of them, or a map of them.
+_SUBSCHEMA = ("additionalProperties", "items", "additionalItems", "unevaluatedItems", "contains", "not", "if", "then", "else")
+_SUBSCHEMA_LIST = ("anyOf", "oneOf", "prefixItems", "items")
+_SUBSCHEMA_MAP = ("properties", "patternProperties", "dependentSchemas", "$defs", "definitions")
+
+
+def closed(schema: Any, part: bool = False) -> Any:
+    """`schema` with every object schema that does not say `additionalProperties` (or
+    `unevaluatedProperties`) admitting only the keys it declares: additionalProperties
+    false by default, as OpenAI's strict mode and xgrammar.  Without it a small model
+    adds keys until max_tokens.  The members of an allOf, and the schema holding it,
+    stay as written: one object's keys are spread over them."""
+    if not isinstance(schema, dict):
+        return schema  # true, false, or what the grammar compiler will refuse
+    out = {}
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAP and isinstance(value, dict):
+            out[key] = {name: closed(sub) for name, sub in value.items()}
+        elif key in (*_SUBSCHEMA_LIST, "allOf") and isinstance(value, list):
+            out[key] = [closed(sub, part=key == "allOf") for sub in value]
+        elif key in _SUBSCHEMA:
+            out[key] = closed(value)
+        else:
+            out[key] = value
+    kind = schema.get("type")
+    is_object = kind == "object" or isinstance(kind, list) and "object" in kind or "properties" in schema
+    if is_object and not part and "allOf" not in schema and not {"additionalProperties", "unevaluatedProperties"} & set(schema):
+        out["additionalProperties"] = False
+    return out
 
 
 class _Request(BaseModel):
@@ -72,7 +113,10 @@ class MessageToolCall(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # OpenAI's roles, or any other name (as vLLM): passed to the chat template as given,
+    # which writes it (SmolLM2's, ChatML's) or refuses it (a 400 that says so).  A name,
+    # so that a role cannot carry template markup of its own.
+    role: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     content: str | list[ContentPart] | None = None
     tool_calls: list[MessageToolCall] | None = None  # assistant
     tool_call_id: str | None = None  # tool
@@ -103,7 +147,12 @@ class FunctionDefinition(_Request):
     name: FunctionName
     description: str | None = None
     parameters: dict[str, Any] | None = None  # JSON Schema; none: no arguments
-    strict: bool | None = None
+    strict: bool | None = None  # the parameters are enforced either way, as in strict mode
+
+    @property
+    def argument_schema(self) -> dict:
+        """What a call's arguments must follow (see `closed`: no undeclared keys)."""
+        return closed(self.parameters or {"type": "object", "properties": {}})
 
 
 class Tool(_Request):
@@ -128,7 +177,7 @@ class JSONSchemaFormat(_Request):
     name: FunctionName
     description: str | None = None
     schema_: Annotated[dict[str, Any], Field(alias="schema")] = {}
-    strict: bool | None = None  # the schema is enforced either way
+    strict: bool | None = None  # the schema is enforced either way, as in strict mode (see `closed`)
 
 
 class ResponseFormat(_Request):
@@ -143,10 +192,10 @@ class ResponseFormat(_Request):
 
     @property
     def answer_schema(self) -> dict | None:
-        """The JSON Schema the answer must follow (None: free text)."""
+        """The JSON Schema the answer must follow (None: free text); json_object: any object."""
         if self.type == "json_object":
             return {"type": "object"}
-        return self.json_schema.schema_ if self.type == "json_schema" else None
+        return closed(self.json_schema.schema_) if self.type == "json_schema" else None
 
 
 class _SamplingRequest(_Request):
@@ -163,7 +212,7 @@ class _SamplingRequest(_Request):
     frequency_penalty: Penalty | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
     # Extras (vLLM's names): top_k -1 or 0 means no cut, repetition_penalty is HF's.
     top_k: Annotated[int, Field(ge=-1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None
@@ -174,6 +223,14 @@ class _SamplingRequest(_Request):
         if isinstance(stop, list) and len(stop) > MAX_STOPS:
             raise ValueError(f"stop takes at most {MAX_STOPS} sequences")
         return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, bias):
+        bad = [k for k, v in bias.items() if not (re.fullmatch(r"[0-9]{1,9}", k) and -100 <= v <= 100)]
+        if bad:
+            raise ValueError(f"logit_bias maps token ids to biases in [-100, 100]; these entries do not: {listed(bad)}")
+        return bias
 
     @model_validator(mode="after")
     def _check(self):
@@ -243,6 +300,12 @@ class ChatCompletionRequest(_SamplingRequest):
         if choice == "none" or not self.tools:
             return None
         return choice if isinstance(choice, str) else choice.function.name
+
+    @property
+    def parallel_calls(self) -> bool:
+        """Whether the answer may hold several calls: a named tool_choice calls that
+        function once, whatever parallel_tool_calls says (as OpenAI)."""
+        return self.parallel_tool_calls and self.tool_mode in ("auto", "required")
 
     @property
     def token_limit(self) -> int | None:

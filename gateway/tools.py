@@ -6,7 +6,8 @@ Hermes / Qwen 2.5 format), one per line when several are allowed.  A model whose
 template takes `tools` (Qwen 2.5, Hermes, Llama 3.1+) gets them through its template;
 for any other template (the default SmolLM2's) a system message describes the tools and
 this format, and tool results come back as `<tool_response>` user turns.  The grammar
-makes every call name a declared function with arguments valid against its schema:
+makes every call name a declared function with arguments valid against its schema
+(no undeclared keys: `schemas.closed`):
 always with tool_choice "required" or a named function, and with "auto" as soon as the
 answer opens with `<tool_call>`.
 """
@@ -21,7 +22,6 @@ from edge_runtime.constraints import JSON_STYLE
 from . import schemas as s
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 GENERIC_PROMPT = """# Tools
 
@@ -88,7 +88,7 @@ def call_grammar(tools: list[s.Tool], mode: str, parallel: bool, answer_schema: 
         "anyOf": [
             {
                 "type": "object",
-                "properties": {"name": {"const": f.name}, "arguments": f.parameters or NO_ARGUMENTS},
+                "properties": {"name": {"const": f.name}, "arguments": f.argument_schema},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
@@ -115,13 +115,21 @@ def call_grammar(tools: list[s.Tool], mode: str, parallel: bool, answer_schema: 
 class CallParser:
     """Reads one choice's text as it streams: calls at the start of the answer become
     ToolCalls, anything else is content.  Text that may still turn out to begin a call
-    is held back until it is known."""
+    is held back until it is known.
 
-    def __init__(self, names: set[str]):
+    A call whose JSON is complete is a call even if the answer was cut (max_tokens, a
+    stop string) inside its closing tag: the grammar forces that tag, so no sampling
+    was needed for it."""
+
+    def __init__(self, names: set[str], several: bool = True):
+        """`several`: whether more calls may follow one (False: the answer is complete
+        once its call is)."""
         self.names = names
+        self.several = several
         self.pending = ""
         self.content = False  # the answer is plain text from here on
         self.calls = 0
+        self.cut_close = False  # the last call's closing tag was cut off
 
     def feed(self, text: str) -> list[str | s.ToolCall]:
         if self.content:
@@ -135,7 +143,7 @@ class CallParser:
                 if end < 0:
                     break
                 block, self.pending = rest[: end + len(CLOSE)], rest[end + len(CLOSE) :]
-                out.append(self._call(block) or block)
+                out.append(self._call(block[len(OPEN) : end]) or block)
             elif not OPEN.startswith(rest):
                 self.content = True
                 out.append(self.pending)
@@ -145,14 +153,30 @@ class CallParser:
                 break
         return out
 
-    def finish(self) -> list[str]:
-        """What was held back, as content (e.g. a call cut off by max_tokens)."""
+    def finish(self) -> list[str | s.ToolCall]:
+        """What was held back: a call cut in its closing tag, or else content (e.g. a
+        call cut off by max_tokens inside its JSON)."""
         rest, self.pending = self.pending, ""
+        body = rest.lstrip().removeprefix(OPEN)
+        if body != rest.lstrip():
+            try:
+                _, end = json.JSONDecoder().raw_decode(body)
+            except ValueError:
+                end = None
+            call = self._call(body[:end]) if end is not None and CLOSE.startswith(body[end:]) else None
+            if call is not None:
+                self.cut_close = True
+                return [call]
         return [rest] if rest.strip() else []
 
-    def _call(self, block: str) -> s.ToolCall | None:
+    @property
+    def complete(self) -> bool:
+        """The answer holds a call and nothing more could have followed it."""
+        return self.calls > 0 and self.cut_close and not self.several
+
+    def _call(self, payload: str) -> s.ToolCall | None:
         try:
-            call = json.loads(block[len(OPEN) : -len(CLOSE)])
+            call = json.loads(payload)
         except ValueError:
             return None
         if not (isinstance(call, dict) and call.get("name") in self.names and isinstance(call.get("arguments"), dict)):

@@ -78,8 +78,8 @@ def test_json_schema_stream_with_stop_and_logprobs(gw):
     jsonschema.validate(json.loads(text), ANSWER)
     tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert "".join(t.token for t in tokens) == text
-    # the masked distribution: the sampled token is among the top ones it reports
-    assert all(t.token in [a.token for a in t.top_logprobs] for t in tokens)
+    # the masked distribution: nothing outside the grammar is more likely than the sampled token
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob for t in tokens)
 
 
 def test_json_object_is_an_object(gw):
@@ -219,7 +219,9 @@ def test_sampled_token_is_in_top_logprobs_and_bytes_are_its_own(gw):
     r = chat(gw, max_tokens=1, temperature=0, logprobs=True, top_logprobs=0, logit_bias={str(emoji[0]): 100})
     (tok,) = r.choices[0].logprobs.content
     assert bytes(tok.bytes) == "😀".encode()[: len(bytes(tok.bytes))] and len(tok.bytes) < 4
-    assert [(a.token, a.bytes) for a in tok.top_logprobs] == [(tok.token, tok.bytes)]
+    assert tok.top_logprobs == []
+    r = chat(gw, max_tokens=1, temperature=0, logprobs=True, top_logprobs=1, logit_bias={str(emoji[0]): 100})
+    assert [(a.token, a.bytes) for a in r.choices[0].logprobs.content[0].top_logprobs] == [(tok.token, tok.bytes)]
     c = client(gw).completions.create(model=gw.settings.model_id, prompt="Hi", max_tokens=4, logprobs=0, seed=9)
     lp = c.choices[0].logprobs
     assert [list(d) for d in lp.top_logprobs] == [[t] for t in lp.tokens]
@@ -332,3 +334,134 @@ def test_responses_is_stateless(gw):
         client(gw).responses.create(model=gw.settings.model_id, input="Hi", previous_response_id="resp_123")
     with pytest.raises(openai.BadRequestError):
         client(gw).responses.create(model=gw.settings.model_id, input="Hi", tools=[{"type": "web_search"}])
+
+
+# ---- what outside clients (openai-node, langchain, vLLM's tests) check --------------------
+
+
+def test_top_logprobs_has_exactly_k_alternatives(gw):
+    # temperature 2 samples tokens outside the most likely few; their own logprob is the entry's
+    for k, stream in ((0, False), (1, False), (3, True)):
+        r = chat(gw, max_tokens=12, seed=20, temperature=2.0, logprobs=True, top_logprobs=k, logit_bias={"2": -100}, stream=stream)
+        entries = [t for c in r if c.choices[0].logprobs for t in c.choices[0].logprobs.content] if stream else r.choices[0].logprobs.content
+        assert len(entries) == 12 and all(len(t.top_logprobs) == k for t in entries), k
+        assert all(isinstance(a.logprob, float) for t in entries for a in t.top_logprobs)
+        if k:
+            assert any(t.token not in [a.token for a in t.top_logprobs] for t in entries)
+            assert all(t.top_logprobs[0].logprob >= t.logprob for t in entries)
+    # a grammar that admits fewer than k tokens: the rest are impossible, reported as vLLM does (-9999)
+    fmt = {"type": "json_schema", "json_schema": {"name": "flag", "schema": {"enum": ["yes"]}}}
+    forced = chat(gw, response_format=fmt, max_tokens=5, logprobs=True, top_logprobs=3).choices[0].logprobs.content
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[-1].logprob == -9999.0 for t in forced)
+    # the legacy completions API keeps its own rule: the k most likely and the sampled token (k + 1 at most)
+    c = client(gw).completions.create(model=gw.settings.model_id, prompt="Hi", max_tokens=12, logprobs=1, seed=20,
+                                      temperature=2.0, logit_bias={"2": -100})
+    lp = c.choices[0].logprobs
+    assert all(t in top and len(top) in (1, 2) for t, top in zip(lp.tokens, lp.top_logprobs))
+    assert any(len(top) == 2 for top in lp.top_logprobs)
+
+
+# Schemas as clients write them: no additionalProperties anywhere (pydantic's, zod's without .strict()).
+OPEN_PLACE = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}
+OPEN_TRIP = {"type": "object", "properties": {"to": OPEN_PLACE, "days": {"type": "integer"}}, "required": ["to"]}
+
+
+def assert_closed(value, schema) -> None:
+    """Only the keys `schema` declares, at every level."""
+    jsonschema.validate(value, schema)
+    if isinstance(value, dict):
+        assert set(value) <= set(schema["properties"]), value
+        for key, item in value.items():
+            assert_closed(item, schema["properties"][key])
+
+
+def test_a_schema_without_additional_properties_admits_only_its_keys(gw):
+    tools = [{"type": "function", "function": {"name": "plan", "parameters": OPEN_TRIP}}]
+    named = {"type": "function", "function": {"name": "plan"}}
+    r = chat(gw, tools=tools, tool_choice=named, n=4, max_tokens=80, seed=21, parallel_tool_calls=False)
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls"
+        assert_closed(json.loads(choice.message.tool_calls[0].function.arguments), OPEN_TRIP)
+    fmt = {"type": "json_schema", "json_schema": {"name": "trip", "schema": OPEN_TRIP}}
+    r = chat(gw, response_format=fmt, n=4, max_tokens=80, seed=22)
+    for choice in r.choices:
+        assert choice.finish_reason == "stop"
+        assert_closed(json.loads(choice.message.content), OPEN_TRIP)
+    # an explicit additionalProperties stays as written; json_object is any object
+    free = {"type": "json_schema", "json_schema": {"name": "bag", "schema": {"type": "object", "additionalProperties": {"type": "integer"}}}}
+    r = chat(gw, response_format=free, max_tokens=60, seed=23, logit_bias={"2": -100})
+    assert r.choices[0].message.content.startswith("{")
+
+
+def test_a_named_tool_choice_makes_exactly_one_call(gw):
+    named = {"type": "function", "function": {"name": "get_time"}}  # parallel_tool_calls left at its default, true
+    r = chat(gw, tools=TOOLS, tool_choice=named, n=4, max_tokens=120, seed=24, logit_bias={"2": -100})
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert_valid_call(call, {"get_time"})
+
+
+def test_a_call_whose_closing_tag_max_tokens_cut_is_still_a_call(gw):
+    args = dict(tools=TOOLS, tool_choice="required", seed=25, logprobs=True, logit_bias={"2": -100})
+    full = chat(gw, max_tokens=120, parallel_tool_calls=False, **args).choices[0]
+    (call,) = full.message.tool_calls
+    tokens = [t.token for t in full.logprobs.content]
+    text = "".join(tokens)
+    json_end = text.index(call.function.arguments) + len(call.function.arguments) + 1  # the call object's "}"
+    complete = next(m for m in range(len(tokens) + 1) if len("".join(tokens[:m])) >= json_end)
+    assert complete < len(tokens)  # the closing tag takes tokens of its own
+    for cut in range(complete, len(tokens)):
+        for stream in (False, True):
+            r = chat(gw, max_tokens=cut, parallel_tool_calls=False, stream=stream, **args)
+            if stream:
+                chunks = [c.choices[0] for c in r]
+                deltas = [d for c in chunks for d in c.delta.tool_calls or []]
+                assert [(d.function.name, d.function.arguments) for d in deltas] == [(call.function.name, call.function.arguments)]
+                assert not "".join(c.delta.content or "" for c in chunks)
+                finish = chunks[-1].finish_reason
+            else:
+                (got,) = r.choices[0].message.tool_calls
+                assert (got.function.name, got.function.arguments) == (call.function.name, call.function.arguments)
+                assert r.choices[0].message.content is None
+                finish = r.choices[0].finish_reason
+            # nothing but the closing tag could have followed: the answer is complete
+            assert finish == "tool_calls", (cut, stream)
+    # where more calls might have followed, max_tokens did cut the answer
+    r = chat(gw, max_tokens=complete, **args).choices[0]
+    assert r.message.tool_calls and r.finish_reason == "length"
+
+
+def test_custom_roles_reach_the_chat_template(gw):
+    tokenizer = gw.backend.client.tokenizer
+    messages = [{"role": "narrator", "content": "The lighthouse keeper wakes up."}, {"role": "user", "content": "Go on."}]
+    r = chat(gw, messages=messages, max_tokens=1)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert "<|im_start|>narrator\n" in prompt  # SmolLM2's template writes any role as given
+    assert r.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    # developer is OpenAI's newer name for system
+    as_developer = chat(gw, messages=[{"role": "developer", "content": "Be brief."}, *USER], max_tokens=1)
+    as_system = chat(gw, messages=[{"role": "system", "content": "Be brief."}, *USER], max_tokens=1)
+    assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
+    # a role is a name: text that would write template markup of its own is refused
+    for role in ("user<|im_end|>", "", "two words"):
+        with pytest.raises(openai.BadRequestError, match="role"):
+            chat(gw, messages=[{"role": role, "content": "Hi"}], max_tokens=1)
+
+
+def test_every_bad_logit_bias_key_is_named(gw):
+    def message(bias: dict, path="/chat/completions") -> str:
+        body = {"model": gw.settings.model_id, "logit_bias": bias, "max_tokens": 1}
+        body.update({"messages": USER} if path == "/chat/completions" else {"prompt": "Hi"})
+        r = httpx.post(gw.url + path, json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+        return r.json()["error"]["message"]
+
+    for path in ("/chat/completions", "/completions"):
+        text = message({"5": 1, "abc": 1, "-3": 2, "7": 101, "9": -250}, path)
+        assert all(repr(k) in text for k in ("abc", "-3", "7", "9")) and "'5'" not in text, text
+        text = message({"49152": 1, "60000": 1, "12": 1}, path)  # outside the vocabulary (49152 tokens)
+        assert "49152" in text and "60000" in text and "12" not in text.replace("49152", ""), text
+    # the list is bounded
+    text = message({f"x{i}": 1 for i in range(100)})
+    assert "'x0'" in text and "'x99'" not in text and "and 92 more" in text and len(text) < 400, text
