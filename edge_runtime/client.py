@@ -26,6 +26,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from fedsea_shared import defaults
 from fedsea_shared.adapters import load_adapters
+from fedsea_shared.architectures import context_limit
 from fedsea_shared.models import resolve_model
 from fedsea_shared.noise import KEY_BYTES, NoiseChain, public_prefix_len
 from fedsea_shared.prefix import prefix_root
@@ -288,8 +289,9 @@ class AsyncEdgeClient:
         bounds = (conn.welcome.noise_min, conn.welcome.noise_max)
         if not bounds[0] <= noise <= bounds[1]:
             raise ValueError(f"noise {noise} is outside the server's bounds [{bounds[0]}, {bounds[1]}]")
-        # The edge's own limit too: a step is never longer than the replies its connection accepts.
-        max_context = min(conn.welcome.max_context, self.config.max_position_embeddings)
+        # The edge's own limit too: a step is never longer than the replies its connection accepts,
+        # and its blocks never attend past the model's sliding window.
+        max_context = min(conn.welcome.max_context, context_limit(self.config))
         if len(prompt_ids) >= max_context:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context limit is {max_context}")
         generators = [torch.Generator().manual_seed(p.seed if p.seed is not None else random.getrandbits(63))

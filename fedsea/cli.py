@@ -53,7 +53,7 @@ def _server_parser(sub) -> None:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode ticks eagerly instead of replaying captured CUDA graphs")
     p.add_argument("--max-graph-batch", type=int, default=64, help="largest decode batch replayed as a CUDA graph")
-    p.add_argument("--max-context", type=int, default=8192)
+    _max_context_arg(p)
     p.add_argument("--token-budget", type=int, default=512, help="tokens per batched forward (chunked prefill)")
     p.add_argument("--noise-min", type=float, default=0.0, help="lowest noise scale an edge may declare")
     p.add_argument("--noise-max", type=float, default=4.0, help="highest noise scale an edge may declare")
@@ -139,6 +139,12 @@ def _edge_args(p: argparse.ArgumentParser) -> None:
                         "head of a batch of 8-16 generations takes about twice as long)")
 
 
+def _max_context_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-context", type=int, default=8192,
+                   help="most tokens (prompt and generated) a session may hold; a model with a sliding "
+                        "attention window is served only up to its window")
+
+
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="the embedded default: server runtime (loopback) + edge + OpenAI API in one process")
     _split_args(p)
@@ -146,6 +152,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--server-port", type=int, default=0, help="loopback port of the embedded server runtime (default: a free one)")
     p.add_argument("--device", default="cpu", help="device of the server runtime's middle blocks")
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV pool size of the server runtime")
+    _max_context_arg(p)
     _attention_backend_arg(p)
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch intra-op threads of the one thread that runs both sides' forward passes "
@@ -211,6 +218,7 @@ def _run_serve(args) -> None:
     from fedsea_shared.models import resolve_model
     from gateway import run_gateway
     from server_runtime.app import ServerSettings, ServerThread
+    from server_runtime.engine import EngineSettings
 
     n, source = threads.compute_threads(args.threads)
     threads.apply(n)
@@ -226,6 +234,7 @@ def _run_serve(args) -> None:
         device=args.device, kv_cache_memory=args.kv_cache_memory, adapters=_adapters(args),
         attention_backend=args.attention_backend, linear_kernel=args.linear_kernel, block_ops=args.block_ops,
         kv_quota=1.0,  # its only tenant is this process's own gateway
+        engine=EngineSettings(max_context=args.max_context),
     ), compute.run)
     try:
         settings = _gateway_settings(args, server.url)

@@ -6,11 +6,12 @@ sequences of a batch back to back, and attention is delegated to an `AttentionFn
 each runtime implements over its own KV cache (the edge: per-sequence buffers; the
 server: the paged pool).  Parameter names follow the Hugging Face checkpoint
 (`model.layers.7.self_attn.q_proj.weight`) so a shard loads straight from safetensors.
+What a model family changes in the block (biases, rotary embedding) comes from the
+registry, `fedsea_shared.architectures`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -23,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
-from transformers import LlamaConfig
+from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from .architectures import architecture_of, load_config
 
 log = logging.getLogger("fedsea.shard")
 
@@ -65,20 +67,7 @@ class Partition:
         return range(self.num_layers - self.tail, self.num_layers)
 
 
-def load_config(model_dir: str | Path) -> LlamaConfig:
-    """Read a checkpoint's config.json (never a hub download)."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model directory: no config.json")
-    raw = json.loads(path.read_text())
-    if raw.get("model_type") not in ("llama", None):
-        raise ValueError(f"only LLaMA-family checkpoints are supported, not model_type={raw.get('model_type')!r}")
-    config = LlamaConfig.from_pretrained(str(model_dir), local_files_only=True)
-    config._attn_implementation = "sdpa"
-    return config
-
-
-def head_dim(config: LlamaConfig) -> int:
+def head_dim(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
@@ -403,19 +392,19 @@ def dense(weight: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: LlamaConfig, layer: int):
+    def __init__(self, config: PretrainedConfig, layer: int):
         super().__init__()
         self.layer = layer
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim(config)
         self.scale = self.head_dim**-0.5
-        bias = getattr(config, "attention_bias", False)
+        qkv_bias, o_bias = architecture_of(config).attention_biases(config)
         h = config.hidden_size
-        self.q_proj = Linear(h, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=bias)
+        self.q_proj = Linear(h, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=o_bias)
         self.qkv_proj: FusedLinear | None = None  # set by fuse_projections, replacing q/k/v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionFn,
@@ -536,7 +525,7 @@ def use_block_ops(shard: nn.Module, ops: BlockOps) -> None:
 class MLP(nn.Module):
     """LLaMA's gated MLP (as transformers' LlamaMLP, on `Linear`)."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: PretrainedConfig):
         super().__init__()
         h, ff, bias = config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False)
         self.gate_proj = Linear(h, ff, bias=bias)
@@ -556,7 +545,7 @@ class MLP(nn.Module):
 class DecoderBlock(nn.Module):
     ops = BlockOps()  # its small ops; use_block_ops puts an inference shard's on fused kernels
 
-    def __init__(self, config: LlamaConfig, layer: int):
+    def __init__(self, config: PretrainedConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = SelfAttention(config, layer)
@@ -573,7 +562,7 @@ class DecoderBlock(nn.Module):
 class _Blocks(nn.Module):
     """Holds decoder blocks under their global indices, as `model.layers.<i>` does."""
 
-    def __init__(self, config: LlamaConfig, layers: list[int]):
+    def __init__(self, config: PretrainedConfig, layers: list[int]):
         super().__init__()
         self.layers = nn.ModuleDict({str(i): DecoderBlock(config, i) for i in layers})
 
@@ -582,11 +571,11 @@ class ModelShard(nn.Module):
     """The part of the model one side holds.  The edge holds embedding, head and tail
     blocks, final norm and LM head; the server holds only its range of blocks."""
 
-    def __init__(self, config: LlamaConfig, layers: list[int], with_edge_parts: bool):
+    def __init__(self, config: PretrainedConfig, layers: list[int], with_edge_parts: bool):
         super().__init__()
         self.config = config
         self.model = _Blocks(config, layers)
-        self.rotary = LlamaRotaryEmbedding(config)
+        self.rotary = architecture_of(config).rotary_embedding(config)
         if with_edge_parts:
             self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
             self.model.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -614,13 +603,13 @@ class ModelShard(nn.Module):
         return self.lm_head(self.model.norm(hidden))
 
 
-def shard_tensor_names(config: LlamaConfig, layers: list[int], with_edge_parts: bool) -> list[str]:
+def shard_tensor_names(config: PretrainedConfig, layers: list[int], with_edge_parts: bool) -> list[str]:
     """The checkpoint tensors a shard needs, and no others."""
     shard = _meta_shard(config, layers, with_edge_parts)
     return [n for n in shard.state_dict() if not n.startswith("rotary.")]
 
 
-def _meta_shard(config: LlamaConfig, layers: list[int], with_edge_parts: bool) -> ModelShard:
+def _meta_shard(config: PretrainedConfig, layers: list[int], with_edge_parts: bool) -> ModelShard:
     with torch.device("meta"):
         return ModelShard(config, layers, with_edge_parts)
 
@@ -631,7 +620,7 @@ def load_shard(
     with_edge_parts: bool,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-    config: LlamaConfig | None = None,
+    config: PretrainedConfig | None = None,
 ) -> ModelShard:
     """Build a shard and read only its own tensors from the checkpoint's safetensors files.
 
@@ -658,7 +647,7 @@ def load_shard(
         shard.lm_head.weight = shard.model.embed_tokens.weight
     # Rotary tables are computed, not stored: rebuild them off the meta device.
     with torch.device(device):
-        shard.rotary = LlamaRotaryEmbedding(config)
+        shard.rotary = architecture_of(config).rotary_embedding(config)
     return shard.eval().requires_grad_(False)
 
 

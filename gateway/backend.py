@@ -22,6 +22,7 @@ from edge_runtime.connection import ServerError
 from edge_runtime.constraints import Constraint
 from edge_runtime.sampling import SamplingParams
 from fedsea_shared import defaults
+from fedsea_shared.architectures import context_limit
 from fedsea_shared.threads import run_here
 
 from . import errors
@@ -158,7 +159,7 @@ class Backend:
                 502, f"the server runtime only accepts noise in [{welcome.noise_min}, {welcome.noise_max}]; "
                 f"this gateway runs with --noise {client.noise}", "server_error", code="noise_out_of_bounds",
             )
-        limit = min(welcome.max_context, client.config.max_position_embeddings)
+        limit = min(welcome.max_context, context_limit(client.config))
         jobs = []
         for p, prompt in enumerate(prompts):
             room = limit - len(prompt)

@@ -32,6 +32,7 @@ from websockets.http11 import Request, Response
 
 from fedsea_shared import defaults
 from fedsea_shared.adapters import load_adapters
+from fedsea_shared.architectures import check_context
 from fedsea_shared.models import resolve_model
 from fedsea_shared.protocol import (
     PROTOCOL_VERSION,
@@ -171,6 +172,7 @@ class ServerRuntime:
         self._ssl = self._ssl_context() if settings.tls else None
         model_dir = resolve_model(settings.model)
         self.config = load_config(model_dir)
+        check_context(self.config, settings.engine.max_context, "--max-context")
         self.partition = Partition(self.config.num_hidden_layers, settings.head, settings.tail)
         dtype = self.shard_dtype = WIRE_DTYPES[settings.dtype]
         self.shard = load_server_shard(model_dir, self.partition, dtype=dtype, device=settings.device, config=self.config)

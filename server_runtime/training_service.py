@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from fedsea_shared.architectures import context_limit
 from fedsea_shared.protocol import (
     AdapterState,
     ErrorCode,
@@ -63,7 +64,7 @@ from fedsea_shared.protocol import (
     TrainState,
     tensor_meta,
 )
-from fedsea_shared.shard import ModelShard, Partition
+from fedsea_shared.shard import ModelShard, Partition, head_dim
 from fedsea_shared.training import (
     AdapterOptimizer,
     flatten,
@@ -277,7 +278,7 @@ class TrainingService:
         """Adapters of a new job with their gradients and AdamW moments, and the copy of
         adapters and moments a checkpoint keeps (float32)."""
         c = self.base.config
-        hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        hd = head_dim(c)
         h, q, kv, ff = c.hidden_size, c.num_attention_heads * hd, c.num_key_value_heads * hd, c.intermediate_size
         dims = {"q_proj": h + q, "k_proj": h + kv, "v_proj": h + kv, "o_proj": q + h,
                 "gate_proj": h + ff, "up_proj": h + ff, "down_proj": ff + h}
@@ -436,6 +437,9 @@ class TrainingService:
         rows = sum(msg.lengths)
         if rows > self.settings.max_tokens:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"{rows} tokens exceed the server's limit of {self.settings.max_tokens} per train_forward", msg.sid)
+        longest, limit = max(msg.lengths, default=0), context_limit(self.base.config)
+        if longest > limit:  # past a sliding window the blocks would attend too far
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"a sequence of {longest} tokens exceeds the model's context of {limit}", msg.sid)
         self._check_hidden(msg, tensor, rows)
         if (member.conn, msg.sid) in self.steps:
             raise ProtocolError(ErrorCode.SESSION_EXISTS, f"step {msg.sid} is already waiting for its backward", msg.sid)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from fedsea_shared.models import DEFAULT_MODEL, resolve_model
 from fedsea_shared.threads import run_here
@@ -31,8 +31,10 @@ def default_model_dir() -> Path:
     return resolve_model(DEFAULT_MODEL)
 
 
-def make_tiny_model(path: Path, default_model_dir: Path, **overrides) -> Path:
-    """A random 6-block LLaMA with GQA that uses the default model's tokenizer."""
+def make_tiny_model(path: Path, default_model_dir: Path, model_type: str = "llama", **overrides) -> Path:
+    """A random 6-block model of the family `model_type` (LLaMA by default) with GQA that
+    uses the default model's tokenizer.  Its biases, if any, are random too: transformers
+    initialises them to zero, which would hide a bias a shard leaves out."""
     torch.manual_seed(0)
     cfg = dict(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
@@ -40,7 +42,11 @@ def make_tiny_model(path: Path, default_model_dir: Path, **overrides) -> Path:
         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )
     cfg.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.5)
     model.save_pretrained(path, safe_serialization=True)
     for name in TOKENIZER_FILES:
         if (default_model_dir / name).exists():

@@ -36,6 +36,7 @@ from transformers import AutoTokenizer
 
 from edge_runtime.connection import ConnectionLost, ServerError
 from fedsea_shared import defaults
+from fedsea_shared.architectures import check_context
 from fedsea_shared.models import resolve_model
 from fedsea_shared.protocol import Hello, LoraSpec, OptimSpec, TrainJoin, TrainMode
 from fedsea_shared.shard import Partition, load_config
@@ -118,6 +119,7 @@ class ClientRun:
         self.partition = Partition(self.config.num_hidden_layers, cfg.head, cfg.tail)
         if cfg.max_length > self.config.max_position_embeddings:
             raise DataError(f"--max-length {cfg.max_length} exceeds the model's context of {self.config.max_position_embeddings} tokens")
+        check_context(self.config, cfg.max_length, "--max-length")
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.dataset: Dataset = build_dataset(
             cfg.data, self.tokenizer, cfg.max_length, cfg.seed, cfg.valid_fraction, cfg.max_train, cfg.max_valid
