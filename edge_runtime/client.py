@@ -43,7 +43,7 @@ from .decode_loop import DecodeLoop, Generation, TokenEvent
 from .keys import load_or_create_key
 from .model import EdgeModel, EdgeWorker, SequenceCache
 from .prefix_cache import Prefix, PrefixStore
-from .pseudonyms import Pseudonymizer, PseudonymizedPrompt, output_text
+from .pseudonyms import Pseudonymizer, PseudonymizedPrompt, chat_text, output_text
 from .sampling import SamplingParams, score_prompt
 from .servers import NoOtherServer, ServerList
 from .session import InferenceSession
@@ -214,10 +214,7 @@ class AsyncEdgeClient:
         """Token ids of a chat, formatted with the model's own chat template (with the
         tools, OpenAI-style, for a template that takes them); pseudonymized, their
         generations restore the originals."""
-        pseudonyms = self.pseudonymizer.conversation() if self.pseudonymizer else None
-        if pseudonyms:
-            messages = pseudonyms.messages(messages)
-        text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        text, pseudonyms = chat_text(self.tokenizer, self.pseudonymizer, messages, tools)
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         return PseudonymizedPrompt(ids, pseudonyms) if pseudonyms else ids
 

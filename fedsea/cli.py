@@ -128,8 +128,9 @@ def _edge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-file", metavar="FILE", help="read the --api-key from FILE")
     p.add_argument("--protect-status", action="store_true", help="require the API key for /health, /metrics and /openapi.json too")
     p.add_argument("--no-pseudonymize", dest="pseudonymize", action="store_false",
-                   help="send names, digit runs and e-mail addresses as typed instead of keyed surrogates that the "
-                        "edge maps back in the output (default: pseudonymize; see docs/privacy.md)")
+                   help="send names, addresses, phone and card numbers, e-mails, digit runs (...) as typed instead of "
+                        "keyed surrogates that the edge maps back in the output (default: pseudonymize; see "
+                        "docs/privacy.md and `fedsea preview`)")
     p.add_argument("--edge-cache-memory", default="256MiB",
                    help="memory for recent conversations' edge state, so a chat's next turn computes and sends only "
                         "its new tokens (bytes, e.g. 512MiB; 0 turns prefix reuse off; default: %(default)s)")
@@ -174,6 +175,44 @@ def _gateway_parser(sub) -> None:
     p.add_argument("--server-api-key", help="key this edge presents to the server runtime (visible in ps: prefer "
                                             "--server-api-key-file or $FEDSEA_SERVER_API_KEY; default: none)")
     p.add_argument("--server-api-key-file", metavar="FILE", help="read the --server-api-key from FILE")
+
+
+def _preview_parser(sub) -> None:
+    p = sub.add_parser("preview", help="print what a chat request would send: the templated text with the "
+                                       "pseudonymizer's surrogates in place, and each hidden span (nothing is sent)")
+    p.add_argument("--model", default=defaults.MODEL, help="checkpoint directory or packaged model name (its tokenizer "
+                                                           "and chat template; default: %(default)s)")
+    p.add_argument("request", nargs="?", default="-", help="an OpenAI chat-completions body (JSON file, - for stdin), "
+                                                            "or with --text the user's message itself")
+    p.add_argument("--text", action="store_true", help="REQUEST is one user message's text, not a JSON body")
+    p.add_argument("--no-pseudonymize", dest="pseudonymize", action="store_false", help="as the gateway's flag")
+    p.add_argument("--json", action="store_true", help="print the preview as JSON (as POST /fedsea/v1/preview returns it)")
+
+
+def _run_preview(args) -> None:
+    import json
+
+    from transformers import AutoTokenizer
+
+    from edge_runtime.keys import load_or_create_key
+    from edge_runtime.pseudonyms import Pseudonymizer
+    from fedsea_shared.models import resolve_model
+    from gateway.preview import preview, template_input
+    from gateway.schemas import ChatCompletionRequest
+
+    raw = sys.stdin.read() if args.request == "-" else args.request if args.text else Path(args.request).read_text()
+    body = {"messages": [{"role": "user", "content": raw}]} if args.text else json.loads(raw)
+    req = ChatCompletionRequest.model_validate({"model": "preview", **body})
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(args.model)), local_files_only=True)
+    # This device's key, as the gateway uses it: the surrogates shown are the ones sent.
+    pseudonymizer = Pseudonymizer(load_or_create_key()) if args.pseudonymize else None
+    shown = preview(tokenizer, pseudonymizer, *template_input(req, tokenizer))
+    if args.json:
+        print(shown.model_dump_json(indent=1))
+        return
+    print(shown.sent_text)
+    for span in shown.spans:
+        print(f"  {span.kind:<9} {span.text!r} -> {span.surrogate!r}")
 
 
 def _secret(args, name: str, env: str) -> str | None:
@@ -290,11 +329,13 @@ def main(argv: list[str] | None = None) -> None:
     _server_parser(sub)
     _serve_parser(sub)
     _gateway_parser(sub)
+    _preview_parser(sub)
     audit_cli.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        {"server": _run_server, "serve": _run_serve, "gateway": _run_gateway, "audit": audit_cli.run}[args.command](args)
+        {"server": _run_server, "serve": _run_serve, "gateway": _run_gateway, "preview": _run_preview,
+         "audit": audit_cli.run}[args.command](args)
     except KeyboardInterrupt:
         pass
     except (ValueError, FileNotFoundError) as e:

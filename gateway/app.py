@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/responses,
-/v1/models, /health and /metrics, in front of the gateway's one edge client."""
+/v1/models, /health and /metrics, in front of the gateway's one edge client; and
+/fedsea/v1/preview, what a chat request would send (gateway.preview)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from edge_runtime.constraints import GrammarError
+from edge_runtime.pii import TextTooLong
 from fedsea_shared.threads import serial
 
 from . import errors, limits, tools
@@ -26,8 +28,10 @@ from .backend import Backend, GatewaySettings
 from .errors import APIError, json_response
 from .metrics import GatewayMetrics, RequestCounter
 from .outputs import ChatOutput, CompletionOutput, Output, Vocab
+from .preview import preview, template_input
 from .responses import ResponseOutput, ResponsesRequest
-from .schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, listed
+from .schemas import (MAX_CHOICES, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList,
+                      Preview, listed)
 
 log = logging.getLogger("fedsea.gateway")
 
@@ -40,7 +44,7 @@ MAX_BODY_BYTES = 16 * 2**20
 ERRORS = {
     code: {"model": ErrorResponse, "description": why}
     for code, why in {
-        400: "invalid request", 401: "missing or wrong API key", 404: "unknown model", 413: "body too large",
+        400: "invalid request", 401: "missing or wrong API key", 404: "unknown model", 413: "body too large, or more text than the pseudonymizer takes",
         429: "the server runtime is at capacity", 502: "the server runtime failed or refused",
         503: "not ready (loading or not connected)",
     }.items()
@@ -134,16 +138,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         client = backend.require_client()
         check_bias(req.logit_bias, client.config.vocab_size)
         mode = req.tool_mode
-        native = mode is not None and tools.template_takes_tools(client.tokenizer)
-        messages = tools.chat_messages(req.messages, req.tools if mode else None, native, req.parallel_calls)
+        messages, native_tools = template_input(req, client.tokenizer)
         limits.refuse_overlong_text([str(m.get("content") or "") for m in messages], client.tokenizer,
                                     client.config.max_position_embeddings, "messages")
-        try:
-            # Off the event loop: templating and tokenizing a long message takes seconds.
-            prompt = await asyncio.to_thread(
-                client.chat_prompt, messages, [t.model_dump(exclude_none=True) for t in req.tools] if native else None)
-        except Exception as e:  # templates may refuse, e.g. roles that do not alternate
-            raise errors.bad_request(f"the model's chat template rejected these messages: {e}", param="messages") from e
+        # Off the event loop: pseudonymizing, templating and tokenizing a long message takes seconds.
+        prompt = await templated(client.chat_prompt, messages, native_tools)
         constraint = await answer_constraint(client, req)
         logprobs = req.top_alternatives
         names = {t.function.name for t in req.tools} if mode else None
@@ -164,6 +163,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 limits.refuse_overlong_text([p], client.tokenizer, client.config.max_position_embeddings, "prompt")
             try:
                 ids = await asyncio.to_thread(client.text_prompt, p) if isinstance(p, str) else p
+            except TextTooLong as e:
+                raise errors.APIError(413, str(e), param="prompt", code="text_too_long") from e
             except ValueError as e:  # the pseudonymizer refuses a prompt it cannot map back
                 raise errors.bad_request(str(e), param="prompt") from e
             if not ids:
@@ -180,6 +181,20 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return await respond(request, events, out, req.stream, req.include_usage)
 
     app.include_router(v1)
+    fedsea = APIRouter(prefix="/fedsea/v1", dependencies=[Depends(check_key)], responses=ERRORS)
+
+    @fedsea.post("/preview", response_model=Preview)
+    async def preview_request(req: ChatCompletionRequest) -> Response:
+        """What this chat request would send: the templated text with the pseudonymizer's
+        surrogates in place, and each hidden span.  Nothing reaches the server."""
+        check_model(req.model)
+        client = backend.require_client()
+        messages, native_tools = template_input(req, client.tokenizer)
+        limits.refuse_overlong_text([str(m.get("content") or "") for m in messages], client.tokenizer,
+                                    client.config.max_position_embeddings, "messages")
+        return json_response(await templated(preview, client.tokenizer, client.pseudonymizer, messages, native_tools))
+
+    app.include_router(fedsea)
     status_auth = [Depends(check_key)] if settings.protect_status else []
 
     @app.get("/openapi.json", dependencies=status_auth, include_in_schema=False)
@@ -199,9 +214,19 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             metrics.observe_edge_prefixes(backend.client.prefixes.stats())
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    paths = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses"}
+    paths = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/fedsea/v1/preview"}
     app.add_middleware(RequestCounter, metrics=metrics, paths=paths)
     return app
+
+
+async def templated(fn, *args):
+    """`fn(*args)` (pseudonymize and template a chat) in a worker thread, its refusals as API errors."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except TextTooLong as e:
+        raise errors.APIError(413, str(e), param="messages", code="text_too_long") from e
+    except Exception as e:  # templates may refuse, e.g. roles that do not alternate
+        raise errors.bad_request(f"the model's chat template rejected these messages: {e}", param="messages") from e
 
 
 async def answer_constraint(client, req: ChatCompletionRequest):

@@ -496,6 +496,21 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class PreviewSpan(BaseModel):
+    kind: str = Field(description="first / last (parts of a name), email, phone, card, iban, address, postcode, dob, "
+                                  "ssn, ip, id, number")
+    text: str = Field(description="the span as the user wrote it; it stays on the device")
+    surrogate: str = Field(description="what is sent in its place")
+    start: int = Field(description="where the surrogate starts in sent_text (characters)")
+    end: int
+
+
+class Preview(BaseModel):
+    sent_text: str = Field(description="the templated text the edge encodes, surrogates in place: what the server's "
+                                       "hidden states can be read back to")
+    spans: list[PreviewSpan]
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

@@ -67,10 +67,11 @@ def test_extreme_sampling_values_answer_or_400_never_500(gw):
 
 @pytest.fixture(scope="module")
 def long_context_gw(tmp_path_factory, default_model_dir):
-    """A tiny model with a 64k-token context: a 2 MiB message is worth tokenizing."""
+    """A tiny model with a 64k-token context: a 2 MiB message is worth tokenizing.  Pseudonyms
+    off: the pseudonymizer refuses that much text up front (tests/test_pseudonyms.py)."""
     model = make_tiny_model(tmp_path_factory.mktemp("tiny-64k"), default_model_dir, max_position_embeddings=65536)
     server = ServerThread(ServerSettings(model=str(model), port=0))
-    gateway = GatewayThread(GatewaySettings(server_url=server.url, model=str(model), port=0))
+    gateway = GatewayThread(GatewaySettings(server_url=server.url, model=str(model), port=0, pseudonymize=False))
     yield gateway.wait_ready()
     gateway.stop()
     server.stop()

@@ -137,3 +137,136 @@ def test_gateway_pseudonymizes_by_default_and_the_flag_turns_it_off(monkeypatch,
     monkeypatch.setattr(gateway, "run_gateway", lambda settings, log_level: seen.append(settings))
     main(["gateway", "--model", str(tiny_model_dir), *flags])
     assert [s.pseudonymize for s in seen] == [expected]
+
+
+# ---- the detector (edge_runtime.pii), through the public API --------------------------
+
+HIDDEN = [  # (sentence, what must not reach the server)
+    ("Maria said she would call back.", ["Maria"]),
+    ("i had lunch with jennifer yesterday", ["jennifer"]),
+    ("Please ask Dr. Okonkwo to call me.", ["Okonkwo"]),
+    ("Stephen King wrote it.", ["Stephen", "King"]),
+    ("Send it to 42 Maple Street, please.", ["42", "Maple"]),
+    ("I moved to Avenida Noruega 42 last year.", ["Noruega", "42"]),
+    ("My number is 84 23 30.", ["84", "23", "30"]),
+    ("Call +44 20 7946 0958 or (555) 123-4567.", ["7946", "0958", "555", "4567"]),
+    ("Card 4111 1111 1111 1111, IBAN DE89 3704 0044 0532 0130 00.", ["4111", "DE89", "3704"]),
+    ("I was born on March 29, 1982.", ["March", "29", "1982"]),
+    ("Write to marie.h@armyspy.com", ["marie.h@armyspy.com"]),
+]
+KEPT = [  # ordinary text: nothing replaced
+    "Will you come in May? I hope so.",
+    "Grace is a virtue, and the meeting on 3 June went well.",
+    "Microsoft and the United Nations met in Geneva on Friday.",
+    "Thanks, that was really helpful!",
+]
+
+
+@pytest.mark.parametrize("text, secrets", HIDDEN)
+def test_personal_data_is_replaced_and_restored(text, secrets):
+    p = Pseudonyms(KEY)
+    hidden = p.substitute(text)
+    for secret in secrets:
+        assert secret not in hidden, (secret, hidden)
+    assert p.restore(hidden) == text
+
+
+@pytest.mark.parametrize("text", KEPT)
+def test_ordinary_words_and_dates_pass(text):
+    assert Pseudonyms(KEY).substitute(text) == text
+
+
+def test_tool_call_arguments_and_results_are_substituted_like_text():
+    call = {"id": "c1", "type": "function", "function": {"name": "send", "arguments": {"to": "Marguerite Okafor", "n": 3}}}
+    messages = [{"role": "user", "content": "Message Marguerite Okafor"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "sent to Marguerite Okafor at +44 20 7946 0958"}]
+    p = Pseudonyms(KEY)
+    out = p.messages(messages)
+    said = out[0]["content"].split(" ", 1)[1]
+    assert out[1]["tool_calls"][0]["function"]["arguments"] == {"to": said, "n": 3}
+    assert "Okafor" not in out[2]["content"] and "7946" not in out[2]["content"] and said in out[2]["content"]
+    assert out[1]["tool_calls"][0]["function"]["name"] == "send"
+
+
+HOSTILE = {  # each just under the pseudonymizer's limit
+    "one word": lambda n: "a" * n,
+    "digit run": lambda n: "7" * n,
+    "nested brackets": lambda n: "(" * (n // 2) + ")" * (n // 2),
+    "spaced brackets": lambda n: "( " * (n // 2),
+    "capitalised words": lambda n: "Xavier Quentin " * (n // 15),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_text_is_handled_in_seconds(name):
+    import time
+
+    from edge_runtime.pii import MAX_CHARS
+
+    text = HOSTILE[name](MAX_CHARS - 100)
+    p = Pseudonyms(KEY)
+    started = time.monotonic()
+    hidden = p.substitute(text)
+    assert time.monotonic() - started < 30  # a few seconds here; generous for a shared CI machine
+    assert p.restore(hidden) == text
+
+
+def test_more_text_than_the_limit_is_refused_at_once():
+    from edge_runtime.pii import MAX_CHARS, TextTooLong
+
+    with pytest.raises(TextTooLong):
+        Pseudonyms(KEY).messages([{"role": "user", "content": "x " * MAX_CHARS}])
+
+
+# ---- what leaves the device: POST /fedsea/v1/preview, `fedsea preview` ----------------
+
+def test_preview_shows_the_sent_text_and_each_span(gw, tiny_model_dir):
+    text = "I'm Marguerite Okafor, call 07700 900123 or write to m.okafor@example.org."
+    r = httpx.post(gw.url.removesuffix("/v1") + "/fedsea/v1/preview", timeout=60,
+                   json={"model": tiny_model_dir.name, "messages": [{"role": "user", "content": text}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    sent = body["sent_text"]
+    assert "<|im_start|>user" in sent or "user" in sent  # the chat template's rendering
+    kinds = {s["kind"] for s in body["spans"]}
+    assert {"first", "last", "phone", "email"} <= kinds, body["spans"]
+    for span in body["spans"]:
+        assert sent[span["start"] : span["end"]] == span["surrogate"] and span["text"] not in sent
+        assert span["text"] in text
+
+
+async def test_a_huge_message_is_refused_413_while_a_stream_goes_on(gw, tiny_model_dir):
+    import asyncio
+
+    base = gw.url.removesuffix("/v1")
+    # 1 MiB cannot fit the tiny model's context: refused before anything reads it.  Less,
+    # but more than the pseudonymizer takes: refused by it, at once.
+    mib = {"model": tiny_model_dir.name, "messages": [{"role": "user", "content": "Xavier ((1234 " * (2**20 // 14)}]}
+    hostile = {"model": tiny_model_dir.name, "messages": [{"role": "user", "content": "Xavier ((1234 " * 20_000}]}
+    under = {"model": tiny_model_dir.name, "messages": [{"role": "user", "content": "Xavier Quentin (( 1234 " * 2700}]}
+    chat = {"model": tiny_model_dir.name, "messages": [{"role": "user", "content": "Tell me a story"}], "stream": True,
+            "max_tokens": 24, "temperature": 0}
+    async with httpx.AsyncClient(timeout=120) as http:
+        async def stream():
+            chunks = 0
+            async with http.stream("POST", f"{base}/v1/chat/completions", json=chat) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    chunks += line.startswith("data: {")
+            return chunks
+
+        huge, big, small, streamed = await asyncio.gather(
+            http.post(f"{base}/v1/chat/completions", json=mib), http.post(f"{base}/v1/chat/completions", json=hostile),
+            http.post(f"{base}/fedsea/v1/preview", json=under), stream())
+    assert huge.status_code == 400 and huge.json()["error"]["code"] == "context_length_exceeded", huge.text
+    assert big.status_code == 413 and big.json()["error"]["code"] == "text_too_long", big.text
+    assert small.status_code == 200 and "Xavier" not in small.json()["sent_text"]
+    assert streamed >= 2
+
+
+def test_cli_preview_prints_the_sent_text(tiny_model_dir, capsys):
+    from fedsea.cli import main
+
+    main(["preview", "--model", str(tiny_model_dir), "--text", "--json", "Call Marguerite on 07700 900123"])
+    shown = __import__("json").loads(capsys.readouterr().out)
+    assert "Marguerite" not in shown["sent_text"] and {s["text"] for s in shown["spans"]} >= {"Marguerite", "07700 900123"}

