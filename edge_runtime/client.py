@@ -42,7 +42,7 @@ from .constraints import Constraint, Grammars
 from .keys import load_or_create_key
 from .model import EdgeModel, EdgeWorker, SequenceCache
 from .prefix_cache import Prefix, PrefixStore
-from .pseudonyms import Pseudonymizer, PseudonymizedPrompt, output_text
+from .pseudonyms import Pseudonymizer, PseudonymizedPrompt, Pseudonyms, output_text
 from .sampling import SamplingParams, sample, score_prompt
 from .servers import NoOtherServer, ServerList
 from .session import InferenceSession
@@ -214,12 +214,17 @@ class AsyncEdgeClient:
         """Token ids of a chat, formatted with the model's own chat template (with the
         tools, OpenAI-style, for a template that takes them); pseudonymized, their
         generations restore the originals."""
+        text, pseudonyms = self.chat_text(messages, tools)
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return PseudonymizedPrompt(ids, pseudonyms) if pseudonyms else ids
+
+    def chat_text(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[str, Pseudonyms | None]:
+        """The text `chat_prompt` tokenizes (surrogates in place), and the mapping that
+        made them (None when this edge does not pseudonymize)."""
         pseudonyms = self.pseudonymizer.conversation() if self.pseudonymizer else None
         if pseudonyms:
             messages = pseudonyms.messages(messages)
-        text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        return PseudonymizedPrompt(ids, pseudonyms) if pseudonyms else ids
+        return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False), pseudonyms
 
     def text_prompt(self, text: str) -> list[int]:
         """Token ids of a raw completion prompt, pseudonymized like `chat_prompt`."""
