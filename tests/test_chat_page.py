@@ -3,13 +3,16 @@ through HTTP against a real server runtime (tiny random model)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
+
+import browser
 
 from gateway import GatewaySettings, GatewayThread
 from server_runtime.app import ServerSettings, ServerThread
@@ -149,17 +152,94 @@ def test_api_key_guards_the_api_not_the_page(gateways):
     assert inspect(gw, key="s3cret").status_code == 200
 
 
-# ---- a real browser (optional: skipped without Debian's chromium) -------------------------
+# ---- in a real browser (skipped without Debian's chromium) --------------------------------
+
+needs_chromium = pytest.mark.skipif(browser.CHROMIUM is None, reason="no chromium (Debian package `chromium`) here")
+ANSWER = "document.querySelector('.msg.assistant:last-of-type .body').textContent"
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium on this machine")
-def test_page_renders_in_chromium(gw, tmp_path: Path):
-    """The page's script runs under its policy: it fills the status strip and the model picker."""
-    out = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-         "--dump-dom", root(gw) + "/"],
-        capture_output=True, text=True, timeout=120,
-    )
-    dom = out.stdout
-    assert "Noise" in dom and "Pseudonyms" in dom, out.stderr[-2000:]
-    assert f'<option value="{gw.settings.model_id}"' in dom
+def shots_dir(tmp_path: Path) -> Path:
+    """Where the screenshots go: $FEDSEA_SCREENSHOTS (to keep them), else the test's tmp dir."""
+    out = Path(os.environ.get("FEDSEA_SCREENSHOTS") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+async def type_and_enter(page: browser.Page, text: str) -> None:
+    await page.js("document.getElementById('prompt').focus()")
+    await page.call("Input.insertText", text=text)
+    await page.call("Input.dispatchKeyEvent", type="keyDown", key="Enter", code="Enter", windowsVirtualKeyCode=13)
+
+
+@needs_chromium
+async def test_chat_streams_stops_and_shows_what_the_server_saw(gw, tmp_path):
+    async with browser.browser(tmp_path / "profile") as page:
+        await page.open(root(gw) + "/")
+        await page.wait("document.querySelectorAll('#model option').length")
+        await page.wait("document.getElementById('status').textContent.includes('Pseudonyms on')")
+        await page.js("(() => { const m = document.getElementById('max_tokens'); m.value = '1500';"
+                      " m.dispatchEvent(new Event('change')); })()")
+        await type_and_enter(page, NAME)
+        await page.wait("!document.getElementById('stop').hidden")
+        seen = set()  # the answer's length at each poll: it grows token by token
+        while len(seen) < 5:
+            seen.add(await page.js(f"({ANSWER}).length"))
+            await asyncio.sleep(0.02)
+        await page.js("document.getElementById('stop').click()")
+        await page.wait("!document.getElementById('send').hidden")
+        assert "stopped" in await page.js("document.querySelector('.msg.assistant .meta').textContent")
+        assert len(await page.js(ANSWER)) > 0
+
+        surrogates = {s["text"]: s["surrogate"] for s in inspect(gw).json()["spans"]}
+        await page.js("document.querySelector('.msg.user .seen-toggle').click()")
+        await page.wait("document.querySelector('.seen mark')")
+        marks = await page.js("[...document.querySelectorAll('.seen .sent mark')].map(m => m.textContent)")
+        assert surrogates["Robert"] in marks and surrogates["5551234"] in marks
+        await page.js("[...document.querySelectorAll('.seen button')].find(b => b.textContent.startsWith('Reconstruct')).click()")
+        await page.wait("document.querySelector('.seen .share')", timeout=120)
+        assert re.match(r"[\d.]+% of this message's \d+ tokens", await page.js("document.querySelector('.seen .share').textContent"))
+
+        out = shots_dir(tmp_path)
+        await page.screenshot(out / "chat-1280x800.png", 1280, 800)
+        await page.screenshot(out / "chat-390x844.png", 390, 844)
+        assert (out / "chat-390x844.png").stat().st_size > 10_000
+        assert page.requested_hosts() == {httpx.URL(root(gw)).netloc.decode()}  # nothing but the gateway
+        assert page.errors() == []
+
+
+@needs_chromium
+async def test_untrusted_markdown_runs_nothing(gw, tmp_path):
+    payload = ("<script>window.pwned = 1</script> <img src=x onerror=\"window.pwned = 2\"> "
+               "[a link](javascript:window.pwned=3) <a href=\"JaVaScRiPt:window.pwned=4\">another</a>\n\n"
+               "```python\nprint('hi')\n```\n\n- one\n- two\n")
+    chat = {"conversations": [{"id": "x", "title": "t", "updated": 0, "messages": [
+        {"role": "user", "content": payload}, {"role": "assistant", "content": payload}]}], "current": "x"}
+    async with browser.browser(tmp_path / "profile") as page:
+        await page.open(root(gw) + "/")
+        await page.js(f"localStorage.setItem('fedsea.chat.v1', {json.dumps(json.dumps(chat))}); location.reload()")
+        await page.wait("document.readyState === 'complete' && document.querySelectorAll('.msg').length === 2")
+        await page.js("document.querySelectorAll('#messages a').forEach(a => a.click())")
+        await asyncio.sleep(0.3)
+        assert await page.js("window.pwned") is None
+        assert await page.js("document.querySelectorAll('#messages script, #messages img, #messages [onerror]').length") == 0
+        hrefs = await page.js("[...document.querySelectorAll('#messages a')].map(a => a.getAttribute('href') || '')")
+        assert not [h for h in hrefs if "script:" in h.lower()]
+        # The answer is Markdown (a code block, a list); the user's text is shown as typed.
+        assert await page.js("document.querySelector('.msg.assistant pre code').textContent") == "print('hi')\n"
+        assert await page.js("document.querySelectorAll('.msg.assistant li').length") == 2
+        assert "<script>" in await page.js("document.querySelector('.msg.user .body').textContent")
+
+
+@needs_chromium
+async def test_page_asks_for_the_key_once(gateways, tmp_path):
+    gw = gateways(api_key="s3cret")
+    async with browser.browser(tmp_path / "profile") as page:
+        await page.open(root(gw) + "/")
+        await page.wait("document.getElementById('key-dialog').open")
+        await page.js("document.getElementById('key-input').value = 's3cret'; document.getElementById('key-save').click()")
+        await page.wait("document.querySelectorAll('#model option').length")
+        await type_and_enter(page, "hello")
+        await page.wait(f"!document.getElementById('send').hidden && ({ANSWER}).length > 0")
+        await page.open(root(gw) + "/")  # kept in the browser: no second question
+        await page.wait("document.querySelectorAll('#model option').length")
+        assert not await page.js("document.getElementById('key-dialog').open")

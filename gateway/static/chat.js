@@ -497,7 +497,9 @@
       read,
       el("p", { class: "note", text: "Attack: " + rec.method + ", given the conversation before this message; " + rec.seconds + " s"
         + (rec.probe_table_seconds ? " after building the probe table in " + rec.probe_table_seconds + " s" : "")
-        + ". Struck-through tokens were read wrong. Noise hides little from this attack: the pseudonyms are what keep names, numbers and e-mails from the server." }));
+        + ". Struck-through tokens were read wrong. " + (share >= 50
+          ? "Noise at this level hides little: what keeps names, numbers and e-mail addresses from the server is their replacement before encoding (above)."
+          : "At this noise the attack reads back less than half of the message.") }));
   }
 
   // ---- status strip -------------------------------------------------------------------
@@ -562,7 +564,7 @@
     adapters = status ? status.adapters : [];
     const select = $("model");
     select.replaceChildren(...models.map((id) =>
-      el("option", { value: id, text: adapters.includes(id) ? id + " (adapter)" : id + " (base model)" })));
+      el("option", { value: id, text: adapters.includes(id) ? id + " (adapter)" : id + " (base)" })));
     if (!models.includes(state.settings.model)) state.settings.model = models[0] || "";
     select.value = state.settings.model;
   }
