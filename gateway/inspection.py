@@ -70,11 +70,15 @@ def sent_text(client: AsyncEdgeClient, messages: list[dict], tools: list[dict] |
                 found.append((r, r.start + shift))
                 shift += len(r.surrogate) - len(r.original)
             content = replay.substitute(content)  # the same replacements again: the mapping holds them
-        at = text.find(content, cursor) if content else -1
-        if at < 0:  # the template rewrote this message (stripped it, say): no spans to place
+        # Templates may strip a message's outer whitespace: look for what they keep.
+        kept, lead = content.strip(), len(content) - len(content.lstrip())
+        at = text.find(kept, cursor) if kept else -1
+        if at < 0:  # not in the text as written: nothing of it to place or reconstruct
+            last = (len(text), len(text))
             continue
-        spans += [Span(r.kind, r.original, r.surrogate, at + start, at + start + len(r.surrogate)) for r, start in found]
-        cursor, last = at + len(content), (at, at + len(content))
+        spans += [Span(r.kind, r.original, r.surrogate, at - lead + start, at - lead + start + len(r.surrogate))
+                  for r, start in found if lead <= start and start + len(r.surrogate) <= lead + len(kept)]
+        cursor, last = at + len(kept), (at, at + len(kept))
     return text, spans, last
 
 

@@ -111,6 +111,14 @@ def test_inspect_counts_match_the_sent_text(gw):
     assert report["reconstruction"] is None  # only on request
 
 
+def test_inspect_places_surrogates_when_the_template_strips_the_message(gw):
+    report = inspect(gw, "  Call Robert at 5551234.  \n").json()
+    text, spans = report["sent_text"], report["spans"]
+    assert [s["text"] for s in spans] == ["Robert", "5551234"]
+    assert all(text[s["start"] : s["end"]] == s["surrogate"] for s in spans)
+    assert report["message"]["states"] > 0
+
+
 def test_reconstruction_reads_more_without_noise(gateways):
     shares = {}
     for noise in (0.0, 4.0):

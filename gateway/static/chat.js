@@ -385,6 +385,8 @@
       if (!answer.content && !answer.error && finish === "stopped") answer.error = "Stopped before the first token.";
       streaming = null;
       setBusy(false);
+      // The message list is redrawn whole: a live region of its own would read it all again.
+      $("announce").textContent = answer.error ? answer.error : "Answer" + (finish === "stopped" ? " (stopped): " : ": ") + answer.content.slice(0, 400);
       save();
       render();
       showLastStats();
