@@ -566,7 +566,7 @@
     adapters = status ? status.adapters : [];
     const select = $("model");
     select.replaceChildren(...models.map((id) =>
-      el("option", { value: id, text: adapters.includes(id) ? id + " (adapter)" : id + " (base)" })));
+      el("option", { value: id, text: adapters.includes(id) ? id + " (adapter)" : adapters.length ? id + " (base)" : id })));
     if (!models.includes(state.settings.model)) state.settings.model = models[0] || "";
     select.value = state.settings.model;
   }
