@@ -80,12 +80,12 @@ def _free_port() -> int:
 
 
 @asynccontextmanager
-async def browser(profile: Path):
-    """A fresh headless chromium (its own profile) and its first tab."""
+async def browser(profile: Path, *flags: str):
+    """A fresh headless chromium (its own profile, and `flags`) and its first tab."""
     port = _free_port()
     proc = subprocess.Popen(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--remote-debugging-port={port}",
-         f"--user-data-dir={profile}", "about:blank"],
+         f"--user-data-dir={profile}", *flags, "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

@@ -7,10 +7,12 @@ import asyncio
 import json
 import os
 import re
+import ssl
 from pathlib import Path
 
 import httpx
 import pytest
+import trustme
 
 import browser
 
@@ -236,6 +238,25 @@ async def test_untrusted_markdown_runs_nothing(gw, tmp_path):
         assert await page.js("document.querySelector('.msg.assistant pre code').textContent") == "print('hi')\n"
         assert await page.js("document.querySelectorAll('.msg.assistant li').length") == 2
         assert "<script>" in await page.js("document.querySelector('.msg.user .body').textContent")
+
+
+async def test_page_over_https(gateways, tmp_path):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    gw = gateways(ssl_certfile=str(tmp_path / "cert.pem"), ssl_keyfile=str(tmp_path / "key.pem"))
+    assert root(gw).startswith("https://")
+    async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))) as http:
+        assert "content-security-policy" in (await http.get(root(gw) + "/")).headers
+        assert (await http.get(root(gw) + "/fedsea/v1/status")).json()["api_tls"] is True
+    if browser.CHROMIUM is None:
+        return
+    async with browser.browser(tmp_path / "profile", "--ignore-certificate-errors") as page:
+        await page.open(root(gw) + "/")
+        await page.wait("document.getElementById('status').textContent.includes('page on')")
+        await page.wait("document.querySelectorAll('#model option').length")
 
 
 @needs_chromium
