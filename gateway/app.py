@@ -186,7 +186,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     # The chat page's own calls: what the server sees, computed on this device.
     fedsea = APIRouter(prefix="/fedsea/v1", dependencies=[Depends(check_key)], responses=ERRORS)
-    inspectors: dict[int, Inspector] = {}  # by id of the edge client (one per gateway)
+    inspector: Inspector | None = None  # made with the edge client, on first use
 
     @fedsea.post("/inspect")
     async def inspect(req: InspectRequest) -> Response:
@@ -194,9 +194,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         /v1/chat/completions call): the text the edge encodes with its surrogates, the
         hidden states and bytes sent, and with `reconstruct` what the audit's attack reads
         back from those noised states about the last message."""
+        nonlocal inspector
         adapter = check_model(req.model)
         client = backend.require_client()
-        inspector = inspectors.setdefault(id(client), Inspector(client))
+        if inspector is None:
+            inspector = Inspector(client)
         report = await asyncio.to_thread(inspector.inspect, *template_input(req, client), adapter, req.reconstruct)
         return Response(orjson.dumps(report), media_type="application/json")
 

@@ -35,7 +35,7 @@ from . import errors
 from .schemas import ChatCompletionRequest
 
 MAX_RECONSTRUCTED_TOKENS = 512  # a longer message is reconstructed up to here (~5 s)
-CANDIDATES = 8  # vocabulary matching's candidates per position: the true token is among the probe's 8 nearest in 99% of positions at noise 2
+CANDIDATES = 8  # per position: the true token was among the probe's 8 nearest in 99% of positions even at noise 2 (SmolLM2, head 2, a 68-token chat)
 
 
 class InspectRequest(ChatCompletionRequest):
