@@ -7,6 +7,10 @@ attacker knows the embedding table and the edge's head blocks; what it lacks is 
 - `nearest_embedding`: cosine nearest neighbour in the embedding table.
 - `nearest_probe`: cosine nearest neighbour among the head's outputs for every vocabulary
   token placed alone right after the chat prefix (a position-aware single-token probe).
+- `vocabulary_matching`: per position, the probe table's nearest tokens are candidates;
+  each is run through the head blocks after the text decoded so far, and the one whose
+  output lies nearest the received state wins.  No training; a few candidate forwards per
+  token.
 - `train_inverter`: a learned inverter (per-token MLP or a small bidirectional transformer
   over the window) trained on the attacker's own text run through the public head blocks
   with noise of the same scale, as in the paper's collusion attack and BiSR.  It predicts a
@@ -38,6 +42,38 @@ def nearest_embedding(states: torch.Tensor, embedding: torch.Tensor) -> torch.Te
     return nearest(states.flatten(0, 1), embedding).view(states.shape[:2])
 
 
+def _causal_recording(cache: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+    """An attention callback for one causal sequence that keeps each layer's keys and
+    values in `cache` (the context later rows attend to)."""
+
+    def attend(layer, q, k, v):
+        cache[layer] = (k, v)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
+        )
+        return out.transpose(0, 1).reshape(q.shape[0], -1)
+
+    return attend
+
+
+def _each_after(cache: dict[int, tuple[torch.Tensor, torch.Tensor]], own: dict | None = None):
+    """An attention callback where every row is a token of its own, right after the cached
+    context: it attends to the context and to itself.  `own` collects the rows' keys and
+    values per layer."""
+
+    def attend(layer, q, k, v):
+        if own is not None:
+            own[layer] = (k, v)
+        pk, pv = cache[layer]
+        n = q.shape[0]
+        keys = torch.cat([pk.expand(n, *pk.shape), k[:, None]], dim=1).transpose(1, 2)
+        vals = torch.cat([pv.expand(n, *pv.shape), v[:, None]], dim=1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q[:, :, None], keys, vals, enable_gqa=True)
+        return out.reshape(n, -1)
+
+    return attend
+
+
 @torch.no_grad()
 def probe_table(shard: ModelShard, prefix_ids: list[int], depths: list[int], chunk: int = 8192) -> dict[int, torch.Tensor]:
     """Head output at each depth for every vocabulary token alone after the prefix.
@@ -47,24 +83,9 @@ def probe_table(shard: ModelShard, prefix_ids: list[int], depths: list[int], chu
     """
     prefix = torch.tensor(prefix_ids)
     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def record(layer, q, k, v):
-        cache[layer] = (k, v)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
-        )
-        return out.transpose(0, 1).reshape(q.shape[0], -1)
-
     deepest = max(depths)
-    shard.run_blocks(range(deepest), shard.embed(prefix), torch.arange(len(prefix)), record)
-
-    def attend_after_prefix(layer, q, k, v):
-        pk, pv = cache[layer]
-        n = q.shape[0]
-        keys = torch.cat([pk.expand(n, *pk.shape), k[:, None]], dim=1).transpose(1, 2)
-        vals = torch.cat([pv.expand(n, *pv.shape), v[:, None]], dim=1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q[:, :, None], keys, vals, enable_gqa=True)
-        return out.reshape(n, -1)
+    shard.run_blocks(range(deepest), shard.embed(prefix), torch.arange(len(prefix)), _causal_recording(cache))
+    attend_after_prefix = _each_after(cache)
 
     vocab = shard.model.embed_tokens.weight.shape[0]
     tables: dict[int, list[torch.Tensor]] = {d: [] for d in depths}
@@ -78,6 +99,35 @@ def probe_table(shard: ModelShard, prefix_ids: list[int], depths: list[int], chu
             done = depth
             tables[depth].append(hidden.clone())
     return {d: torch.cat(t) for d, t in tables.items()}
+
+
+@torch.no_grad()
+def vocabulary_matching(
+    shard: ModelShard, depth: int, context_ids: list[int], states: torch.Tensor, table: torch.Tensor, k: int = 8,
+) -> torch.Tensor:
+    """Guess the tokens behind `states` [T, H], the server's view of the T positions right
+    after `context_ids`, one position at a time.  `table`: the probe table at `depth`,
+    rows L2-normalised.  The k tokens whose probe rows are most cosine-similar to a state
+    are its candidates; each runs through the head blocks after the context and the guesses
+    so far, and the one whose output is nearest (L2) to the state is the guess.  The probe
+    alone places a token after a fixed prefix; this check puts it where it really stands.
+    -> token ids [T]."""
+    layers = range(depth)
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    context = torch.tensor(context_ids, dtype=torch.long)
+    shard.run_blocks(layers, shard.embed(context), torch.arange(len(context)), _causal_recording(cache))
+    candidates = (F.normalize(states.float(), dim=-1) @ table.T).topk(min(k, table.shape[0]), dim=-1).indices
+    guesses = []
+    for t, (state, tokens) in enumerate(zip(states, candidates)):
+        own: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        position = torch.full((len(tokens),), len(context) + t)
+        out = shard.run_blocks(layers, shard.embed(tokens), position, _each_after(cache, own))
+        best = int((out.float() - state.float()).pow(2).sum(-1).argmin())
+        guesses.append(int(tokens[best]))
+        for layer, (kk, vv) in own.items():  # the guess joins the context of the next position
+            pk, pv = cache[layer]
+            cache[layer] = (torch.cat([pk, kk[best : best + 1]]), torch.cat([pv, vv[best : best + 1]]))
+    return torch.tensor(guesses, dtype=torch.long)
 
 
 def _rms_normalise(x: torch.Tensor) -> torch.Tensor:

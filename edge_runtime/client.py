@@ -43,7 +43,7 @@ from .decode_loop import DecodeLoop, Generation, TokenEvent
 from .keys import load_or_create_key
 from .model import EdgeModel, EdgeWorker, SequenceCache
 from .prefix_cache import Prefix, PrefixStore
-from .pseudonyms import Pseudonymizer, PseudonymizedPrompt, chat_text, output_text
+from .pseudonyms import Pseudonymizer, PseudonymizedPrompt, Pseudonyms, chat_text, output_text
 from .sampling import SamplingParams, score_prompt
 from .servers import NoOtherServer, ServerList
 from .session import InferenceSession
@@ -214,9 +214,14 @@ class AsyncEdgeClient:
         """Token ids of a chat, formatted with the model's own chat template (with the
         tools, OpenAI-style, for a template that takes them); pseudonymized, their
         generations restore the originals."""
-        text, pseudonyms = chat_text(self.tokenizer, self.pseudonymizer, messages, tools)
+        text, pseudonyms = self.chat_text(messages, tools)
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         return PseudonymizedPrompt(ids, pseudonyms) if pseudonyms else ids
+
+    def chat_text(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[str, Pseudonyms | None]:
+        """The text `chat_prompt` tokenizes (surrogates in place), and the mapping that
+        made them (None when this edge does not pseudonymize)."""
+        return chat_text(self.tokenizer, self.pseudonymizer, messages, tools)
 
     def text_prompt(self, text: str) -> list[int]:
         """Token ids of a raw completion prompt, pseudonymized like `chat_prompt`."""

@@ -23,9 +23,10 @@ from edge_runtime.constraints import GrammarError
 from edge_runtime.pii import TextTooLong
 from fedsea_shared.threads import serial
 
-from . import errors, limits, tools
+from . import errors, limits, page, tools
 from .backend import Backend, GatewaySettings
 from .errors import APIError, json_response
+from .inspection import Inspector, InspectRequest
 from .metrics import GatewayMetrics, RequestCounter
 from .outputs import ChatOutput, CompletionOutput, Output, Vocab
 from .preview import preview, template_input
@@ -137,15 +138,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         adapter = check_model(req.model)
         client = backend.require_client()
         check_bias(req.logit_bias, client.config.vocab_size)
-        mode = req.tool_mode
-        messages, native_tools = template_input(req, client.tokenizer)
-        limits.refuse_overlong_text([str(m.get("content") or "") for m in messages], client.tokenizer,
-                                    client.config.max_position_embeddings, "messages")
         # Off the event loop: pseudonymizing, templating and tokenizing a long message takes seconds.
-        prompt = await templated(client.chat_prompt, messages, native_tools)
+        prompt = await templated(client.chat_prompt, *template_input(req, client))
         constraint = await answer_constraint(client, req)
         logprobs = req.top_alternatives
-        names = {t.function.name for t in req.tools} if mode else None
+        names = {t.function.name for t in req.tools} if req.tool_mode else None
         out = ChatOutput(req.model, await vocab_of(client, logprobs is not None), req.n, len(prompt), logprobs is not None, fingerprint(settings, adapter), tools=names, several_calls=req.parallel_calls)
         return out, backend.generate([prompt], req.n, req.sampling(logprobs), req.token_limit, adapter, constraint)
 
@@ -181,7 +178,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return await respond(request, events, out, req.stream, req.include_usage)
 
     app.include_router(v1)
+
+    # What leaves the device, computed on it (the chat page's calls, `fedsea preview`).
     fedsea = APIRouter(prefix="/fedsea/v1", dependencies=[Depends(check_key)], responses=ERRORS)
+    inspector: Inspector | None = None  # made with the edge client, on first use
 
     @fedsea.post("/preview", response_model=Preview)
     async def preview_request(req: ChatCompletionRequest) -> Response:
@@ -189,12 +189,30 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         surrogates in place, and each hidden span.  Nothing reaches the server."""
         check_model(req.model)
         client = backend.require_client()
-        messages, native_tools = template_input(req, client.tokenizer)
-        limits.refuse_overlong_text([str(m.get("content") or "") for m in messages], client.tokenizer,
-                                    client.config.max_position_embeddings, "messages")
-        return json_response(await templated(preview, client.tokenizer, client.pseudonymizer, messages, native_tools))
+        return json_response(await templated(preview, client.tokenizer, client.pseudonymizer, *template_input(req, client)))
+
+    @fedsea.post("/inspect")
+    async def inspect(req: InspectRequest) -> Response:
+        """What the server receives for this chat request (the body of a
+        /v1/chat/completions call): the text the edge encodes with its surrogates, the
+        hidden states and bytes sent, and with `reconstruct` what the audit's attack reads
+        back from those noised states about the last message."""
+        nonlocal inspector
+        adapter = check_model(req.model)
+        client = backend.require_client()
+        if inspector is None:
+            inspector = Inspector(client)
+        report = await templated(inspector.inspect, *template_input(req, client), adapter, req.reconstruct)
+        return Response(orjson.dumps(report), media_type="application/json")
+
+    @fedsea.get("/status")
+    async def status(request: Request) -> Response:
+        """What the chat page's status strip shows; no keys."""
+        return Response(orjson.dumps(describe(settings, backend, request.url.scheme == "https", list(served))),
+                        media_type="application/json")
 
     app.include_router(fedsea)
+    page.install(app)
     status_auth = [Depends(check_key)] if settings.protect_status else []
 
     @app.get("/openapi.json", dependencies=status_auth, include_in_schema=False)
@@ -214,7 +232,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             metrics.observe_edge_prefixes(backend.client.prefixes.stats())
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    paths = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/fedsea/v1/preview"}
+    paths = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses",
+             "/", "/fedsea/v1/preview", "/fedsea/v1/inspect", "/fedsea/v1/status"}
     app.add_middleware(RequestCounter, metrics=metrics, paths=paths)
     return app
 
@@ -223,10 +242,44 @@ async def templated(fn, *args):
     """`fn(*args)` (pseudonymize and template a chat) in a worker thread, its refusals as API errors."""
     try:
         return await asyncio.to_thread(fn, *args)
+    except APIError:
+        raise
     except TextTooLong as e:
         raise errors.APIError(413, str(e), param="messages", code="text_too_long") from e
     except Exception as e:  # templates may refuse, e.g. roles that do not alternate
-        raise errors.bad_request(f"the model's chat template rejected these messages: {e}", param="messages") from e
+        raise errors.template_rejected(e) from e
+
+
+def describe(settings: GatewaySettings, backend: Backend, https: bool, models: list[str]) -> dict:
+    """The deployment as the chat page shows it: servers (the first reachable one serves,
+    the others are failover replicas), TLS on each hop, noise and pseudonymization."""
+    client, link = backend.client, backend.link
+    urls = [settings.server_url] if isinstance(settings.server_url, str) else list(settings.server_url)
+    welcome = link.welcome if link is not None and not link.closed else None
+    return {
+        "ready": backend.ready,
+        "problem": None if backend.ready else backend.problem,
+        "model": settings.model_id,
+        "models": models,
+        "adapters": sorted(settings.adapters),
+        "servers": [{"url": _without_userinfo(u), "tls": u.startswith("wss://"),
+                     "connected": welcome is not None and link.url == u} for u in urls],
+        "api_tls": https,
+        "noise": settings.noise,
+        "noise_bounds": [welcome.noise_min, welcome.noise_max] if welcome else None,
+        "pseudonymize": settings.pseudonymize,
+        "split": {"head": settings.head, "tail": settings.tail,
+                  "server_layers": list(welcome.layers) if welcome else None},
+        "hidden_size": client.config.hidden_size if client else None,
+        "wire_dtype": client.wire_dtype if client else None,
+        "auth": settings.api_key is not None,
+    }
+
+
+def _without_userinfo(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    return scheme + sep + host.rpartition("@")[2] + slash + path
 
 
 async def answer_constraint(client, req: ChatCompletionRequest):

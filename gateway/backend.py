@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from edge_runtime.client import AsyncEdgeClient, TokenEvent
-from edge_runtime.connection import ServerError
+from edge_runtime.connection import ServerConnection, ServerError
 from edge_runtime.constraints import Constraint
 from edge_runtime.sampling import SamplingParams
 from fedsea_shared import defaults
@@ -75,6 +75,7 @@ class Backend:
         self.client: AsyncEdgeClient | None = None
         self.problem = "loading the edge model"  # why we are not ready, for /health
         self.share = SessionShare()
+        self.link: ServerConnection | None = None  # the supervisor's live connection, for /fedsea/v1/status
         self._supervisor: asyncio.Task | None = None
 
     @property
@@ -121,9 +122,11 @@ class Backend:
                 if missing:
                     log.error("the server runtime does not serve adapters %s: requests for them will fail", missing)
                 self.metrics.ready.set(1)
+                self.link = conn
                 log.info("edge ready: connected to %s (layers %s on the server, noise %s)", conn.url, conn.welcome.layers, s.noise)
                 await conn.ws.wait_closed()
                 self.metrics.ready.set(0)
+                self.link = None
                 self.problem = f"lost the connection to {conn.url}; reconnecting"
                 log.warning(self.problem)
                 delay = 0.5

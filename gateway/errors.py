@@ -44,6 +44,10 @@ def context_too_long(message: str) -> APIError:
     return APIError(400, message, param="messages", code="context_length_exceeded")
 
 
+def template_rejected(cause: Exception) -> APIError:
+    return bad_request(f"the model's chat template rejected these messages: {cause}", param="messages")
+
+
 def unreachable(url: str, cause: BaseException) -> APIError:
     return APIError(502, f"the server runtime at {url} is unreachable ({str(cause) or type(cause).__name__})", "api_connection_error", code="server_unreachable")
 
