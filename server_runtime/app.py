@@ -169,6 +169,8 @@ class ServerRuntime:
         thread; `fedsea serve` passes its shared ComputeThread.run, see fedsea_shared.threads)."""
         settings.check_exposure()
         self.settings = settings
+        self._live: dict[int, _Connection] = {}  # by connection id
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one serving them (serve())
         self._ssl = self._ssl_context() if settings.tls else None
         model_dir = resolve_model(settings.model)
         self.config = load_config(model_dir)
@@ -219,7 +221,8 @@ class ServerRuntime:
         quota = (BlockQuota(max(1, int(settings.kv_quota * num_blocks)), owner_of=lambda key: key[0])
                  if settings.kv_quota < 1 else None)  # 1: a tenant may fill the pool (then waits, as anyone)
         self.engine = Engine(runner(self.shard), self.pool, settings.engine, self.metrics,
-                             {name: runner(shard) for name, shard in adapted.items()}, quota, compute)
+                             {name: runner(shard) for name, shard in adapted.items()}, quota, compute,
+                             on_expired=self._expired)
         self.training = (TrainingService(self.shard, self.partition, settings.device, settings.training)
                          if settings.enable_training else None)
         if self.training is not None:
@@ -252,7 +255,20 @@ class ServerRuntime:
             raise ValueError(f"cannot load --ssl-certfile/--ssl-keyfile: {e}") from None
         return ctx
 
+    def _expired(self, key: tuple) -> None:
+        """The engine freed an idle session (on its thread): its connection forgets it."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._forget_expired, key)
+
+    def _forget_expired(self, key: tuple) -> None:
+        _, conn_id, sid = key
+        conn = self._live.get(conn_id)
+        if conn is not None and sid in conn.sessions:
+            conn.sessions.discard(sid)
+            self._forget_session(conn, sid)
+
     async def serve(self) -> Server:
+        self._loop = asyncio.get_running_loop()
         return await serve(
             self._handle,
             self.settings.host,
@@ -325,6 +341,7 @@ class ServerRuntime:
         self._connections_per_client[client] += 1
         conn = _Connection(next(self._ids), ws, self._key_id(ws.request) if self.settings.api_keys else None)
         conn.refusals = RefusalLog(log, conn.peer, self.settings.refusal_log_interval)
+        self._live[conn.id] = conn
         self.metrics.connections.inc()
         log.info("edge connected from %s (connection %d)", conn.peer, conn.id)
         try:
@@ -336,6 +353,7 @@ class ServerRuntime:
         except ConnectionClosed:
             pass
         finally:
+            self._live.pop(conn.id, None)
             self._connections -= 1
             self._connections_per_client[client] -= 1
             if not self._connections_per_client[client]:

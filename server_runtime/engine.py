@@ -65,10 +65,13 @@ class Engine:
 
     def __init__(self, runner: ModelRunner, pool: KVPool, settings: EngineSettings, metrics: ServerMetrics,
                  adapters: dict[str, ModelRunner] | None = None, quota: BlockQuota | None = None,
-                 compute: Callable = run_here):
+                 compute: Callable = run_here, on_expired: Callable[[Hashable], None] | None = None):
         # `compute(fn, *args)` runs a forward pass: here on the engine thread, or on the
         # process's shared compute thread (fedsea_shared.threads.ComputeThread.run).
         self.compute = compute
+        # Told (on the engine thread) of each session the idle sweep freed, so the
+        # connection that opened it stops counting it: the engine is the one registry.
+        self.on_expired = on_expired
         self.runners: dict[str | None, ModelRunner] = {None: runner, **(adapters or {})}
         self.pool = pool
         self.settings = settings
@@ -257,6 +260,8 @@ class Engine:
             if s.work is None and now - s.last_active > self.settings.idle_timeout:
                 log.info("session %s idle for %.0fs: freed", key, now - s.last_active)
                 self._close(key)
+                if self.on_expired is not None:
+                    self.on_expired(key)
 
     def _publish(self) -> None:
         stats = self.pool.allocator.stats()

@@ -3,9 +3,12 @@ keeps serving the offending connection's other sessions and every other connecti
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
+import time
 
+import httpx
 import orjson
 import pytest
 import torch
@@ -293,3 +296,28 @@ async def test_a_frame_of_many_sessions_runs_the_good_ones_and_tells_each_bad_on
     finally:
         await ws.close()
         await other.close()
+
+
+async def test_a_session_the_idle_sweep_frees_stops_counting_against_its_connection(start_server, tiny_model_dir):
+    """The engine is the one session registry: when it frees an idle session, the
+    connection's session cap has room again (a long-lived edge connection would otherwise
+    fill up with sessions that no longer exist)."""
+    server = start_server(tiny_model_dir, max_sessions_per_connection=1, engine=EngineSettings(idle_timeout=0.3))
+    ws = await session_ws(server)
+    try:
+        await open_session(ws, 0)
+        deadline = time.monotonic() + 30
+        while 'fedsea_sessions 0.0' not in httpx.get(f"http://127.0.0.1:{server.port}/metrics").text:
+            assert time.monotonic() < deadline, "the idle session was never freed"
+            await asyncio.sleep(0.1)
+        reply = None
+        while time.monotonic() < deadline:  # the connection hears of it just after the engine
+            reply, _ = await request(ws, encode(Open(sid=1, noise=0.1)))
+            if isinstance(reply, Opened):
+                break
+            await asyncio.sleep(0.05)
+        assert isinstance(reply, Opened), reply
+        reply, _ = await request(ws, step(0, 0, torch.randn(1, HIDDEN)))
+        assert isinstance(reply, Error) and reply.code.value == "unknown_session"
+    finally:
+        await ws.close()
