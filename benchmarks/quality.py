@@ -115,6 +115,7 @@ class Budget:
     fedavg_every: int
     valid: int
     grad_clip: float = 1.0
+    valid_fraction: float = 0.1  # of the shuffled records held out; the same split for every configuration
 
     @property
     def steps(self) -> int:
@@ -167,7 +168,7 @@ def train_split(model_dir, task: Task, cfg: Config, budget: Budget, seed: int, o
         data=task.data, out=str(out), model=str(model_dir), head=cfg.head, tail=cfg.tail, noise=cfg.noise, clients=cfg.clients,
         mode="batched", steps=budget.steps, batch_size=budget.batch // cfg.clients, max_length=task.max_length,
         lora=budget.lora(), optim=budget.optim(), fedavg_every=budget.fedavg_every, by_label=cfg.by_label,
-        max_train=budget.samples, max_valid=4, seed=seed, progress=False,
+        max_train=budget.samples, max_valid=4, valid_fraction=budget.valid_fraction, seed=seed, progress=False,
     )
     report = run(run_cfg)
     base = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -368,13 +369,19 @@ def grid(args) -> list[Config]:
     return configs
 
 
-def run_task(name: str, task: Task, configs: list[Config], budget: Budget, seeds: list[int], model_dir: Path, log) -> dict:
+def run_task(name: str, task: Task, configs: list[Config], budget: Budget, seeds: list[int], model_dir: Path, log,
+             runs: list[dict], save, kept: list[Config]) -> dict:
+    """Every (configuration, seed) not yet in `runs` (a resumed file's), calling save(result)
+    after each, so an interrupted grid keeps what it measured; `kept`: configurations of
+    `runs` that are summarized but not run."""
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    runs: list[dict] = []
+    done = {(r["config"], r["seed"]) for r in runs}
     for seed in seeds:
-        ds = build_dataset(task.data, tok, task.max_length, seed, max_train=budget.samples, max_valid=budget.valid)
+        ds = build_dataset(task.data, tok, task.max_length, seed, budget.valid_fraction, budget.samples, budget.valid)
         for cfg in configs:
+            if (cfg.name, seed) in done:
+                continue
             started, extra = time.perf_counter(), {}
             work = Path(tempfile.mkdtemp(prefix="fedsea-quality-"))
             try:
@@ -394,12 +401,23 @@ def run_task(name: str, task: Task, configs: list[Config], budget: Budget, seeds
             runs.append(row)
             log(f"{name} {cfg.name} seed {seed}: " + ", ".join(f"{m} {v:.3f}" for m, v in row["values"].items())
                 + f" ({row['wall_seconds']:.0f} s{', server steps %d' % extra['server_steps'] if extra else ''})")
+            save(task_result(task, configs + kept, runs))
+    return task_result(task, configs + kept, runs)
+
+
+def task_result(task: Task, configs: list[Config], runs: list[dict]) -> dict:
     summary = {}
     for cfg in configs:
-        mine = [r for r in runs if r["config"] == cfg.name]
-        ref = [r for r in runs if r["config"] == "centralized"]
-        ref = ref if ref and cfg.kind == "split" else None
-        summary[cfg.name] = {"config": asdict(cfg), **{m: summarize(m, mine, ref) for m in TASK_METRICS[task.kind]}}
+        mine = sorted((r for r in runs if r["config"] == cfg.name), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        ref = {r["seed"]: r for r in runs if r["config"] == "centralized"}
+        if cfg.kind == "split" and all(r["seed"] in ref for r in mine):
+            ref_runs = [ref[r["seed"]] for r in mine]
+        else:
+            ref_runs = None
+        summary[cfg.name] = {"config": asdict(cfg), "seeds": [r["seed"] for r in mine],
+                             **{m: summarize(m, mine, ref_runs) for m in TASK_METRICS[task.kind]}}
     return {"task": asdict(task), "valid_examples": len(runs[0]["scores"]["one"]) if runs else 0, "summary": summary, "runs": runs}
 
 
@@ -472,15 +490,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--grad-clip", type=float, default=OptimSpec().grad_clip,
                    help="max gradient norm (split: each side clips its own; 0: off, which makes 1-client split = centralized)")
     p.add_argument("--valid", type=int, default=300, help="validation examples (the same for every configuration)")
+    p.add_argument("--valid-fraction", type=float, default=0.1,
+                   help="records held out for validation (BBC has 2225: raise this for more than 222 validation examples)")
     p.add_argument("--serving", type=int, default=0, help="few-shot queries per task for the serving default's cost (0: skip)")
     p.add_argument("--quick", action="store_true", help="minutes: bbc-topic, noise 0 and default, 1 client, 1 seed, 64 samples")
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     p.add_argument("--plot", action="store_true", help="one PNG per task next to --out")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in --out (same budget) and measure only the missing ones")
     args = p.parse_args(argv)
     if args.quick:
         args.clients, args.seeds, args.samples, args.valid = [1], [0], 64, 100
     model_dir = resolve_model(args.model)
-    budget = Budget(args.samples, args.batch, args.lr, args.rank, args.fedavg_every, args.valid, args.grad_clip)
+    budget = Budget(args.samples, args.batch, args.lr, args.rank, args.fedavg_every, args.valid, args.grad_clip, args.valid_fraction)
     if budget.steps < 1:
         raise SystemExit("--samples must be at least --batch")
     started = time.perf_counter()
@@ -495,9 +517,24 @@ def main(argv: list[str] | None = None) -> dict:
                             f"({BOOTSTRAP} resamples, paired for gaps)",
                "tasks": {}}
     configs = grid(args)
+    previous = json.loads(args.out.read_text()) if args.resume and args.out.is_file() else None
+    if previous is not None and previous["budget"] != results["budget"]:
+        raise SystemExit(f"--resume: {args.out} was measured with another budget ({previous['budget']})")
+
+    def save(name: str, result: dict) -> None:
+        results["tasks"][name] = result
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+    if previous is not None:  # keep its other tasks and configurations too
+        results["tasks"] = previous["tasks"]
     for name in args.tasks:
-        results["tasks"][name] = run_task(name, TASKS[name], configs, budget, args.seeds, model_dir, log)
-        print(table(name, results["tasks"][name]), flush=True)
+        done = results["tasks"].get(name, {}).get("runs", [])
+        known = {Config(**s["config"]) for s in results["tasks"].get(name, {}).get("summary", {}).values()}
+        result = run_task(name, TASKS[name], configs, budget, args.seeds, model_dir, log, done,
+                          lambda r, name=name: save(name, r), sorted(known - set(configs), key=lambda c: c.name))
+        save(name, result)
+        print(table(name, result), flush=True)
     if args.serving:
         results["serving_default"] = s = serving_cost(args.model, args.serving, args.seeds[0])
         for task, t in s["tasks"].items():

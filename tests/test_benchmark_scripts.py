@@ -38,9 +38,11 @@ def test_quality_harness_intervals_and_split_centralized_parity(tiny_model_dir, 
     steps than the split run, as the first BBC comparison did, fails here."""
     quality = _load("quality")
     out = tmp_path / "q.json"
-    got = quality.main(["--model", str(tiny_model_dir), "--tasks", "bbc-topic", "--samples", "8", "--batch", "4",
-                        "--valid", "6", "--seeds", "0", "1", "--clients", "1", "--noise", "0", "--grad-clip", "0",
-                        "--out", str(out)])
+    args = ["--model", str(tiny_model_dir), "--tasks", "bbc-topic", "--samples", "8", "--batch", "4",
+            "--valid", "6", "--seeds", "0", "1", "--clients", "1", "--noise", "0", "--grad-clip", "0", "--out", str(out)]
+    got = quality.main(args)
+    resumed = quality.main([*args, "--resume"])  # nothing left to run: the same runs and summary
+    assert resumed["tasks"] == got["tasks"]
     assert json.loads(out.read_text())["budget"]["steps"] == 2
     task = got["tasks"]["bbc-topic"]
     assert set(task["summary"]) == {"base", "centralized", "split-h2t2-k1-n0"}
