@@ -291,9 +291,11 @@ def test_builtin_datasets_split_deterministically_into_disjoint_shards(tokenizer
         assert len(seen) == len(set(seen))
     label_sets = [{e.label for e in shard(a.train, 3, c, True)} for c in range(3)]
     assert sum(map(len, label_sets)) < 3 * 5  # non-IID: clients see fewer labels
-    for name in ("tweet-sentiment", "chitchat"):
-        ds = build_dataset(name, tokenizer, 128, max_train=8, max_valid=2)
+    for name in ("tweet-sentiment", "chitchat", "bbc-headlines"):
+        ds = build_dataset(name, tokenizer, 256, max_train=8, max_valid=2)
         assert len(ds.train) == 8 and all(any(e.target) for e in ds.train)
+    headline = next(e for e in ds.train)  # bbc-headlines: the whole prompt fits, the headline is the target
+    assert ds.labels is None and headline.prompt_len > 40 and 2 < sum(headline.target) < 40
 
 
 # ---- federated runs -----------------------------------------------------------------------
