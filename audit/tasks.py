@@ -43,18 +43,23 @@ class Prompts:
 
 class TaskUtility(BaseModel):
     accuracy: dict[str, float] = Field(description="few-shot accuracy per task")
+    hits: dict[str, list[bool]] = Field(default_factory=dict, description="per task, whether each query was answered right", repr=False)
     greedy: list[list[int]] = Field(description="greedy reply tokens of each chat prompt", repr=False)
 
     @property
     def mean_accuracy(self) -> float:
         return sum(self.accuracy.values()) / len(self.accuracy)
 
-    def agreement(self, reference: "TaskUtility") -> float:
-        """Mean fraction of the reference's greedy tokens produced before the first difference."""
+    def agreement_per_prompt(self, reference: "TaskUtility") -> list[float]:
+        """Per chat prompt, the fraction of the reference's greedy tokens produced before the first difference."""
         fractions = []
         for ours, theirs in zip(self.greedy, reference.greedy):
             same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
             fractions.append(same / max(1, len(theirs)))
+        return fractions
+
+    def agreement(self, reference: "TaskUtility") -> float:
+        fractions = self.agreement_per_prompt(reference)
         return sum(fractions) / max(1, len(fractions))
 
 
@@ -94,13 +99,13 @@ def _run(client, serving: Serving, p: Prompts, concurrency: int = 4) -> TaskUtil
                                noise=serving.noise, adapter=serving.adapter)
 
     with ThreadPoolExecutor(concurrency) as pool:
-        accuracy = {}
+        accuracy, hits = {}, {}
         for task, queries in p.classify.items():
             replies = pool.map(reply, [(m, ANSWER_TOKENS, i) for i, (m, _) in enumerate(queries)])
-            hits = [r.text.strip().lower().startswith(label) for r, (_, label) in zip(replies, queries)]
-            accuracy[task] = sum(hits) / len(hits)
+            hits[task] = [r.text.strip().lower().startswith(label) for r, (_, label) in zip(replies, queries)]
+            accuracy[task] = sum(hits[task]) / len(hits[task])
         greedy = [r.token_ids for r in pool.map(reply, [(m, CHAT_TOKENS, 10_000 + i) for i, m in enumerate(p.chat)])]
-    return TaskUtility(accuracy=accuracy, greedy=greedy)
+    return TaskUtility(accuracy=accuracy, hits=hits, greedy=greedy)
 
 
 def measure(

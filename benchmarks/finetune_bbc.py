@@ -5,7 +5,9 @@ Measured in one run, on the same data, validation set and hyperparameters:
   * split, 2 clients (separate processes, batched mode, FedAvg every R steps), at the default
     serving noise and at noise 0;
   * centralized: `peft` LoRA on the unsplit `transformers` model over the union of the
-    clients' data, with the same number of samples and optimizer steps of the same size.
+    clients' data, with the same samples in as many optimizer steps of as many samples as
+    the split run (one step: every client's batch; the server's adapter takes exactly
+    these steps).  benchmarks/quality.py is the comparison with intervals.
 Also reports what packing saves on the wire: the [B,1,L,L] float mask and the padding rows
 a padded batch would send, against the lengths list actually sent.
 
@@ -131,7 +133,7 @@ def main() -> None:
         shutil.rmtree(runs, ignore_errors=True)
 
     after, seconds = centralized(model_dir, ds.train, ds.valid, label_tokens, pad_id, lora, optim,
-                                 args.clients * args.steps, args.batch_size, args.seed)
+                                 args.steps, args.clients * args.batch_size, args.seed)
     results["centralized"] = {**after, "train_seconds": seconds}
     print(f"centralized: {results['centralized']}", flush=True)
     results["wire"] = wire_savings(ds.train, args.clients, args.batch_size, load_config(model_dir).hidden_size)

@@ -69,7 +69,10 @@ def test_task_utility_runs_through_the_serving_path(tiny_model_dir, adapted):
         p, adapters={"obf": (real.edge_dir, real.server_dir)},
     )
     assert set(ref.accuracy) == set(tasks.TASKS)
+    for task, hits in ref.hits.items():  # per query, for paired intervals
+        assert len(hits) == 2 and ref.accuracy[task] == sum(hits) / 2
     assert same.agreement(ref) == 1.0  # noise 0 is the unsplit model, template exemption or not
+    assert same.agreement_per_prompt(ref) == [1.0, 1.0]
     assert loud.agreement(ref) < 1.0
     # The edge's half and the server's half were each loaded and served under one name
     # (a side without it refuses the generation).

