@@ -331,7 +331,12 @@ class Detector:
             person, unknown_org = set(), set()
             for ent in doc.ents:
                 if ent.label_ == "PERSON" and self._plausible(ent):
-                    person.update(t.i for t in ent)
+                    words = list(ent)
+                    # "Call Robert at ...": the small model reads an opening verb as part of
+                    # the name; an everyday word that is no first name leads no name.
+                    while len(words) > 1 and words[0].lower_ in self.words and words[0].lower_ not in self.names:
+                        words.pop(0)
+                    person.update(t.i for t in words)
                 elif ent.label_ == "ORG" and all(self._unknown(t.text) for t in ent if t.is_alpha):
                     unknown_org.update(t.i for t in ent)  # the small model often calls a foreign name an ORG
             tokens = list(doc)

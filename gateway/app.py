@@ -139,7 +139,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         client = backend.require_client()
         check_bias(req.logit_bias, client.config.vocab_size)
         # Off the event loop: pseudonymizing, templating and tokenizing a long message takes seconds.
-        prompt = await templated(client.chat_prompt, *template_input(req, client))
+        prompt = await templated(client.chat_prompt, *chat_input(req, client))
         constraint = await answer_constraint(client, req)
         logprobs = req.top_alternatives
         names = {t.function.name for t in req.tools} if req.tool_mode else None
@@ -189,7 +189,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         surrogates in place, and each hidden span.  Nothing reaches the server."""
         check_model(req.model)
         client = backend.require_client()
-        return json_response(await templated(preview, client.tokenizer, client.pseudonymizer, *template_input(req, client)))
+        return json_response(await templated(preview, client.tokenizer, client.pseudonymizer, *chat_input(req, client)))
 
     @fedsea.post("/inspect")
     async def inspect(req: InspectRequest) -> Response:
@@ -202,7 +202,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         client = backend.require_client()
         if inspector is None:
             inspector = Inspector(client)
-        report = await templated(inspector.inspect, *template_input(req, client), adapter, req.reconstruct)
+        report = await templated(inspector.inspect, *chat_input(req, client), adapter, req.reconstruct)
         return Response(orjson.dumps(report), media_type="application/json")
 
     @fedsea.get("/status")
@@ -236,6 +236,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
              "/", "/fedsea/v1/preview", "/fedsea/v1/inspect", "/fedsea/v1/status"}
     app.add_middleware(RequestCounter, metrics=metrics, paths=paths)
     return app
+
+
+def chat_input(req: ChatCompletionRequest, client) -> tuple[list[dict], list[dict] | None]:
+    """The chat template's input for this request, refused where its text cannot fit."""
+    return template_input(req, client.tokenizer, client.config.max_position_embeddings)
 
 
 async def templated(fn, *args):

@@ -10,14 +10,14 @@ from . import limits, tools
 from .schemas import ChatCompletionRequest, Preview, PreviewSpan
 
 
-def template_input(req: ChatCompletionRequest, client) -> tuple[list[dict], list[dict] | None]:
+def template_input(req: ChatCompletionRequest, tokenizer, context: int | None = None) -> tuple[list[dict], list[dict] | None]:
     """(the messages the chat template gets, the tools it gets itself or None) for this
-    request; a 400 for text that cannot fit the context."""
+    request; a 400 for text that cannot fit `context` tokens."""
     mode = req.tool_mode
-    native = mode is not None and tools.template_takes_tools(client.tokenizer)
+    native = mode is not None and tools.template_takes_tools(tokenizer)
     messages = tools.chat_messages(req.messages, req.tools if mode else None, native, req.parallel_calls)
-    limits.refuse_overlong_text([str(m.get("content") or "") for m in messages], client.tokenizer,
-                                client.config.max_position_embeddings, "messages")
+    if context is not None:
+        limits.refuse_overlong_text([str(m.get("content") or "") for m in messages], tokenizer, context, "messages")
     return messages, [t.model_dump(exclude_none=True) for t in req.tools] if native else None
 
 
