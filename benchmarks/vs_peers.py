@@ -18,6 +18,7 @@ is skipped with a message; set them up (outside the repo) with
     bash benchmarks/setup_llamacpp.sh      # llama-server + f32 GGUF (~10 min on 2 cores)
     bash benchmarks/setup_vllm.sh          # vLLM CPU venv (~3.4 GB, ~3 min)
     python benchmarks/vs_peers.py [--peers-dir DIR] [--clients 1 8 16] [--repeat 3] [--only fedsea llamacpp ...]
+    python benchmarks/vs_peers.py --baseline DIR --only fedsea fedsea-baseline   # this commit vs another
 
 This shared VM's speed drifts by a third within minutes: `--repeat N` runs the servers in
 turn N times and reports each number's median (every run is kept in the JSON).
@@ -106,10 +107,14 @@ def _process(name: str, cmd: list[str], port: int, health: str, env: dict | None
                 proc.wait()
 
 
-def fedsea_server(peers: Path, threads: int):
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fedsea_server(peers: Path, threads: int, tree: Path = REPO, name: str = "fedsea"):
+    """`fedsea serve` from the checkout at `tree` (another commit's worktree: --baseline)."""
     port = free_port()
-    return _process("fedsea", [sys.executable, "-m", "fedsea.cli", "serve", "--port", str(port)], port, "/health",
-                    env={"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    return _process(name, [sys.executable, "-m", "fedsea.cli", "serve", "--port", str(port)], port, "/health",
+                    env={"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(tree)})
 
 
 def llamacpp_server(peers: Path, threads: int):
@@ -136,6 +141,7 @@ def vllm_server(peers: Path, threads: int):
 
 
 SERVERS = {"fedsea": fedsea_server, "vllm": vllm_server, "llamacpp": llamacpp_server}
+BASELINE = "fedsea-baseline"
 LABELS = {"fedsea": f"fedsea serve (split, noise {defaults.NOISE})", "llamacpp": "llama.cpp llama-server (f32)",
           "vllm": "vLLM CPU (eager, fp32)", "transformers": "transformers generate (full)"}
 
@@ -283,7 +289,7 @@ def plot(results: dict, hf: dict, roofline: dict, levels: list[int], path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    servers = [s for s in SERVERS if isinstance(results.get(s), dict)]
+    servers = [s for s in results if isinstance(results.get(s), dict)]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / max(len(servers), 1)
     for i, s in enumerate(servers):
@@ -311,18 +317,26 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "vs_peers.json", help="JSON (and PNG beside it) to write")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run every server this many times, taking turns, and report each number's median")
-    ap.add_argument("--only", nargs="+", choices=[*SERVERS, "transformers"], help="run only these")
+    ap.add_argument("--only", nargs="+", choices=[*SERVERS, BASELINE, "transformers"], help="run only these")
+    ap.add_argument("--baseline", type=Path, help="a checkout of another fedsea commit (git worktree add DIR REV): "
+                                                 f"its `fedsea serve` runs too, as {BASELINE!r}, taking turns with this one")
     args = ap.parse_args()
     if args.max_tokens < 2 or args.rounds < 1 or args.repeat < 1 or any(c < 1 for c in args.clients):
         ap.error("--max-tokens must be >= 2, --rounds, --repeat and --clients >= 1")
     RESULTS.mkdir(exist_ok=True)
-    chosen = args.only or [*SERVERS, "transformers"]
+    servers = dict(SERVERS)
+    if args.baseline:
+        rev = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip() or str(args.baseline)
+        LABELS[BASELINE] = f"fedsea serve at {rev}"
+        servers[BASELINE] = lambda peers, threads: fedsea_server(peers, threads, args.baseline.resolve(), BASELINE)
+    chosen = args.only or [*servers, "transformers"]
     load_before = os.getloadavg()
 
     results: dict = {}
     runs: dict[str, list[dict]] = {}
     for repeat in range(args.repeat):  # servers take turns, so a slow spell of the machine hits them all
-        for name, start in SERVERS.items():
+        for name, start in servers.items():
             if name not in chosen or isinstance(results.get(name), str):
                 continue
             print(f"\n{LABELS[name]}" + (f", run {repeat + 1} of {args.repeat}" if args.repeat > 1 else ""), flush=True)
@@ -354,7 +368,7 @@ def main() -> None:
           + (f"; medians of {args.repeat} runs each, taking turns" if args.repeat > 1 else ""))
     head = "".join(f"{f'{c} cl tok/s':>12}{'TTFT s':>8}" for c in levels)
     print(f"{'server':36}{head}{'idle@8':>8}")
-    for name in SERVERS:
+    for name in servers:
         res = results.get(name)
         if isinstance(res, dict):
             cells = "".join(f"{res[str(c)]['tok_s']:12.1f}{res[str(c)]['mean_ttft_s']:8.3f}" for c in levels)
@@ -384,7 +398,7 @@ def main() -> None:
     }
     out = args.out
     out.write_text(json.dumps(result, indent=2))
-    if any(isinstance(results.get(s), dict) for s in SERVERS) and hf:
+    if any(isinstance(results.get(s), dict) for s in servers) and hf:
         plot(results, hf, roofline, levels, out.with_suffix(".png"))
     print(f"wrote {out}")
 
