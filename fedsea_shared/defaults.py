@@ -16,5 +16,7 @@ PUBLIC_TEMPLATE = True
 # Replace names, digit runs and e-mail addresses by keyed surrogates before the prompt
 # becomes token ids, and map them back in the output (edge_runtime.pseudonyms).
 PSEUDONYMIZE = True
+MAX_CONTEXT = 8192  # tokens a session may hold on the server (prompt and generated)
+KV_CACHE_MEMORY = "1GiB"  # the server's KV pool: bytes, or a fraction of free accelerator memory
 SERVER_PORT = 8765
 GATEWAY_PORT = 8000

@@ -78,7 +78,7 @@ class ServerSettings:
     port: int = defaults.SERVER_PORT
     device: str = "cpu"
     dtype: str = "float32"  # compute and KV dtype
-    kv_cache_memory: str = "1GiB"  # bytes, or a fraction of free accelerator memory
+    kv_cache_memory: str = defaults.KV_CACHE_MEMORY
     block_size: int = 16
     attention_backend: str = "auto"  # torch | vllm (vLLM's paged-attention kernels) | auto: vllm where installed and fit
     linear_kernel: str = "auto"  # onednn | mixed | torch | auto: timed at start-up (fedsea_shared.shard.apply_linear_kernel)

@@ -19,6 +19,7 @@ from typing import Callable, Hashable, NamedTuple, Protocol
 
 import torch
 
+from fedsea_shared import defaults
 from fedsea_shared.prefix import PrefixHasher, run_key
 from fedsea_shared.protocol import ErrorCode, ProtocolError
 from fedsea_shared.shard import warm_linear_kernels
@@ -52,7 +53,7 @@ class _OpenRequest(NamedTuple):
 
 @dataclass
 class EngineSettings:
-    max_context: int = 8192
+    max_context: int = defaults.MAX_CONTEXT
     token_budget: int = 512  # tokens per tick (decode rows + prefill chunks)
     wait_timeout: float = 30.0  # seconds a step or an open may wait for KV blocks
     idle_timeout: float = 600.0  # seconds before an idle session is freed

@@ -19,6 +19,7 @@ import logging
 
 import torch
 
+from fedsea_shared import defaults
 from fedsea_shared.shard import ModelShard
 
 from .attention_backends import AttentionBackend, TorchAttention, make_attention_backend
@@ -34,7 +35,7 @@ log = logging.getLogger("fedsea.server.runner")
 class ModelRunner:
     def __init__(self, shard: ModelShard, layers: range, pool: KVPool, device: str | torch.device = "cpu",
                  decode_attention: str = "gather", decode_graphs: bool = False,
-                 max_graph_batch: int = 64, max_context: int = 8192, attention_backend: str = "torch",
+                 max_graph_batch: int = 64, max_context: int = defaults.MAX_CONTEXT, attention_backend: str = "torch",
                  kernels=None):
         """`kernels`: the fused CPU kernels' library (the shard's `BlockOps.kernels`), which
         the torch backend's gather decode uses for short contexts; None: torch's ops only."""
