@@ -244,7 +244,7 @@ class ServerConnection:
             queued = step is not None and any(e is step for e in self._outbox)
             if queued:
                 self._outbox = [e for e in self._outbox if e is not step]
-            elif sent and not fut.done():
+            elif sent and (fut.cancelled() or not fut.done()):  # no reply taken: a late one is dropped
                 self._abandoned.add(sid)
             raise
         finally:

@@ -169,8 +169,11 @@ class DecodeLoop:
         hidden = await self.worker.run_many("head", [(g.cache, g.pos, torch.tensor([t])) for g, t in zip(live, tokens)])
         steps = {}
         for g, h, t in zip(live, hidden, tokens):
-            g.stepping = asyncio.ensure_future(g.session.step(h, [t]))
-            steps[g.stepping] = g
+            if not g.cancelled:  # (its consumer may have gone during the heads)
+                g.stepping = asyncio.ensure_future(g.session.step(h, [t]))
+                steps[g.stepping] = g
+        if not steps:
+            return
         await asyncio.wait(steps, return_when=asyncio.FIRST_COMPLETED)
         await asyncio.sleep(0)  # the rest of that reply frame's rows are in too
         for task, g in steps.items():
@@ -181,9 +184,11 @@ class DecodeLoop:
         self._ready = [g for g in steps.values() if g.out is not None] + self._ready
 
     def _stepped(self, task: asyncio.Task, g: Generation, rejoin: bool) -> None:
-        if task.cancelled() or g.cancelled:
+        if task.cancelled():
             return
         error = task.exception()
+        if g.cancelled:
+            return
         if error is not None:
             g.fail(error)
             return

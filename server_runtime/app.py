@@ -545,6 +545,8 @@ class ServerRuntime:
         wire = WIRE_DTYPES[conn.hello.dtype]
         futures = self.engine.step_many([(conn.key(sid), pos, rows) for sid, pos, rows in steps])
         waiting = {asyncio.wrap_future(f): (f, sid, pos) for f, (sid, pos, _) in zip(futures, steps)}
+        for w in waiting:  # each outcome is read from the engine's future; the wrapper's is only a wake-up
+            w.add_done_callback(lambda w: w.cancelled() or w.exception())
         try:
             while waiting:
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)

@@ -270,3 +270,36 @@ compute.close()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=str(Path(__file__).resolve().parent.parent))
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+async def test_streams_dropped_mid_generation_leave_no_stray_replies_and_free_their_sessions(start_server, tiny_model_dir,
+                                                                                              caplog):
+    """A consumer that goes away mid-stream abandons its generation's step in flight: its
+    late reply is dropped quietly (not logged as a server fault), its session is closed on
+    the server, and the others keep generating."""
+    server = start_server(tiny_model_dir)
+    client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), edge_cache_memory=0)
+    no_eos = {t: -100.0 for t in client.eos_ids}
+    kept: list = []
+
+    async def consume(i: int, sink: list | None = None):
+        async for event in client.stream([{"role": "user", "content": f"Tell me about {i}"}], max_tokens=60,
+                                         temperature=0, logit_bias=no_eos):
+            if sink is not None:
+                sink.append(event)
+
+    with caplog.at_level(logging.WARNING):
+        steady = asyncio.ensure_future(consume(99, kept))
+        for trial in range(5):
+            dropped = asyncio.ensure_future(consume(trial))
+            await asyncio.sleep(0.15 + 0.04 * trial)
+            dropped.cancel()
+            await asyncio.gather(dropped, return_exceptions=True)
+        await steady
+        await asyncio.sleep(0.2)
+    assert len(kept) == 60
+    engine_sessions = server.runtime.metrics.sessions._value.get()
+    assert engine_sessions == 0
+    faults = [r.getMessage() for r in caplog.records if r.name.startswith("fedsea.edge") or r.levelno >= logging.ERROR]
+    assert not faults, faults
+    await client.aclose()
