@@ -27,7 +27,7 @@ def _split_args(p: argparse.ArgumentParser) -> None:
                         "one row, else onednn where it runs, else torch")
     p.add_argument("--weights", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8", "int4"],
                    help="how this side stores its linear layers' weights: dense float32/bfloat16/float16, int8 with a "
-                        "scale per output channel, or int4 in groups of 32 (embedding and LM head int8); auto = "
+                        "scale per output channel, or int4 in groups of 32 (the embedding int8 per row); auto = "
                         "float32 (see README, weight formats)")
     p.add_argument("--block-ops", default="auto", choices=["auto", "native", "vllm", "torch"],
                    help="a block's norms, rotary, SiLU-and-mul and short decode attention: native (fused C kernels "

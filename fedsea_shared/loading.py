@@ -20,7 +20,6 @@ from .layers.linear import DENSE_FORMATS, quantize
 log = logging.getLogger("fedsea.loading")
 
 EMBEDDING = "model.embed_tokens.weight"
-LM_HEAD = "lm_head.weight"
 
 
 @dataclass
@@ -36,13 +35,14 @@ class Prequantized:
 def role_format(name: str, fmt: str, linear: bool) -> str:
     """The format a tensor of a shard is stored in under the side's weight format `fmt`.
 
-    Quantized formats keep the embedding int8 per row (a lookup dequantizes only its rows)
-    and the LM head at int8 under int4 (torch's int4 kernel is slower than its int8 one at
-    that shape here, benchmarks/linear_formats.py; llama.cpp also keeps the output tensor
-    above 4 bits); norms and other small tensors stay dense."""
+    Quantized formats keep the embedding int8 per row: a lookup dequantizes only its rows,
+    and torch has no int4 gather.  The LM head takes the side's format like any linear
+    (under int4, a model that ties it to the embedding gets a separate int4 copy: torch's
+    int4 kernel ran that 49152x576 product 2.2x faster than its int8 one here,
+    benchmarks/linear_formats.py); norms and other small tensors stay dense."""
     if not (linear or name == EMBEDDING):
         return "dense"
-    if fmt not in DENSE_FORMATS and (name == EMBEDDING or (name == LM_HEAD and fmt == "int4")):
+    if name == EMBEDDING and fmt not in DENSE_FORMATS:
         return "int8"
     return fmt
 
@@ -69,13 +69,17 @@ def safetensors_tensors(model_dir: Path, wanted: set[str], device: str) -> Itera
 
 
 def read_shard(model_dir: Path, wanted: dict[str, bool], fmt: str, dtype: torch.dtype,
-               device: str) -> dict[str, torch.Tensor]:
+               device: str, copies: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """The state_dict of the tensors in `wanted` (name -> whether it is a linear's weight),
-    each stored in its role's format under the weight format `fmt`."""
+    each stored in its role's format under the weight format `fmt`; `copies`: a tensor
+    also stored as a linear's weight under another name (an LM head tied to the embedding
+    in another format)."""
     state: dict[str, torch.Tensor] = {}
     found: set[str] = set()
     for name, raw in safetensors_tensors(model_dir, set(wanted), device):
         state.update(convert(name, raw, role_format(name, fmt, wanted[name]), dtype))
+        if name in (copies or {}):
+            state.update(convert(copies[name], raw, role_format(copies[name], fmt, True), dtype))
         found.add(name)
     missing = set(wanted) - found
     if missing:

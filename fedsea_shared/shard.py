@@ -396,11 +396,13 @@ def load_shard(
     shard = _meta_shard(config, layers, with_edge_parts)
     linears = {f"{n}.weight" for n, m in shard.named_modules() if isinstance(m, Linear)}
     wanted = {n: n in linears for n in shard_tensor_names(config, layers, with_edge_parts)}
-    tied = with_edge_parts and config.tie_word_embeddings
-    if tied:
-        del wanted["lm_head.weight"]
     fmt = weights or str(dtype).removeprefix("torch.")
-    state = loading.read_shard(model_dir, wanted, fmt, dtype, str(device))
+    tied = with_edge_parts and config.tie_word_embeddings
+    if tied:  # shared where both are stored alike, else the head gets a copy in its own format
+        del wanted["lm_head.weight"]
+        tied = loading.role_format("lm_head.weight", fmt, True) == loading.role_format(loading.EMBEDDING, fmt, False)
+    copies = {loading.EMBEDDING: "lm_head.weight"} if with_edge_parts and config.tie_word_embeddings and not tied else {}
+    state = loading.read_shard(model_dir, wanted, fmt, dtype, str(device), copies)
     shard.load_state_dict(state, strict=False, assign=True)
     if with_edge_parts:
         shard.model.embed_tokens.dtype = dtype
