@@ -27,7 +27,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from fedsea_shared import defaults
 from fedsea_shared.adapters import load_adapters
-from fedsea_shared.models import resolve_model
+from fedsea_shared.models import is_gguf, resolve_model
 from fedsea_shared.noise import KEY_BYTES, NoiseChain, public_prefix_len
 from fedsea_shared.prefix import prefix_root
 from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello
@@ -130,7 +130,7 @@ class AsyncEdgeClient:
         model_dir = resolve_model(model)
         self.config = load_config(model_dir)
         self.partition = Partition(self.config.num_hidden_layers, head, tail)
-        self.weights = resolve_weights(weights, device, "edge")
+        self.weights = resolve_weights(weights, device, "edge", is_gguf(model_dir))
         shard = load_edge_shard(model_dir, self.partition, dtype=WIRE_DTYPES[dtype], device=device, config=self.config,
                                 weights=self.weights)
         self.linear_kernel = apply_linear_kernel(shard, linear_kernel, device, copy_shared=lm_head_copy)

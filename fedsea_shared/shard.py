@@ -400,13 +400,12 @@ def load_shard(
     tied = with_edge_parts and config.tie_word_embeddings
     if tied:  # shared where both are stored alike, else the head gets a copy in its own format
         del wanted["lm_head.weight"]
-        tied = loading.role_format("lm_head.weight", fmt, True) == loading.role_format(loading.EMBEDDING, fmt, False)
-    copies = {loading.EMBEDDING: "lm_head.weight"} if with_edge_parts and config.tie_word_embeddings and not tied else {}
-    state = loading.read_shard(model_dir, wanted, fmt, dtype, str(device), copies)
+    copies = {loading.EMBEDDING: "lm_head.weight"} if tied else {}
+    state = loading.read_shard(model_dir, wanted, fmt, dtype, str(device), copies, config)
     shard.load_state_dict(state, strict=False, assign=True)
     if with_edge_parts:
         shard.model.embed_tokens.dtype = dtype
-    if tied:
+    if tied and "lm_head.weight" not in state:
         shard.lm_head.tie(shard.model.embed_tokens)
     # Rotary tables are computed, not stored: rebuild them off the meta device.
     with torch.device(device):

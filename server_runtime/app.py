@@ -32,7 +32,7 @@ from websockets.http11 import Request, Response
 
 from fedsea_shared import defaults
 from fedsea_shared.adapters import load_adapters
-from fedsea_shared.models import resolve_model
+from fedsea_shared.models import is_gguf, resolve_model
 from fedsea_shared.protocol import (
     PROTOCOL_VERSION,
     WIRE_DTYPES,
@@ -174,7 +174,7 @@ class ServerRuntime:
         self.config = load_config(model_dir)
         self.partition = Partition(self.config.num_hidden_layers, settings.head, settings.tail)
         dtype = self.shard_dtype = WIRE_DTYPES[settings.dtype]
-        self.weights = resolve_weights(settings.weights, settings.device, "server")
+        self.weights = resolve_weights(settings.weights, settings.device, "server", is_gguf(model_dir))
         self.shard = load_server_shard(model_dir, self.partition, dtype=dtype, device=settings.device, config=self.config,
                                        weights=self.weights)
         self.linear_kernel = apply_linear_kernel(self.shard, settings.linear_kernel, settings.device)

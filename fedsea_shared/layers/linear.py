@@ -518,14 +518,16 @@ def address(t: torch.Tensor) -> int:
     return torch.ops.mkldnn.data_ptr(t) if t.is_mkldnn else t.data_ptr()
 
 
-def resolve_weights(weights: str, device: torch.device | str, side: str) -> str:
+def resolve_weights(weights: str, device: torch.device | str, side: str, gguf: bool = False) -> str:
     """The weight format a side stores its linears in: `weights`, or for auto the policy
     below; logged, so an operator sees what each side chose.
 
-    auto: float32 for now (today's behaviour) until the formats' quality and speed
-    here are measured (benchmarks/linear_formats.py)."""
+    auto: a GGUF file's tensors in the formats matching their types ("file": Q8_0 int8,
+    Q4_0/Q4_1 int4, see fedsea_shared.loading), else float32 (today's behaviour; int8 and
+    int4 are faster here but not yet measured within a stated quality loss)."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
-    chosen = "float32" if weights == "auto" else weights
-    log.info("%s weights: %s%s", side, chosen, " (auto)" if weights == "auto" else "")
+    chosen = weights if weights != "auto" else "file" if gguf else "float32"
+    log.info("%s weights: %s%s", side, "as the GGUF file stores them" if chosen == "file" else chosen,
+             " (auto)" if weights == "auto" else "")
     return chosen
