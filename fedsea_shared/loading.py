@@ -11,8 +11,10 @@ tensor in the format matching its own type (`gguf_format`).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from .models import GGUF_SOURCE
 log = logging.getLogger("fedsea.loading")
 
 EMBEDDING = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
 
 # Rows of a GGUF tensor converted at a time (a multiple of torch's int4 row block, 64).
 CHUNK_ROWS = 4096
@@ -48,14 +51,14 @@ class Prequantized:
 def role_format(name: str, fmt: str, linear: bool) -> str:
     """The format a tensor of a shard is stored in under the side's weight format `fmt`.
 
-    Quantized formats keep the embedding int8 per row: a lookup dequantizes only its rows,
-    and torch has no int4 gather.  The LM head takes the side's format like any linear
-    (under int4, a model that ties it to the embedding gets a separate int4 copy: torch's
-    int4 kernel ran that 49152x576 product 2.2x faster than its int8 one here,
-    benchmarks/linear_formats.py); norms and other small tensors stay dense."""
+    Quantized formats keep the embedding int8 per row (a lookup dequantizes only its rows;
+    torch has no int4 gather) and the LM head int8 under int4 too, as llama.cpp keeps its
+    output tensor above 4 bits: an int4 head ran 2.2x faster than int8 here
+    (benchmarks/linear_formats.py) but took SmolLM2's BBC perplexity from +0.2% to +5.8%
+    over float32 (benchmarks/weight_quality.py).  Norms and other small tensors stay dense."""
     if not (linear or name == EMBEDDING):
         return "dense"
-    if name == EMBEDDING and fmt not in DENSE_FORMATS:
+    if fmt not in DENSE_FORMATS and name in (EMBEDDING, LM_HEAD):
         return "int8"
     return fmt
 
@@ -65,37 +68,66 @@ def convert(name: str, raw: torch.Tensor | Prequantized, fmt: str, dtype: torch.
     `fmt` ("dense": the side's dtype `dtype`)."""
     if isinstance(raw, Prequantized) and raw.fmt == fmt:
         tensors = raw.tensors
-    elif isinstance(raw, Prequantized):  # every format is row-local: convert a chunk at a time
-        parts = [convert(name, raw.dequantize(i, min(i + CHUNK_ROWS, raw.rows)), fmt, dtype)
-                 for i in range(0, raw.rows, CHUNK_ROWS)]
+    elif isinstance(raw, Prequantized) or (fmt != "dense" and raw.shape[0] > CHUNK_ROWS):
+        # Every format is row-local: convert a chunk at a time (a float32 chunk in flight,
+        # not the whole tensor and its temporaries: the 49152-row embedding is 113 MB).
+        rows = raw.rows if isinstance(raw, Prequantized) else raw.shape[0]
+        parts = []
+        for i in range(0, rows, CHUNK_ROWS):
+            chunk = raw.dequantize(i, min(i + CHUNK_ROWS, rows)) if isinstance(raw, Prequantized) else raw[i: i + CHUNK_ROWS]
+            parts.append(convert(name, chunk, fmt, dtype))
+            release_freed_memory()
         return {k: torch.cat([p[k] for p in parts], 1 if k.endswith("scale_zeros") else 0) for k in parts[0]}
+    elif fmt == "dense":
+        return {name: raw.to(dtype)}
     else:
-        if fmt == "dense":
-            return {name: raw.to(dtype)}
         tensors = quantize(raw, fmt)
     stem = name[: -len("weight")]
     return {stem + k: t for k, t in tensors.items()}
 
 
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS.  A tensor's conversion frees temporaries
+    of a few MB between the shard's kept tensors, and glibc keeps such holes in the heap:
+    loading the packaged Q4_1's middle blocks (55 MiB as int4) grew RSS by 265 MiB without
+    this, by about the shard's size with it."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 def safetensors_tensors(model_dir: Path, wanted: set[str], device: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The wanted tensors, the file mapped anew for each: the pages a tensor's read touched
+    leave the process with it (one mapping over the loop kept every page read so far
+    resident: +424 MiB of RSS reading the middle blocks into 55 MiB of int4)."""
     for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for name in sorted(wanted.intersection(f.keys())):
-                yield name, f.get_tensor(name)
+            names = sorted(wanted.intersection(f.keys()))
+        for name in names:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                tensor = f.get_tensor(name)
+            yield name, tensor
 
 
 def read_shard(model_dir: Path, wanted: dict[str, bool], fmt: str, dtype: torch.dtype,
-               device: str, copies: dict[str, str] | None = None, config=None) -> dict[str, torch.Tensor]:
+               device: str, config=None) -> dict[str, torch.Tensor]:
     """The state_dict of the tensors in `wanted` (name -> whether it is a linear's weight),
-    each stored in its role's format under the weight format `fmt`; `copies`: a tensor
-    also stored as a linear's weight under another name (an LM head tied to the embedding
-    in another format)."""
+    each stored in its role's format under the weight format `fmt` ("file": a GGUF tensor's
+    own, see `gguf_format`); `config` gives the head counts for GGUF's q/k rows."""
     state: dict[str, torch.Tensor] = {}
     found: set[str] = set()
     source = model_dir / GGUF_SOURCE
     if source.is_file():
-        path = json.loads(source.read_text())["path"]
-        tensors = gguf_tensors(path, set(wanted), config)
+        tensors = gguf_tensors(json.loads(source.read_text()), set(wanted), config)
     else:
         tensors = safetensors_tensors(model_dir, set(wanted), device)
     kinds: dict[str, int] = {}
@@ -103,10 +135,8 @@ def read_shard(model_dir: Path, wanted: dict[str, bool], fmt: str, dtype: torch.
         f = gguf_format(raw) if fmt == "file" else fmt
         role = role_format(name, f, wanted[name])
         state.update(convert(name, raw, role, dtype))
-        copy = (copies or {}).get(name)
-        if copy and role_format(copy, f, True) != role:  # else the copy is tied to this one
-            state.update(convert(copy, raw, role_format(copy, f, True), dtype))
         found.add(name)
+        release_freed_memory()
         if isinstance(raw, Prequantized):
             how = ("as stored" if raw.fmt == role else "dequantized" if role == "dense" or role in DENSE_FORMATS
                    else "dequantized and requantized")
@@ -154,31 +184,51 @@ def gguf_format(raw) -> str:
     return str(raw.dtype).removeprefix("torch.")
 
 
-def gguf_tensors(path: str, wanted: set[str], config) -> Iterator[tuple[str, torch.Tensor | Prequantized]]:
-    """The wanted tensors of a GGUF file, each read from the file's memory map only when
-    reached (other sides' tensors are never touched).  Q4_0/Q4_1 come with their int4
-    tensors: the same codes, and per group of 32 the same scale and zero (Q4_0: w = d(q - 8),
-    Q4_1: w = dq + m = d(q - 8) + (m + 8d)), in bf16 (the kernel's; GGUF stores fp16)."""
+_GGUF_DENSE = {"F32": "float32", "F16": "float16", "BF16": "uint16"}
+
+
+def gguf_index(path: Path) -> dict[str, dict]:
+    """Where each tensor of a GGUF file lies: {name: {type, shape, offset, bytes}}, kept in
+    the prepared directory so loading maps only a shard's tensors and never parses the
+    file's metadata again (gguf's reader builds an array per vocabulary entry: 5 s and
+    160 MiB for SmolLM2's 49k tokens here)."""
+    import gguf
+
+    return {t.name: {"type": t.tensor_type.name, "shape": [int(d) for d in t.shape], "offset": int(t.data_offset),
+                     "bytes": int(t.n_bytes)} for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def gguf_tensors(source: dict, wanted: set[str], config) -> Iterator[tuple[str, torch.Tensor | Prequantized]]:
+    """The wanted tensors of the GGUF file `source` names (models.GGUF_SOURCE: its path and
+    `gguf_index`), each mapped from the file only when reached (other sides' tensors are
+    never touched).  Q4_0/Q4_1 come with their int4 tensors: the same codes, and per group
+    of 32 the same scale and zero (Q4_0: w = d(q - 8), Q4_1: w = dq + m = d(q - 8) + (m + 8d)),
+    in bf16 (the kernel's; GGUF stores fp16)."""
     import gguf
     import numpy as np
 
-    reader = gguf.GGUFReader(path)
-    for t in reader.tensors:
-        name = hf_name(t.name)
+    for gname, info in source["tensors"].items():
+        name = hf_name(gname)
         if name not in wanted:
             continue
-        kind = t.tensor_type.name
-        data = t.data
+        kind, cols = info["type"], info["shape"][0]  # GGUF lists dimensions innermost first
+        rows = math.prod(info["shape"][1:])
+        data = np.memmap(source["path"], np.uint8, "r", offset=info["offset"], shape=(info["bytes"],))
+        if kind in _GGUF_DENSE:
+            data = data.view(_GGUF_DENSE[kind]).reshape(rows, cols)
+        else:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+            data = data.reshape(rows, cols // block * size)
         heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
         order = next((rope_rows(data.shape[0], n) for part, n in heads.items() if f".{part}." in name), None)
         if order is not None:
             data = data[order.numpy()]
         if kind in ("F32", "F16", "BF16"):
             tensor = torch.from_numpy(np.array(data))  # a copy: the map is read-only
-            yield name, tensor.view(torch.bfloat16) if kind == "BF16" else tensor
+            tensor = tensor.view(torch.bfloat16) if kind == "BF16" else tensor
+            yield name, tensor if info["shape"][1:] else tensor.view(-1)
             continue
-        qtype = t.tensor_type
-        cols = int(t.shape[0])  # GGUF lists dimensions innermost first
+        qtype = gguf.GGMLQuantizationType[kind]
 
         def rows_of(start, stop, data=data, qtype=qtype, cols=cols):
             return torch.from_numpy(gguf.quants.dequantize(np.asarray(data[start:stop]), qtype).reshape(-1, cols))

@@ -30,7 +30,7 @@ _PACKAGED_GGUF = {
 _PACKAGED_GGUF_DIRECT = {
     f"{DEFAULT_MODEL}-q4_1": DEFAULT_MODEL,
 }
-GGUF_SOURCE = "gguf_source.json"  # fedsea_shared.loading's pointer to the file
+GGUF_SOURCE = "gguf_source.json"  # the file and where its tensors lie (fedsea_shared.loading.gguf_index)
 
 
 def cache_dir() -> Path:
@@ -82,7 +82,9 @@ def _gguf_metadata(path: Path, out: Path) -> None:
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id).save_pretrained(out)
     AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(out)
-    (out / GGUF_SOURCE).write_text(json.dumps({"path": str(path)}))
+    from .loading import gguf_index
+
+    (out / GGUF_SOURCE).write_text(json.dumps({"path": str(path), "tensors": gguf_index(path)}))
 
 
 def _prepare_packaged(name: str) -> Path:

@@ -398,14 +398,13 @@ def load_shard(
     wanted = {n: n in linears for n in shard_tensor_names(config, layers, with_edge_parts)}
     fmt = weights or str(dtype).removeprefix("torch.")
     tied = with_edge_parts and config.tie_word_embeddings
-    if tied:  # shared where both are stored alike, else the head gets a copy in its own format
+    if tied:  # every format stores the embedding as the head (loading.role_format): one tensor for both
         del wanted["lm_head.weight"]
-    copies = {loading.EMBEDDING: "lm_head.weight"} if tied else {}
-    state = loading.read_shard(model_dir, wanted, fmt, dtype, str(device), copies, config)
+    state = loading.read_shard(model_dir, wanted, fmt, dtype, str(device), config)
     shard.load_state_dict(state, strict=False, assign=True)
     if with_edge_parts:
         shard.model.embed_tokens.dtype = dtype
-    if tied and "lm_head.weight" not in state:
+    if tied:
         shard.lm_head.tie(shard.model.embed_tokens)
     # Rotary tables are computed, not stored: rebuild them off the meta device.
     with torch.device(device):
