@@ -181,3 +181,22 @@ def test_int4_edge_keeps_embedding_and_head_int8_and_tied(tiny_model_dir):
     shard = load_edge_shard(tiny_model_dir, Partition(6, head=1, tail=1), weights="int4")
     assert shard.lm_head.method is INT8 and shard.lm_head.weight is shard.model.embed_tokens.weight
     assert shard.model.layers["0"].mlp.up_proj.method is INT4
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_finetune_over_a_quantized_base_and_serve_its_adapter(tmp_path, tiny_model_dir, fmt):
+    """fedsea-finetune with a frozen int8/int4 base on both sides (embedded server), then
+    the adapter merged over the same quantized base generates finite logits."""
+    from fedsea_shared.adapters import LoraAdapter
+    from fedsea_shared.protocol import OptimSpec
+    from training.federation import FinetuneConfig, run
+
+    cfg = FinetuneConfig(data="bbc-news", out=str(tmp_path / "run"), model=str(tiny_model_dir), steps=2, batch_size=2,
+                         fedavg_every=2, max_train=8, max_valid=2, noise=0.0, lora=LoraSpec(rank=2),
+                         optim=OptimSpec(lr=1e-3), progress=False, weights=fmt)
+    report = run(cfg)
+    assert report["train"]["steps"] == 2 and torch.isfinite(torch.tensor(report["after"]["loss"]))
+    p = Partition(6, head=1, tail=1)
+    merged = merged_shard(load_edge_shard(tiny_model_dir, p, weights=fmt), LoraAdapter.read(tmp_path / "run" / "adapter"))
+    with torch.inference_mode():
+        assert torch.isfinite(_edge_forward(merged, p, torch.tensor([1, 5, 9]), torch.randn(3, 64))).all()
