@@ -27,12 +27,12 @@ from transformers import AutoTokenizer, GenerationConfig
 from fedsea_shared import defaults
 from fedsea_shared.adapters import load_adapters
 from fedsea_shared.architectures import context_limit
-from fedsea_shared.models import resolve_model
+from fedsea_shared.models import is_gguf, resolve_model
 from fedsea_shared.noise import KEY_BYTES, NoiseChain, public_prefix_len
 from fedsea_shared.prefix import prefix_root
 from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello
 from fedsea_shared.shard import (ModelShard, Partition, apply_linear_kernel, fuse_projections, load_config,
-                                 load_edge_shard, make_block_ops, use_block_ops)
+                                 load_edge_shard, make_block_ops, resolve_weights, use_block_ops)
 from fedsea_shared.threads import run_here, serial
 
 from websockets.exceptions import WebSocketException
@@ -87,6 +87,7 @@ class AsyncEdgeClient:
         linear_kernel: str = "auto",
         block_ops: str = "auto",
         lm_head_copy: bool = False,
+        weights: str = "auto",
     ):
         """`compute(fn, *args)` runs the edge's forward passes (default: on the edge
         worker's thread; `fedsea serve` passes its shared ComputeThread.run, see
@@ -105,7 +106,8 @@ class AsyncEdgeClient:
         kernels, see fedsea_shared.shard.make_block_ops).  `lm_head_copy`: with oneDNN
         linears, give the LM head tied to the embedding a packed copy of its own (the
         embedding's size again, 113 MB for SmolLM2-135M; about twice as fast at 8-16 rows,
-        for an edge serving many generations at once)."""
+        for an edge serving many generations at once).  `weights`: the edge shard's weight format
+        (fedsea_shared.layers.linear.WEIGHT_FORMATS; auto: see resolve_weights)."""
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}")
         self.servers = ServerList([server_url] if isinstance(server_url, str) else list(server_url))
@@ -118,7 +120,9 @@ class AsyncEdgeClient:
         model_dir = resolve_model(model)
         self.config = load_config(model_dir)
         self.partition = Partition(self.config.num_hidden_layers, head, tail)
-        shard = load_edge_shard(model_dir, self.partition, dtype=WIRE_DTYPES[dtype], device=device, config=self.config)
+        self.weights = resolve_weights(weights, device, "edge", is_gguf(model_dir))
+        shard = load_edge_shard(model_dir, self.partition, dtype=WIRE_DTYPES[dtype], device=device, config=self.config,
+                                weights=self.weights)
         self.linear_kernel = apply_linear_kernel(shard, linear_kernel, device, copy_shared=lm_head_copy)
         shards: dict[str | None, ModelShard] = {None: shard, **load_adapters(shard, model, adapters or {})}
         fuse_projections(list(shards.values()))  # before the workers warm their kernels up

@@ -25,6 +25,10 @@ def _split_args(p: argparse.ArgumentParser) -> None:
                         "(those plus dense copies for one- or two-row products, on MKL: twice the weights' memory) or "
                         "torch's (MKL on CPU); auto = mixed where a startup measurement finds MKL clearly faster at "
                         "one row, else onednn where it runs, else torch")
+    p.add_argument("--weights", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8", "int4"],
+                   help="how this side stores its linear layers' weights: dense float32/bfloat16/float16, int8 with a "
+                        "scale per output channel, or int4 in groups of 32 (the embedding int8 per row); auto = "
+                        "float32 (see README, weight formats)")
     p.add_argument("--block-ops", default="auto", choices=["auto", "native", "vllm", "torch"],
                    help="a block's norms, rotary, SiLU-and-mul and short decode attention: native (fused C kernels "
                         "built with the machine's compiler on first use; float32 CPU), vllm (vLLM's RMSNorm) or "
@@ -151,6 +155,10 @@ def _serve_parser(sub) -> None:
     _split_args(p)
     _edge_args(p)
     p.add_argument("--server-port", type=int, default=0, help="loopback port of the embedded server runtime (default: a free one)")
+    p.add_argument("--server-weights", choices=["auto", "float32", "bfloat16", "float16", "int8", "int4"],
+                   help="weight format of the server runtime's middle blocks (default: --weights)")
+    p.add_argument("--edge-weights", choices=["auto", "float32", "bfloat16", "float16", "int8", "int4"],
+                   help="weight format of the edge's blocks, embedding and LM head (default: --weights)")
     p.add_argument("--device", default="cpu", help="device of the server runtime's middle blocks")
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV pool size of the server runtime")
     _max_context_arg(p)
@@ -248,7 +256,7 @@ def _gateway_settings(args, server_url: str | list[str], server_api_key: str | N
         server_url=server_url, server_api_key=server_api_key, model=args.model, head=args.head, tail=args.tail,
         noise=args.noise, pseudonymize=args.pseudonymize, host=args.host, port=args.port, api_key=api_key, protect_status=args.protect_status,
         adapters=_adapters(args), linear_kernel=args.linear_kernel, block_ops=args.block_ops,
-        lm_head_copy=args.lm_head_copy,
+        lm_head_copy=args.lm_head_copy, weights=getattr(args, "edge_weights", None) or args.weights,
     )
 
 
@@ -272,7 +280,7 @@ def _run_serve(args) -> None:
         model=args.model, head=args.head, tail=args.tail, host="127.0.0.1", port=args.server_port,
         device=args.device, kv_cache_memory=args.kv_cache_memory, adapters=_adapters(args),
         attention_backend=args.attention_backend, linear_kernel=args.linear_kernel, block_ops=args.block_ops,
-        kv_quota=1.0,  # its only tenant is this process's own gateway
+        weights=args.server_weights or args.weights, kv_quota=1.0,  # its only tenant is this process's own gateway
         engine=EngineSettings(max_context=args.max_context),
     ), compute.run)
     try:
@@ -310,7 +318,7 @@ def _run_server(args) -> None:
         model=args.model, head=args.head, tail=args.tail, host=args.host, port=args.port,
         device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
         block_size=args.block_size, attention_backend=args.attention_backend, linear_kernel=args.linear_kernel,
-        block_ops=args.block_ops, decode_attention=args.decode_attention, cuda_graphs=args.cuda_graphs,
+        weights=args.weights, block_ops=args.block_ops, decode_attention=args.decode_attention, cuda_graphs=args.cuda_graphs,
         max_graph_batch=args.max_graph_batch, noise_min=args.noise_min, noise_max=args.noise_max,
         max_sessions_per_connection=args.max_sessions_per_connection,
         max_sessions_per_key=args.max_sessions_per_key, adapters=_adapters(args), **_server_security(args),

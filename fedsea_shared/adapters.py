@@ -5,7 +5,9 @@ An adapter is the `peft` directory `fedsea-finetune` writes (`adapter_model.safe
 tensors of the blocks it holds (the server never reads the edge's, nor the other way
 round) and merges them, W' = W + scale * B @ A, into a copy of just the target weights:
 every other tensor (embedding, norms, LM head, untouched linears) is shared with the base
-shard, so an adapter costs the memory of its target weights, not of a second model.
+shard, so an adapter costs the memory of its target weights, not of a second model.  Over
+a quantized base (int8, int4) an adapted weight is merged into a dequantized copy, dense in
+the shard's dtype: the delta is served exactly, at the dense size for those weights only.
 Merged weights run at the base model's speed; a batch that mixes models runs one forward
 per model (see `server_runtime.engine`).
 """
@@ -21,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .shard import ModelShard, dense, use_onednn, uses_onednn
+from .layers.linear import DENSE, Linear
+from .shard import ModelShard, use_onednn, uses_onednn
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -147,14 +150,21 @@ def merged_shard(base: ModelShard, adapter: LoraAdapter) -> ModelShard:
     edge_parts = hasattr(base, "lm_head")
     deltas = adapter.deltas(base, layers)
     state = {n: t for n, t in base.state_dict().items() if not n.startswith("rotary.")}
+    modules = dict(base.named_modules())
+    dtype = next(base.parameters()).dtype  # a norm's: the activations'
     for name, delta in deltas.items():
-        w = dense(state[name])
-        state[name] = (w.float() + delta.to(w.device)).to(w.dtype)
+        linear: Linear = modules[name.removesuffix(".weight")]
+        w = linear.method.dequantize(linear)
+        state[name] = (w.float() + delta.to(w.device)).to(w.dtype if linear.method is DENSE else dtype)
+        for extra in linear.method.extra:  # now a dense weight
+            del state[name.removesuffix("weight") + extra]
     with torch.device("meta"):
         shard = ModelShard(base.config, layers, edge_parts)
     shard.load_state_dict(state, strict=False, assign=True)
-    if edge_parts and base.lm_head.weight is base.model.embed_tokens.weight:
-        shard.lm_head.weight = shard.model.embed_tokens.weight
+    if edge_parts:
+        shard.model.embed_tokens.dtype = base.model.embed_tokens.dtype
+        if base.lm_head.weight is base.model.embed_tokens.weight:
+            shard.lm_head.tie(shard.model.embed_tokens)
     shard.rotary = base.rotary
     shard.eval().requires_grad_(False)
     if uses_onednn(base):

@@ -13,21 +13,23 @@ registry, `fedsea_shared.architectures`.
 from __future__ import annotations
 
 import logging
-import os
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 from .architectures import architecture_of, load_config
+
+from . import loading
+# The linear layer and its kernels live in layers.linear; re-exported for the runtimes.
+from .layers.linear import (LINEAR_KERNELS, WEIGHT_FORMATS, Embedding, FusedLinear, Linear,  # noqa: F401
+                            address, apply_linear_kernel, dense, onednn_available, resolve_weights, use_onednn,
+                            uses_onednn, warm_linear_kernels)
 
 log = logging.getLogger("fedsea.shard")
 
@@ -111,249 +113,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     return out.reshape(q.shape[0], -1)
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-class _FrozenOneDNNLinear(torch.autograd.Function):
-    """oneDNN's linear has no backward; a frozen weight needs only the input's gradient
-    (LoRA training through the inference shard's packed weights, server_runtime's
-    training service)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(weight)
-        return _onednn_linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        return grad @ dense(weight), None, None
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` that can run on oneDNN's CPU matmul (`use_onednn`).
-
-    On CPU torch's dense linear goes to MKL, which on some CPUs (AMD's, measured in
-    docs/performance.md) reads the weights of a one-to-sixteen-row product at half the
-    memory bandwidth oneDNN reaches; oneDNN is faster still with the weight reordered
-    into its blocked layout ("packed": same bytes, replacing the dense tensor).  A packed
-    weight always runs on oneDNN (also in a shard loaded from this one's state_dict);
-    `onednn` sends a dense one there too.  On other CPUs (Intel's here) MKL is the faster one
-    at one or two rows: `few_rows`, a dense copy kept beside the packed weight (a buffer, so
-    it counts in `resident_bytes`), runs products of at most `few_rows_limit` rows on torch's
-    (`apply_linear_kernel`'s "mixed")."""
-
-    onednn = False
-    few_rows_limit = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.few_rows_limit and not self.weight.requires_grad:
-            return F.linear(x, self.few_rows, self.bias)
-        if not (self.onednn or self.weight.is_mkldnn):
-            return F.linear(x, self.weight, self.bias)
-        if self.weight.requires_grad:
-            raise RuntimeError(f"{self} runs on oneDNN, which cannot train its weight")
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _FrozenOneDNNLinear.apply(x, self.weight, self.bias)
-        return _onednn_linear(x, self.weight, self.bias)
-
-
-def onednn_available(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether oneDNN's linear runs here: a CPU build of torch with oneDNN, a dtype it
-    computes in (probed with one tiny product, so a CPU without the instructions for bf16
-    says no)."""
-    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        x, w = torch.ones(1, 32, dtype=dtype), torch.ones(16, 32, dtype=dtype)
-        out = _onednn_linear(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), None)
-    except RuntimeError:
-        return False
-    return bool((out == 32).all())
-
-
-# The batch-size hint oneDNN picks its weight layout for: measured on 1-40-row products
-# of SmolLM2's shapes, 64 was fastest at every size (docs/performance.md).
-PACK_HINT_ROWS = 64
-
-
-def use_onednn(shard: nn.Module, copy_shared: bool = False) -> None:
-    """Run every `Linear` of a frozen (inference) shard on oneDNN, packing its weight
-    unless another module shares it: the LM head tied to the embedding stays dense (which
-    oneDNN also reads, at about half the speed at 8-16 rows), or with `copy_shared` gets
-    a packed copy of its own (more memory: the embedding's size).  Already-packed weights
-    (an adapted shard's untouched ones, shared with the base) stay as they are."""
-    linears = [m for m in shard.modules() if isinstance(m, Linear)]
-    users: dict[int, int] = {}
-    for m in shard.modules():
-        for p in m.parameters(recurse=False):
-            users[id(p)] = users.get(id(p), 0) + 1
-    for m in linears:
-        if not m.weight.is_mkldnn and (users[id(m.weight)] == 1 or copy_shared):
-            m.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), PACK_HINT_ROWS),
-                                    requires_grad=False)
-        m.onednn = True
-
-
-LINEAR_KERNELS = ("auto", "onednn", "mixed", "torch")
-
-
-def apply_linear_kernel(shard: nn.Module, kernel: str, device: torch.device | str, copy_shared: bool = False) -> str:
-    """Put an inference shard's linears on `kernel`; returns the one in use.  onednn: packed
-    oneDNN weights; mixed: those plus dense copies for the few-row products where torch's
-    (MKL) measures faster here (twice the weights' memory); auto: mixed where that
-    measurement finds torch's at least 10% faster at one row and the copies take at most a
-    quarter of the memory available, else onednn, and torch's where oneDNN does not run.
-    `copy_shared`: see `use_onednn`.  Call it before merging adapters
-    into the shard (merged weights get no dense copies)."""
-    if kernel not in LINEAR_KERNELS:
-        raise ValueError(f"linear kernel must be one of {', '.join(LINEAR_KERNELS)}, not {kernel!r}")
-    dtype = next(shard.parameters()).dtype
-    if kernel == "torch" or not onednn_available(device, dtype):
-        if kernel in ("onednn", "mixed"):
-            raise ValueError(f"oneDNN's linear does not run on {device} with {dtype} here (--linear-kernel torch or auto)")
-        return "torch"
-    dense_weights = {m: m.weight for m in shard.modules() if isinstance(m, Linear) and not m.weight.is_mkldnn}
-    use_onednn(shard, copy_shared)
-    if kernel == "onednn":
-        return "onednn"
-    if kernel == "auto":
-        extra = sum(w.nbytes for m, w in dense_weights.items() if m.weight.is_mkldnn)  # kept beside a packed copy
-        free = _available_memory()
-        if free is not None and extra > free // 4:
-            log.info("linear kernel auto: onednn (dense copies of %.0f MB would take over a quarter of the "
-                     "%.0f MB of memory available)", extra / 1e6, free / 1e6)
-            return "onednn"
-    limit = few_rows_limit(dense_weights)
-    if kernel == "auto" and limit == 0:
-        return "onednn"
-    for m, w in dense_weights.items():
-        m.register_buffer("few_rows", w.detach(), persistent=False)  # the packed weight's dense original
-        m.few_rows_limit = max(limit, 1)
-    return "mixed"
-
-
-def _available_memory() -> int | None:
-    """Bytes of physical memory available now (None where the OS does not say)."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-# (rows, minimum speed-up) `few_rows_limit` tries in turn: a dense copy costs the weights'
-# memory again, so it has to win clearly.
-FEW_ROWS_TRIALS = ((1, 1.1), (2, 1.05), (3, 1.05), (4, 1.05), (8, 1.05))
-
-
-def few_rows_limit(dense_weights: dict["Linear", torch.Tensor], repeats: int = 3) -> int:
-    """The most rows up to which torch's dense product beats the packed oneDNN one over all
-    these linears, timed here, each kernel's best of `repeats` interleaved passes (a pass
-    reads every weight once: from memory, as when serving); 0 where it does not win at one
-    row.  About 0.4 s for the middle blocks of SmolLM2-135M.
-
-    Timed on a thread of its own that then ends: the products run in parallel, and the
-    OpenMP team a thread makes for that lives as long as the thread (fedsea_shared.threads:
-    a second live team makes every parallel region of the serving thread wake its workers
-    through the kernel; a calibration on the loading thread cost 15% of tokens/s)."""
-    if not dense_weights:
-        return 0
-    found: list[int] = []
-    thread = threading.Thread(target=lambda: found.append(_time_few_rows(dense_weights, repeats)),
-                              name="fedsea-linear-calibration")
-    thread.start()
-    thread.join()
-    if not found:
-        raise RuntimeError("timing the linears failed (see the thread's traceback above)")
-    return found[0]
-
-
-def _time_few_rows(dense_weights: dict["Linear", torch.Tensor], repeats: int) -> int:
-    limit = 0
-    with torch.inference_mode():
-        for rows, speedup in FEW_ROWS_TRIALS:
-            inputs = {m: torch.zeros(rows, m.in_features, dtype=w.dtype) for m, w in dense_weights.items()}
-            best = {"dense": float("inf"), "packed": float("inf")}
-            for _ in range(repeats):
-                for kind in best:
-                    t0 = time.perf_counter()
-                    for m, w in dense_weights.items():
-                        x = inputs[m]
-                        F.linear(x, w, m.bias) if kind == "dense" else _onednn_linear(x, m.weight, m.bias)
-                    best[kind] = min(best[kind], time.perf_counter() - t0)
-            log.info("linears at %d rows: torch's dense %.2f ms, oneDNN's packed %.2f ms", rows,
-                     best["dense"] * 1e3, best["packed"] * 1e3)
-            if best["packed"] < speedup * best["dense"]:
-                break
-            limit = rows
-    return limit
-
-
-# Row counts whose oneDNN kernels a serving thread builds before its first batch: decode
-# batches of up to 64 sessions and prompt chunks of up to 64 tokens (longer ones are few
-# and cost far more than the build).
-WARM_ROWS = 64
-
-
-def warm_linear_kernels(shard: nn.Module, max_rows: int = WARM_ROWS) -> None:
-    """Build the oneDNN kernels of the shard's product shapes for 1..max_rows rows.
-
-    oneDNN builds (JIT-compiles) a kernel the first time a shape runs, about 1 ms per
-    shape here: every new prompt length or batch size paid that once per linear shape on
-    the serving path (a 24-token prefill of the middle blocks took 62 ms cold, 37 warm).  Its cache is
-    keyed by the calling thread's OpenMP thread count too, so call this on the thread that
-    runs the forward passes.  No-op for a shard on torch's linears; a failure is logged
-    (the kernels are then built on first use), never raised into a serving thread."""
-    seen: dict[tuple, Linear] = {}
-    for m in shard.modules():
-        if isinstance(m, Linear) and (m.onednn or m.weight.is_mkldnn):
-            seen.setdefault((m.in_features, m.out_features, m.bias is not None, m.weight.is_mkldnn), m)
-    dtype = next(shard.parameters()).dtype
-    try:
-        with torch.inference_mode():
-            for m in seen.values():
-                for rows in range(1, max_rows + 1):
-                    m(torch.zeros(rows, m.in_features, dtype=dtype))
-    except Exception:
-        log.exception("building the oneDNN kernels ahead failed; they are built on first use")
-
-
-class FusedLinear(Linear):
-    """Linears that read the same input, as one product whose output is split back into
-    theirs (a block's q/k/v, its gate/up).  At one to sixteen rows a product costs ~10 us
-    however small, and the small ones read their weights far below the memory bandwidth
-    (576x192: 19 GB/s, 576x960: 33, 576x3072: 41 here), so one call for q, k and v and one
-    for gate and up took the one-row tick of the middle blocks from 15.5 to 14.0 ms
-    (docs/performance.md).  Made by `fuse_projections`; packed or dense as its parts were."""
-
-    def __init__(self, parts: list[Linear]):
-        first = parts[0]
-        if any(p.in_features != first.in_features for p in parts):
-            raise ValueError("only linears over the same input can be fused")
-        self.sizes = [p.out_features for p in parts]
-        super().__init__(first.in_features, sum(self.sizes), bias=any(p.bias is not None for p in parts), device="meta")
-        packed = first.weight.is_mkldnn
-        weight = torch.cat([dense(p.weight) for p in parts])
-        if first.few_rows_limit:  # the dense copy stays, fused as well
-            self.register_buffer("few_rows", weight, persistent=False)
-            self.few_rows_limit = first.few_rows_limit
-        if packed:
-            weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_HINT_ROWS)
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        if self.bias is not None:
-            self.bias = nn.Parameter(torch.cat([p.bias if p.bias is not None else first.weight.new_zeros(p.out_features)
-                                                for p in parts]), requires_grad=False)
-        self.onednn = first.onednn
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.product(x).split(self.sizes, -1)
-
-    def product(self, x: torch.Tensor) -> torch.Tensor:
-        """The parts' outputs side by side, unsplit."""
-        return super().forward(x)
-
-
 # (submodule, fused name, the projections it replaces) in each DecoderBlock.
 FUSED_PROJECTIONS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
                      ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
@@ -380,15 +139,6 @@ def fuse_projections(shards: list[ModelShard]) -> None:
                 setattr(owner, fused_name, made[key][0])
                 for n in names:
                     delattr(owner, n)
-
-
-def uses_onednn(shard: nn.Module) -> bool:
-    return any(m.onednn for m in shard.modules() if isinstance(m, Linear))
-
-
-def dense(weight: torch.Tensor) -> torch.Tensor:
-    """A weight in the plain layout (a copy only if `use_onednn` packed it)."""
-    return weight.to_dense() if weight.is_mkldnn else weight
 
 
 class SelfAttention(nn.Module):
@@ -577,7 +327,7 @@ class ModelShard(nn.Module):
         self.model = _Blocks(config, layers)
         self.rotary = architecture_of(config).rotary_embedding(config)
         if with_edge_parts:
-            self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.model.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
             self.model.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
@@ -621,30 +371,30 @@ def load_shard(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     config: PretrainedConfig | None = None,
+    weights: str | None = None,
 ) -> ModelShard:
-    """Build a shard and read only its own tensors from the checkpoint's safetensors files.
+    """Build a shard and read only its own tensors from the checkpoint.
 
     The module is created on the meta device, so tensors of other sides are never
-    allocated, and each needed tensor is read by name from the file index.
+    allocated, and each needed tensor is read by name and stored in the weight format
+    `weights` (`WEIGHT_FORMATS` without auto, see `resolve_weights`; default: dense in
+    `dtype`, the side's activations) before the next is read.
     """
     model_dir = Path(model_dir)
     config = config or load_config(model_dir)
     shard = _meta_shard(config, layers, with_edge_parts)
-    wanted = set(shard_tensor_names(config, layers, with_edge_parts))
+    linears = {f"{n}.weight" for n, m in shard.named_modules() if isinstance(m, Linear)}
+    wanted = {n: n in linears for n in shard_tensor_names(config, layers, with_edge_parts)}
+    fmt = weights or str(dtype).removeprefix("torch.")
     tied = with_edge_parts and config.tie_word_embeddings
-    if tied:
-        wanted.discard("lm_head.weight")
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for name in wanted.intersection(f.keys()):
-                state[name] = f.get_tensor(name).to(dtype)
-    missing = wanted - state.keys()
-    if missing:
-        raise ValueError(f"checkpoint {model_dir} lacks tensors: {sorted(missing)[:5]}")
+    if tied:  # every format stores the embedding as the head (loading.role_format): one tensor for both
+        del wanted["lm_head.weight"]
+    state = loading.read_shard(model_dir, wanted, fmt, dtype, str(device), config)
     shard.load_state_dict(state, strict=False, assign=True)
+    if with_edge_parts:
+        shard.model.embed_tokens.dtype = dtype
     if tied:
-        shard.lm_head.weight = shard.model.embed_tokens.weight
+        shard.lm_head.tie(shard.model.embed_tokens)
     # Rotary tables are computed, not stored: rebuild them off the meta device.
     with torch.device(device):
         shard.rotary = architecture_of(config).rotary_embedding(config)
@@ -671,7 +421,3 @@ def resident_bytes(module: nn.Module) -> int:
     return sum(seen.values())
 
 
-def address(t: torch.Tensor) -> int:
-    """Where a tensor's data starts, the same for every tensor object over that data (a
-    Parameter, a state_dict entry), packed oneDNN weights included."""
-    return torch.ops.mkldnn.data_ptr(t) if t.is_mkldnn else t.data_ptr()

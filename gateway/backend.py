@@ -55,6 +55,7 @@ class GatewaySettings:
     compute: Callable = run_here  # runs the edge's forward passes (fedsea serve: its shared ComputeThread.run)
     linear_kernel: str = "auto"  # the edge shard's matmuls: onednn | mixed | torch | auto (fedsea_shared.shard.apply_linear_kernel)
     block_ops: str = "auto"  # the edge blocks' small ops: native | vllm | torch | auto (fedsea_shared.shard.make_block_ops)
+    weights: str = "auto"  # the edge shard's weight format (fedsea_shared.layers.linear.resolve_weights)
     lm_head_copy: bool = True  # a packed copy of the tied LM head: +embedding size, faster batches (AsyncEdgeClient)
 
     @property
@@ -98,7 +99,7 @@ class Backend:
                 AsyncEdgeClient, s.server_url, s.model, s.head, s.tail, s.noise, api_key=s.server_api_key,
                 adapters=s.adapters, edge_cache_memory=s.edge_cache_memory, server_ca=s.server_ca,
                 pseudonymize=s.pseudonymize, compute=s.compute, linear_kernel=s.linear_kernel,
-                block_ops=s.block_ops, lm_head_copy=s.lm_head_copy,
+                block_ops=s.block_ops, lm_head_copy=s.lm_head_copy, weights=s.weights,
             )
         except Exception as e:
             self.problem = f"the edge model failed to load: {e}"

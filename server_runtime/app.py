@@ -33,7 +33,7 @@ from websockets.http11 import Request, Response
 from fedsea_shared import defaults
 from fedsea_shared.adapters import load_adapters
 from fedsea_shared.architectures import check_context
-from fedsea_shared.models import resolve_model
+from fedsea_shared.models import is_gguf, resolve_model
 from fedsea_shared.protocol import (
     PROTOCOL_VERSION,
     WIRE_DTYPES,
@@ -55,7 +55,7 @@ from fedsea_shared.protocol import (
 )
 from fedsea_shared.prefix import prefix_root
 from fedsea_shared.shard import (Partition, apply_linear_kernel, fuse_projections, head_dim, load_config,
-                                 load_server_shard, make_block_ops, use_block_ops)
+                                 load_server_shard, make_block_ops, resolve_weights, use_block_ops)
 from fedsea_shared.threads import run_here, serial
 
 from .engine import Engine, EngineSettings
@@ -81,6 +81,7 @@ class ServerSettings:
     kv_cache_memory: str = defaults.KV_CACHE_MEMORY
     block_size: int = 16
     attention_backend: str = "auto"  # torch | vllm (vLLM's paged-attention kernels) | auto: vllm where installed and fit
+    weights: str = "auto"  # the middle blocks' weight format (fedsea_shared.layers.linear.resolve_weights)
     linear_kernel: str = "auto"  # onednn | mixed | torch | auto: timed at start-up (fedsea_shared.shard.apply_linear_kernel)
     block_ops: str = "auto"  # norms, rotary, SiLU, short decode attention: native | vllm | torch | auto (shard.make_block_ops)
     decode_attention: str = "auto"  # torch backend: gather | flex | auto: flex (reads the pool in place) on CUDA, gather on CPU
@@ -177,7 +178,9 @@ class ServerRuntime:
         check_context(self.config, settings.engine.max_context, "--max-context")
         self.partition = Partition(self.config.num_hidden_layers, settings.head, settings.tail)
         dtype = self.shard_dtype = WIRE_DTYPES[settings.dtype]
-        self.shard = load_server_shard(model_dir, self.partition, dtype=dtype, device=settings.device, config=self.config)
+        self.weights = resolve_weights(settings.weights, settings.device, "server", is_gguf(model_dir))
+        self.shard = load_server_shard(model_dir, self.partition, dtype=dtype, device=settings.device, config=self.config,
+                                       weights=self.weights)
         self.linear_kernel = apply_linear_kernel(self.shard, settings.linear_kernel, settings.device)
         layers = self.partition.server_layers
         per_block = KVPool.bytes_per_block(
@@ -238,11 +241,11 @@ class ServerRuntime:
         self._handshake_refusals = RefusalLog(log, "new connections", settings.refusal_log_interval)
         log.info(
             "server runtime: layers [%d, %d) of %d, KV pool %d blocks x %d tokens (%.1f MiB), "
-            "attention %s%s, linear %s, block ops %s, adapters: %s",
+            "attention %s%s, weights %s, linear %s, block ops %s, adapters: %s",
             *self.partition.server_range, self.config.num_hidden_layers,
             num_blocks, settings.block_size, self.pool.nbytes / 2**20,
             "vllm" if backend == "vllm" else f"torch ({attention} decode)",
-            " + CUDA graphs" if graphs else "", self.linear_kernel, self.block_ops.name,
+            " + CUDA graphs" if graphs else "", self.weights, self.linear_kernel, self.block_ops.name,
             ", ".join(settings.adapters) or "none",
         )
 

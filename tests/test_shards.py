@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from conftest import make_tiny_model, spy_safetensors
-from fedsea_shared import shard as shard_mod
+from fedsea_shared import loading as loading_mod
 from fedsea_shared.shard import (
     Linear,
     address,
@@ -57,7 +57,7 @@ def test_each_side_holds_only_its_parameters(tiny_model_dir):
 
 def test_loading_reads_only_own_tensors(tiny_model_dir, monkeypatch):
     """Spy on the safetensors reader: the server never reads edge tensors and vice versa."""
-    read = spy_safetensors(monkeypatch, shard_mod)
+    read = spy_safetensors(monkeypatch, loading_mod)
     p = Partition(6, head=1, tail=1)
     load_server_shard(tiny_model_dir, p)
     assert read and all(any(n.startswith(f"model.layers.{i}.") for i in range(1, 5)) for n in read)
@@ -219,7 +219,7 @@ def test_mixed_linears_run_few_rows_on_dense_copies_and_compute_the_same_forward
 
 @needs_onednn
 def test_auto_keeps_no_dense_copies_that_would_crowd_memory(tiny_model_dir, monkeypatch):
-    import fedsea_shared.shard as shard_module
+    import fedsea_shared.layers.linear as shard_module
 
     server = load_server_shard(tiny_model_dir, Partition(6, 2, 2))
     before = resident_bytes(server)

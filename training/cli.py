@@ -29,6 +29,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--head", type=int, default=defaults.HEAD, help="blocks kept on the edge before the server's range")
     p.add_argument("--tail", type=int, default=defaults.TAIL, help="blocks kept on the edge after it")
     p.add_argument("--noise", type=float, default=defaults.NOISE, help="noise on the hidden states sent, relative to per-token RMS")
+    p.add_argument("--weights", default="float32", choices=["float32", "bfloat16", "float16", "int8", "int4"],
+                   help="weight format of the frozen base on the edge (and the embedded server; a remote one has its "
+                        "own --weights): int8/int4 train float LoRA adapters over a quantized base, as QLoRA")
     p.add_argument("--send-grad-clip", type=float, default=0.0,
                    help="clip each sample's gradient sent to the server to this L2 norm (it can leak labels; 0: off)")
     p.add_argument("--send-grad-noise", type=float, default=0.0, help="Gaussian noise on that gradient, std relative to the clip bound")
@@ -70,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> FinetuneConfig:
     return FinetuneConfig(
-        data=args.data, out=args.out, model=args.model, head=args.head, tail=args.tail, noise=args.noise,
+        data=args.data, out=args.out, model=args.model, head=args.head, tail=args.tail, noise=args.noise, weights=args.weights,
         send_grad_clip=args.send_grad_clip, send_grad_noise=args.send_grad_noise,
         clients=args.clients, mode=args.mode, server=args.server, steps=args.steps, epochs=args.epochs,
         server_ca=args.server_ca, server_api_key=os.environ.get("FEDSEA_SERVER_API_KEY"),

@@ -83,7 +83,7 @@ class EdgeTrainer:
     def __init__(
         self, model_dir, partition: Partition, lora: LoraSpec, optim: OptimSpec, noise: float,
         seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
-        send_grad_clip: float = 0.0, send_grad_noise: float = 0.0,
+        send_grad_clip: float = 0.0, send_grad_noise: float = 0.0, weights: str | None = None,
     ):
         if send_grad_noise > 0 and send_grad_clip <= 0:
             raise ValueError("gradient noise is relative to the clip bound: set a gradient clip too")
@@ -94,7 +94,7 @@ class EdgeTrainer:
         self.seed = seed
         self.device = device
         self.dtype = dtype
-        self.shard = load_edge_shard(model_dir, partition, dtype=dtype, device=device)
+        self.shard = load_edge_shard(model_dir, partition, dtype=dtype, device=device, weights=weights)
         inject_lora(self.shard, lora, edge_layers(partition), EDGE, seed)
         self.shard.to(device).train()
         self.params = lora_parameters(self.shard, EDGE)

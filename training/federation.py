@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -61,6 +61,7 @@ class FinetuneConfig(BaseModel):
     head: int = defaults.HEAD
     tail: int = defaults.TAIL
     noise: float = Field(defaults.NOISE, ge=0)
+    weights: Literal["float32", "bfloat16", "float16", "int8", "int4"] = "float32"  # the frozen base's weight format on the edge and an embedded server (QLoRA-style when quantized)
     send_grad_clip: float = Field(0.0, ge=0)  # per-sample L2 bound on the gradient sent to the server (0: off)
     send_grad_noise: float = Field(0.0, ge=0)  # Gaussian noise on it, std as a multiple of the bound
     clients: int = Field(1, ge=1)
@@ -151,7 +152,7 @@ class ClientRun:
 
     def _new_trainer(self) -> EdgeTrainer:
         cfg = self.cfg
-        return EdgeTrainer(self.model_dir, self.partition, cfg.lora, self.optim, cfg.noise, seed=cfg.seed,
+        return EdgeTrainer(self.model_dir, self.partition, cfg.lora, self.optim, cfg.noise, seed=cfg.seed, weights=cfg.weights,
                            send_grad_clip=cfg.send_grad_clip, send_grad_noise=cfg.send_grad_noise)
 
     def _label_tokens(self) -> dict[str, int] | None:
@@ -322,7 +323,7 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.server is None:
         from server_runtime.app import ServerSettings, ServerThread
 
-        server = ServerThread(ServerSettings(model=cfg.model, head=cfg.head, tail=cfg.tail, port=0, kv_cache_memory="64MiB",
+        server = ServerThread(ServerSettings(model=cfg.model, head=cfg.head, tail=cfg.tail, port=0, weights=cfg.weights, kv_cache_memory="64MiB",
                                             enable_training=True))
     servers = cfg.server or [server.url]
     started = time.perf_counter()

