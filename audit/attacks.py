@@ -130,6 +130,14 @@ def vocabulary_matching(
     return torch.tensor(guesses, dtype=torch.long)
 
 
+def vocabulary_matching_windows(shard: ModelShard, depth: int, contexts: torch.Tensor, states: torch.Tensor,
+                                table: torch.Tensor) -> torch.Tensor:
+    """`vocabulary_matching` of each window: contexts [B, P] token ids before states [B, T, H]
+    (the public prefix the attacker knows); `table` the probe table at `depth` as built. -> [B, T]."""
+    table = F.normalize(table.float(), dim=-1)
+    return torch.stack([vocabulary_matching(shard, depth, ctx.tolist(), st, table) for ctx, st in zip(contexts, states)])
+
+
 def _rms_normalise(x: torch.Tensor) -> torch.Tensor:
     # Cut states carry a few huge outlier dimensions; compare directions, not magnitudes.
     return x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)

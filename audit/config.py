@@ -6,8 +6,9 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from fedsea_shared import defaults
 
-# Cheapest first; "mlp" and "seq" are the learned inverters of audit.attacks.
-ATTACKS = ("embedding", "probe", "mlp", "seq")
+# Cheapest first; "vocab" checks the probe's candidates in context (audit.attacks.vocabulary_matching);
+# "mlp" and "seq" are the learned inverters of audit.attacks.
+ATTACKS = ("embedding", "probe", "vocab", "mlp", "seq")
 # Defenses measured next to plain noise (audit.defense); none changes what is leaked at a
 # given noise, each changes what that noise costs.
 DEFENSES = ("clean-prefix", "adapted-tail")

@@ -101,10 +101,14 @@ def _inverter_attacks(sweep: _Sweep, head: int, head_shard, seen: torch.Tensor, 
     c, p = sweep.config, sweep.victims.prefix
     score = score or sweep.score
     out = {}
-    if "probe" in c.attacks:
+    if {"probe", "vocab"} & set(c.attacks):
         public = head_shard is sweep.shard and head in sweep.probes
         table = sweep.probes[head] if public else attacks.probe_table(head_shard, sweep.maker.prefix_ids, [head])[head]
-        out[f"{prefix}probe"] = score(attacks.nearest(seen.flatten(0, 1), table).view(seen.shape[:2]))
+        if "probe" in c.attacks:
+            out[f"{prefix}probe"] = score(attacks.nearest(seen.flatten(0, 1), table).view(seen.shape[:2]))
+        if "vocab" in c.attacks:
+            contexts = sweep.victims.ids[:, :p]
+            out[f"{prefix}vocab"] = score(attacks.vocabulary_matching_windows(head_shard, head, contexts, seen, table))
     cut = head_states(head_shard, sweep.attacker.ids, [head])[head][:, p:]
     for kind in kinds:
         model = attacks.make_inverter(kind, sweep.model_config.hidden_size, max(p + seen.shape[1], sweep.victims.ids.shape[1]))

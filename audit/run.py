@@ -97,7 +97,7 @@ class _Sweep:
         self.attacker_cut = head_states(self.shard, self.attacker.ids, depths)
         self.victim_cut = head_states(self.shard, self.victims.ids, depths)
         self.utility_cut = head_states(self.shard, self.held_out.ids, depths)
-        wanted = [d for d in depths if d > 0] if "probe" in config.attacks else []
+        wanted = [d for d in depths if d > 0] if {"probe", "vocab"} & set(config.attacks) else []
         self.probes = attacks.probe_table(self.shard, maker.prefix_ids, wanted) if wanted else {}
         # Without noise the split model computes exactly the unsplit one: one baseline for all.
         self.baseline = self.perplexity(depths[0], 0.0)
@@ -117,8 +117,13 @@ class _Sweep:
         results: dict[str, AttackResult] = {}
         if "embedding" in config.attacks:
             results["embedding"] = self.score(attacks.nearest_embedding(seen, self.embedding))
-        if head in self.probes:
+        if head in self.probes and "probe" in config.attacks:
             results["probe"] = self.score(attacks.nearest(seen.flatten(0, 1), self.probes[head]).view(seen.shape[:2]))
+        if head in self.probes and "vocab" in config.attacks:
+            # The strongest attack with no training: each position's probe candidates run in
+            # context after the (public) prefix and the tokens guessed so far.
+            results["vocab"] = self.score(attacks.vocabulary_matching_windows(
+                self.shard, head, self.victims.ids[:, :p], seen, self.probes[head]))
         for kind, model in inverters.items():
             steps = config.inverter_steps if level == 0 else config.inverter_warm_steps
             attacks.train_inverter(

@@ -55,6 +55,15 @@ def test_probe_matches_head_outputs_at_least_as_well_as_the_embedding_table(repo
     assert quiet.attacks["probe"].token_recovery >= quiet.attacks["embedding"].token_recovery
 
 
+def test_vocabulary_matching_in_context_is_at_least_as_strong_as_the_probe(report):
+    """The candidates checked in context after the decoded prefix (Thomas et al.'s attack)
+    recover at least what the fixed-prefix probe does, with and without noise."""
+    for noise in (0.0, 3.0):
+        c = cell(report, 2, noise)
+        assert c.attacks["vocab"].token_recovery >= c.attacks["probe"].token_recovery
+    assert cell(report, 2, 0.0).attacks["vocab"].token_recovery > 0.9  # exact states: read back
+
+
 def test_prefix_and_tail_defenses_change_cost_not_leakage(report, tiny_model_dir):
     quiet, loud = cell(report, 2, 0.0), cell(report, 2, 3.0)
     assert set(loud.defended) == {"clean-prefix", "adapted-tail"}

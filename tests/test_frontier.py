@@ -82,7 +82,7 @@ def test_task_utility_runs_through_the_serving_path(tiny_model_dir, adapted):
 def test_serving_default_json(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "default.json"
     main([
-        "audit", "--model", str(tiny_model_dir), "--serving-default", "--json", str(out), "--attacks", "embedding", "probe",
+        "audit", "--model", str(tiny_model_dir), "--serving-default", "--json", str(out), "--attacks", "embedding", "probe", "vocab",
         "--attacker-windows", "8", "--victim-windows", "4", "--utility-windows", "2", "--task-prompts", "2", "--chat-prompts", "1",
     ])
     saved = json.loads(out.read_text())
@@ -92,7 +92,9 @@ def test_serving_default_json(tiny_model_dir, tmp_path, capsys):
     assert saved["setting"] == {"name": "serving-default", "head": defaults.HEAD, "noise": defaults.NOISE,
                                 "public_template": defaults.PUBLIC_TEMPLATE, "obfuscator": 0.0,
                                 "pseudonymize": defaults.PSEUDONYMIZE}
-    assert saved["token_recovery"] == max(a["token_recovery"] for a in saved["report"]["points"][0]["attacks"].values())
+    attacks = saved["report"]["points"][0]["attacks"]
+    assert saved["token_recovery"] == max(a["token_recovery"] for a in attacks.values())
+    assert attacks["vocab"]["token_recovery"] >= attacks["probe"]["token_recovery"]  # the report has the strongest attack
     assert "| serving-default |" in capsys.readouterr().out
 
 
