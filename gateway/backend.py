@@ -219,7 +219,10 @@ class Backend:
                     m.finished.labels(event.finish_reason).inc()
                     m.running.dec()
                     running -= 1
-                    queue.put_nowait((first + j, None))
+            # Done once the stream has closed its server sessions: the request's share of
+            # them is free again when its response ends.
+            for j in range(len(choices)):
+                queue.put_nowait((first + j, None))
         except Exception as e:
             queue.put_nowait((first, e))
         finally:
