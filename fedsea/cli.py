@@ -11,6 +11,11 @@ from pathlib import Path
 
 from audit import cli as audit_cli
 from fedsea_shared import defaults
+# Each flag's choices come from the code that implements them (one home per concept).
+from fedsea_shared.layers.linear import LINEAR_KERNELS, WEIGHT_FORMATS
+from fedsea_shared.protocol import WIRE_DTYPES
+from fedsea_shared.shard import BLOCK_OPS
+from server_runtime.attention_backends import BACKENDS
 
 
 def _split_args(p: argparse.ArgumentParser) -> None:
@@ -20,16 +25,16 @@ def _split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                    help="also serve this fine-tuned LoRA adapter (a fedsea-finetune adapter/ directory) as model NAME "
                         "(default: the directory's name); repeatable. Edge and server need the same adapters")
-    p.add_argument("--linear-kernel", default="auto", choices=["auto", "onednn", "mixed", "torch"],
+    p.add_argument("--linear-kernel", default="auto", choices=LINEAR_KERNELS,
                    help="matmuls of this side's blocks: onednn (oneDNN, weights packed in its layout; CPU), mixed "
                         "(those plus dense copies for one- or two-row products, on MKL: twice the weights' memory) or "
                         "torch's (MKL on CPU); auto = mixed where a startup measurement finds MKL clearly faster at "
                         "one row, else onednn where it runs, else torch")
-    p.add_argument("--weights", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8", "int4"],
+    p.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS,
                    help="how this side stores its linear layers' weights: dense float32/bfloat16/float16, int8 with a "
                         "scale per output channel, or int4 in groups of 32 (the embedding int8 per row); auto = "
                         "float32 (see README, weight formats)")
-    p.add_argument("--block-ops", default="auto", choices=["auto", "native", "vllm", "torch"],
+    p.add_argument("--block-ops", default="auto", choices=BLOCK_OPS,
                    help="a block's norms, rotary, SiLU-and-mul and short decode attention: native (fused C kernels "
                         "built with the machine's compiler on first use; float32 CPU), vllm (vLLM's RMSNorm) or "
                         "torch's ops; auto = native where it builds, else vllm with the vllm attention backend, else torch")
@@ -47,8 +52,8 @@ def _server_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=defaults.SERVER_PORT)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--kv-cache-memory", default="1GiB", help="KV pool size: bytes (2GiB, 512MiB) or a fraction of free GPU memory (0.8)")
+    p.add_argument("--dtype", default="float32", choices=list(WIRE_DTYPES))
+    p.add_argument("--kv-cache-memory", default=defaults.KV_CACHE_MEMORY, help="KV pool size: bytes (2GiB, 512MiB) or a fraction of free GPU memory (0.8)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     _attention_backend_arg(p)
     p.add_argument("--decode-attention", default="auto", choices=["auto", "gather", "flex"],
@@ -69,7 +74,7 @@ def _server_parser(sub) -> None:
 
 
 def _attention_backend_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "vllm"],
+    p.add_argument("--attention-backend", default="auto", choices=["auto", *BACKENDS],
                    help="attention kernels of the server runtime: torch (SDPA prefill + --decode-attention) or vllm "
                         "(vLLM's paged attention, one varlen call per layer; needs vllm installed, head_dim >= 32 "
                         "and --block-size a multiple of 16); auto = vllm where installed and it fits, else torch")
@@ -145,7 +150,7 @@ def _edge_args(p: argparse.ArgumentParser) -> None:
 
 
 def _max_context_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-context", type=int, default=8192,
+    p.add_argument("--max-context", type=int, default=defaults.MAX_CONTEXT,
                    help="most tokens (prompt and generated) a session may hold; a model with a sliding "
                         "attention window is served only up to its window")
 
@@ -155,12 +160,12 @@ def _serve_parser(sub) -> None:
     _split_args(p)
     _edge_args(p)
     p.add_argument("--server-port", type=int, default=0, help="loopback port of the embedded server runtime (default: a free one)")
-    p.add_argument("--server-weights", choices=["auto", "float32", "bfloat16", "float16", "int8", "int4"],
+    p.add_argument("--server-weights", choices=WEIGHT_FORMATS,
                    help="weight format of the server runtime's middle blocks (default: --weights)")
-    p.add_argument("--edge-weights", choices=["auto", "float32", "bfloat16", "float16", "int8", "int4"],
+    p.add_argument("--edge-weights", choices=WEIGHT_FORMATS,
                    help="weight format of the edge's blocks, embedding and LM head (default: --weights)")
     p.add_argument("--device", default="cpu", help="device of the server runtime's middle blocks")
-    p.add_argument("--kv-cache-memory", default="1GiB", help="KV pool size of the server runtime")
+    p.add_argument("--kv-cache-memory", default=defaults.KV_CACHE_MEMORY, help="KV pool size of the server runtime")
     _max_context_arg(p)
     _attention_backend_arg(p)
     p.add_argument("--threads", type=int, metavar="N",
