@@ -193,13 +193,16 @@ class ServerConnection:
             return
         row_bytes = queued[0][2].shape[1] * queued[0][2].element_size()
         frames: list[list] = [[]]
+        held = 0  # rows in the last frame
         for entry in queued:
-            rows = sum(e[2].shape[0] for e in frames[-1]) + entry[2].shape[0]
+            rows = held + entry[2].shape[0]
             fits = (len(frames[-1]) < MAX_STEP_SESSIONS and rows <= (self.max_frame_rows or rows)
                     and step_frame_bytes(rows, row_bytes, len(frames[-1]) + 1) <= self.welcome.max_message_bytes)
             if frames[-1] and not fits:
                 frames.append([])
+                rows = entry[2].shape[0]
             frames[-1].append(entry)
+            held = rows
         for entries in frames:
             tensor = torch.cat([e[2] for e in entries]) if len(entries) > 1 else entries[0][2]
             rows = [(sid, pos, t.shape[0]) for sid, pos, t in entries]

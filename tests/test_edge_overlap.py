@@ -19,7 +19,6 @@ from edge_runtime.model import EdgeModel, EdgeWorker, SequenceCache
 from fedsea import cli
 from fedsea_shared import threads
 from fedsea_shared.shard import Partition, load_config, load_edge_shard
-from server_runtime.engine import EngineSettings
 
 
 @pytest.fixture(scope="module")
