@@ -53,17 +53,18 @@ def user_message(turn: int) -> str:
 
 
 def server_bytes(port: int) -> float:
+    """Bytes the embedded server runtime has received (its metrics are in the gateway's /metrics)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         for line in r.read().decode().splitlines():
             if line.startswith("fedsea_received_bytes_total "):
                 return float(line.split()[1])
-    raise RuntimeError("the server runtime reports no fedsea_received_bytes_total")
+    raise RuntimeError("fedsea serve reports no fedsea_received_bytes_total")
 
 
 @contextmanager
 def fedsea_serve(log_path: Path, extra: list[str]):
-    port, server_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "fedsea.cli", "serve", "--port", str(port), "--server-port", str(server_port), *extra]
+    port = free_port()
+    cmd = [sys.executable, "-m", "fedsea.cli", "serve", "--port", str(port), *extra]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
         try:
@@ -72,22 +73,22 @@ def fedsea_serve(log_path: Path, extra: list[str]):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"fedsea serve did not become healthy; see {log_path}")
                 time.sleep(0.2)
-            yield f"http://127.0.0.1:{port}/v1", server_port
+            yield f"http://127.0.0.1:{port}/v1", port
         finally:
             proc.terminate()
             proc.wait(timeout=30)
 
 
 class Conversation:
-    def __init__(self, url: str, server_port: int, reply_tokens: int):
+    def __init__(self, url: str, port: int, reply_tokens: int):
         self.client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
-        self.server_port, self.reply_tokens = server_port, reply_tokens
+        self.port, self.reply_tokens = port, reply_tokens
         self.messages: list[dict] = []
         self.rows: list[dict] = []
 
     def turn(self, turn: int) -> dict:
         self.messages.append({"role": "user", "content": user_message(turn)})
-        sent_before = server_bytes(self.server_port)
+        sent_before = server_bytes(self.port)
         t0 = time.perf_counter()
         first, text, usage = None, [], None
         stream = self.client.chat.completions.create(
@@ -103,7 +104,7 @@ class Conversation:
         self.messages.append({"role": "assistant", "content": "".join(text)})
         self.rows.append({
             "turn": turn + 1, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "ttft_s": round(first - t0, 3), "upstream_bytes": int(server_bytes(self.server_port) - sent_before),
+            "ttft_s": round(first - t0, 3), "upstream_bytes": int(server_bytes(self.port) - sent_before),
         })
         return self.rows[-1]
 
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, extra in modes.items():
             print(f"{name}: fedsea serve {' '.join(extra)}", flush=True)
             log = Path(tempfile.gettempdir()) / f"fedsea_multiturn_{name}.log"
-            url, server_port = stack.enter_context(fedsea_serve(log, extra))
-            chats[name] = Conversation(url, server_port, args.reply_tokens)
+            url, port = stack.enter_context(fedsea_serve(log, extra))
+            chats[name] = Conversation(url, port, args.reply_tokens)
         for turn in range(args.turns):
             for name, chat in chats.items():
                 print(f"  {name} turn {turn + 1}: {chat.turn(turn)}", flush=True)

@@ -25,6 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import CloseCode
 
+from fedsea_shared import transport
 from fedsea_shared.protocol import (
     MAX_HEADER_BYTES,
     MAX_STEP_SESSIONS,
@@ -103,9 +104,10 @@ def client_ssl(url: str, server_ca: str | None = None) -> ssl.SSLContext | None:
 
 
 class ServerConnection:
-    def __init__(self, ws: ClientConnection, welcome: Welcome, wire_dtype: str, url: str,
-                 max_step_tokens: int | None = None):
+    def __init__(self, ws: ClientConnection | transport.LinkEnd, welcome: Welcome, wire_dtype: str, url: str,
+                 max_step_tokens: int | None = None, max_size: int | None = None):
         self.ws = ws
+        self.max_size = max_size  # bytes of the largest frame read
         # Rows per Step frame: the server answers a frame's rows in Outputs no larger than
         # the frame, which must fit the frames this edge reads (see connect).
         self.max_frame_rows = max_step_tokens
@@ -137,13 +139,16 @@ class ServerConnection:
         # frame's limit before it waits for that frame, so changing it per request would
         # apply one frame late.  The exact per-request size is checked in step().
         max_size = None if max_step_tokens is None else max_reply_bytes(hello, max_step_tokens)
-        try:
-            ws = await connect(url, compression=None, max_size=max_size, open_timeout=open_timeout, additional_headers=headers,
-                               ssl=client_ssl(url, server_ca))
-        except InvalidStatus as e:
-            if e.response.status_code == 401:
-                raise ServerError("unauthorized", "the server runtime refused the API key") from None
-            raise
+        if url.startswith(transport.SCHEME):  # `fedsea serve`: the server runtime is in this process
+            ws = transport.connect(url, headers, max_size)
+        else:
+            try:
+                ws = await connect(url, compression=None, max_size=max_size, open_timeout=open_timeout,
+                                   additional_headers=headers, ssl=client_ssl(url, server_ca))
+            except InvalidStatus as e:
+                if e.response.status_code == 401:
+                    raise ServerError("unauthorized", "the server runtime refused the API key") from None
+                raise
         try:
             await ws.send(encode(hello))
             message, _ = decode(await ws.recv())
@@ -156,7 +161,7 @@ class ServerConnection:
         if not isinstance(message, Welcome):
             await ws.close()
             raise ServerError(ErrorCode.BAD_FRAME.value, f"expected welcome, got {message.type}")
-        return cls(ws, message, hello.dtype, url, max_step_tokens)
+        return cls(ws, message, hello.dtype, url, max_step_tokens, max_size)
 
     def new_sid(self) -> int:
         return next(self._sids)
@@ -319,7 +324,7 @@ class ServerConnection:
         except ConnectionClosed as e:
             if e.sent is not None and e.sent.code == CloseCode.MESSAGE_TOO_BIG:
                 # Not a lost connection to recover from: the server sent more than any request asked for.
-                failure = BadReply(f"a frame larger than the {self.ws.protocol.max_message_size} bytes this edge accepts")
+                failure = BadReply(f"a frame larger than the {self.max_size} bytes this edge accepts")
         finally:
             self.closed = True
             for fut in self._waiting.values():

@@ -156,10 +156,9 @@ def _max_context_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="the embedded default: server runtime (loopback) + edge + OpenAI API in one process")
+    p = sub.add_parser("serve", help="the embedded default: server runtime + edge + OpenAI API in one process (an in-process link, no socket between them)")
     _split_args(p)
     _edge_args(p)
-    p.add_argument("--server-port", type=int, default=0, help="loopback port of the embedded server runtime (default: a free one)")
     p.add_argument("--server-weights", choices=WEIGHT_FORMATS,
                    help="weight format of the server runtime's middle blocks (default: --weights)")
     p.add_argument("--edge-weights", choices=WEIGHT_FORMATS,
@@ -269,7 +268,7 @@ def _run_serve(args) -> None:
     from fedsea_shared import threads
     from fedsea_shared.models import resolve_model
     from gateway import run_gateway
-    from server_runtime.app import ServerSettings, ServerThread
+    from server_runtime.app import ServerRuntime, ServerSettings
     from server_runtime.engine import EngineSettings
 
     n, source = threads.compute_threads(args.threads)
@@ -281,19 +280,19 @@ def _run_serve(args) -> None:
     compute = threads.ComputeThread()
     resolve_model(args.model)  # prepares the default model once; safe when two processes start together
     logging.getLogger("fedsea").info("torch intra-op threads: %d on the compute thread of both sides (%s)", n, source)
-    server = ServerThread(ServerSettings(
-        model=args.model, head=args.head, tail=args.tail, host="127.0.0.1", port=args.server_port,
-        device=args.device, kv_cache_memory=args.kv_cache_memory, adapters=_adapters(args),
-        attention_backend=args.attention_backend, linear_kernel=args.linear_kernel, block_ops=args.block_ops,
-        weights=args.server_weights or args.weights, kv_quota=1.0,  # its only tenant is this process's own gateway
+    server = ServerRuntime(ServerSettings(
+        model=args.model, head=args.head, tail=args.tail, device=args.device, kv_cache_memory=args.kv_cache_memory,
+        adapters=_adapters(args), attention_backend=args.attention_backend, linear_kernel=args.linear_kernel,
+        block_ops=args.block_ops, weights=args.server_weights or args.weights,
+        kv_quota=1.0,  # its only tenant is this process's own gateway
         engine=EngineSettings(max_context=args.max_context),
     ), compute.run)
     try:
-        settings = _gateway_settings(args, server.url)
-        settings.compute = compute.run
+        settings = _gateway_settings(args, server.listen_in_process())
+        settings.compute, settings.server_metrics = compute.run, server.metrics.render
         run_gateway(settings, log_level=args.log_level.lower())
     finally:
-        server.stop()
+        server.close()
         compute.close()
 
 

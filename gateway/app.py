@@ -230,7 +230,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def prometheus() -> Response:
         if backend.client is not None:
             metrics.observe_edge_prefixes(backend.client.prefixes.stats())
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        body = metrics.render()
+        if settings.server_metrics is not None:  # `fedsea serve`: the embedded server runtime's too
+            body += settings.server_metrics()
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     paths = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses",
              "/", "/fedsea/v1/preview", "/fedsea/v1/inspect", "/fedsea/v1/status"}

@@ -57,6 +57,7 @@ class GatewaySettings:
     block_ops: str = "auto"  # the edge blocks' small ops: native | vllm | torch | auto (fedsea_shared.shard.make_block_ops)
     weights: str = "auto"  # the edge shard's weight format (fedsea_shared.layers.linear.resolve_weights)
     lm_head_copy: bool = True  # a packed copy of the tied LM head: +embedding size, faster batches (AsyncEdgeClient)
+    server_metrics: Callable[[], bytes] | None = None  # an embedded server runtime's metrics, for /metrics (fedsea serve)
 
     @property
     def servers(self) -> str:

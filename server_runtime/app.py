@@ -30,7 +30,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from fedsea_shared import defaults
+from fedsea_shared import defaults, transport
 from fedsea_shared.adapters import load_adapters
 from fedsea_shared.architectures import check_context
 from fedsea_shared.models import is_gguf, resolve_model
@@ -144,6 +144,7 @@ class _Connection:
     hello: Hello | None = None
     sessions: set[int] = field(default_factory=set)
     tasks: set[asyncio.Task] = field(default_factory=set)
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)  # the one serving it
     queued_bytes: int = 0  # input frames accepted and not yet answered
 
     @property
@@ -171,7 +172,8 @@ class ServerRuntime:
         settings.check_exposure()
         self.settings = settings
         self._live: dict[int, _Connection] = {}  # by connection id
-        self._loop: asyncio.AbstractEventLoop | None = None  # the one serving them (serve())
+        self._in_process: str | None = None  # the name it listens under in this process, if any
+        self._links: set[asyncio.Task] = set()  # in-process connections being served (the loop holds tasks weakly)
         self._ssl = self._ssl_context() if settings.tls else None
         model_dir = resolve_model(settings.model)
         self.config = load_config(model_dir)
@@ -260,8 +262,9 @@ class ServerRuntime:
 
     def _expired(self, key: tuple) -> None:
         """The engine freed an idle session (on its thread): its connection forgets it."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._forget_expired, key)
+        conn = self._live.get(key[1])
+        if conn is not None and not conn.loop.is_closed():
+            conn.loop.call_soon_threadsafe(self._forget_expired, key)
 
     def _forget_expired(self, key: tuple) -> None:
         _, conn_id, sid = key
@@ -271,7 +274,6 @@ class ServerRuntime:
             self._forget_session(conn, sid)
 
     async def serve(self) -> Server:
-        self._loop = asyncio.get_running_loop()
         return await serve(
             self._handle,
             self.settings.host,
@@ -284,7 +286,23 @@ class ServerRuntime:
             max_size=2 * self.settings.max_message_bytes,
         )
 
+    def listen_in_process(self, name: str = "server") -> str:
+        """Serve edges of this process over an in-process link (`fedsea serve`); returns
+        the URL they connect to.  Connections run on the connecting edge's event loop."""
+        self._in_process = name
+        return transport.listen(name, self._accept)
+
+    def _accept(self, end: transport.LinkEnd) -> None:
+        refusal = self._connection_refusal(self._client(end, end.request))
+        if refusal is not None:
+            raise ConnectionRefusedError(refusal)
+        task = asyncio.get_running_loop().create_task(self._handle(end))
+        self._links.add(task)
+        task.add_done_callback(self._links.discard)
+
     def close(self) -> None:
+        if self._in_process is not None:
+            transport.unlisten(self._in_process)
         self.engine.shutdown()
         if self.training is not None:
             self.training.close()
