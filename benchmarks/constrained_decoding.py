@@ -117,10 +117,10 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     server = ServerThread(ServerSettings(model=args.model, port=0))
-    gw = GatewayThread(GatewaySettings(server_url=server.url, model=args.model, port=0))
+    gw = GatewayThread(GatewaySettings.of(server_url=server.url, model=args.model, port=0))
     try:
         gw.wait_ready(timeout=300)
-        model = gw.settings.model_id
+        model = gw.settings.edge.model_id
         for extra in MODES.values():  # warm-up: first-use costs (the grammar's vocabulary view)
             asyncio.run(run_mode(gw.url, model, 1, 4, extra))
         load_before = os.getloadavg()

@@ -95,7 +95,7 @@ async def run(args, url: str, compute) -> list[dict]:
     spans: list[Span] = []
     record(spans)
     client = AsyncEdgeClient(url, edge_cache_memory=0, compute=compute,  # no prefix reuse: every request does the full work
-                             linear_kernel=args.linear_kernel, lm_head_copy=True)  # as fedsea serve
+                             linear_kernel=args.linear_kernel)  # as fedsea serve
     await client.generate([{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)  # warm-up
     out = []
     for c in args.clients:

@@ -80,7 +80,7 @@ async def trace(url: str, compute, clients: int, rounds: int, max_tokens: int) -
 
     spans: list = []
     record(spans)
-    client = AsyncEdgeClient(url, compute=compute, lm_head_copy=True)  # as fedsea serve
+    client = AsyncEdgeClient(url, compute=compute)  # as fedsea serve
     try:
         await client.generate([{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)  # warm-up
         return await run_level(client, spans, clients, max(rounds, 4) if clients == 1 else rounds, max_tokens)

@@ -318,6 +318,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="run every server this many times, taking turns, and report each number's median")
     ap.add_argument("--only", nargs="+", choices=[*SERVERS, BASELINE, "transformers"], help="run only these")
+    ap.add_argument("--busy", type=int, default=0, metavar="N",
+                    help="run N busy-loop processes at normal priority throughout (the contention check: "
+                         "does batching still pay when the cores are shared?)")
     ap.add_argument("--baseline", type=Path, help="a checkout of another fedsea commit (git worktree add DIR REV): "
                                                  f"its `fedsea serve` runs too, as {BASELINE!r}, taking turns with this one")
     args = ap.parse_args()
@@ -331,6 +334,7 @@ def main() -> None:
         LABELS[BASELINE] = f"fedsea serve at {rev}"
         servers[BASELINE] = lambda peers, threads: fedsea_server(peers, threads, args.baseline.resolve(), BASELINE)
     chosen = args.only or [*servers, "transformers"]
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     load_before = os.getloadavg()
 
     results: dict = {}
@@ -359,12 +363,15 @@ def main() -> None:
         # Whole-request rate, comparable with the servers' 1-client aggregate.
         seconds = sum(r["ttft_s"] + (r["tokens"] - 1) / r["decode_tok_s"] for r in runs if r["decode_tok_s"])
         hf = {"tok_s": sum(r["tokens"] for r in runs) / seconds, "mean_ttft_s": ttft, "runs": runs}
-    roofline = memory_roofline(args.threads)
     load_after = os.getloadavg()
+    for hog in hogs:
+        hog.kill()
+    roofline = memory_roofline(args.threads)
 
     levels = args.clients
     print(f"\nSmolLM2-135M-Instruct fp32, {args.max_tokens}-token greedy chat answers, {args.threads} threads each; "
-          f"machine shared with other jobs (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)"
+          + (f"{args.busy} busy-loop processes beside them; " if args.busy else "")
+          + f"machine shared with other jobs (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)"
           + (f"; medians of {args.repeat} runs each, taking turns" if args.repeat > 1 else ""))
     head = "".join(f"{f'{c} cl tok/s':>12}{'TTFT s':>8}" for c in levels)
     print(f"{'server':36}{head}{'idle@8':>8}")
@@ -384,6 +391,11 @@ def main() -> None:
     for peer, per in rs.items():
         cells = ", ".join(f"{c} cl {v['tok_s']:.2f}x tok/s, {v['ttft']:.2f}x TTFT" for c, v in per.items())
         print(f"fedsea / {peer}: {cells}")
+    for name in servers:
+        res = results.get(name)
+        if isinstance(res, dict) and "1" in res and len(levels) > 1:
+            print(f"{LABELS[name]}: " + ", ".join(f"{c} clients {res[str(c)]['tok_s'] / res['1']['tok_s']:.2f}x one client"
+                                                  for c in levels if c != 1))
     fed = results.get("fedsea")
     if isinstance(fed, dict) and "1" in fed:
         print(f"fedsea single stream: {100 * fed['1']['tok_s'] / roofline['tok_s']:.0f}% of the roofline")
@@ -393,7 +405,7 @@ def main() -> None:
                     "loadavg_before": load_before, "loadavg_after": load_after},
         "settings": {"model": defaults.MODEL, "dtype": "float32", "max_tokens": args.max_tokens, "clients": levels,
                      "rounds": args.rounds, "threads": args.threads, "head": defaults.HEAD, "tail": defaults.TAIL,
-                     "noise": defaults.NOISE, "repeat": args.repeat},
+                     "noise": defaults.NOISE, "repeat": args.repeat, "busy": args.busy},
         "servers": results, "runs": runs, "transformers": hf, "roofline": roofline, "fedsea_ratios": rs,
     }
     out = args.out

@@ -56,7 +56,7 @@ def main() -> None:
     for fmt in args.formats:
         server = ServerThread(ServerSettings(model=args.model, port=0, kv_quota=1.0, weights=fmt), compute.run)
         sides[fmt] = server, AsyncEdgeClient(server.url, model=args.model, noise=0.0, compute=compute.run,
-                                             lm_head_copy=True, weights=fmt)
+                                             weights=fmt)
     loop = asyncio.new_event_loop()
     runs: dict[tuple[str, int], list[float]] = {}
     for _ in range(args.rounds):

@@ -15,6 +15,7 @@ model (edge_runtime.decode_loop) steps them all at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import threading
@@ -24,7 +25,6 @@ from typing import AsyncIterator, Callable, Iterator
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from fedsea_shared import defaults
 from fedsea_shared.adapters import load_adapters
 from fedsea_shared.architectures import context_limit
 from fedsea_shared.models import is_gguf, resolve_model
@@ -46,6 +46,7 @@ from .prefix_cache import Prefix, PrefixStore
 from .pseudonyms import Pseudonymizer, PseudonymizedPrompt, Pseudonyms, chat_text, output_text
 from .sampling import SamplingParams, score_prompt
 from .servers import NoOtherServer, ServerList
+from .settings import EdgeSettings
 from .session import InferenceSession
 from .text import IncrementalDetokenizer, StopMatcher
 
@@ -66,82 +67,42 @@ class Completion:
 
 
 class AsyncEdgeClient:
-    def __init__(
-        self,
-        server_url: str | list[str] = f"ws://127.0.0.1:{defaults.SERVER_PORT}",
-        model: str = defaults.MODEL,
-        head: int = defaults.HEAD,
-        tail: int = defaults.TAIL,
-        noise: float = defaults.NOISE,
-        dtype: str = "float32",
-        wire_dtype: str = "float32",
-        device: str = "cpu",
-        api_key: str | None = None,
-        adapters: dict[str, str] | None = None,
-        noise_key: bytes | None = None,
-        edge_cache_memory: int = 256 * 2**20,
-        server_ca: str | None = None,
-        public_template: bool = defaults.PUBLIC_TEMPLATE,
-        pseudonymize: bool = defaults.PSEUDONYMIZE,
-        compute: Callable = run_here,
-        linear_kernel: str = "auto",
-        block_ops: str = "auto",
-        lm_head_copy: bool = False,
-        weights: str = "auto",
-    ):
-        """`compute(fn, *args)` runs the edge's forward passes (default: on the edge
-        worker's thread; `fedsea serve` passes its shared ComputeThread.run, see
-        fedsea_shared.threads).  `adapters`: fine-tuned LoRA adapters by name
-        (-> directory) a generation may pick; the server must serve each under the same name.  `noise_key`: the secret
-        the noise is keyed with (default: this installation's, see edge_runtime.keys).
-        `edge_cache_memory`: bytes of recent conversations kept for prefix reuse (0: off).
-        `server_url`: one server runtime, or a list of them (same model and cut) to fail
-        over between.  `server_ca`: PEM file that verifies a wss:// server (a private CA or its
-        self-signed certificate; default: the system trust store).  `public_template`:
-        send the chat template's public prefix (default system turn, user header)
-        un-noised (see fedsea_shared.noise.public_prefix_len).  `pseudonymize`: replace
-        names, digit runs and e-mails in text prompts by surrogates keyed to `noise_key`,
-        and map them back in the generated text (edge_runtime.pseudonyms).
-        `block_ops`: the blocks' norms, rotary, SiLU and decode attention (native: fused C
-        kernels, see fedsea_shared.shard.make_block_ops).  `lm_head_copy`: with oneDNN
-        linears, give the LM head tied to the embedding a packed copy of its own (the
-        embedding's size again, 113 MB for SmolLM2-135M; about twice as fast at 8-16 rows,
-        for an edge serving many generations at once).  `weights`: the edge shard's weight format
-        (fedsea_shared.layers.linear.WEIGHT_FORMATS; auto: see resolve_weights)."""
-        if wire_dtype not in WIRE_DTYPES:
-            raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}")
-        self.servers = ServerList([server_url] if isinstance(server_url, str) else list(server_url))
+    def __init__(self, settings: EdgeSettings | str | list[str] | None = None, /, **options):
+        """`AsyncEdgeClient(settings)`, or `AsyncEdgeClient(server_url, **options)` with
+        the options of `EdgeSettings` (edge_runtime.settings: every option and default)."""
+        if not isinstance(settings, EdgeSettings):
+            settings = EdgeSettings(**options) if settings is None else EdgeSettings(settings, **options)
+        elif options:
+            settings = dataclasses.replace(settings, **options)
+        self.settings = s = settings
+        self.servers = ServerList(s.servers)
         for url in self.servers.urls:
-            client_ssl(url, server_ca)  # a bad URL/CA pair fails here, not at every reconnect
-        self.server_ca = server_ca
-        self.noise = noise
-        self.wire_dtype = wire_dtype
-        self.api_key = api_key
-        model_dir = resolve_model(model)
+            client_ssl(url, s.server_ca)  # a bad URL/CA pair fails here, not at every reconnect
+        model_dir = resolve_model(s.model)
         self.config = load_config(model_dir)
-        self.partition = Partition(self.config.num_hidden_layers, head, tail)
-        self.weights = resolve_weights(weights, device, "edge", is_gguf(model_dir))
-        shard = load_edge_shard(model_dir, self.partition, dtype=WIRE_DTYPES[dtype], device=device, config=self.config,
+        self.partition = Partition(self.config.num_hidden_layers, s.head, s.tail)
+        self.weights = resolve_weights(s.weights, s.device, "edge", is_gguf(model_dir))
+        shard = load_edge_shard(model_dir, self.partition, dtype=WIRE_DTYPES[s.dtype], device=s.device, config=self.config,
                                 weights=self.weights)
-        self.linear_kernel = apply_linear_kernel(shard, linear_kernel, device, copy_shared=lm_head_copy)
-        shards: dict[str | None, ModelShard] = {None: shard, **load_adapters(shard, model, adapters or {})}
+        self.linear_kernel = apply_linear_kernel(shard, s.linear_kernel, s.device, copy_shared=s.lm_head_copy)
+        shards: dict[str | None, ModelShard] = {None: shard, **load_adapters(shard, s.model, s.adapters)}
         fuse_projections(list(shards.values()))  # before the workers warm their kernels up
-        ops = make_block_ops(block_ops, device, WIRE_DTYPES[dtype])
-        for s in shards.values():
-            use_block_ops(s, ops)
-        self.workers = {name: EdgeWorker(EdgeModel(s, self.partition, ops.kernels), compute=compute)
-                        for name, s in shards.items()}
+        ops = make_block_ops(s.block_ops, s.device, WIRE_DTYPES[s.dtype])
+        for shard in shards.values():
+            use_block_ops(shard, ops)
+        self.workers = {name: EdgeWorker(EdgeModel(shard, self.partition, ops.kernels), compute=s.compute)
+                        for name, shard in shards.items()}
         self.worker = self.workers[None]
-        self.noise_key = load_or_create_key() if noise_key is None else noise_key
+        self.noise_key = load_or_create_key() if s.noise_key is None else s.noise_key
         if len(self.noise_key) != KEY_BYTES:
             raise ValueError(f"noise_key must be {KEY_BYTES} bytes, got {len(self.noise_key)}")
-        self.pseudonymizer = Pseudonymizer(self.noise_key) if pseudonymize else None
+        self.pseudonymizer = Pseudonymizer(self.noise_key) if s.pseudonymize else None
         self.model_id = f"{model_dir.name}|{self.config.num_hidden_layers}|{self.config.hidden_size}"
-        self.prefixes = PrefixStore(edge_cache_memory)
+        self.prefixes = PrefixStore(s.edge_cache_memory)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.eos_ids = _eos_ids(model_dir, self.tokenizer)
         self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.eos_ids)
-        self.public_ids = _public_prefix_ids(self.tokenizer) if public_template else []
+        self.public_ids = _public_prefix_ids(self.tokenizer) if s.public_template else []
         self._conns: dict[str, ServerConnection] = {}  # by server URL
         self._decode_loops: dict[str | None, DecodeLoop] = {}  # by adapter
         self._connect_lock: asyncio.Lock | None = None
@@ -155,7 +116,7 @@ class AsyncEdgeClient:
             num_layers=self.config.num_hidden_layers,
             hidden_size=self.config.hidden_size,
             layers=self.partition.server_range,
-            dtype=self.wire_dtype,
+            dtype=self.settings.wire_dtype,
         )
 
     @property
@@ -185,17 +146,29 @@ class AsyncEdgeClient:
                     return conn
                 try:
                     conn = await ServerConnection.connect(
-                        url, self.hello, self.api_key, max_step_tokens=self.config.max_position_embeddings,
-                        server_ca=self.server_ca,
+                        url, self.hello, self.settings.server_api_key, max_step_tokens=self.config.max_position_embeddings,
+                        server_ca=self.settings.server_ca,
                     )
                 except (OSError, TimeoutError, WebSocketException, ServerError) as e:  # down, or refused this edge
                     log.warning("server runtime %s: %s", url, e)
                     self.servers.failed(url)
                     error = e
                     continue
+                self._check_welcome(conn)
                 self._conns[url] = conn
                 return conn
             raise error
+
+    def _check_welcome(self, conn: ServerConnection) -> None:
+        """Say once per connection what its server's limits will refuse (each request is
+        refused with a typed error too, in stream_choices)."""
+        w, s = conn.welcome, self.settings
+        if not w.noise_min <= s.noise <= w.noise_max:
+            log.error("%s accepts noise in [%s, %s], this edge uses %s: every request will fail",
+                      conn.url, w.noise_min, w.noise_max, s.noise)
+        missing = sorted(set(s.adapters) - set(w.adapters or []))
+        if missing:
+            log.error("%s does not serve adapters %s: requests for them will fail", conn.url, missing)
 
     def stats(self) -> dict:
         """The decode loops' iterations, rows decoded through them and the most rows in one
@@ -284,7 +257,7 @@ class AsyncEdgeClient:
         worker = self.workers.get(adapter)
         if worker is None:
             raise ValueError(f"this edge has no adapter {adapter!r} (loaded: {sorted(a for a in self.workers if a) or 'none'})")
-        noise = self.noise if noise is None else noise
+        noise = self.settings.noise if noise is None else noise
         conn = await self.connection()
         if adapter is not None and adapter not in (conn.welcome.adapters or []):
             raise ServerError(
@@ -294,12 +267,18 @@ class AsyncEdgeClient:
             )
         bounds = (conn.welcome.noise_min, conn.welcome.noise_max)
         if not bounds[0] <= noise <= bounds[1]:
-            raise ValueError(f"noise {noise} is outside the server's bounds [{bounds[0]}, {bounds[1]}]")
+            raise ServerError(ErrorCode.NOISE_OUT_OF_BOUNDS.value,
+                              f"the server runtime only accepts noise in [{bounds[0]}, {bounds[1]}]; this edge uses {noise}")
         # The edge's own limit too: a step is never longer than the replies its connection accepts,
         # and its blocks never attend past the model's sliding window.
         max_context = min(conn.welcome.max_context, context_limit(self.config))
-        if len(prompt_ids) >= max_context:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context limit is {max_context}")
+        n = len(prompt_ids)
+        asked = max((p.max_tokens or 1 for p in choices))
+        if n + asked > max_context:
+            more = f" and {asked} to generate" if any(p.max_tokens for p in choices) else ""
+            raise ServerError(ErrorCode.CONTEXT_OVERFLOW.value,
+                              f"this model's maximum context length is {max_context} tokens; the prompt has {n}{more}")
+        choices = [p if p.max_tokens else dataclasses.replace(p, max_tokens=max_context - n) for p in choices]
         generators = [torch.Generator().manual_seed(p.seed if p.seed is not None else random.getrandbits(63))
                       for p in choices]
 
@@ -411,11 +390,12 @@ def _eos_ids(model_dir, tokenizer) -> set[int]:
 class EdgeClient:
     """Synchronous facade: runs an AsyncEdgeClient on a private event-loop thread."""
 
-    def __init__(self, server_url: str | list[str] = f"ws://127.0.0.1:{defaults.SERVER_PORT}", **kwargs):
+    def __init__(self, settings: EdgeSettings | str | list[str] | None = None, /, **options):
+        """As `AsyncEdgeClient`: an `EdgeSettings`, or a server URL and its options."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._serve_loop, name="fedsea-edge-loop", daemon=True)
         self._thread.start()
-        self._client = AsyncEdgeClient(server_url, **kwargs)
+        self._client = AsyncEdgeClient(settings, **options)
 
     def _serve_loop(self) -> None:
         serial()  # the loop only moves small tensors; the edge worker computes
@@ -424,6 +404,15 @@ class EdgeClient:
     @property
     def tokenizer(self):
         return self._client.tokenizer
+
+    @property
+    def public_ids(self) -> list[int]:
+        """The chat template's public prefix, sent un-noised (empty when that is off)."""
+        return self._client.public_ids
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The token ids a chat is sent as (see AsyncEdgeClient.chat_prompt)."""
+        return self._client.chat_prompt(messages, tools)
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

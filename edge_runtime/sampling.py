@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +15,7 @@ LOGIT_BOUND = 1e30
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 256
+    max_tokens: int | None = 256  # None: until the context is full
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k cut
@@ -28,21 +29,43 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # also score the prompt's tokens, with this many alternatives
 
     def validate(self) -> None:
-        checks = [
-            (self.max_tokens >= 1, "max_tokens must be >= 1"),
-            (0 <= self.temperature <= 2, "temperature must be in [0, 2]"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be in [0, 20]"),
-            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt logprobs must be in [0, 20]"),
-            (all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        for name, bounds in BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and not all(_TESTS[k](value, bound) for k, bound in bounds.items()):
+                raise ValueError(f"{name} must be {describe(bounds)}")
+        if not all(_within(b, LOGIT_BIAS) for b in self.logit_bias.values()):
+            raise ValueError(f"logit_bias values must be {describe(LOGIT_BIAS)}")
+
+
+# Each option's valid values, in pydantic's terms: SamplingParams.validate checks them and
+# the gateway's request schemas declare them, so the two cannot drift apart.
+BOUNDS: dict[str, dict[str, float]] = {
+    "max_tokens": {"ge": 1},
+    "temperature": {"ge": 0, "le": 2},
+    "top_p": {"gt": 0, "le": 1},
+    "top_k": {"ge": 0},
+    "presence_penalty": {"ge": -2, "le": 2},
+    "frequency_penalty": {"ge": -2, "le": 2},
+    "repetition_penalty": {"gt": 0, "le": 2},
+    "logprobs": {"ge": 0, "le": 20},
+    "prompt_logprobs": {"ge": 0, "le": 20},
+}
+LOGIT_BIAS = {"ge": -100, "le": 100}
+_TESTS = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
+
+
+def _within(value: float, bounds: dict[str, float]) -> bool:
+    return all(_TESTS[k](value, bound) for k, bound in bounds.items())
+
+
+def describe(bounds: dict[str, float]) -> str:
+    """'in (0, 1]', '>= 1', ... for messages."""
+    low = next(((k, v) for k, v in bounds.items() if k in ("ge", "gt")), None)
+    high = next(((k, v) for k, v in bounds.items() if k in ("le", "lt")), None)
+    if low and high:
+        return f"in {'[' if low[0] == 'ge' else '('}{low[1]}, {high[1]}{']' if high[0] == 'le' else ')'}"
+    k, v = low or high
+    return f"{ {'ge': '>=', 'gt': '>', 'le': '<=', 'lt': '<'}[k]} {v}"
 
 
 @dataclass

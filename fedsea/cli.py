@@ -15,7 +15,25 @@ from fedsea_shared import defaults
 from fedsea_shared.layers.linear import LINEAR_KERNELS, WEIGHT_FORMATS
 from fedsea_shared.protocol import WIRE_DTYPES
 from fedsea_shared.shard import BLOCK_OPS
+from edge_runtime.settings import EdgeSettings
+from gateway.backend import GatewaySettings
+from server_runtime.app import ServerSettings
 from server_runtime.attention_backends import BACKENDS
+from server_runtime.engine import EngineSettings
+from server_runtime.kv_pool import parse_memory
+from server_runtime.training_service import TrainingSettings
+
+# Every default below is read from the settings classes (one home per default); only the
+# flags' wording lives here.
+
+
+def _bytes(text: str) -> int:
+    """A size flag: bytes, or with a unit (512MiB, 2GiB)."""
+    return parse_memory(text)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:g}GiB" if n % 2**30 == 0 else f"{n / 2**20:g}MiB"
 
 
 def _split_args(p: argparse.ArgumentParser) -> None:
@@ -49,27 +67,29 @@ def _adapters(args) -> dict[str, str]:
 def _server_parser(sub) -> None:
     p = sub.add_parser("server", help="run the server runtime (middle blocks) for remote edges")
     _split_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=defaults.SERVER_PORT)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=list(WIRE_DTYPES))
-    p.add_argument("--kv-cache-memory", default=defaults.KV_CACHE_MEMORY, help="KV pool size: bytes (2GiB, 512MiB) or a fraction of free GPU memory (0.8)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    s = ServerSettings
+    p.add_argument("--host", default=s.host)
+    p.add_argument("--port", type=int, default=s.port)
+    p.add_argument("--device", default=s.device)
+    p.add_argument("--dtype", default=s.dtype, choices=list(WIRE_DTYPES))
+    p.add_argument("--kv-cache-memory", default=s.kv_cache_memory, help="KV pool size: bytes (2GiB, 512MiB) or a fraction of free GPU memory (0.8)")
+    p.add_argument("--block-size", type=int, default=s.block_size, help="tokens per KV block")
     _attention_backend_arg(p)
-    p.add_argument("--decode-attention", default="auto", choices=["auto", "gather", "flex"],
+    p.add_argument("--decode-attention", default=s.decode_attention, choices=["auto", "gather", "flex"],
                    help="decode attention over the KV pool: flex reads blocks in place (compiled per batch size), "
                         "gather copies each context out first; auto = flex on CUDA, gather on CPU")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode ticks eagerly instead of replaying captured CUDA graphs")
-    p.add_argument("--max-graph-batch", type=int, default=64, help="largest decode batch replayed as a CUDA graph")
+    p.add_argument("--max-graph-batch", type=int, default=s.max_graph_batch, help="largest decode batch replayed as a CUDA graph")
     _max_context_arg(p)
-    p.add_argument("--token-budget", type=int, default=512, help="tokens per batched forward (chunked prefill)")
-    p.add_argument("--noise-min", type=float, default=0.0, help="lowest noise scale an edge may declare")
-    p.add_argument("--noise-max", type=float, default=4.0, help="highest noise scale an edge may declare")
-    p.add_argument("--max-sessions-per-connection", type=int, default=256)
-    p.add_argument("--idle-timeout", type=float, default=600.0, help="seconds before an idle session's cache is freed")
-    p.add_argument("--wait-timeout", type=float, default=30.0, help="seconds a request may wait for KV capacity")
-    p.add_argument("--max-sessions-per-key", type=int, default=1024)
+    e = EngineSettings
+    p.add_argument("--token-budget", type=int, default=e.token_budget, help="tokens per batched forward (chunked prefill)")
+    p.add_argument("--noise-min", type=float, default=s.noise_min, help="lowest noise scale an edge may declare")
+    p.add_argument("--noise-max", type=float, default=s.noise_max, help="highest noise scale an edge may declare")
+    p.add_argument("--max-sessions-per-connection", type=int, default=s.max_sessions_per_connection)
+    p.add_argument("--idle-timeout", type=float, default=e.idle_timeout, help="seconds before an idle session's cache is freed")
+    p.add_argument("--wait-timeout", type=float, default=e.wait_timeout, help="seconds a request may wait for KV capacity")
+    p.add_argument("--max-sessions-per-key", type=int, default=s.max_sessions_per_key)
     _server_security_args(p)
 
 
@@ -82,7 +102,7 @@ def _attention_backend_arg(p: argparse.ArgumentParser) -> None:
 
 def _server_security_args(p: argparse.ArgumentParser) -> None:
     """Exposure, tenants and their limits (a tenant: an API key; without keys, a connection)."""
-    g = p.add_argument_group("security and limits")
+    g, s, t = p.add_argument_group("security and limits"), ServerSettings, TrainingSettings
     g.add_argument("--ssl-certfile", metavar="FILE", help="TLS certificate chain (PEM): serve wss:// (and /health, /metrics over https)")
     g.add_argument("--ssl-keyfile", metavar="FILE", help="private key of --ssl-certfile (PEM)")
     g.add_argument("--api-key-file", metavar="FILE", help="accept edges presenting any key in this file (one per line); "
@@ -93,16 +113,17 @@ def _server_security_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without TLS and an API key (a network you trust)")
     g.add_argument("--protect-metrics", action="store_true", help="require the API key on /metrics and /health too")
-    g.add_argument("--max-connections", type=int, default=512, help="connections in all (default: %(default)s)")
-    g.add_argument("--max-connections-per-key", type=int, default=32,
+    g.add_argument("--max-connections", type=int, default=s.max_connections, help="connections in all (default: %(default)s)")
+    g.add_argument("--max-connections-per-key", type=int, default=s.max_connections_per_key,
                    help="connections per API key, or per client address without keys (default: %(default)s)")
-    g.add_argument("--max-queued-bytes", default="256MiB", help="input of one connection waiting for replies (default: %(default)s)")
-    g.add_argument("--kv-quota", type=float, default=0.5,
+    g.add_argument("--max-queued-bytes", type=_bytes, default=s.max_queued_bytes,
+                   help=f"input of one connection waiting for replies (default: {_size(s.max_queued_bytes)})")
+    g.add_argument("--kv-quota", type=float, default=s.kv_quota,
                    help="share of the KV pool one API key (without keys: one connection) may hold (default: %(default)s)")
     g.add_argument("--enable-training", action="store_true", help="serve split fine-tuning (train_*) requests")
-    g.add_argument("--training-memory", default="2GiB",
-                   help="memory for training adapters, optimizer and autograd state, all jobs (default: %(default)s)")
-    g.add_argument("--training-step-timeout", type=float, default=30.0,
+    g.add_argument("--training-memory", type=_bytes, default=t.memory,
+                   help=f"memory for training adapters, optimizer and autograd state, all jobs (default: {_size(t.memory)})")
+    g.add_argument("--training-step-timeout", type=float, default=t.step_timeout,
                    help="seconds a training forward's state waits for its backward (default: %(default)s)")
 
 
@@ -115,23 +136,20 @@ def _server_keys(args) -> tuple[str, ...]:
 
 
 def _server_security(args) -> dict:
-    from server_runtime.kv_pool import parse_memory
-    from server_runtime.training_service import TrainingSettings
-
     return dict(
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, api_keys=_server_keys(args),
         insecure=args.insecure, protect_metrics=args.protect_metrics, max_connections=args.max_connections,
-        max_connections_per_key=args.max_connections_per_key, max_queued_bytes=parse_memory(args.max_queued_bytes),
+        max_connections_per_key=args.max_connections_per_key, max_queued_bytes=args.max_queued_bytes,
         kv_quota=args.kv_quota, enable_training=args.enable_training,
-        training=TrainingSettings(memory=parse_memory(args.training_memory), step_timeout=args.training_step_timeout),
+        training=TrainingSettings(memory=args.training_memory, step_timeout=args.training_step_timeout),
     )
 
 
 def _edge_args(p: argparse.ArgumentParser) -> None:
     """The edge and OpenAI API side, shared by `serve` and `gateway`."""
-    p.add_argument("--noise", type=float, default=defaults.NOISE, help="noise added to hidden states before they leave this machine, relative to their RMS (default: %(default)s)")
-    p.add_argument("--host", default="127.0.0.1", help="address of the OpenAI-compatible API (default: %(default)s)")
-    p.add_argument("--port", type=int, default=defaults.GATEWAY_PORT, help="port of the OpenAI-compatible API (default: %(default)s)")
+    p.add_argument("--noise", type=float, default=EdgeSettings.noise, help="noise added to hidden states before they leave this machine, relative to their RMS (default: %(default)s)")
+    p.add_argument("--host", default=GatewaySettings.host, help="address of the OpenAI-compatible API (default: %(default)s)")
+    p.add_argument("--port", type=int, default=GatewaySettings.port, help="port of the OpenAI-compatible API (default: %(default)s)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (visible to other users in ps: "
                                      "prefer --api-key-file or $FEDSEA_API_KEY; default: no key)")
     p.add_argument("--api-key-file", metavar="FILE", help="read the --api-key from FILE")
@@ -140,9 +158,9 @@ def _edge_args(p: argparse.ArgumentParser) -> None:
                    help="send names, addresses, phone and card numbers, e-mails, digit runs (...) as typed instead of "
                         "keyed surrogates that the edge maps back in the output (default: pseudonymize; see "
                         "docs/privacy.md and `fedsea preview`)")
-    p.add_argument("--edge-cache-memory", default="256MiB",
+    p.add_argument("--edge-cache-memory", type=_bytes, default=EdgeSettings.edge_cache_memory,
                    help="memory for recent conversations' edge state, so a chat's next turn computes and sends only "
-                        "its new tokens (bytes, e.g. 512MiB; 0 turns prefix reuse off; default: %(default)s)")
+                        f"its new tokens (bytes, e.g. 512MiB; 0 turns prefix reuse off; default: {_size(EdgeSettings.edge_cache_memory)})")
     p.add_argument("--no-lm-head-copy", dest="lm_head_copy", action="store_false",
                    help="run the LM head tied to the embedding on the embedding's own weight instead of a copy "
                         "packed for oneDNN (saves the embedding's size in memory, 113 MB for SmolLM2-135M; the LM "
@@ -150,7 +168,7 @@ def _edge_args(p: argparse.ArgumentParser) -> None:
 
 
 def _max_context_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-context", type=int, default=defaults.MAX_CONTEXT,
+    p.add_argument("--max-context", type=int, default=EngineSettings.max_context,
                    help="most tokens (prompt and generated) a session may hold; a model with a sliding "
                         "attention window is served only up to its window")
 
@@ -163,8 +181,8 @@ def _serve_parser(sub) -> None:
                    help="weight format of the server runtime's middle blocks (default: --weights)")
     p.add_argument("--edge-weights", choices=WEIGHT_FORMATS,
                    help="weight format of the edge's blocks, embedding and LM head (default: --weights)")
-    p.add_argument("--device", default="cpu", help="device of the server runtime's middle blocks")
-    p.add_argument("--kv-cache-memory", default=defaults.KV_CACHE_MEMORY, help="KV pool size of the server runtime")
+    p.add_argument("--device", default=ServerSettings.device, help="device of the server runtime's middle blocks")
+    p.add_argument("--kv-cache-memory", default=ServerSettings.kv_cache_memory, help="KV pool size of the server runtime")
     _max_context_arg(p)
     _attention_backend_arg(p)
     p.add_argument("--threads", type=int, metavar="N",
@@ -178,7 +196,7 @@ def _gateway_parser(sub) -> None:
     _edge_args(p)
     p.add_argument("--server", action="append", metavar="URL",
                    help="websocket URL of a server runtime; repeat for servers of the same model and cut to fail over "
-                        f"between (a session whose server dies goes on on another; default: ws://127.0.0.1:{defaults.SERVER_PORT})")
+                        f"between (a session whose server dies goes on on another; default: {EdgeSettings.server_url})")
     g = p.add_argument_group("TLS")
     g.add_argument("--server-ca", metavar="FILE", help="PEM file verifying a wss:// --server: a private CA or the server's "
                                                        "self-signed certificate (default: the system trust store)")
@@ -245,22 +263,35 @@ def _secret(args, name: str, env: str) -> str | None:
     return os.environ.get(env) or None
 
 
-def _gateway_settings(args, server_url: str | list[str], server_api_key: str | None = None):
-    from gateway import GatewaySettings
-
-    from server_runtime.kv_pool import parse_memory
-
-    if args.noise < 0:
-        raise ValueError(f"--noise must be >= 0, got {args.noise}")
+def gateway_settings(args, server_url: str | list[str], server_api_key: str | None = None) -> GatewaySettings:
+    """`fedsea gateway`/`serve`'s settings from its flags."""
     api_key = _secret(args, "api_key", "FEDSEA_API_KEY")
     if args.protect_status and api_key is None:
         raise ValueError("--protect-status needs an API key (--api-key-file or $FEDSEA_API_KEY)")
-    return GatewaySettings(
-        edge_cache_memory=parse_memory(args.edge_cache_memory),
+    edge = EdgeSettings(
         server_url=server_url, server_api_key=server_api_key, model=args.model, head=args.head, tail=args.tail,
-        noise=args.noise, pseudonymize=args.pseudonymize, host=args.host, port=args.port, api_key=api_key, protect_status=args.protect_status,
-        adapters=_adapters(args), linear_kernel=args.linear_kernel, block_ops=args.block_ops,
+        noise=args.noise, pseudonymize=args.pseudonymize, adapters=_adapters(args), edge_cache_memory=args.edge_cache_memory,
+        server_ca=getattr(args, "server_ca", None), linear_kernel=args.linear_kernel, block_ops=args.block_ops,
         lm_head_copy=args.lm_head_copy, weights=getattr(args, "edge_weights", None) or args.weights,
+    )
+    return GatewaySettings(edge=edge, host=args.host, port=args.port, api_key=api_key, protect_status=args.protect_status,
+                           ssl_certfile=getattr(args, "ssl_certfile", None), ssl_keyfile=getattr(args, "ssl_keyfile", None))
+
+
+def server_settings(args) -> ServerSettings:
+    """`fedsea server`'s settings from its flags."""
+    return ServerSettings(
+        model=args.model, head=args.head, tail=args.tail, host=args.host, port=args.port,
+        device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+        block_size=args.block_size, attention_backend=args.attention_backend, linear_kernel=args.linear_kernel,
+        weights=args.weights, block_ops=args.block_ops, decode_attention=args.decode_attention, cuda_graphs=args.cuda_graphs,
+        max_graph_batch=args.max_graph_batch, noise_min=args.noise_min, noise_max=args.noise_max,
+        max_sessions_per_connection=args.max_sessions_per_connection,
+        max_sessions_per_key=args.max_sessions_per_key, adapters=_adapters(args), **_server_security(args),
+        engine=EngineSettings(
+            max_context=args.max_context, token_budget=args.token_budget,
+            wait_timeout=args.wait_timeout, idle_timeout=args.idle_timeout,
+        ),
     )
 
 
@@ -268,8 +299,7 @@ def _run_serve(args) -> None:
     from fedsea_shared import threads
     from fedsea_shared.models import resolve_model
     from gateway import run_gateway
-    from server_runtime.app import ServerRuntime, ServerSettings
-    from server_runtime.engine import EngineSettings
+    from server_runtime.app import ServerRuntime
 
     n, source = threads.compute_threads(args.threads)
     threads.apply(n)
@@ -288,8 +318,8 @@ def _run_serve(args) -> None:
         engine=EngineSettings(max_context=args.max_context),
     ), compute.run)
     try:
-        settings = _gateway_settings(args, server.listen_in_process())
-        settings.compute, settings.server_metrics = compute.run, server.metrics.render
+        settings = gateway_settings(args, server.listen_in_process())
+        settings.edge.compute, settings.server_metrics = compute.run, server.metrics.render
         run_gateway(settings, log_level=args.log_level.lower())
     finally:
         server.close()
@@ -303,35 +333,19 @@ def _run_gateway(args) -> None:
 
     serial()  # before any op here: the event loop stays out of OpenMP (fedsea_shared.threads)
 
-    servers = args.server or [f"ws://127.0.0.1:{defaults.SERVER_PORT}"]
+    servers = args.server or [EdgeSettings.server_url]
     for url in servers:
         if not url.startswith(("ws://", "wss://")):
             raise ValueError(f"--server must be a ws:// or wss:// URL, got {url!r}")
     resolve_model(args.model)
-    server_api_key = _secret(args, "server_api_key", "FEDSEA_SERVER_API_KEY")
-    settings = _gateway_settings(args, servers, server_api_key)
-    settings.server_ca, settings.ssl_certfile, settings.ssl_keyfile = args.server_ca, args.ssl_certfile, args.ssl_keyfile
+    settings = gateway_settings(args, servers, _secret(args, "server_api_key", "FEDSEA_SERVER_API_KEY"))
     run_gateway(settings, log_level=args.log_level.lower())
 
 
 def _run_server(args) -> None:
-    from server_runtime.app import ServerSettings, run_server
-    from server_runtime.engine import EngineSettings
+    from server_runtime.app import run_server
 
-    settings = ServerSettings(
-        model=args.model, head=args.head, tail=args.tail, host=args.host, port=args.port,
-        device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
-        block_size=args.block_size, attention_backend=args.attention_backend, linear_kernel=args.linear_kernel,
-        weights=args.weights, block_ops=args.block_ops, decode_attention=args.decode_attention, cuda_graphs=args.cuda_graphs,
-        max_graph_batch=args.max_graph_batch, noise_min=args.noise_min, noise_max=args.noise_max,
-        max_sessions_per_connection=args.max_sessions_per_connection,
-        max_sessions_per_key=args.max_sessions_per_key, adapters=_adapters(args), **_server_security(args),
-        engine=EngineSettings(
-            max_context=args.max_context, token_budget=args.token_budget,
-            wait_timeout=args.wait_timeout, idle_timeout=args.idle_timeout,
-        ),
-    )
-    asyncio.run(run_server(settings))
+    asyncio.run(run_server(server_settings(args)))
 
 
 def main(argv: list[str] | None = None) -> None:

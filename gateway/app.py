@@ -54,7 +54,7 @@ ERRORS = {
 
 def fingerprint(settings: GatewaySettings, adapter: str | None) -> str:
     """Names the configuration that shapes outputs: model, split, noise and adapter."""
-    s = settings
+    s = settings.edge
     parts = [s.model, s.head, s.tail, s.noise, adapter, s.adapters.get(adapter) if adapter else None]
     return "fp_" + hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
 
@@ -62,9 +62,9 @@ def fingerprint(settings: GatewaySettings, adapter: str | None) -> str:
 def create_app(settings: GatewaySettings) -> FastAPI:
     metrics = GatewayMetrics()
     backend = Backend(settings, metrics)
-    model_id = settings.model_id
+    model_id = settings.edge.model_id
     # Model ids clients may ask for -> the adapter that serves them (None: the base model).
-    served: dict[str, str | None] = {model_id: None, **{name: name for name in settings.adapters}}
+    served: dict[str, str | None] = {model_id: None, **{name: name for name in settings.edge.adapters}}
     created = int(time.time())  # models are reported as created when this gateway loaded them
 
     @asynccontextmanager
@@ -261,25 +261,24 @@ async def templated(fn, *args):
 def describe(settings: GatewaySettings, backend: Backend, https: bool, models: list[str]) -> dict:
     """The deployment as the chat page shows it: servers (the first reachable one serves,
     the others are failover replicas), TLS on each hop, noise and pseudonymization."""
-    client, link = backend.client, backend.link
-    urls = [settings.server_url] if isinstance(settings.server_url, str) else list(settings.server_url)
+    client, link, edge = backend.client, backend.link, settings.edge
     welcome = link.welcome if link is not None and not link.closed else None
     return {
         "ready": backend.ready,
         "problem": None if backend.ready else backend.problem,
-        "model": settings.model_id,
+        "model": edge.model_id,
         "models": models,
-        "adapters": sorted(settings.adapters),
+        "adapters": sorted(edge.adapters),
         "servers": [{"url": _without_userinfo(u), "tls": u.startswith("wss://"),
-                     "connected": welcome is not None and link.url == u} for u in urls],
+                     "connected": welcome is not None and link.url == u} for u in edge.servers],
         "api_tls": https,
-        "noise": settings.noise,
+        "noise": edge.noise,
         "noise_bounds": [welcome.noise_min, welcome.noise_max] if welcome else None,
-        "pseudonymize": settings.pseudonymize,
-        "split": {"head": settings.head, "tail": settings.tail,
+        "pseudonymize": edge.pseudonymize,
+        "split": {"head": edge.head, "tail": edge.tail,
                   "server_layers": list(welcome.layers) if welcome else None},
         "hidden_size": client.config.hidden_size if client else None,
-        "wire_dtype": client.wire_dtype if client else None,
+        "wire_dtype": client.settings.wire_dtype if client else None,
         "auth": settings.api_key is not None,
     }
 

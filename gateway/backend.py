@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -21,8 +21,8 @@ from edge_runtime.client import AsyncEdgeClient, TokenEvent
 from edge_runtime.connection import ServerConnection, ServerError
 from edge_runtime.constraints import Constraint
 from edge_runtime.sampling import SamplingParams
+from edge_runtime.settings import EdgeSettings
 from fedsea_shared import defaults
-from fedsea_shared.architectures import context_limit
 from fedsea_shared.threads import run_here
 
 from . import errors
@@ -36,38 +36,26 @@ RETRY_MAX_SECONDS = 10.0
 
 @dataclass
 class GatewaySettings:
-    server_url: str | list[str] = f"ws://127.0.0.1:{defaults.SERVER_PORT}"  # several: failover between them
-    server_api_key: str | None = None  # the key this edge presents to the server runtime
-    model: str = defaults.MODEL
-    head: int = defaults.HEAD
-    tail: int = defaults.TAIL
-    noise: float = defaults.NOISE
-    pseudonymize: bool = defaults.PSEUDONYMIZE  # names, numbers, e-mails -> keyed surrogates (edge_runtime.pseudonyms)
+    edge: EdgeSettings = field(default_factory=EdgeSettings)  # the edge it runs (and the server(s) it uses)
     host: str = "127.0.0.1"
     port: int = defaults.GATEWAY_PORT
     api_key: str | None = None  # when set, /v1 requires "Authorization: Bearer <key>"
     protect_status: bool = False  # require the key for /health, /metrics and /openapi.json too
-    adapters: dict[str, str] = field(default_factory=dict)  # fine-tuned LoRA adapters: model id -> dir
-    edge_cache_memory: int = 256 * 2**20  # bytes of recent conversations kept for prefix reuse (0: off)
-    server_ca: str | None = None  # PEM verifying a wss:// server (default: the system trust store)
     ssl_certfile: str | None = None  # with ssl_keyfile: serve the API over https
     ssl_keyfile: str | None = None
-    compute: Callable = run_here  # runs the edge's forward passes (fedsea serve: its shared ComputeThread.run)
-    linear_kernel: str = "auto"  # the edge shard's matmuls: onednn | mixed | torch | auto (fedsea_shared.shard.apply_linear_kernel)
-    block_ops: str = "auto"  # the edge blocks' small ops: native | vllm | torch | auto (fedsea_shared.shard.make_block_ops)
-    weights: str = "auto"  # the edge shard's weight format (fedsea_shared.layers.linear.resolve_weights)
-    lm_head_copy: bool = True  # a packed copy of the tied LM head: +embedding size, faster batches (AsyncEdgeClient)
     server_metrics: Callable[[], bytes] | None = None  # an embedded server runtime's metrics, for /metrics (fedsea serve)
+
+    @classmethod
+    def of(cls, **options) -> "GatewaySettings":
+        """Gateway and edge options in one flat call; each goes to the settings that has it."""
+        own = {f.name for f in fields(cls)} - {"edge"}
+        edge = EdgeSettings(**{k: v for k, v in options.items() if k not in own})
+        return cls(edge=edge, **{k: v for k, v in options.items() if k in own})
 
     @property
     def servers(self) -> str:
         """The server runtime(s), for messages."""
-        return self.server_url if isinstance(self.server_url, str) else ", ".join(self.server_url)
-
-    @property
-    def model_id(self) -> str:
-        """The name clients use: the alias, or the checkpoint directory's name."""
-        return Path(self.model).name
+        return ", ".join(self.edge.servers)
 
 
 class Backend:
@@ -96,12 +84,7 @@ class Backend:
     async def _supervise(self) -> None:
         s = self.settings
         try:
-            self.client = await asyncio.to_thread(
-                AsyncEdgeClient, s.server_url, s.model, s.head, s.tail, s.noise, api_key=s.server_api_key,
-                adapters=s.adapters, edge_cache_memory=s.edge_cache_memory, server_ca=s.server_ca,
-                pseudonymize=s.pseudonymize, compute=s.compute, linear_kernel=s.linear_kernel,
-                block_ops=s.block_ops, lm_head_copy=s.lm_head_copy, weights=s.weights,
-            )
+            self.client = await asyncio.to_thread(AsyncEdgeClient, s.edge)
         except Exception as e:
             self.problem = f"the edge model failed to load: {e}"
             log.exception("edge model failed to load")
@@ -117,15 +100,9 @@ class Backend:
                 self.problem = f"waiting for the server runtime at {s.servers} ({str(e) or type(e).__name__})"
                 log.warning("%s; retrying in %.1fs", self.problem, delay)
             else:
-                bounds = (conn.welcome.noise_min, conn.welcome.noise_max)
-                if not bounds[0] <= s.noise <= bounds[1]:
-                    log.error("noise %s is outside the server's bounds %s: every request will fail", s.noise, bounds)
-                missing = sorted(set(s.adapters) - set(conn.welcome.adapters or []))
-                if missing:
-                    log.error("the server runtime does not serve adapters %s: requests for them will fail", missing)
                 self.metrics.ready.set(1)
                 self.link = conn
-                log.info("edge ready: connected to %s (layers %s on the server, noise %s)", conn.url, conn.welcome.layers, s.noise)
+                log.info("edge ready: connected to %s (layers %s on the server, noise %s)", conn.url, conn.welcome.layers, s.edge.noise)
                 await conn.ws.wait_closed()
                 self.metrics.ready.set(0)
                 self.link = None
@@ -158,28 +135,9 @@ class Backend:
             conn = await client.connection()
         except Exception as e:
             raise errors.from_edge(e, self.settings.servers) from e
-        welcome = conn.welcome
-        if not welcome.noise_min <= client.noise <= welcome.noise_max:
-            raise errors.APIError(
-                502, f"the server runtime only accepts noise in [{welcome.noise_min}, {welcome.noise_max}]; "
-                f"this gateway runs with --noise {client.noise}", "server_error", code="noise_out_of_bounds",
-            )
-        limit = min(welcome.max_context, context_limit(client.config))
-        jobs = []
-        for p, prompt in enumerate(prompts):
-            room = limit - len(prompt)
-            if room < 1 or (max_tokens is not None and max_tokens > room):
-                asked = f" and {max_tokens} to generate" if max_tokens is not None else ""
-                raise errors.context_too_long(
-                    f"this model's maximum context length is {limit} tokens; the prompt has {len(prompt)}{asked}"
-                )
-            choices = [
-                replace(params, max_tokens=max_tokens or room, seed=None if params.seed is None else params.seed + p * n + j)
-                for j in range(n)
-            ]
-            jobs.append((p * n, prompt, choices))
-
-        self.share.acquire(len(prompts) * n, welcome.max_sessions)
+        jobs = [(p * n, prompt, [replace(params, max_tokens=max_tokens, seed=None if params.seed is None else params.seed + p * n + j)
+                                 for j in range(n)]) for p, prompt in enumerate(prompts)]
+        self.share.acquire(len(prompts) * n, conn.welcome.max_sessions)
         queue: asyncio.Queue = asyncio.Queue()
         started = time.monotonic()
         tasks = [asyncio.create_task(self._choices(first, prompt, ps, adapter, constraint, queue, started))

@@ -115,7 +115,7 @@ class Inspector:
         limit = client.config.max_position_embeddings
         if len(ids) > limit:
             raise errors.context_too_long(f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)}")
-        hidden, itemsize = client.config.hidden_size, WIRE_DTYPES[client.wire_dtype].itemsize
+        hidden, itemsize = client.config.hidden_size, WIRE_DTYPES[client.settings.wire_dtype].itemsize
         # Tokens overlapping the last message's content (all after the public prefix without offsets).
         public = public_prefix_len(ids, client.public_ids)
         if tokenizer.is_fast:
@@ -130,9 +130,9 @@ class Inspector:
             "states": len(ids),
             "public_states": public,
             "hidden_size": hidden,
-            "wire_dtype": client.wire_dtype,
+            "wire_dtype": client.settings.wire_dtype,
             "bytes": len(ids) * hidden * itemsize,
-            "noise": client.noise,
+            "noise": client.settings.noise,
             "pseudonymize": client.pseudonymizer is not None,
             "reconstruction": None,
         }
@@ -149,9 +149,9 @@ class Inspector:
             shard, head = client.workers[adapter].model.shard, client.partition.head
             clean = head_states(shard, torch.tensor([ids[:end]]), [head])[head][0]
             # As InferenceSession.step noises them, keyed by the same chain.
-            digests = client.new_session(client.noise, adapter).chain.extend(ids[:end])
-            seen = keep_public(add_keyed_noise(clean, client.noise, digests), clean, 0, public)
-            seen = seen.to(WIRE_DTYPES[client.wire_dtype])
+            digests = client.new_session(client.settings.noise, adapter).chain.extend(ids[:end])
+            seen = keep_public(add_keyed_noise(clean, client.settings.noise, digests), clean, 0, public)
+            seen = seen.to(WIRE_DTYPES[client.settings.wire_dtype])
             guess = vocabulary_matching(shard, head, ids[:first], seen[first:end], table, CANDIDATES).tolist()
             seconds = time.perf_counter() - start
         truth = ids[first:end]

@@ -17,9 +17,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from edge_runtime.sampling import SamplingParams
+from edge_runtime.sampling import BOUNDS, LOGIT_BIAS, SamplingParams, describe
 
-Penalty = Annotated[float, Field(ge=-2, le=2)]
+Penalty = Annotated[float, Field(**BOUNDS["presence_penalty"])]
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 MAX_STOPS = 4
 MAX_CHOICES = 128  # OpenAI's limit on n; applied to prompts x n of a batch too
@@ -202,9 +202,9 @@ class _SamplingRequest(_Request):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_tokens: Annotated[int, Field(**BOUNDS["max_tokens"])] | None = None
+    temperature: Annotated[float, Field(**BOUNDS["temperature"])] | None = None
+    top_p: Annotated[float, Field(**BOUNDS["top_p"])] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stop: str | list[str] | None = None
     seed: Int64 | None = None
@@ -212,10 +212,10 @@ class _SamplingRequest(_Request):
     frequency_penalty: Penalty | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias (LOGIT_BIAS)
     # Extras (vLLM's names): top_k -1 or 0 means no cut, repetition_penalty is HF's.
     top_k: Annotated[int, Field(ge=-1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None
+    repetition_penalty: Annotated[float, Field(**BOUNDS["repetition_penalty"])] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -227,9 +227,10 @@ class _SamplingRequest(_Request):
     @field_validator("logit_bias")
     @classmethod
     def _token_biases(cls, bias):
-        bad = [k for k, v in bias.items() if not (re.fullmatch(r"[0-9]{1,9}", k) and -100 <= v <= 100)]
+        low, high = LOGIT_BIAS["ge"], LOGIT_BIAS["le"]
+        bad = [k for k, v in bias.items() if not (re.fullmatch(r"[0-9]{1,9}", k) and low <= v <= high)]
         if bad:
-            raise ValueError(f"logit_bias maps token ids to biases in [-100, 100]; these entries do not: {listed(bad)}")
+            raise ValueError(f"logit_bias maps token ids to biases {describe(LOGIT_BIAS)}; these entries do not: {listed(bad)}")
         return bias
 
     @model_validator(mode="after")
@@ -266,9 +267,9 @@ class _SamplingRequest(_Request):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(**BOUNDS["max_tokens"])] | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Field(**BOUNDS["logprobs"])] | None = None
     response_format: ResponseFormat | None = None
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None

@@ -48,7 +48,7 @@ def run_gateway(settings: GatewaySettings, log_level: str = "info") -> None:
     if settings.api_key is None and not _is_loopback(settings.host):
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", settings.host)
     print(f"fedsea gateway: OpenAI-compatible API at {api_url(settings.host, settings.port, bool(settings.ssl_certfile))} "
-          f"(model {settings.model_id}; /health answers 503 until the edge is ready)", flush=True)
+          f"(model {settings.edge.model_id}; /health answers 503 until the edge is ready)", flush=True)
     serial()  # the event loop only moves small tensors; the edge worker computes
     uvicorn.Server(_config(settings, log_level)).run()
 

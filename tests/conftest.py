@@ -3,16 +3,21 @@ in-process server runtimes on free ports."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fedsea_shared.models import DEFAULT_MODEL, resolve_model
 from fedsea_shared.threads import run_here
 from gateway import GatewaySettings, GatewayThread
+from relay import RecordingRelay
 from server_runtime.app import ServerSettings, ServerThread
 from server_runtime.engine import EngineSettings
 
@@ -81,18 +86,40 @@ def spy_safetensors(monkeypatch, module) -> list[str]:
     return read
 
 
-def record_frames(server) -> list[bytes]:
-    """Every frame the in-process `server` receives from now on, in order (what the
-    edge actually put on the wire)."""
-    frames: list[bytes] = []
-    original = server.runtime._on_frame
+def metric(where, name: str) -> float:
+    """An unlabelled sample's value from /metrics of a server runtime (a ServerThread or its
+    ws:// URL) or a gateway (its http(s)://.../v1 URL)."""
+    url = where if isinstance(where, str) else where.url
+    base = url.replace("ws://", "http://", 1).replace("wss://", "https://", 1).removesuffix("/v1")
+    for family in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return sample.value
+    raise KeyError(name)
 
-    async def spy(conn, data):
-        frames.append(bytes(data))
-        return await original(conn, data)
 
-    server.runtime._on_frame = spy
-    return frames
+async def eventually(condition, timeout: float = 20, what: str = "the condition") -> None:
+    """Poll `condition()` (run off the event loop: it may do HTTP) until true, under a
+    deadline, instead of sleeping a guessed time and asserting once."""
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(condition):
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def record():
+    """Factory: record(server) -> a RecordingRelay in front of it; edges connect to its
+    `.url`, and its `.frames` are every frame they sent, in order."""
+    relays: list[RecordingRelay] = []
+
+    def start(server) -> RecordingRelay:
+        relays.append(RecordingRelay(server.url))
+        return relays[-1]
+
+    yield start
+    for relay in relays:
+        relay.stop()
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +148,7 @@ def start_server():
 def gw(tiny_model_dir):
     """One server runtime + gateway shared by the tests that need no special settings."""
     server = ServerThread(ServerSettings(model=str(tiny_model_dir), port=0))
-    gateway = GatewayThread(GatewaySettings(server_url=server.url, model=str(tiny_model_dir), port=0))
+    gateway = GatewayThread(GatewaySettings.of(server_url=server.url, model=str(tiny_model_dir), port=0))
     yield gateway.wait_ready()
     gateway.stop()
     server.stop()

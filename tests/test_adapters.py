@@ -117,11 +117,11 @@ async def test_unknown_adapter_is_refused_and_the_connection_keeps_serving(tiny_
 
 def test_gateway_lists_and_serves_adapters_by_model_name(tiny_model_dir, adapter_dir, references, start_server):
     server = start_server(tiny_model_dir, adapters={NAME: str(adapter_dir)})
-    gw = GatewayThread(GatewaySettings(server_url=server.url, model=str(tiny_model_dir), port=0, noise=0.0,
+    gw = GatewayThread(GatewaySettings.of(server_url=server.url, model=str(tiny_model_dir), port=0, noise=0.0,
                                        adapters={NAME: str(adapter_dir)}))
     try:
         gw.wait_ready()
-        base_id = gw.settings.model_id
+        base_id = gw.settings.edge.model_id
         models = httpx.get(f"{gw.url}/models").json()
         assert [m["id"] for m in models["data"]] == [base_id, NAME]
         assert httpx.get(f"{gw.url}/models/{NAME}").json()["id"] == NAME

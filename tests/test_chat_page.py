@@ -31,7 +31,7 @@ def gateways(tiny_model_dir):
     started: list[GatewayThread] = []
 
     def start(**kw) -> GatewayThread:
-        gw = GatewayThread(GatewaySettings(server_url=server.url, model=str(tiny_model_dir), port=0, **kw))
+        gw = GatewayThread(GatewaySettings.of(server_url=server.url, model=str(tiny_model_dir), port=0, **kw))
         started.append(gw)
         return gw.wait_ready()
 
@@ -52,7 +52,7 @@ def root(gw: GatewayThread) -> str:
 
 
 def inspect(gw: GatewayThread, content: str = NAME, key: str | None = None, **extra) -> httpx.Response:
-    body = {"model": gw.settings.model_id, "messages": [{"role": "user", "content": content}], **extra}
+    body = {"model": gw.settings.edge.model_id, "messages": [{"role": "user", "content": content}], **extra}
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.post(root(gw) + "/fedsea/v1/inspect", json=body, headers=headers, timeout=120)
 
@@ -85,9 +85,9 @@ def test_status_says_what_the_strip_shows_and_no_secrets(gateways):
     gw = gateways(api_key="s3cret", server_api_key="server-s3cret")
     headers = {"Authorization": "Bearer s3cret"}
     s = httpx.get(root(gw) + "/fedsea/v1/status", headers=headers).json()
-    assert s["ready"] and s["noise"] == gw.settings.noise and s["pseudonymize"] is True and s["auth"] is True
+    assert s["ready"] and s["noise"] == gw.settings.edge.noise and s["pseudonymize"] is True and s["auth"] is True
     assert s["servers"] == [{"url": gateways.server.url, "tls": False, "connected": True}] and s["api_tls"] is False
-    assert s["split"]["server_layers"] == [2, 4] and s["models"] == [gw.settings.model_id]
+    assert s["split"]["server_layers"] == [2, 4] and s["models"] == [gw.settings.edge.model_id]
     assert "s3cret" not in str(s)
 
 
@@ -141,7 +141,7 @@ def test_reconstruction_reads_more_without_noise(gateways):
     {"messages": "hi"},
 ])
 def test_inspect_refuses_bad_input_and_keeps_serving(gw, body):
-    r = httpx.post(root(gw) + "/fedsea/v1/inspect", json={"model": gw.settings.model_id, **body})
+    r = httpx.post(root(gw) + "/fedsea/v1/inspect", json={"model": gw.settings.edge.model_id, **body})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     too_long = inspect(gw, "word " * 200_000)
     assert too_long.status_code == 400

@@ -6,64 +6,13 @@ only their new tokens."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import pytest
 import torch
-from websockets.asyncio.client import connect
-from websockets.asyncio.server import serve
 
 from edge_runtime import AsyncEdgeClient
 from edge_runtime.sampling import SamplingParams
 from fedsea_shared.noise import public_prefix_len
-from fedsea_shared.protocol import Fork, Open, Step, decode, encode
-
-
-class RecordingRelay:
-    """A websocket relay between edge and server that keeps every edge -> server frame.
-    While `forget` is set it strips the prefix an `open` names: the server then holds
-    nothing for the session, as after it evicted the prefix, and the edge re-sends it."""
-
-    def __init__(self, upstream: str):
-        self.upstream = upstream
-        self.frames: list[bytes] = []
-        self.forget = False
-        self._loop = asyncio.new_event_loop()
-        started = threading.Event()
-        threading.Thread(target=self._run, args=(started,), daemon=True).start()
-        started.wait(10)
-
-    def _run(self, started: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        async def start():
-            return await serve(self._relay, "127.0.0.1", 0, compression=None, max_size=None)
-
-        self._server = self._loop.run_until_complete(start())
-        self.url = f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        started.set()
-        self._loop.run_forever()
-
-    async def _relay(self, edge) -> None:
-        async with connect(self.upstream, compression=None, max_size=None) as server:
-            async def up():
-                async for frame in edge:
-                    message, _ = decode(frame)
-                    if self.forget and isinstance(message, Open):
-                        frame = encode(message.model_copy(update={"prefix": None, "partial": None}))
-                    self.frames.append(bytes(frame))
-                    await server.send(frame)
-                await server.close()
-
-            async def down():
-                async for frame in server:
-                    await edge.send(frame)
-                await edge.close()
-
-            await asyncio.gather(up(), down(), return_exceptions=True)
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._server.close)
+from fedsea_shared.protocol import Fork, Open, Step, decode
 
 
 def sessions_of(frames: list[bytes]) -> dict[int, dict[int, bytes]]:
@@ -90,11 +39,9 @@ def common(a: list[int], b: list[int]) -> int:
 
 
 @pytest.fixture
-def relay(start_server, tiny_model_dir):
+def relay(start_server, record, tiny_model_dir):
     server = start_server(tiny_model_dir, noise_min=0.0)
-    relay = RecordingRelay(server.url)
-    yield server, relay
-    relay.stop()
+    return server, record(server)
 
 
 async def test_a_chat_and_its_choices_never_resend_a_prefix_in_a_new_version(relay, tiny_model_dir):

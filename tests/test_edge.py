@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from edge_runtime import AsyncEdgeClient
 from edge_runtime.sampling import NUCLEUS_CANDIDATES, SamplingParams, sample
 from edge_runtime.text import IncrementalDetokenizer, StopMatcher
-from conftest import record_frames
+from conftest import eventually, metric
 
 EMPTY = torch.tensor([], dtype=torch.long)
 
@@ -152,16 +152,15 @@ async def test_session_recovers_after_the_connection_drops(start_server, tiny_mo
             await (await client.connection()).ws.close()  # the network drops
     assert got == expected
     await client.aclose()
-    await asyncio.sleep(0.1)
-    assert server.runtime.pool.allocator.num_free == server.runtime.pool.allocator.num_blocks
+    await eventually(lambda: metric(server.url, "fedsea_kv_blocks_used") == 0, what="freeing the KV blocks")
 
 
 @pytest.mark.parametrize("wire_dtype", ["float16", "bfloat16"])
-async def test_half_precision_wire(start_server, tiny_model_dir, wire_dtype):
+async def test_half_precision_wire(start_server, record, tiny_model_dir, wire_dtype):
     """The negotiated wire dtype is what travels; the split still generates."""
-    server = start_server(tiny_model_dir)
-    seen = record_frames(server)
-    client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0, wire_dtype=wire_dtype)
+    relay = record(start_server(tiny_model_dir))
+    seen = relay.frames
+    client = AsyncEdgeClient(relay.url, model=str(tiny_model_dir), noise=0.0, wire_dtype=wire_dtype)
     out = await client.generate([{"role": "user", "content": "hello"}], max_tokens=5, temperature=0)
     assert out.completion_tokens == 5
     steps = [f for f in seen if b'"step"' in f[:100]]
@@ -190,3 +189,25 @@ async def test_edge_worker_batches_concurrent_generations(start_server, tiny_mod
     assert len(calls["tail"]) < 8 * 6 / 2  # ...in far fewer forward passes
     assert max(calls["head"]) > 1
     await client.aclose()
+
+
+async def test_the_edge_refuses_what_the_servers_limits_would_with_typed_errors(start_server, tiny_model_dir):
+    """The Welcome's limits are checked on the edge, before anything is sent: a prompt and
+    max_tokens past the context, a noise outside the bounds; max_tokens=None fills the context."""
+    from edge_runtime.connection import ServerError
+    from server_runtime.engine import EngineSettings
+
+    server = start_server(tiny_model_dir, noise_max=1.0, engine=EngineSettings(max_context=64))
+    client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0)
+    prompt = list(range(100, 150))
+    try:
+        with pytest.raises(ServerError) as e:
+            await anext(client.stream_tokens(prompt, SamplingParams(max_tokens=15)))
+        assert e.value.code == "context_overflow" and "maximum context length is 64 tokens; the prompt has 50 and 15" in e.value.message
+        with pytest.raises(ServerError) as e:
+            await anext(client.stream_tokens(prompt, SamplingParams(max_tokens=4), noise=2.0))
+        assert e.value.code == "noise_out_of_bounds"
+        events = [e async for e in client.stream_tokens(prompt, SamplingParams(max_tokens=None, temperature=0))]
+        assert len(events) == 14 and events[-1].finish_reason == "length"
+    finally:
+        await client.aclose()

@@ -16,7 +16,7 @@ from edge_runtime import AsyncEdgeClient, ServerError
 from fedsea_shared.protocol import ProtocolError
 from server_runtime.engine import EngineSettings
 from server_runtime.kv_pool import BlockPool, BlockTable, KVPool, OutOfBlocks, parse_memory
-from test_prefix_cache import metric
+from conftest import metric
 
 HIDDEN = 64
 

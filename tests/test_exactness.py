@@ -47,7 +47,7 @@ def test_split_greedy_equals_transformers_generate(default_model_dir, reference,
             for prompt in PROMPTS:
                 messages = [{"role": "user", "content": prompt}]
                 got = client.generate(messages, max_tokens=NEW_TOKENS, temperature=0, logprobs=5)
-                ids = client._client.chat_prompt(messages)
+                ids = client.chat_prompt(messages)
                 with torch.no_grad():
                     out = reference.generate(
                         torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),

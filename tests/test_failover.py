@@ -15,7 +15,6 @@ from edge_runtime import AsyncEdgeClient
 from edge_runtime.servers import ServerList
 from gateway import GatewaySettings, GatewayThread
 from test_prefix_cache import metric
-from conftest import record_frames
 from fedsea_shared.protocol import Step, decode
 
 USER = [{"role": "user", "content": "Tell me about the sea."}]
@@ -57,10 +56,10 @@ def slow_down(server, after_ticks: int, seconds: float) -> None:
 
 def test_a_gateway_stream_survives_its_server_dying(start_server, tiny_model_dir):
     first, second = start_server(tiny_model_dir), start_server(tiny_model_dir)
-    gw = GatewayThread(GatewaySettings(server_url=[first.url, second.url], model=str(tiny_model_dir), port=0, noise=0.0))
+    gw = GatewayThread(GatewaySettings.of(server_url=[first.url, second.url], model=str(tiny_model_dir), port=0, noise=0.0))
     try:
         gw.wait_ready()
-        body = {"model": gw.settings.model_id, "messages": USER, "max_tokens": 30, "temperature": 0}
+        body = {"model": gw.settings.edge.model_id, "messages": USER, "max_tokens": 30, "temperature": 0}
         expected = httpx.post(f"{gw.url}/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]["content"]
         assert metric(second, "fedsea_tokens_total") == 0  # the first server in the list served it
         slow_down(first, after_ticks=3, seconds=0.05)
@@ -83,17 +82,18 @@ def test_a_gateway_stream_survives_its_server_dying(start_server, tiny_model_dir
         gw.stop()
 
 
-async def test_a_replay_larger_than_the_message_limit_goes_in_chunks(start_server, tiny_model_dir):
+async def test_a_replay_larger_than_the_message_limit_goes_in_chunks(start_server, record, tiny_model_dir):
     """Servers accepting Steps of 5 hidden states: the prompt, and the replay to the other
     server after the first one died, each go as several Steps, and the output is unchanged."""
     roomy = start_server(tiny_model_dir)
     limit = 4 + 256 + 5 * 64 * 4
     tight = [start_server(tiny_model_dir, max_message_bytes=limit) for _ in range(2)]
-    frames = [record_frames(t) for t in tight]
+    relays = [record(t) for t in tight]
+    frames = [r.frames for r in relays]
     alone = AsyncEdgeClient(roomy.url, model=str(tiny_model_dir), noise=0.0)
     expected = (await alone.generate(USER, max_tokens=12, temperature=0)).token_ids
     await alone.aclose()
-    client = AsyncEdgeClient([t.url for t in tight], model=str(tiny_model_dir), noise=0.0, edge_cache_memory=0)
+    client = AsyncEdgeClient([r.url for r in relays], model=str(tiny_model_dir), noise=0.0, edge_cache_memory=0)
     got = []
     async for event in client.stream(USER, max_tokens=12, temperature=0):
         got.append(event.token_id)
@@ -128,13 +128,14 @@ async def test_a_misbehaving_server_is_banned_and_the_others_serve(start_server,
             await client.aclose()
 
 
-async def test_a_replay_after_failover_sends_the_very_bytes_of_the_first_sending(start_server, tiny_model_dir):
+async def test_a_replay_after_failover_sends_the_very_bytes_of_the_first_sending(start_server, record, tiny_model_dir):
     """With noise on: the states replayed to the second server after the first died are
     byte for byte those the first received (fresh noise on a replay would hand the
     servers two versions to average)."""
     servers = [start_server(tiny_model_dir) for _ in range(2)]
-    frames = [record_frames(s) for s in servers]
-    client = AsyncEdgeClient([s.url for s in servers], model=str(tiny_model_dir), noise=0.5, edge_cache_memory=0)
+    relays = [record(s) for s in servers]
+    frames = [r.frames for r in relays]
+    client = AsyncEdgeClient([r.url for r in relays], model=str(tiny_model_dir), noise=0.5, edge_cache_memory=0)
     got = 0
     async for _ in client.stream(USER, max_tokens=12, temperature=0):
         got += 1

@@ -20,6 +20,7 @@ from gateway import GatewaySettings, GatewayThread, create_app
 from server_runtime.app import ServerSettings, ServerThread
 from server_runtime.engine import EngineSettings
 from server_runtime.process import free_port
+from conftest import metric
 
 USER = [{"role": "user", "content": "Tell me a story about a lighthouse."}]
 
@@ -31,7 +32,7 @@ def start_gateway(tiny_model_dir):
 
     def start(server_url: str, wait: bool = True, **kw) -> GatewayThread:
         kw.setdefault("model", str(tiny_model_dir))
-        gw = GatewayThread(GatewaySettings(server_url=server_url, port=0, **kw))
+        gw = GatewayThread(GatewaySettings.of(server_url=server_url, port=0, **kw))
         gateways.append(gw)
         return gw.wait_ready() if wait else gw
 
@@ -46,7 +47,7 @@ def oai(gw: GatewayThread, **kw) -> openai.OpenAI:
 
 def chat(gw: GatewayThread, **kw):
     kw.setdefault("messages", USER)
-    return oai(gw).chat.completions.create(model=gw.settings.model_id, **kw)
+    return oai(gw).chat.completions.create(model=gw.settings.edge.model_id, **kw)
 
 
 def wait_until(condition, timeout: float = 20) -> None:
@@ -60,7 +61,7 @@ def wait_until(condition, timeout: float = 20) -> None:
 
 
 def test_models_lists_the_served_model(gw):
-    assert [m.id for m in oai(gw).models.list()] == [gw.settings.model_id]
+    assert [m.id for m in oai(gw).models.list()] == [gw.settings.edge.model_id]
 
 
 def test_chat_non_stream_counts_real_tokens(gw):
@@ -96,7 +97,7 @@ def test_stream_matches_non_stream_and_include_usage(gw):
 
 def test_raw_stream_format(gw):
     """SSE framing, `usage: null` only with include_usage, and [DONE] last."""
-    body = {"model": gw.settings.model_id, "messages": USER, "max_tokens": 3, "stream": True}
+    body = {"model": gw.settings.edge.model_id, "messages": USER, "max_tokens": 3, "stream": True}
     for include in (False, True):
         if include:
             body["stream_options"] = {"include_usage": True}
@@ -149,7 +150,7 @@ def test_greedy_is_deterministic_without_a_seed(start_server, start_gateway, tin
 
 def test_completions_endpoint(gw):
     client = oai(gw)
-    model = gw.settings.model_id
+    model = gw.settings.edge.model_id
     r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, seed=2, logprobs=2)
     c = r.choices[0]
     assert r.object == "text_completion" and c.finish_reason == "length" and r.usage.completion_tokens == 5
@@ -169,7 +170,7 @@ async def test_concurrent_streams_match_sequential(gw):
     """Many streams in flight share the edge's connection and batches, and each gets the
     same tokens it gets alone."""
     client = openai.AsyncOpenAI(base_url=gw.url, api_key="unused", max_retries=0)
-    model = gw.settings.model_id
+    model = gw.settings.edge.model_id
 
     async def run(seed: int) -> str:
         stream = await client.chat.completions.create(model=model, messages=USER, max_tokens=10, seed=seed, temperature=0.7, stream=True)
@@ -184,13 +185,13 @@ async def test_concurrent_streams_match_sequential(gw):
 def test_client_disconnect_cancels_and_closes_session(start_server, start_gateway, tiny_model_dir):
     server = start_server(tiny_model_dir)
     gw = start_gateway(server.url)
-    body = {"model": gw.settings.model_id, "messages": USER, "max_tokens": 1500, "stream": True}
+    body = {"model": gw.settings.edge.model_id, "messages": USER, "max_tokens": 1500, "stream": True}
     with httpx.stream("POST", f"{gw.url}/chat/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         for _ in range(6):
             next(lines)
-        assert len(server.runtime.engine.sessions) == 1
-    wait_until(lambda: not server.runtime.engine.sessions and gw.backend.metrics.running._value.get() == 0)
+        assert metric(server.url, "fedsea_sessions") == 1
+    wait_until(lambda: metric(server.url, "fedsea_sessions") == 0 and metric(gw.url, "fedsea_gateway_generations_running") == 0)
     # the shared connection survived and still serves
     assert chat(gw, max_tokens=2).choices[0].finish_reason == "length"
 
@@ -198,17 +199,17 @@ def test_client_disconnect_cancels_and_closes_session(start_server, start_gatewa
 def test_non_streaming_client_disconnect_cancels_too(start_server, start_gateway, tiny_model_dir):
     server = start_server(tiny_model_dir)
     gw = start_gateway(server.url)
-    body = {"model": gw.settings.model_id, "messages": USER, "max_tokens": 1500}
+    body = {"model": gw.settings.edge.model_id, "messages": USER, "max_tokens": 1500}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{gw.url}/chat/completions", json=body, timeout=1.0)  # gives up long before 1500 tokens
-    wait_until(lambda: not server.runtime.engine.sessions and gw.backend.metrics.running._value.get() == 0)
-    assert gw.backend.metrics.generation_tokens._value.get() < 1500  # stopped, not run to the end
+    wait_until(lambda: metric(server.url, "fedsea_sessions") == 0 and metric(gw.url, "fedsea_gateway_generations_running") == 0)
+    assert metric(gw.url, "fedsea_gateway_generation_tokens_total") < 1500  # stopped, not run to the end
     assert chat(gw, max_tokens=2).choices[0].finish_reason == "length"
 
 
 def test_api_key(start_server, start_gateway, tiny_model_dir):
     gw = start_gateway(start_server(tiny_model_dir).url, api_key="s3cret")
-    assert oai(gw, api_key="s3cret").chat.completions.create(model=gw.settings.model_id, messages=USER, max_tokens=1).choices
+    assert oai(gw, api_key="s3cret").chat.completions.create(model=gw.settings.edge.model_id, messages=USER, max_tokens=1).choices
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
         r = httpx.get(f"{gw.url}/models", headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -221,7 +222,7 @@ def test_api_key(start_server, start_gateway, tiny_model_dir):
 async def test_503_while_the_edge_loads(tiny_model_dir):
     """Before the lifespan has loaded the edge (here: never started), health and the API
     answer 503."""
-    app = create_app(GatewaySettings(model=str(tiny_model_dir)))
+    app = create_app(GatewaySettings.of(model=str(tiny_model_dir)))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
         r = await client.get("/health")
         assert r.status_code == 503 and "loading" in r.json()["detail"]
@@ -253,7 +254,7 @@ def test_server_api_key(start_server, start_gateway, tiny_model_dir):
     gw = start_gateway(server.url, wait=False)
     wait_until(lambda: "API key" in gw.backend.problem)
     assert httpx.get(gw.url.removesuffix("/v1") + "/health").status_code == 503
-    e = assert_error(post(gw, {"model": gw.settings.model_id, "messages": USER, "max_tokens": 2}), 502, code="unauthorized")
+    e = assert_error(post(gw, {"model": gw.settings.edge.model_id, "messages": USER, "max_tokens": 2}), 502, code="unauthorized")
     assert "API key" in e["message"]
 
 
@@ -261,7 +262,7 @@ def test_server_gone_is_502_then_health_503(start_server, start_gateway, tiny_mo
     server = start_server(tiny_model_dir)
     gw = start_gateway(server.url)
     server.stop()
-    r = httpx.post(f"{gw.url}/chat/completions", json={"model": gw.settings.model_id, "messages": USER, "max_tokens": 2})
+    r = httpx.post(f"{gw.url}/chat/completions", json={"model": gw.settings.edge.model_id, "messages": USER, "max_tokens": 2})
     assert r.status_code == 502 and r.json()["error"]["code"] == "server_unreachable"
     wait_until(lambda: httpx.get(gw.url.removesuffix("/v1") + "/health").status_code == 503)
 
@@ -320,12 +321,12 @@ BAD_CHAT = [
 
 @pytest.mark.parametrize("patch, param", BAD_CHAT, ids=[str(p) for p, _ in BAD_CHAT])
 def test_invalid_chat_requests_are_400(gw, patch, param):
-    body = {"model": gw.settings.model_id, "messages": USER, **patch}
+    body = {"model": gw.settings.edge.model_id, "messages": USER, **patch}
     assert_error(post(gw, body), 400, param)
 
 
 def test_request_shape_errors(gw):
-    model = gw.settings.model_id
+    model = gw.settings.edge.model_id
     assert_error(post(gw, {}, raw=b"{not json"), 400)
     assert_error(post(gw, {"messages": USER}), 400, "model")
     assert_error(post(gw, {"model": "gpt-4o", "messages": USER}), 404, "model", "model_not_found")
@@ -341,7 +342,7 @@ def test_request_shape_errors(gw):
 
 
 def test_completion_errors(gw):
-    model = gw.settings.model_id
+    model = gw.settings.edge.model_id
     assert_error(post(gw, {"model": model, "prompt": "hi", "logit_bias": {"1": -101}}, "/completions"), 400)
     assert_error(post(gw, {"model": model, "prompt": "hi", "logprobs": 6}, "/completions"), 400, "logprobs")
     assert_error(post(gw, {"model": model, "prompt": [10**6]}, "/completions"), 400, "prompt")
@@ -351,7 +352,7 @@ def test_completion_errors(gw):
 
 
 def test_too_long_for_the_context(gw):
-    model = gw.settings.model_id
+    model = gw.settings.edge.model_id
     limit = 2048  # the tiny model's max_position_embeddings (the server allows 8192)
     e = assert_error(post(gw, {"model": model, "prompt": [42] * (limit + 5)}, "/completions"), 400, code="context_length_exceeded")
     assert str(limit) in e["message"]
@@ -367,7 +368,7 @@ def test_server_at_capacity(start_server, start_gateway, tiny_model_dir):
     server = start_server(tiny_model_dir, kv_cache_memory="24KiB", kv_quota=1.0, engine=EngineSettings(wait_timeout=0.3))
     assert server.runtime.pool.allocator.num_blocks == 2
     gw = start_gateway(server.url)
-    model = gw.settings.model_id
+    model = gw.settings.edge.model_id
     for stream in (False, True):
         r = post(gw, {"model": model, "prompt": [42] * 40, "max_tokens": 2, "stream": stream}, "/completions")
         assert_error(r, 503, code="capacity")
@@ -375,16 +376,16 @@ def test_server_at_capacity(start_server, start_gateway, tiny_model_dir):
     with pytest.raises(openai.APIError, match="capacity"):
         for _ in stream:
             pass
-    wait_until(lambda: not server.runtime.engine.sessions)
+    wait_until(lambda: metric(server.url, "fedsea_sessions") == 0)
     assert post(gw, {"model": model, "prompt": [42] * 20, "max_tokens": 4}, "/completions").status_code == 200
 
 
 def test_too_many_sessions_is_429(start_server, start_gateway, tiny_model_dir):
     server = start_server(tiny_model_dir, max_sessions_per_connection=1)
     gw = start_gateway(server.url)
-    assert_error(post(gw, {"model": gw.settings.model_id, "messages": USER, "max_tokens": 4, "n": 2}), 429, code="limit")
-    wait_until(lambda: not server.runtime.engine.sessions)  # choice 0 was cancelled; its close is async
-    assert post(gw, {"model": gw.settings.model_id, "messages": USER, "max_tokens": 4}).status_code == 200
+    assert_error(post(gw, {"model": gw.settings.edge.model_id, "messages": USER, "max_tokens": 4, "n": 2}), 429, code="limit")
+    wait_until(lambda: metric(server.url, "fedsea_sessions") == 0)  # choice 0 was cancelled; its close is async
+    assert post(gw, {"model": gw.settings.edge.model_id, "messages": USER, "max_tokens": 4}).status_code == 200
 
 
 def test_metrics(gw):

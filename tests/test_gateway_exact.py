@@ -32,12 +32,12 @@ def test_gateway_greedy_equals_transformers(start_server, default_model_dir, ref
     model, tokenizer = reference
     server = start_server(default_model_dir)  # the default split: head 2, tail 2
     # Pseudonyms off: the reference computes on the original text (a name would differ).
-    gw = GatewayThread(GatewaySettings(server_url=server.url, model=str(default_model_dir), noise=0.0, port=0, pseudonymize=False))
+    gw = GatewayThread(GatewaySettings.of(server_url=server.url, model=str(default_model_dir), noise=0.0, port=0, pseudonymize=False))
     try:
         client = openai.OpenAI(base_url=gw.wait_ready().url, api_key="unused", max_retries=0)
         for messages in CHATS:
             r = client.chat.completions.create(
-                model=gw.settings.model_id, messages=messages, temperature=0, max_tokens=NEW_TOKENS
+                model=gw.settings.edge.model_id, messages=messages, temperature=0, max_tokens=NEW_TOKENS
             )
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
             with torch.no_grad():

@@ -27,13 +27,13 @@ def server(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def gw(server, tiny_model_dir):
-    gateway = GatewayThread(GatewaySettings(server_url=server.url, model=str(tiny_model_dir), port=0))
+    gateway = GatewayThread(GatewaySettings.of(server_url=server.url, model=str(tiny_model_dir), port=0))
     yield gateway.wait_ready()
     gateway.stop()
 
 
 def chat_body(gw: GatewayThread, **kw) -> dict:
-    return {"model": gw.settings.model_id, "messages": USER, "max_tokens": 3, **kw}
+    return {"model": gw.settings.edge.model_id, "messages": USER, "max_tokens": 3, **kw}
 
 
 LEGAL_EXTREMES = [
@@ -71,7 +71,7 @@ def long_context_gw(tmp_path_factory, default_model_dir):
     off: the pseudonymizer refuses that much text up front (tests/test_pseudonyms.py)."""
     model = make_tiny_model(tmp_path_factory.mktemp("tiny-64k"), default_model_dir, max_position_embeddings=65536)
     server = ServerThread(ServerSettings(model=str(model), port=0))
-    gateway = GatewayThread(GatewaySettings(server_url=server.url, model=str(model), port=0, pseudonymize=False))
+    gateway = GatewayThread(GatewaySettings.of(server_url=server.url, model=str(model), port=0, pseudonymize=False))
     yield gateway.wait_ready()
     gateway.stop()
     server.stop()
@@ -80,7 +80,7 @@ def long_context_gw(tmp_path_factory, default_model_dir):
 def test_text_that_cannot_fit_is_refused_untokenized(gw):
     for body, path in [
         (chat_body(gw, messages=[{"role": "user", "content": "x" * 15 * 2**20}]), "/chat/completions"),
-        ({"model": gw.settings.model_id, "prompt": ["hi", "y" * 2**20]}, "/completions"),
+        ({"model": gw.settings.edge.model_id, "prompt": ["hi", "y" * 2**20]}, "/completions"),
     ]:
         r = httpx.post(gw.url + path, json=body, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
@@ -115,7 +115,7 @@ async def test_heavy_requests_get_the_429_not_everyone_else(tiny_model_dir):
     sessions.  One request may hold 4; a second 4-choice request would leave less than a
     quarter free, so it is refused, while single-choice requests still get in."""
     async with FakeServer(max_sessions=8) as fake:
-        gw = GatewayThread(GatewaySettings(server_url=fake.url, model=str(tiny_model_dir), port=0))
+        gw = GatewayThread(GatewaySettings.of(server_url=fake.url, model=str(tiny_model_dir), port=0))
         try:
             await asyncio.to_thread(gw.wait_ready)
             async with httpx.AsyncClient(base_url=gw.url, timeout=60) as http:
@@ -147,7 +147,7 @@ def test_status_pages_can_require_the_key(server, gw, tiny_model_dir):
     base = gw.url.removesuffix("/v1")
     for page in ("/health", "/metrics", "/openapi.json"):  # open by default, for probes
         assert httpx.get(base + page).status_code == 200, page
-    private = GatewayThread(GatewaySettings(server_url=server.url, model=str(tiny_model_dir), port=0,
+    private = GatewayThread(GatewaySettings.of(server_url=server.url, model=str(tiny_model_dir), port=0,
                                             api_key="k3y", protect_status=True)).wait_ready()
     try:
         base = private.url.removesuffix("/v1")

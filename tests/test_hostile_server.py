@@ -67,11 +67,11 @@ async def test_every_bad_reply_is_a_clear_error_and_the_edge_keeps_serving(hosti
 
 
 async def test_a_bad_reply_is_a_502_from_the_gateway(hostile, tiny_model_dir):
-    gw = GatewayThread(GatewaySettings(server_url=hostile.url, model=str(tiny_model_dir), port=0))
+    gw = GatewayThread(GatewaySettings.of(server_url=hostile.url, model=str(tiny_model_dir), port=0))
     try:
         await asyncio.to_thread(gw.wait_ready)
         async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
-            body = {"model": gw.settings.model_id, "messages": USER, "max_tokens": 3}
+            body = {"model": gw.settings.edge.model_id, "messages": USER, "max_tokens": 3}
             assert (await http.post("/chat/completions", json=body)).status_code == 200
             for mode in ("wrong_shape", "nan", "huge_frame"):
                 hostile.mode = mode

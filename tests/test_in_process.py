@@ -37,7 +37,7 @@ def in_process(tiny_model_dir):
     """A gateway whose server runtime runs in this process behind the in-process link."""
     runtime = ServerRuntime(ServerSettings(model=str(tiny_model_dir), port=0))
     url = runtime.listen_in_process(f"test-{next(_names)}")
-    gw = GatewayThread(GatewaySettings(server_url=url, model=str(tiny_model_dir), port=0,
+    gw = GatewayThread(GatewaySettings.of(server_url=url, model=str(tiny_model_dir), port=0,
                                        server_metrics=runtime.metrics.render)).wait_ready()
     yield gw
     gw.stop()
@@ -47,7 +47,7 @@ def in_process(tiny_model_dir):
 def test_answers_equal_the_websocket_path(in_process, start_server, tiny_model_dir):
     """Greedy text and top logprobs over the link equal those over a websocket, also for
     concurrent streams (their steps share frames and ticks)."""
-    ws = GatewayThread(GatewaySettings(server_url=start_server(tiny_model_dir).url, model=str(tiny_model_dir),
+    ws = GatewayThread(GatewaySettings.of(server_url=start_server(tiny_model_dir).url, model=str(tiny_model_dir),
                                        port=0)).wait_ready()
     try:
         def answers(gw):
@@ -84,7 +84,7 @@ def test_server_metrics_are_in_the_gateways_and_sessions_are_freed(in_process, t
 
 
 def test_no_server_under_that_name_is_a_clear_wait(tiny_model_dir):
-    gw = GatewayThread(GatewaySettings(server_url="inproc://nobody", model=str(tiny_model_dir), port=0))
+    gw = GatewayThread(GatewaySettings.of(server_url="inproc://nobody", model=str(tiny_model_dir), port=0))
     try:
         deadline = time.monotonic() + 60
         while "no in-process server runtime at inproc://nobody" not in gw.backend.problem:
@@ -140,7 +140,7 @@ async def test_an_oversized_reply_fails_the_request_as_over_a_websocket(tiny_mod
         await real_send(end, data)
 
     monkeypatch.setattr(transport.LinkEnd, "send", padded)
-    client = await asyncio.to_thread(AsyncEdgeClient, url, str(tiny_model_dir), noise=0.0)
+    client = await asyncio.to_thread(AsyncEdgeClient, url, model=str(tiny_model_dir), noise=0.0)
     try:
         with pytest.raises(BadReply, match="larger than"):
             await client.generate(USER, max_tokens=2)

@@ -50,7 +50,7 @@ def client(gw) -> openai.OpenAI:
 
 def chat(gw, **kw):
     kw.setdefault("messages", USER)
-    return client(gw).chat.completions.create(model=gw.settings.model_id, **kw)
+    return client(gw).chat.completions.create(model=gw.settings.edge.model_id, **kw)
 
 
 def assert_valid_call(call, names=SCHEMAS) -> None:
@@ -177,7 +177,7 @@ def test_a_template_that_takes_tools_gets_them(tiny_model_dir, tmp_path):
     (model_dir / "chat_template.jinja").write_text(TOOL_TEMPLATE)
     server = ServerThread(ServerSettings(model=str(model_dir), port=0))
     # Pseudonyms off: the prompt is compared with the template's tokenization of the original text.
-    gateway = GatewayThread(GatewaySettings(server_url=server.url, model=str(model_dir), port=0, pseudonymize=False))
+    gateway = GatewayThread(GatewaySettings.of(server_url=server.url, model=str(model_dir), port=0, pseudonymize=False))
     try:
         call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "c"}'}}
         messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "tool_call_id": "call_1", "content": "Rain"}]
@@ -206,8 +206,8 @@ def test_logit_bias_changes_the_greedy_first_token(gw):
     )[0]
     biased = chat(gw, max_tokens=1, temperature=0, seed=8, logprobs=True, logit_bias={str(token_id): -100})
     assert first(biased) != first(base)
-    c = client(gw).completions.create(model=gw.settings.model_id, prompt="Hi", max_tokens=1, temperature=0, seed=8)
-    cb = client(gw).completions.create(model=gw.settings.model_id, prompt="Hi", max_tokens=1, temperature=0, seed=8,
+    c = client(gw).completions.create(model=gw.settings.edge.model_id, prompt="Hi", max_tokens=1, temperature=0, seed=8)
+    cb = client(gw).completions.create(model=gw.settings.edge.model_id, prompt="Hi", max_tokens=1, temperature=0, seed=8,
                                        logit_bias={str(t): -100 for t in gw.backend.client.tokenizer(c.choices[0].text).input_ids})
     assert cb.choices[0].text != c.choices[0].text
 
@@ -222,7 +222,7 @@ def test_sampled_token_is_in_top_logprobs_and_bytes_are_its_own(gw):
     assert tok.top_logprobs == []
     r = chat(gw, max_tokens=1, temperature=0, logprobs=True, top_logprobs=1, logit_bias={str(emoji[0]): 100})
     assert [(a.token, a.bytes) for a in r.choices[0].logprobs.content[0].top_logprobs] == [(tok.token, tok.bytes)]
-    c = client(gw).completions.create(model=gw.settings.model_id, prompt="Hi", max_tokens=4, logprobs=0, seed=9)
+    c = client(gw).completions.create(model=gw.settings.edge.model_id, prompt="Hi", max_tokens=4, logprobs=0, seed=9)
     lp = c.choices[0].logprobs
     assert [list(d) for d in lp.top_logprobs] == [[t] for t in lp.tokens]
 
@@ -234,7 +234,7 @@ def test_eos_is_not_in_chat_logprobs(gw):
 
 
 def test_echo_and_default_max_tokens(gw):
-    model = gw.settings.model_id
+    model = gw.settings.edge.model_id
     r = client(gw).completions.create(model=model, prompt="Once upon a time", echo=True, seed=10, logit_bias={"2": -100})
     assert r.choices[0].text.startswith("Once upon a time")
     assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
@@ -257,7 +257,7 @@ def test_echo_and_default_max_tokens(gw):
 
 
 def test_explicit_nulls_are_defaults(gw):
-    model = gw.settings.model_id
+    model = gw.settings.edge.model_id
     nulls = dict.fromkeys(["n", "stream", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
                            "logit_bias", "logprobs", "stream_options", "max_tokens"])
     chat_nulls = {**nulls, **dict.fromkeys(["tools", "tool_choice", "response_format", "top_logprobs", "parallel_tool_calls", "max_completion_tokens"])}
@@ -273,9 +273,9 @@ def test_models_have_a_real_created_and_fingerprints_follow_the_config(gw, tiny_
     assert all(m.created > 1_600_000_000 for m in models)
     fp = chat(gw, max_tokens=1).system_fingerprint
     assert fp == chat(gw, max_tokens=1).system_fingerprint
-    other = GatewayThread(GatewaySettings(server_url=gw.settings.server_url, model=str(tiny_model_dir), noise=0.05, port=0))
+    other = GatewayThread(GatewaySettings.of(server_url=gw.settings.edge.server_url, model=str(tiny_model_dir), noise=0.05, port=0))
     try:
-        r = client(other.wait_ready()).chat.completions.create(model=gw.settings.model_id, messages=USER, max_tokens=1)
+        r = client(other.wait_ready()).chat.completions.create(model=gw.settings.edge.model_id, messages=USER, max_tokens=1)
         assert r.system_fingerprint != fp
     finally:
         other.stop()
@@ -296,7 +296,7 @@ RESPONSE_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
 
 def test_responses_text_and_schema(gw):
     c = client(gw)
-    r = c.responses.create(model=gw.settings.model_id, input="Hi", instructions="Be brief.", max_output_tokens=5, temperature=0)
+    r = c.responses.create(model=gw.settings.edge.model_id, input="Hi", instructions="Be brief.", max_output_tokens=5, temperature=0)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.output_text and r.usage.output_tokens == 5
     tokenizer = gw.backend.client.tokenizer
@@ -304,7 +304,7 @@ def test_responses_text_and_schema(gw):
                                                 add_generation_prompt=True, tokenize=False)
     assert r.usage.input_tokens == len(tokenizer(chat_prompt, add_special_tokens=False).input_ids)  # instructions: the system turn
     fmt = {"type": "json_schema", "name": "forecast", "schema": ANSWER, "strict": True}
-    r = c.responses.create(model=gw.settings.model_id, input=[{"role": "user", "content": [{"type": "input_text", "text": "Forecast?"}]}],
+    r = c.responses.create(model=gw.settings.edge.model_id, input=[{"role": "user", "content": [{"type": "input_text", "text": "Forecast?"}]}],
                            text={"format": fmt}, max_output_tokens=80)
     assert r.status == "completed"
     jsonschema.validate(json.loads(r.output_text), ANSWER)
@@ -312,7 +312,7 @@ def test_responses_text_and_schema(gw):
 
 def test_responses_tool_call_streams_semantic_events(gw):
     named = {"type": "function", "name": "get_weather"}
-    with client(gw).responses.stream(model=gw.settings.model_id, input="Weather in Rome?", tools=RESPONSE_TOOLS,
+    with client(gw).responses.stream(model=gw.settings.edge.model_id, input="Weather in Rome?", tools=RESPONSE_TOOLS,
                                      tool_choice=named, parallel_tool_calls=False, max_output_tokens=80) as stream:
         kinds = [e.type for e in stream]
         final = stream.get_final_response()
@@ -325,15 +325,15 @@ def test_responses_tool_call_streams_semantic_events(gw):
     history = [{"role": "user", "content": "Weather in Rome?"},
                {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
                {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"}]
-    r = client(gw).responses.create(model=gw.settings.model_id, input=history, tools=RESPONSE_TOOLS, tool_choice="none", max_output_tokens=3)
+    r = client(gw).responses.create(model=gw.settings.edge.model_id, input=history, tools=RESPONSE_TOOLS, tool_choice="none", max_output_tokens=3)
     assert r.output[0].type == "message" and r.output_text
 
 
 def test_responses_is_stateless(gw):
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):
-        client(gw).responses.create(model=gw.settings.model_id, input="Hi", previous_response_id="resp_123")
+        client(gw).responses.create(model=gw.settings.edge.model_id, input="Hi", previous_response_id="resp_123")
     with pytest.raises(openai.BadRequestError):
-        client(gw).responses.create(model=gw.settings.model_id, input="Hi", tools=[{"type": "web_search"}])
+        client(gw).responses.create(model=gw.settings.edge.model_id, input="Hi", tools=[{"type": "web_search"}])
 
 
 # ---- what outside clients (openai-node, langchain, vLLM's tests) check --------------------
@@ -354,7 +354,7 @@ def test_top_logprobs_has_exactly_k_alternatives(gw):
     forced = chat(gw, response_format=fmt, max_tokens=5, logprobs=True, top_logprobs=3).choices[0].logprobs.content
     assert all(len(t.top_logprobs) == 3 and t.top_logprobs[-1].logprob == -9999.0 for t in forced)
     # the legacy completions API keeps its own rule: the k most likely and the sampled token (k + 1 at most)
-    c = client(gw).completions.create(model=gw.settings.model_id, prompt="Hi", max_tokens=12, logprobs=1, seed=20,
+    c = client(gw).completions.create(model=gw.settings.edge.model_id, prompt="Hi", max_tokens=12, logprobs=1, seed=20,
                                       temperature=2.0, logit_bias={"2": -100})
     lp = c.choices[0].logprobs
     assert all(t in top and len(top) in (1, 2) for t, top in zip(lp.tokens, lp.top_logprobs))
@@ -451,7 +451,7 @@ def test_custom_roles_reach_the_chat_template(gw):
 
 def test_every_bad_logit_bias_key_is_named(gw):
     def message(bias: dict, path="/chat/completions") -> str:
-        body = {"model": gw.settings.model_id, "logit_bias": bias, "max_tokens": 1}
+        body = {"model": gw.settings.edge.model_id, "logit_bias": bias, "max_tokens": 1}
         body.update({"messages": USER} if path == "/chat/completions" else {"prompt": "Hi"})
         r = httpx.post(gw.url + path, json=body, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import urllib.request
 from concurrent.futures import Future
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 from fedsea_shared.prefix import PrefixHasher, prefix_root, run_key
 from fedsea_shared.protocol import ProtocolError
 from server_runtime.engine import EngineSettings
+from conftest import metric
 
 HIDDEN = 64
 ROOT = prefix_root(6, HIDDEN, (2, 4), "float32", None)
@@ -41,14 +41,6 @@ def run(engine, key, hidden, prefix=(), root=ROOT, partial=()) -> tuple[int, tor
     """Open (naming `prefix` and `partial`), send what the server lacks of `hidden`, return (cached, output)."""
     cached = wait(engine.open(key, None, root, list(prefix), False, list(partial)))
     return cached, wait(engine.step(key, cached, hidden[cached:]))
-
-
-def metric(server, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics") as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise KeyError(name)
 
 
 def test_the_hasher_names_every_run_the_same_way_however_it_is_fed():

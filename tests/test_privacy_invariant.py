@@ -12,16 +12,15 @@ from audit.capture import head_states
 from edge_runtime import EdgeClient
 from fedsea_shared.protocol import Step, decode
 from fedsea_shared.shard import load_shard
-from conftest import record_frames
 
 PROMPT = "My name is Alice Carrington and my PIN is 4921. What should I cook tonight?"
 
 
 @pytest.fixture
-def recorded(start_server, tiny_model_dir):
-    """A server that records every frame it receives, and an edge client for it."""
-    server = start_server(tiny_model_dir, noise_min=0.0)
-    yield server, record_frames(server)
+def recorded(start_server, record, tiny_model_dir):
+    """A server behind a recording relay (edges connect to the relay's url), and the frames."""
+    relay = record(start_server(tiny_model_dir, noise_min=0.0))
+    return relay, relay.frames
 
 
 def id_patterns(ids: list[int]) -> list[bytes]:
@@ -39,7 +38,7 @@ def test_server_never_receives_prompt_text_or_ids(recorded, tiny_model_dir):
     with EdgeClient(server.url, model=str(tiny_model_dir), noise=0.5) as client:
         messages = [{"role": "user", "content": PROMPT}]
         client.generate(messages, max_tokens=8, temperature=0)
-        ids = client._client.chat_prompt(messages)
+        ids = client.chat_prompt(messages)
     wire = b"".join(frames)
     assert len(frames) >= 9  # hello, open, prefill, decode steps, close
     for word in ("Alice", "Carrington", "4921", "cook tonight", "user"):
@@ -89,7 +88,7 @@ def test_zero_noise_sends_the_exact_hidden_states(recorded, tiny_model_dir):
     messages = [{"role": "user", "content": PROMPT}]
     with EdgeClient(server.url, model=str(tiny_model_dir), noise=0.0) as client:
         client.generate(messages, max_tokens=1, temperature=0)
-        ids = client._client.chat_prompt(messages)
+        ids = client.chat_prompt(messages)
     sent = [t for m, t in (decode(f) for f in frames) if isinstance(m, Step)][0]
     head = load_shard(tiny_model_dir, [0, 1], with_edge_parts=True)
     local = head_states(head, torch.tensor([ids]), [2])[2][0]
@@ -100,8 +99,8 @@ def _prefill_and_local(server, frames, tiny_model_dir, messages, **client_kw):
     frames.clear()
     with EdgeClient(server.url, model=str(tiny_model_dir), noise=0.5, **client_kw) as client:
         client.generate(messages, max_tokens=1, temperature=0)
-        ids = client._client.chat_prompt(messages)
-        public = len(client._client.public_ids)
+        ids = client.chat_prompt(messages)
+        public = len(client.public_ids)
     sent = [t for m, t in (decode(f) for f in frames) if isinstance(m, Step)][0]
     head = load_shard(tiny_model_dir, [0, 1], with_edge_parts=True)
     return sent, head_states(head, torch.tensor([ids]), [2])[2][0], public
@@ -153,8 +152,8 @@ def test_decode_step_states_are_noised_like_the_prompt_s(recorded, tiny_model_di
     frames.clear()
     with EdgeClient(server.url, model=str(tiny_model_dir), noise=noise, pseudonymize=False) as client:
         got = client.generate(messages, max_tokens=6, temperature=0)
-        ids = client._client.chat_prompt(messages)
-        public = len(client._client.public_ids)
+        ids = client.chat_prompt(messages)
+        public = len(client.public_ids)
     sent = _all_sent_rows(frames)
     tokens = ids + got.token_ids[:-1]  # the last token is sampled, never sent
     assert sent.shape[0] == len(tokens)
@@ -168,3 +167,35 @@ def test_decode_step_states_are_noised_like_the_prompt_s(recorded, tiny_model_di
         for p in decode_rows:  # each moved by about `noise` of its RMS
             moved = (sent[p] - local[p]).pow(2).mean().sqrt() / local[p].pow(2).mean().sqrt()
             assert 0.3 < moved < 0.8, (p, float(moved))
+
+
+def test_the_gateway_s_noise_and_pseudonym_defaults_reach_the_wire(recorded, tiny_model_dir):
+    """Through `fedsea gateway` with no options: the prompt's states on the wire are those of
+    an edge with the default noise and pseudonyms (same key), and differ from what an edge
+    without either would send."""
+    import httpx
+
+    from fedsea_shared import defaults
+    from gateway import GatewaySettings, GatewayThread
+
+    relay, frames = recorded
+    messages = [{"role": "user", "content": PROMPT}]
+    gw = GatewayThread(GatewaySettings.of(server_url=relay.url, model=str(tiny_model_dir), port=0)).wait_ready()
+    try:
+        body = {"model": tiny_model_dir.name, "messages": messages, "max_tokens": 1, "temperature": 0}
+        assert httpx.post(f"{gw.url}/chat/completions", json=body, timeout=60).status_code == 200
+    finally:
+        gw.stop()
+    sent = [t for m, t in (decode(f) for f in frames) if isinstance(m, Step)][0]
+
+    def edge_sends(**options):
+        frames.clear()
+        with EdgeClient(relay.url, model=str(tiny_model_dir), **options) as client:  # this test's key
+            client.generate(messages, max_tokens=1, temperature=0)
+        return [t for m, t in (decode(f) for f in frames) if isinstance(m, Step)][0]
+
+    assert torch.equal(sent, edge_sends(noise=defaults.NOISE, pseudonymize=True))
+    clean = edge_sends(noise=0.0, pseudonymize=True)
+    assert sent.shape == clean.shape and not torch.allclose(sent, clean)
+    typed = edge_sends(noise=defaults.NOISE, pseudonymize=False)  # "Alice Carrington" and "4921" as typed
+    assert sent.shape != typed.shape or not torch.equal(sent, typed)

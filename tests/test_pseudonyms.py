@@ -14,7 +14,6 @@ from edge_runtime.pseudonyms import Pseudonyms, Restorer, RestoringText
 from edge_runtime.text import StopMatcher
 from fedsea_shared.protocol import Step, decode
 from fedsea_shared.shard import load_shard
-from conftest import record_frames
 
 KEY = b"k" * 32
 TEXTS = [
@@ -75,9 +74,9 @@ def _sent_states(frames):
 
 
 @pytest.fixture
-def recorded(start_server, tiny_model_dir):
-    server = start_server(tiny_model_dir, noise_min=0.0)
-    return server, record_frames(server)
+def recorded(start_server, record, tiny_model_dir):
+    relay = record(start_server(tiny_model_dir, noise_min=0.0))
+    return relay, relay.frames
 
 
 def test_the_server_computes_on_the_surrogate_prompt_only(recorded, tiny_model_dir):
@@ -91,7 +90,7 @@ def test_the_server_computes_on_the_surrogate_prompt_only(recorded, tiny_model_d
         frames.clear()
         with EdgeClient(server.url, model=str(tiny_model_dir), noise=0.0, noise_key=KEY, pseudonymize=pseudonymize) as client:
             client.generate(messages, max_tokens=1, temperature=0)
-            ids = client._client.chat_prompt(messages)
+            ids = client.chat_prompt(messages)
             local[pseudonymize] = (ids, _sent_states(frames), head_states(head, torch.tensor([ids]), [2])[2][0])
     ids, sent, surrogate_states = local[True]
     original_ids, original_sent, original_states = local[False]
@@ -136,7 +135,7 @@ def test_gateway_pseudonymizes_by_default_and_the_flag_turns_it_off(monkeypatch,
     seen = []
     monkeypatch.setattr(gateway, "run_gateway", lambda settings, log_level: seen.append(settings))
     main(["gateway", "--model", str(tiny_model_dir), *flags])
-    assert [s.pseudonymize for s in seen] == [expected]
+    assert [s.edge.pseudonymize for s in seen] == [expected]
 
 
 # ---- the detector (edge_runtime.pii), through the public API --------------------------

@@ -207,11 +207,11 @@ async def test_api_keys_gate_connections_and_cap_sessions(start_server, tiny_mod
     with pytest.raises(ServerError) as info:
         await AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0).connection()
     assert info.value.code == "unauthorized"
-    wrong = AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0, api_key="nope")
+    wrong = AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0, server_api_key="nope")
     with pytest.raises(ServerError):
         await wrong.connection()
     # Two connections with the same key share its session cap; another key has its own.
-    conns = [await AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0, api_key=k).connection()
+    conns = [await AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0, server_api_key=k).connection()
              for k in ("k1", "k1", "k2")]
     await conns[0].open(0, 0.1)
     await conns[1].open(0, 0.1)
