@@ -70,6 +70,13 @@ def _server_parser(sub) -> None:
     p.add_argument("--idle-timeout", type=float, default=600.0, help="seconds before an idle session's cache is freed")
     p.add_argument("--wait-timeout", type=float, default=30.0, help="seconds a request may wait for KV capacity")
     p.add_argument("--max-sessions-per-key", type=int, default=1024)
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the middle blocks' heads and MLP over N ranks (processes spawned on this host, or the "
+                        "processes torchrun started; gloo on the CPU, NCCL on CUDA); plans and hidden states travel "
+                        "between ranks in clear text: one host or a private network only (default: %(default)s)")
+    p.add_argument("--tensor-parallel-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a rank that does not answer a collective within this time makes the server unhealthy "
+                        "(default: %(default)s)")
     _server_security_args(p)
 
 
@@ -318,6 +325,7 @@ def _run_gateway(args) -> None:
 def _run_server(args) -> None:
     from server_runtime.app import ServerSettings, run_server
     from server_runtime.engine import EngineSettings
+    from server_runtime.executor import serve_rank, torchrun_rank
 
     settings = ServerSettings(
         model=args.model, head=args.head, tail=args.tail, host=args.host, port=args.port,
@@ -327,11 +335,15 @@ def _run_server(args) -> None:
         max_graph_batch=args.max_graph_batch, noise_min=args.noise_min, noise_max=args.noise_max,
         max_sessions_per_connection=args.max_sessions_per_connection,
         max_sessions_per_key=args.max_sessions_per_key, adapters=_adapters(args), **_server_security(args),
+        tensor_parallel=args.tensor_parallel, tensor_parallel_timeout=args.tensor_parallel_timeout,
         engine=EngineSettings(
             max_context=args.max_context, token_budget=args.token_budget,
             wait_timeout=args.wait_timeout, idle_timeout=args.idle_timeout,
         ),
     )
+    rank = torchrun_rank(settings.tensor_parallel)
+    if rank:  # torchrun's other ranks serve rank 0's ticks, not edges
+        return serve_rank(settings, rank, settings.tensor_parallel)
     asyncio.run(run_server(settings))
 
 

@@ -173,6 +173,7 @@ class ServerRuntime:
         self.executor = make_executor(settings, self.metrics, self._unhealthy)
         worker = self.executor.worker
         self.config, self.partition, self.shard, self.pool = worker.config, worker.partition, worker.shard, worker.pool
+        self.weights = worker.weights
         self.shard_dtype, num_blocks = worker.dtype, worker.choices.num_blocks
         if not 0 < settings.kv_quota <= 1:
             raise ValueError(f"--kv-quota is a share of the KV pool in (0, 1], got {settings.kv_quota}")

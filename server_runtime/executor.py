@@ -23,6 +23,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import wait as wait_for_exit
 from typing import Callable, Protocol
@@ -41,6 +42,16 @@ log = logging.getLogger("fedsea.server.executor")
 STARTUP_TIMEOUT = timedelta(minutes=10)
 # Header of each broadcast: what follows.
 _STOP, _PING, _TICK = 0, 1, 2
+
+
+@dataclass
+class TickTraffic:
+    """What one tick sent between ranks, as rank 0 saw it."""
+
+    broadcast_seconds: float
+    broadcast_bytes: int
+    allreduce_seconds: float
+    allreduce_bytes: int
 
 
 class ExecutorFailed(RuntimeError):
@@ -111,10 +122,13 @@ class DistributedExecutor:
         self.metrics = metrics
         self.on_failure = on_failure
         self.failure: str | None = None
+        self.last_tick: TickTraffic | None = None
         self.timeout = settings.tensor_parallel_timeout
         self._last_collective = time.monotonic()
         self._stopping = False
         self._processes: list = []
+        if dist.is_initialized():
+            raise ValueError("this process already runs a tensor-parallel server (one torch.distributed group each)")
         if torchrun_rank(world) not in (None, 0):
             raise ValueError("only rank 0 serves edges: start the others with serve_rank")
         if torchrun_rank(world) == 0:
@@ -154,6 +168,7 @@ class DistributedExecutor:
             raise ExecutorFailed(self.failure) from e
         seconds, nbytes, _ = self.worker.all_reduces.take()
         self._last_collective = time.monotonic()
+        self.last_tick = TickTraffic(broadcast, sent, seconds, nbytes)
         m = self.metrics
         m.tensor_parallel_broadcast_seconds.observe(broadcast)
         m.tensor_parallel_broadcast_bytes.inc(sent)
