@@ -11,7 +11,9 @@ rank runs its share, and the all-reduces inside the blocks leave rank 0 with the
 Health: the ticks' collectives run in a process group with `--tensor-parallel-timeout`, so
 a rank that dies or hangs fails the next collective within that time instead of stalling
 the server; while no tick runs, rank 0 sends a keep-alive all-reduce every third of it, and
-a spawned rank's exit is seen at once.  A failure is final: the executor calls
+a spawned rank's exit is seen at once.  The header of each message goes over the default
+group instead (long timeout): an idle rank waits for it without timing out.  One process
+holds one torch.distributed default group, so it runs at most one tensor-parallel server.  A failure is final: the executor calls
 `on_failure` (the server goes unhealthy and closes its connections, so edges replay their
 sessions on another server) and runs nothing more.
 """
@@ -38,7 +40,8 @@ from .worker import RankGroup, Worker, _comm_device
 
 log = logging.getLogger("fedsea.server.executor")
 
-# Start-up collectives wait this long for the slowest rank to load its shard.
+# Start-up collectives wait this long for the slowest rank to load its shard; ranks 1..N-1
+# wait this long for rank 0's next message too (rank 0 checks them with the tick timeout).
 STARTUP_TIMEOUT = timedelta(minutes=10)
 # Header of each broadcast: what follows.
 _STOP, _PING, _TICK = 0, 1, 2
@@ -124,7 +127,6 @@ class DistributedExecutor:
         self.failure: str | None = None
         self.last_tick: TickTraffic | None = None
         self.timeout = settings.tensor_parallel_timeout
-        self._last_collective = time.monotonic()
         self._stopping = False
         self._processes: list = []
         if dist.is_initialized():
@@ -143,10 +145,12 @@ class DistributedExecutor:
         try:
             self.ranks = _join(settings, 0, world, init_method)
             self.worker = Worker(settings, self.ranks)
+            dist.barrier()  # every rank loaded and warmed: from here on each answers within the tick timeout
         except BaseException:
             self._stop_processes()
             raise
         self.device = _comm_device(self.worker.device)
+        self._last_collective = time.monotonic()
         metrics.tensor_parallel_ranks.set(world)
         if self._processes:
             threading.Thread(target=self._watch, name="fedsea-rank-watch", daemon=True).start()
@@ -181,7 +185,8 @@ class DistributedExecutor:
         group = self.ranks.group
         header = torch.tensor([kind, 0 if packed is None else packed.numel(),
                                0 if hidden is None else hidden.shape[0]], dtype=torch.long, device=self.device)
-        dist.broadcast(header, 0, group=group)
+        # The default group (a rank waits for a header as long as rank 0 is idle), within the tick timeout here.
+        dist.broadcast(header, 0, async_op=True).wait(timeout=timedelta(seconds=self.timeout))
         sent = header.nbytes
         if packed is not None:
             packed = packed.to(self.device)
@@ -247,12 +252,13 @@ def serve_rank(settings, rank: int, world: int, init_method: str = "env://") -> 
     ranks = _join(settings, rank, world, init_method)
     worker = Worker(settings, ranks)
     worker.warm()
+    dist.barrier()
     device = _comm_device(worker.device)
     try:
         with torch.inference_mode():
             while True:
                 header = torch.zeros(3, dtype=torch.long, device=device)
-                dist.broadcast(header, 0, group=ranks.group)
+                dist.broadcast(header, 0)
                 kind, ints, rows = header.tolist()
                 if kind == _STOP:
                     break

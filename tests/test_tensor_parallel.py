@@ -244,3 +244,12 @@ def test_a_hung_rank_makes_the_server_unhealthy_within_the_timeout(tiny_model_di
         assert metric(tp, "fedsea_tensor_parallel_healthy") == 0
     finally:
         os.kill(rank.pid, signal.SIGCONT)
+
+
+def test_an_idle_server_stays_healthy_past_its_timeout(tiny_model_dir, start_server):
+    tp = start_server(tiny_model_dir, tensor_parallel=2, kv_cache_memory="4MiB", tensor_parallel_timeout=1.0)
+    time.sleep(3)  # idle for three timeouts: the keep-alives, not ticks, keep the ranks in touch
+    engine = tp.runtime.engine
+    wait(engine.open(("idle", 0)))
+    assert wait(engine.step(("idle", 0), 0, torch.randn(3, HIDDEN))).shape == (3, HIDDEN)
+    assert health(tp) == 200
