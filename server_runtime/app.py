@@ -212,9 +212,10 @@ class ServerRuntime:
             self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._close_connections(reason)))
 
     async def _close_connections(self, reason: str) -> None:
-        for conn in list(self._live.values()):
+        live = list(self._live.values())
+        for conn in live:
             await conn.ws.close(1011, "server unhealthy")
-        log.error("closed %d connections: %s", len(self._live), reason)
+        log.error("closed %d connections: %s", len(live), reason)
 
     def _expired(self, key: tuple) -> None:
         """The engine freed an idle session (on its thread): its connection forgets it."""
