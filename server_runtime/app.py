@@ -168,6 +168,8 @@ class ServerRuntime:
         self._live: dict[int, _Connection] = {}  # by connection id
         self._loop: asyncio.AbstractEventLoop | None = None  # the one serving them (serve())
         self._ssl = self._ssl_context() if settings.tls else None
+        if not 0 < settings.kv_quota <= 1:
+            raise ValueError(f"--kv-quota is a share of the KV pool in (0, 1], got {settings.kv_quota}")
         self.metrics = ServerMetrics()
         # Loading, kernel choice and KV sizing are the worker's (rank 0's here).
         self.executor = make_executor(settings, self.metrics, self._unhealthy)
@@ -175,8 +177,6 @@ class ServerRuntime:
         self.config, self.partition, self.shard, self.pool = worker.config, worker.partition, worker.shard, worker.pool
         self.weights = worker.weights
         self.shard_dtype, num_blocks = worker.dtype, worker.choices.num_blocks
-        if not 0 < settings.kv_quota <= 1:
-            raise ValueError(f"--kv-quota is a share of the KV pool in (0, 1], got {settings.kv_quota}")
         quota = (BlockQuota(max(1, int(settings.kv_quota * num_blocks)), owner_of=lambda key: key[0])
                  if settings.kv_quota < 1 else None)  # 1: a tenant may fill the pool (then waits, as anyone)
         self.engine = Engine(self.executor, settings.engine, self.metrics, quota, compute, on_expired=self._expired)

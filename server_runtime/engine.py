@@ -230,9 +230,8 @@ class Engine:
         for model, idx in groups.items():
             plan = TickPlan.from_chunks([chunks[i] for i in idx], self.pool.block_size, copies, model)
             copies = []
-            out = self.compute(self.executor.execute, plan)
-            for i, (a, b) in zip(idx, map(plan.rows, range(plan.num_seqs))):
-                outputs[i] = out[a:b]
+            for i, out in zip(idx, plan.split(self.compute(self.executor.execute, plan))):
+                outputs[i] = out
         return outputs
 
     def _preempted(self, session: Session, work: StepWork | None) -> None:

@@ -36,7 +36,7 @@ import torch.multiprocessing as mp
 
 from .metrics import ServerMetrics
 from .tick_plan import TickPlan
-from .worker import RankGroup, Worker, _comm_device
+from .worker import RankGroup, Worker, comm_device, rank_device
 
 log = logging.getLogger("fedsea.server.executor")
 
@@ -111,6 +111,8 @@ def _backend(device: str) -> str:
 def _join(settings, rank: int, world: int, init_method: str) -> RankGroup:
     """Join the process group, and make the group the ticks run in (with the tick timeout)."""
     backend = _backend(settings.device)
+    if backend == "nccl":
+        torch.cuda.set_device(rank_device(settings.device, rank))  # NCCL's collectives use the current device
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=STARTUP_TIMEOUT)
     ticks = dist.new_group(list(range(world)), timeout=timedelta(seconds=settings.tensor_parallel_timeout),
                            backend=backend)
@@ -149,7 +151,7 @@ class DistributedExecutor:
         except BaseException:
             self._stop_processes()
             raise
-        self.device = _comm_device(self.worker.device)
+        self.device = comm_device(self.worker.device)
         self._last_collective = time.monotonic()
         metrics.tensor_parallel_ranks.set(world)
         if self._processes:
@@ -253,7 +255,7 @@ def serve_rank(settings, rank: int, world: int, init_method: str = "env://") -> 
     worker = Worker(settings, ranks)
     worker.warm()
     dist.barrier()
-    device = _comm_device(worker.device)
+    device = comm_device(worker.device)
     try:
         with torch.inference_mode():
             while True:

@@ -75,8 +75,7 @@ class ModelRunner:
         """Run the scheduler's chunks (and the block copies the pool has pending); one
         output per chunk."""
         plan = TickPlan.from_chunks(chunks, self.pool.block_size, self.pool.take_copies())
-        out = self.execute(plan)
-        return [out[a:b] for a, b in map(plan.rows, range(plan.num_seqs))]
+        return plan.split(self.execute(plan))
 
     @torch.inference_mode()
     def execute(self, plan: TickPlan) -> torch.Tensor:

@@ -100,6 +100,10 @@ class TickPlan:
         """The batch rows [from, to) of sequence i's new tokens."""
         return self.query_start[i], self.query_start[i + 1]
 
+    def split(self, out: torch.Tensor) -> list[torch.Tensor]:
+        """The tick's output rows, one tensor per sequence."""
+        return [out[a:b] for a, b in map(self.rows, range(self.num_seqs))]
+
     def is_decode(self, i: int) -> bool:
         """One new token: the decode kernels find its context from the block table."""
         return self.query_start[i + 1] - self.query_start[i] == 1

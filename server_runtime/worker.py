@@ -70,7 +70,7 @@ class Worker:
         self.partition = Partition(self.config.num_hidden_layers, s.head, s.tail)
         self.layers = self.partition.server_layers
         self.dtype = WIRE_DTYPES[s.dtype]
-        self.device = _rank_device(s.device, ranks)
+        self.device = rank_device(s.device, ranks.rank if ranks else None)
         self.split = TensorSplit.of(self.config, ranks.rank, ranks.world) if ranks else None
         if ranks and s.adapters:
             raise ValueError("a tensor-parallel server serves no adapters yet (--adapter): their merged weights "
@@ -131,7 +131,7 @@ class Worker:
             free = max(0, free - s.training.memory)  # a fraction of free memory leaves training its budget
         blocks = parse_memory(s.kv_cache_memory, free) // per_block - 1  # minus the scratch block
         if self.ranks:
-            fewest = torch.tensor([blocks], device=_comm_device(self.device))
+            fewest = torch.tensor([blocks], device=comm_device(self.device))
             dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
             blocks = int(fewest.item())
         return blocks
@@ -143,7 +143,7 @@ class Worker:
         if self.ranks.rank:
             self._num_blocks()  # rank 0 sizes the pool in _choose: take part in its all-reduce
         box = [choices]
-        dist.broadcast_object_list(box, src=0, device=_comm_device(self.device))
+        dist.broadcast_object_list(box, src=0, device=comm_device(self.device))
         return box[0]
 
     def warm(self) -> None:
@@ -162,14 +162,15 @@ class Worker:
                 f"linear {c.linear_kernel}, block ops {self.block_ops.name}{ranks}")
 
 
-def _rank_device(device: str, ranks: RankGroup | None) -> torch.device:
-    """A rank's own GPU where the server runs on CUDA: the local rank's (torchrun) or its rank's."""
+def rank_device(device: str, rank: int | None) -> torch.device:
+    """A tensor-parallel rank's own GPU where the server runs on CUDA: the local rank's
+    (torchrun) or its rank's; `rank` None: a server of one rank."""
     d = torch.device(device)
-    if ranks is None or d.type != "cuda" or d.index is not None:
+    if rank is None or d.type != "cuda" or d.index is not None:
         return d
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", ranks.rank)))
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
 
 
-def _comm_device(device: torch.device) -> torch.device:
+def comm_device(device: torch.device) -> torch.device:
     """Where a collective's tensors live: NCCL's on the GPU, gloo's on the CPU."""
     return device if device.type == "cuda" else torch.device("cpu")
