@@ -87,7 +87,9 @@ class InProcessExecutor:
 
 
 def make_executor(settings, metrics: ServerMetrics, on_failure: Callable[[str], None]) -> Executor:
-    if settings.tensor_parallel == 1 and "WORLD_SIZE" not in os.environ:
+    if settings.tensor_parallel < 1:
+        raise ValueError(f"--tensor-parallel must be >= 1 (got {settings.tensor_parallel})")
+    if settings.tensor_parallel == 1:
         return InProcessExecutor(Worker(settings))
     if settings.enable_training:
         raise ValueError("a tensor-parallel server does not train yet: start it without --enable-training "
@@ -122,8 +124,6 @@ def _join(settings, rank: int, world: int, init_method: str) -> RankGroup:
 class DistributedExecutor:
     def __init__(self, settings, metrics: ServerMetrics, on_failure: Callable[[str], None]):
         world = settings.tensor_parallel
-        if world < 1:
-            raise ValueError(f"--tensor-parallel must be >= 1 (got {world})")
         self.metrics = metrics
         self.on_failure = on_failure
         self.failure: str | None = None
