@@ -81,7 +81,7 @@ class Bench:
 
     def measure(self, sequences: list[tuple[int, int]], steps: int) -> dict[str, float]:
         chunks = self.chunks(sequences)
-        plan = TickPlan.from_chunks(chunks, self.pool.block_size, torch.device("cpu"))
+        plan = TickPlan.from_chunks(chunks, self.pool.block_size)
         backend = self.runner.backend
         tokens = plan.query_start[-1]
         q = torch.randn(tokens, self.heads, self.d)

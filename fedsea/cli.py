@@ -90,6 +90,13 @@ def _server_parser(sub) -> None:
     p.add_argument("--idle-timeout", type=float, default=e.idle_timeout, help="seconds before an idle session's cache is freed")
     p.add_argument("--wait-timeout", type=float, default=e.wait_timeout, help="seconds a request may wait for KV capacity")
     p.add_argument("--max-sessions-per-key", type=int, default=s.max_sessions_per_key)
+    p.add_argument("--tensor-parallel", type=int, default=s.tensor_parallel, metavar="N",
+                   help="split the middle blocks' heads and MLP over N ranks (processes spawned on this host, or the "
+                        "processes torchrun started; gloo on the CPU, NCCL on CUDA); plans and hidden states travel "
+                        "between ranks in clear text: one host or a private network only (default: %(default)s)")
+    p.add_argument("--tensor-parallel-timeout", type=float, default=s.tensor_parallel_timeout, metavar="SECONDS",
+                   help="a rank that does not answer a collective within this time makes the server unhealthy "
+                        "(default: %(default)s)")
     _server_security_args(p)
 
 
@@ -288,6 +295,7 @@ def server_settings(args) -> ServerSettings:
         max_graph_batch=args.max_graph_batch, noise_min=args.noise_min, noise_max=args.noise_max,
         max_sessions_per_connection=args.max_sessions_per_connection,
         max_sessions_per_key=args.max_sessions_per_key, adapters=_adapters(args), **_server_security(args),
+        tensor_parallel=args.tensor_parallel, tensor_parallel_timeout=args.tensor_parallel_timeout,
         engine=EngineSettings(
             max_context=args.max_context, token_budget=args.token_budget,
             wait_timeout=args.wait_timeout, idle_timeout=args.idle_timeout,
@@ -344,8 +352,13 @@ def _run_gateway(args) -> None:
 
 def _run_server(args) -> None:
     from server_runtime.app import run_server
+    from server_runtime.executor import serve_rank, torchrun_rank
 
-    asyncio.run(run_server(server_settings(args)))
+    settings = server_settings(args)
+    rank = torchrun_rank(settings.tensor_parallel)
+    if rank:  # torchrun's other ranks serve rank 0's ticks, not edges
+        return serve_rank(settings, rank, settings.tensor_parallel)
+    asyncio.run(run_server(settings))
 
 
 def main(argv: list[str] | None = None) -> None:

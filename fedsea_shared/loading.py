@@ -105,31 +105,49 @@ def release_freed_memory() -> None:
         _TRIM(0)
 
 
-def safetensors_tensors(model_dir: Path, wanted: set[str], device: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """The wanted tensors, the file mapped anew for each: the pages a tensor's read touched
-    leave the process with it (one mapping over the loop kept every page read so far
-    resident: +424 MiB of RSS reading the middle blocks into 55 MiB of int4)."""
+# (dimension, start, stop) of a tensor a reader reads only part of (a tensor-parallel
+# rank's share, fedsea_shared.layers.tensor_parallel); None: all of it.
+Slice = tuple[int, int, int] | None
+SliceOf = Callable[[str], Slice]
+
+
+def whole(name: str) -> Slice:
+    return None
+
+
+def safetensors_tensors(model_dir: Path, wanted: set[str], device: str,
+                        slice_of: SliceOf = whole) -> Iterator[tuple[str, torch.Tensor]]:
+    """The wanted tensors (or the part `slice_of` names: only its bytes are read), the file
+    mapped anew for each: the pages a tensor's read touched leave the process with it (one
+    mapping over the loop kept every page read so far resident: +424 MiB of RSS reading the
+    middle blocks into 55 MiB of int4)."""
     for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             names = sorted(wanted.intersection(f.keys()))
         for name in names:
+            part = slice_of(name)
             with safe_open(str(file), framework="pt", device=str(device)) as f:
-                tensor = f.get_tensor(name)
+                if part is None:
+                    tensor = f.get_tensor(name)
+                else:
+                    dim, start, stop = part
+                    tensor = f.get_slice(name)[(slice(None),) * dim + (slice(start, stop),)]
             yield name, tensor
 
 
 def read_shard(model_dir: Path, wanted: dict[str, bool], fmt: str, dtype: torch.dtype,
-               device: str, config=None) -> dict[str, torch.Tensor]:
+               device: str, config=None, slice_of: SliceOf = whole) -> dict[str, torch.Tensor]:
     """The state_dict of the tensors in `wanted` (name -> whether it is a linear's weight),
     each stored in its role's format under the weight format `fmt` ("file": a GGUF tensor's
-    own, see `gguf_format`); `config` gives the head counts for GGUF's q/k rows."""
+    own, see `gguf_format`); `config` gives the head counts for GGUF's q/k rows; of each
+    tensor only the part `slice_of` names is read."""
     state: dict[str, torch.Tensor] = {}
     found: set[str] = set()
     source = model_dir / GGUF_SOURCE
     if source.is_file():
-        tensors = gguf_tensors(json.loads(source.read_text()), set(wanted), config)
+        tensors = gguf_tensors(json.loads(source.read_text()), set(wanted), config, slice_of)
     else:
-        tensors = safetensors_tensors(model_dir, set(wanted), device)
+        tensors = safetensors_tensors(model_dir, set(wanted), device, slice_of)
     kinds: dict[str, int] = {}
     for name, raw in tensors:
         f = gguf_format(raw) if fmt == "file" else fmt
@@ -198,10 +216,12 @@ def gguf_index(path: Path) -> dict[str, dict]:
                      "bytes": int(t.n_bytes)} for t in gguf.GGUFReader(str(path)).tensors}
 
 
-def gguf_tensors(source: dict, wanted: set[str], config) -> Iterator[tuple[str, torch.Tensor | Prequantized]]:
+def gguf_tensors(source: dict, wanted: set[str], config,
+                 slice_of: SliceOf = whole) -> Iterator[tuple[str, torch.Tensor | Prequantized]]:
     """The wanted tensors of the GGUF file `source` names (models.GGUF_SOURCE: its path and
     `gguf_index`), each mapped from the file only when reached (other sides' tensors are
-    never touched).  Q4_0/Q4_1 come with their int4 tensors: the same codes, and per group
+    never touched), and of each only the rows or whole quantization blocks of columns
+    `slice_of` names.  Q4_0/Q4_1 come with their int4 tensors: the same codes, and per group
     of 32 the same scale and zero (Q4_0: w = d(q - 8), Q4_1: w = dq + m = d(q - 8) + (m + 8d)),
     in bf16 (the kernel's; GGUF stores fp16)."""
     import gguf
@@ -214,13 +234,21 @@ def gguf_tensors(source: dict, wanted: set[str], config) -> Iterator[tuple[str, 
         kind, cols = info["type"], info["shape"][0]  # GGUF lists dimensions innermost first
         rows = math.prod(info["shape"][1:])
         data = np.memmap(source["path"], np.uint8, "r", offset=info["offset"], shape=(info["bytes"],))
+        block, size = (1, 1) if kind in _GGUF_DENSE else gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
         if kind in _GGUF_DENSE:
             data = data.view(_GGUF_DENSE[kind]).reshape(rows, cols)
         else:
-            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
             data = data.reshape(rows, cols // block * size)
         heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
         order = next((rope_rows(data.shape[0], n) for part, n in heads.items() if f".{part}." in name), None)
+        part = slice_of(name)
+        if part is not None and (part[0] == 1 or not info["shape"][1:]):  # columns (a vector's are its entries)
+            _, start, stop = part
+            if start % block or stop % block:
+                raise ValueError(f"{name}: columns [{start}, {stop}) split {kind}'s blocks of {block}")
+            data, cols = data[:, start // block * size: stop // block * size], stop - start
+        elif part is not None:
+            order = torch.arange(part[1], part[2]) if order is None else order[part[1]: part[2]]
         if order is not None:
             data = data[order.numpy()]
         if kind in ("F32", "F16", "BF16"):

@@ -26,6 +26,7 @@ from transformers.activations import ACT2FN
 from .architectures import architecture_of, load_config
 
 from . import loading
+from .layers.tensor_parallel import TensorSplit
 # The linear layer and its kernels live in layers.linear; re-exported for the runtimes.
 from .layers.linear import (LINEAR_KERNELS, WEIGHT_FORMATS, Embedding, FusedLinear, Linear,  # noqa: F401
                             address, apply_linear_kernel, dense, onednn_available, resolve_weights, use_onednn,
@@ -372,24 +373,27 @@ def load_shard(
     device: str | torch.device = "cpu",
     config: PretrainedConfig | None = None,
     weights: str | None = None,
+    split: TensorSplit | None = None,
 ) -> ModelShard:
     """Build a shard and read only its own tensors from the checkpoint.
 
     The module is created on the meta device, so tensors of other sides are never
     allocated, and each needed tensor is read by name and stored in the weight format
     `weights` (`WEIGHT_FORMATS` without auto, see `resolve_weights`; default: dense in
-    `dtype`, the side's activations) before the next is read.
+    `dtype`, the side's activations) before the next is read.  `split`: a tensor-parallel
+    rank's share of the blocks, of whose tensors only that part is read.
     """
     model_dir = Path(model_dir)
     config = config or load_config(model_dir)
-    shard = _meta_shard(config, layers, with_edge_parts)
+    shard = _meta_shard(split.rank_config(config) if split else config, layers, with_edge_parts)
     linears = {f"{n}.weight" for n, m in shard.named_modules() if isinstance(m, Linear)}
     wanted = {n: n in linears for n in shard_tensor_names(config, layers, with_edge_parts)}
     fmt = weights or str(dtype).removeprefix("torch.")
     tied = with_edge_parts and config.tie_word_embeddings
     if tied:  # every format stores the embedding as the head (loading.role_format): one tensor for both
         del wanted["lm_head.weight"]
-    state = loading.read_shard(model_dir, wanted, fmt, dtype, str(device), config)
+    state = loading.read_shard(model_dir, wanted, fmt, dtype, str(device), config,
+                               split.slice_of if split else loading.whole)
     shard.load_state_dict(state, strict=False, assign=True)
     if with_edge_parts:
         shard.model.embed_tokens.dtype = dtype

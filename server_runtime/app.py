@@ -31,9 +31,6 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from fedsea_shared import defaults, transport
-from fedsea_shared.adapters import load_adapters
-from fedsea_shared.architectures import check_context
-from fedsea_shared.models import is_gguf, resolve_model
 from fedsea_shared.protocol import (
     PROTOCOL_VERSION,
     WIRE_DTYPES,
@@ -54,16 +51,12 @@ from fedsea_shared.protocol import (
     tensor_meta,
 )
 from fedsea_shared.prefix import prefix_root
-from fedsea_shared.shard import (Partition, apply_linear_kernel, fuse_projections, head_dim, load_config,
-                                 load_server_shard, make_block_ops, resolve_weights, use_block_ops)
 from fedsea_shared.threads import run_here, serial
 
 from .engine import Engine, EngineSettings
-from .kv_pool import KVPool, parse_memory
 from .limits import BlockQuota, RefusalLog
 from .metrics import ServerMetrics
-from .attention_backends import pool_layer_shape, resolve_backend
-from .model_runner import ModelRunner
+from .executor import make_executor
 from .training_service import TrainingService, TrainingSettings
 
 log = logging.getLogger("fedsea.server")
@@ -104,6 +97,8 @@ class ServerSettings:
     max_connections_per_key: int = 32  # per client address when the server has no keys
     max_queued_bytes: int = 256 * 2**20  # input frames of one connection waiting or running
     kv_quota: float = 0.5  # share of the KV pool one tenant may hold
+    tensor_parallel: int = 1  # ranks the middle blocks are split over (executor.py)
+    tensor_parallel_timeout: float = 30.0  # seconds a rank may take to answer a collective before the server is unhealthy
     refusal_log_interval: float = 10.0  # seconds between full refusal log lines per connection
     enable_training: bool = False  # serve train_* (split fine-tuning) requests
     training: TrainingSettings = field(default_factory=TrainingSettings)
@@ -175,59 +170,18 @@ class ServerRuntime:
         self._in_process: str | None = None  # the name it listens under in this process, if any
         self._links: set[asyncio.Task] = set()  # in-process connections being served (the loop holds tasks weakly)
         self._ssl = self._ssl_context() if settings.tls else None
-        model_dir = resolve_model(settings.model)
-        self.config = load_config(model_dir)
-        check_context(self.config, settings.engine.max_context, "--max-context")
-        self.partition = Partition(self.config.num_hidden_layers, settings.head, settings.tail)
-        dtype = self.shard_dtype = WIRE_DTYPES[settings.dtype]
-        self.weights = resolve_weights(settings.weights, settings.device, "server", is_gguf(model_dir))
-        self.shard = load_server_shard(model_dir, self.partition, dtype=dtype, device=settings.device, config=self.config,
-                                       weights=self.weights)
-        self.linear_kernel = apply_linear_kernel(self.shard, settings.linear_kernel, settings.device)
-        layers = self.partition.server_layers
-        per_block = KVPool.bytes_per_block(
-            len(layers), settings.block_size, self.config.num_key_value_heads, head_dim(self.config), dtype
-        )
-        free = torch.cuda.mem_get_info()[0] if settings.device.startswith("cuda") else None
-        if free is not None and settings.enable_training:
-            free = max(0, free - settings.training.memory)  # a fraction of free memory leaves training its budget
-        num_blocks = parse_memory(settings.kv_cache_memory, free) // per_block - 1  # minus the scratch block
-        backend = resolve_backend(settings.attention_backend, torch.device(settings.device), dtype,
-                                  settings.block_size, head_dim(self.config))
-        layer_shape = pool_layer_shape(backend, num_blocks + 1, settings.block_size,
-                                       self.config.num_key_value_heads, head_dim(self.config), torch.device(settings.device))
-        self.pool = KVPool(
-            len(layers), num_blocks, settings.block_size, self.config.num_key_value_heads,
-            head_dim(self.config), dtype, settings.device, layer_shape,
-        )
-        self.metrics = ServerMetrics()
-        # Merged before training can wrap the shard's linears in LoRA layers.
-        adapted = load_adapters(self.shard, settings.model, settings.adapters)
-        if not settings.enable_training:  # the training shard shares the per-projection weights
-            fuse_projections([self.shard, *adapted.values()])
-        self.block_ops = make_block_ops(settings.block_ops, settings.device, dtype, vllm=backend == "vllm")
-        for shard in (self.shard, *adapted.values()):
-            use_block_ops(shard, self.block_ops)
-        on_cuda = torch.device(settings.device).type == "cuda"
-        attention = settings.decode_attention
-        if attention == "auto":
-            attention = "flex" if on_cuda else "gather"
-        graphs = settings.cuda_graphs and on_cuda and attention == "flex" and backend == "torch"
-        if graphs and settings.max_graph_batch < 1:
-            raise ValueError(f"--max-graph-batch must be >= 1 (got {settings.max_graph_batch})")
-
-        def runner(shard):
-            return ModelRunner(shard, layers, self.pool, settings.device, attention, graphs,
-                               settings.max_graph_batch, settings.engine.max_context, backend,
-                               self.block_ops.kernels)
-
         if not 0 < settings.kv_quota <= 1:
             raise ValueError(f"--kv-quota is a share of the KV pool in (0, 1], got {settings.kv_quota}")
+        self.metrics = ServerMetrics()
+        # Loading, kernel choice and KV sizing are the worker's (rank 0's here).
+        self.executor = make_executor(settings, self.metrics, self._unhealthy)
+        worker = self.executor.worker
+        self.config, self.partition, self.shard, self.pool = worker.config, worker.partition, worker.shard, worker.pool
+        self.weights = worker.weights
+        self.shard_dtype, num_blocks = worker.dtype, worker.choices.num_blocks
         quota = (BlockQuota(max(1, int(settings.kv_quota * num_blocks)), owner_of=lambda key: key[0])
                  if settings.kv_quota < 1 else None)  # 1: a tenant may fill the pool (then waits, as anyone)
-        self.engine = Engine(runner(self.shard), self.pool, settings.engine, self.metrics,
-                             {name: runner(shard) for name, shard in adapted.items()}, quota, compute,
-                             on_expired=self._expired)
+        self.engine = Engine(self.executor, settings.engine, self.metrics, quota, compute, on_expired=self._expired)
         self.training = (TrainingService(self.shard, self.partition, settings.device, settings.training)
                          if settings.enable_training else None)
         if self.training is not None:
@@ -241,15 +195,8 @@ class ServerRuntime:
         self._connections = 0
         # Refused handshakes (bad key, connection caps) share one rate-limited log.
         self._handshake_refusals = RefusalLog(log, "new connections", settings.refusal_log_interval)
-        log.info(
-            "server runtime: layers [%d, %d) of %d, KV pool %d blocks x %d tokens (%.1f MiB), "
-            "attention %s%s, weights %s, linear %s, block ops %s, adapters: %s",
-            *self.partition.server_range, self.config.num_hidden_layers,
-            num_blocks, settings.block_size, self.pool.nbytes / 2**20,
-            "vllm" if backend == "vllm" else f"torch ({attention} decode)",
-            " + CUDA graphs" if graphs else "", self.weights, self.linear_kernel, self.block_ops.name,
-            ", ".join(settings.adapters) or "none",
-        )
+        log.info("server runtime: layers [%d, %d) of %d, %s, adapters: %s", *self.partition.server_range,
+                 self.config.num_hidden_layers, worker.describe(), ", ".join(settings.adapters) or "none")
 
     def _ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -259,6 +206,15 @@ class ServerRuntime:
         except (OSError, ssl.SSLError) as e:
             raise ValueError(f"cannot load --ssl-certfile/--ssl-keyfile: {e}") from None
         return ctx
+
+    def _unhealthy(self, reason: str) -> None:
+        """A rank failed (the executor says why, from any thread): /health fails from now on
+        and every connection closes, so edges replay their sessions on another server."""
+        live = list(self._live.values())
+        for conn in live:
+            if not conn.loop.is_closed():
+                conn.loop.call_soon_threadsafe(lambda ws=conn.ws: asyncio.ensure_future(ws.close(1011, "server unhealthy")))
+        log.error("closing %d connections: %s", len(live), reason)
 
     def _expired(self, key: tuple) -> None:
         """The engine freed an idle session (on its thread): its connection forgets it."""
@@ -304,6 +260,7 @@ class ServerRuntime:
         if self._in_process is not None:
             transport.unlisten(self._in_process)
         self.engine.shutdown()
+        self.executor.shutdown()
         if self.training is not None:
             self.training.close()
 
@@ -314,13 +271,16 @@ class ServerRuntime:
         authorized = not s.api_keys or self._key_id(request) is not None
         if request.path in ("/health", "/metrics") and (authorized or not s.protect_metrics):
             if request.path == "/health":
-                return connection.respond(HTTPStatus.OK, "ok\n")
+                failure = self.executor.failure
+                return connection.respond(*((HTTPStatus.SERVICE_UNAVAILABLE, f"unhealthy: {failure}\n") if failure
+                                            else (HTTPStatus.OK, "ok\n")))
             headers = Headers([("Content-Type", "text/plain; version=0.0.4; charset=utf-8")])
             return Response(200, "OK", headers, self.metrics.render())
         if not authorized:
             self._handshake_refusals.refused("unauthorized", f"{_peer(connection)} without a valid API key")
             return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or invalid API key (Authorization: Bearer ...)\n")
-        refusal = self._connection_refusal(self._client(connection, request))
+        refusal = (f"server unhealthy: {self.executor.failure}" if self.executor.failure
+                   else self._connection_refusal(self._client(connection, request)))
         if refusal is not None:
             self._handshake_refusals.refused("limit", f"{_peer(connection)}: {refusal}")
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, refusal + "\n")

@@ -1,4 +1,5 @@
-"""The engine: sessions, scheduler, KV pool and model runner on one worker thread.
+"""The engine: sessions, scheduler and KV block allocation on one worker thread, which
+hands each tick's plan to an executor (executor.py: the model's one or many ranks).
 
 The websocket side never touches model state: it calls the thread-safe methods of
 `EngineBackend` (open/step/close), which enqueue a command and return a Future.  The
@@ -22,14 +23,14 @@ import torch
 from fedsea_shared import defaults
 from fedsea_shared.prefix import PrefixHasher, run_key
 from fedsea_shared.protocol import ErrorCode, ProtocolError
-from fedsea_shared.shard import warm_linear_kernels
 from fedsea_shared.threads import run_here, serial
 
-from .kv_pool import BlockTable, KVPool
+from .kv_pool import BlockTable
 from .limits import BlockQuota
 from .metrics import ServerMetrics
-from .model_runner import ModelRunner
+from .executor import Executor, ExecutorFailed
 from .scheduler import Scheduler, Session, StepWork
+from .tick_plan import TickPlan
 
 log = logging.getLogger("fedsea.server.engine")
 
@@ -61,24 +62,26 @@ class EngineSettings:
 
 
 class Engine:
-    """`runner` runs the base model; `adapters` are runners of fine-tuned models by name,
-    over the same KV pool.  A session runs one model for its lifetime."""
+    """`executor` runs each tick's plans on the model's ranks (the base model and the
+    fine-tuned ones its worker serves, over one KV pool).  A session runs one model for its
+    lifetime."""
 
-    def __init__(self, runner: ModelRunner, pool: KVPool, settings: EngineSettings, metrics: ServerMetrics,
-                 adapters: dict[str, ModelRunner] | None = None, quota: BlockQuota | None = None,
-                 compute: Callable = run_here, on_expired: Callable[[Hashable], None] | None = None):
+    def __init__(self, executor: Executor, settings: EngineSettings, metrics: ServerMetrics,
+                 quota: BlockQuota | None = None, compute: Callable = run_here,
+                 on_expired: Callable[[Hashable], None] | None = None):
         # `compute(fn, *args)` runs a forward pass: here on the engine thread, or on the
         # process's shared compute thread (fedsea_shared.threads.ComputeThread.run).
         self.compute = compute
         # Told (on the engine thread) of each session the idle sweep freed, so the
         # connection that opened it stops counting it: the engine is the one registry.
         self.on_expired = on_expired
-        self.runners: dict[str | None, ModelRunner] = {None: runner, **(adapters or {})}
-        self.pool = pool
+        self.executor = executor
+        self.models = set(executor.worker.runners)
+        self.pool = executor.worker.pool  # rank 0's: its allocator decides for every rank
         self.settings = settings
         self.metrics = metrics
         self.quota = quota
-        self.scheduler = Scheduler(pool, settings.token_budget, settings.wait_timeout)
+        self.scheduler = Scheduler(self.pool, settings.token_budget, settings.wait_timeout)
         self.sessions: dict[Hashable, Session] = {}
         self._opens: list[tuple[Hashable, _OpenRequest, Future, float]] = []  # waiting for capacity
         self._next_idle_sweep = 0.0
@@ -144,7 +147,7 @@ class Engine:
         if self.compute is not run_here:
             serial()  # the forward passes run on the compute thread, with the cores
         # Before the first step (which queues behind it): kernels built where the passes run.
-        self.compute(warm_linear_kernels, self.runners[None].shard)
+        self.compute(self.executor.worker.warm)
         wait = 0.5
         while self._running:
             for command in self._collect(wait):
@@ -152,12 +155,16 @@ class Engine:
                     command()
             try:
                 ran = self._tick()
+            except ExecutorFailed:  # the server was told: it closes its connections, edges replay elsewhere
+                ran = False
             except Exception:  # a bug must not kill the engine: fail the tick's steps
                 log.exception("engine tick failed")
                 for work in list(self.scheduler.queue):
                     self._fail(work, ProtocolError(ErrorCode.INTERNAL, "server error while running the step"))
                 ran = False
             self._housekeeping()
+            if not ran:
+                self.compute(self.executor.keep_alive)
             self._publish()
             # Runnable work: loop straight on.  Work blocked on capacity: poll. Else sleep.
             wait = 0.0 if ran else 0.05 if (len(self.scheduler) or self._opens) else 0.5
@@ -176,6 +183,8 @@ class Engine:
         return commands
 
     def _tick(self) -> bool:
+        if self.executor.failure:
+            return False
         tick = self.scheduler.schedule(self.sessions.values())
         for session, work in tick.preempted:
             self._preempted(session, work)
@@ -211,15 +220,17 @@ class Engine:
         return True
 
     def _run(self, chunks: list) -> list[torch.Tensor]:
-        """One forward per model among the tick's chunks; outputs in chunk order."""
+        """One plan per model among the tick's chunks (the first also makes the pool's
+        pending block copies); outputs in chunk order."""
         groups: dict[str | None, list[int]] = {}
         for i, c in enumerate(chunks):
             groups.setdefault(c.session.model, []).append(i)
-        if len(groups) == 1:
-            return self.compute(self.runners[chunks[0].session.model].run, chunks)
         outputs: list = [None] * len(chunks)
+        copies = self.pool.take_copies()
         for model, idx in groups.items():
-            for i, out in zip(idx, self.compute(self.runners[model].run, [chunks[i] for i in idx])):
+            plan = TickPlan.from_chunks([chunks[i] for i in idx], self.pool.block_size, copies, model)
+            copies = []
+            for i, out in zip(idx, plan.split(self.compute(self.executor.execute, plan))):
                 outputs[i] = out
         return outputs
 
@@ -276,7 +287,7 @@ class Engine:
     # ---- commands (run on the worker thread) -------------------------------------------
 
     def _open(self, key: Hashable, spec: _OpenRequest, fut: Future) -> None:
-        if spec.model not in self.runners:
+        if spec.model not in self.models:
             self._fail_future(fut, ProtocolError(ErrorCode.UNKNOWN_ADAPTER, f"no adapter {spec.model!r} on this server", key[-1]))
         elif key in self.sessions or any(k == key for k, _, _, _ in self._opens):
             self._fail_future(fut, ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open", key[-1]))

@@ -161,7 +161,8 @@ class BlockTable:
 class KVPool:
     """The K/V storage and the allocation interface the scheduler and engine call
     (grow, free, fork, share_prefix, cache_blocks); the `BlockPool` behind it keeps the
-    counts and the cache map, so callers only ever see block tables."""
+    counts and the cache map, so callers only ever see block tables.  Allocation only
+    records the block copies it needs (`pending_copies`): the model runner makes them."""
 
     def __init__(
         self,
@@ -182,6 +183,11 @@ class KVPool:
             raise ValueError(f"a layer of shape {shape[1:]} does not hold {num_blocks + 1} blocks")
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # (source, destination) block copies allocation decided on and the next tick makes
+        # (`take_copies`, `copy_blocks`), before any K/V of it is written: in the order
+        # recorded, so a copy of a copy reads its source filled.  On a tensor-parallel
+        # server every rank makes them in its own pool.
+        self.pending_copies: list[tuple[int, int]] = []
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -200,8 +206,7 @@ class KVPool:
         fresh = self.allocator.allocate(need + (1 if shared else 0))
         if shared:
             old, copy = table.blocks[-1], fresh.pop()
-            for t in (self.k, self.v):  # the whole block: its unwritten tail is as clean as the original's
-                self._by_block(t)[:, copy] = self._by_block(t)[:, old]
+            self.pending_copies.append((old, copy))  # the whole block: its unwritten tail is as clean as the original's
             self.allocator.release([old])
             table.blocks[-1] = copy
         table.blocks.extend(fresh)
@@ -246,10 +251,9 @@ class KVPool:
         except OutOfBlocks:
             self.allocator.release([source])
             return False
-        for t in (self.k, self.v):
-            # The whole block: its slots past `rows` hold the other session's K/V (finite,
-            # never attended to: the session's length masks them) until this one writes there.
-            self._by_block(t)[:, copy] = self._by_block(t)[:, source]
+        # The whole block: its slots past `rows` hold the other session's K/V (finite,
+        # never attended to: the session's length masks them) until this one writes there.
+        self.pending_copies.append((source, copy))
         self.allocator.release([source])
         table.blocks.append(copy)
         table.num_tokens += rows
@@ -269,6 +273,16 @@ class KVPool:
     def _by_block(self, t: torch.Tensor) -> torch.Tensor:
         """[layers, blocks, block elements]: a view of any layout whose blocks are contiguous."""
         return t.view(t.shape[0], self.scratch_block + 1, -1)
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks, source to destination, in every layer, in order."""
+        for source, destination in copies:
+            for t in (self.k, self.v):
+                self._by_block(t)[:, destination] = self._by_block(t)[:, source]
 
     def clear_blocks(self, blocks: torch.Tensor) -> None:
         """Zero these blocks in every layer."""

@@ -33,5 +33,20 @@ class ServerMetrics:
         self.training_jobs = Gauge("fedsea_training_jobs", "Split fine-tuning jobs held", registry=r)
         self.training_memory = Gauge("fedsea_training_memory_bytes", "Training memory charged (of --training-memory)", registry=r)
 
+        self.tensor_parallel_ranks = Gauge("fedsea_tensor_parallel_ranks", "Ranks the middle blocks run on", registry=r)
+        self.tensor_parallel_ranks.set(1)
+        self.tensor_parallel_healthy = Gauge("fedsea_tensor_parallel_healthy", "1 while every rank answers", registry=r)
+        self.tensor_parallel_healthy.set(1)
+        self.tensor_parallel_allreduce_seconds = Histogram(
+            "fedsea_tensor_parallel_allreduce_seconds", "Rank 0's time in all-reduces, per tick", registry=r,
+            buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0))
+        self.tensor_parallel_allreduce_bytes = Counter(
+            "fedsea_tensor_parallel_allreduce_bytes", "Bytes rank 0 all-reduced (partial sums of o_proj, down_proj)", registry=r)
+        self.tensor_parallel_broadcast_seconds = Histogram(
+            "fedsea_tensor_parallel_broadcast_seconds", "Rank 0's time sending a tick's plan and rows, per tick", registry=r,
+            buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1))
+        self.tensor_parallel_broadcast_bytes = Counter(
+            "fedsea_tensor_parallel_broadcast_bytes", "Bytes of plans and input rows rank 0 broadcast", registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -60,7 +60,7 @@ def make_tiny_model(path: Path, default_model_dir: Path, model_type: str = "llam
 
 
 def spy_safetensors(monkeypatch, module) -> list[str]:
-    """Record the name of every tensor `module` reads through its `safe_open`."""
+    """Record the name of every tensor `module` reads whole through its `safe_open`."""
     read: list[str] = []
     real_open = module.safe_open
 
@@ -81,6 +81,9 @@ def spy_safetensors(monkeypatch, module) -> list[str]:
         def get_tensor(self, name):
             read.append(name)
             return self.inner.get_tensor(name)
+
+        def get_slice(self, name):  # part of a tensor (not recorded: only whole reads are)
+            return self.inner.get_slice(name)
 
     monkeypatch.setattr(module, "safe_open", Spy)
     return read

@@ -256,11 +256,11 @@ def test_a_fedsea_finetune_adapter_served_by_fedsea_serve(tiny_model_dir, tmp_pa
 def test_a_tick_mixing_models_runs_one_forward_per_model(tiny_model_dir, adapter_dir, start_server):
     engine = start_server(tiny_model_dir, adapters={NAME: str(adapter_dir)}).runtime.engine
     calls: list[tuple[str | None, int]] = []
-    for name, runner in engine.runners.items():
-        def spy(chunks, real=runner.run, name=name):
-            calls.append((name, len(chunks)))
-            return real(chunks)
-        runner.run = spy
+    for name, runner in engine.executor.worker.runners.items():
+        def spy(plan, real=runner.execute, name=name):
+            calls.append((name, plan.num_seqs))
+            return real(plan)
+        runner.execute = spy
     hidden = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
     alone = {}
     for model in (None, NAME):

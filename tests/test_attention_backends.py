@@ -156,7 +156,7 @@ def test_plan_lists_rows_lengths_slots_and_fresh_blocks():
     tables = {"a": BlockTable(4, [7, 2], 4), "b": BlockTable(4, [3, 9], 0)}
     chunks = [Chunk(StepWork(Session(k, t), torch.zeros(n, 8), t.num_tokens, Future()), 0, n)
               for (k, t), n in zip(tables.items(), (1, 6))]
-    plan = TickPlan.from_chunks(chunks, 4, torch.device("cpu"))
+    plan = TickPlan.from_chunks(chunks, 4)
     assert plan.query_start == [0, 1, 7] and plan.seq_lens == [5, 6]
     assert [plan.is_decode(i) for i in range(2)] == [True, False] and not plan.all_decode
     assert plan.positions.tolist() == [4, 0, 1, 2, 3, 4, 5]

@@ -143,7 +143,7 @@ def test_decode_batched_with_others_matches_alone(start_server, tiny_model_dir, 
     batched = [wait(f) for f in futures[:16]]
     for a, b in zip(alone, batched):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    kernel = type(engine.runners[None].backend.decode).__name__
+    kernel = type(engine.executor.worker.runners[None].backend.decode).__name__
     assert kernel == {"gather": "GatherAttention", "flex": "FlexPagedAttention"}[attention]  # no fallback
 
 

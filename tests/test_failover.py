@@ -42,16 +42,16 @@ def test_server_list_orders_bans_and_backs_off():
 def slow_down(server, after_ticks: int, seconds: float) -> None:
     """Make `server` take `seconds` per tick after its first `after_ticks` (the stream is
     still going when it is killed)."""
-    runner = server.runtime.engine.runners[None]
-    real, ticks = runner.run, [0]
+    executor = server.runtime.executor
+    real, ticks = executor.execute, [0]
 
-    def run(chunks):
+    def execute(plan):
         ticks[0] += 1
         if ticks[0] > after_ticks:
             time.sleep(seconds)
-        return real(chunks)
+        return real(plan)
 
-    runner.run = run
+    executor.execute = execute
 
 
 def test_a_gateway_stream_survives_its_server_dying(start_server, tiny_model_dir):
