@@ -90,6 +90,9 @@ class AsyncEdgeClient:
         ops = make_block_ops(s.block_ops, s.device, WIRE_DTYPES[s.dtype])
         for shard in shards.values():
             use_block_ops(shard, ops)
+        log.info("edge: blocks %s and %s of %d, weights %s, linear %s, block ops %s, adapters: %s",
+                 list(self.partition.head_layers), list(self.partition.tail_layers), self.config.num_hidden_layers,
+                 self.weights, self.linear_kernel, ops.name, ", ".join(s.adapters) or "none")
         self.workers = {name: EdgeWorker(EdgeModel(shard, self.partition, ops.kernels), compute=s.compute)
                         for name, shard in shards.items()}
         self.worker = self.workers[None]

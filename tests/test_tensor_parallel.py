@@ -208,10 +208,10 @@ def test_a_killed_rank_fails_health_and_the_gateway_finishes_the_stream_elsewher
     ranks_before = set(rank_processes())
     tp = start_server(tiny_model_dir, tensor_parallel=2, kv_cache_memory="4MiB")
     other = start_server(tiny_model_dir, kv_cache_memory="4MiB")
-    gw = GatewayThread(GatewaySettings(server_url=[tp.url, other.url], model=str(tiny_model_dir), port=0, noise=0.0))
+    gw = GatewayThread(GatewaySettings.of(server_url=[tp.url, other.url], model=str(tiny_model_dir), port=0, noise=0.0))
     try:
         gw.wait_ready()
-        body = {"model": gw.settings.model_id, "messages": CHATS[0], "max_tokens": 30, "temperature": 0}
+        body = {"model": gw.settings.edge.model_id, "messages": CHATS[0], "max_tokens": 30, "temperature": 0}
         expected = httpx.post(f"{gw.url}/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]["content"]
         assert metric(other, "fedsea_tokens_total") == 0 and health(tp) == 200
         (rank,) = set(rank_processes()) - ranks_before
