@@ -46,7 +46,7 @@ MIN_DIGITS = 3  # shorter numbers (counts, days of the month) carry meaning and 
 PHONE_REGIONS = ("US", "GB", "CA", "AU", "IE", "IN", "DE", "FR", "IT", "ES", "PT", "NL", "BE", "CH", "AT", "SE",
                  "NO", "DK", "FI", "PL", "CZ", "BR", "MX", "ZA", "NZ")
 
-TYPO_MIN = 6  # letters of a lower-case word before it is checked for being a misspelt word
+TYPO_MIN, TYPO_MAX = 6, 24  # lengths of a lower-case word checked for being a misspelt word
 MAX_SURNAME_WORDS = 4  # "Van der Berg", "García Márquez de la Cruz": a longer run is not one name
 PARTICLES = {"van", "der", "den", "de", "la", "le", "von", "del", "da", "di", "du", "dos", "bin", "al", "ter"}
 # First names that are far more often something else.
@@ -101,9 +101,11 @@ CHATTER = re.compile(
 EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}+@[A-Za-z0-9-]{1,63}+(?:\.[A-Za-z0-9-]{1,63}+){1,8}+")
 DIGITS = re.compile(rf"(?<!\d)\d{{{MIN_DIGITS},}}+")
 CODE = re.compile(r"(?<![A-Za-z0-9])(?=[A-Za-z]*\d)(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9-]{4,40}+(?![A-Za-z0-9])")
-# Numbers in groups (phones written "84 23 30", "+33 6 12 34 56 78", "(020) 7946-0958"):
-# at least three groups and six digits.
-GROUPED = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{1,5}(?:[ .\-/]\d{1,5}){2,7}+(?![\w])")
+# Numbers in groups (phones written "84 23 30", "+33 6 12 34 56 78", "(020) 7946-0958",
+# "+55 (11) 8845-5433"): at least three groups, a country code or area code counting as one,
+# and six digits.
+GROUPED = re.compile(r"(?<![\w+])(?:(?:\+\d{1,3}[ .-]?)?\(\d{1,5}\)[ .-]?\d{1,5}(?:[ .\-/]\d{1,8}){1,7}+"
+                     r"|\+\d{1,3}[ .-]?\d{1,5}(?:[ .\-/]\d{1,8}){1,7}+|\d{1,5}(?:[ .\-/]\d{1,8}){2,7}+)(?![\w])")
 WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
 ALNUM = re.compile(r"[A-Za-z0-9]+")
 LONG = re.compile(rf"\S{{{LONG_WORD + 1},}}+")
@@ -138,8 +140,8 @@ CONNECTOR = r"(?:de|del|de la|di|da|do|dos|das|des|du|della|van|von|der|den|y)"
 # "Calle Mayor 5, 2º"; "Hauptstraße 5", "Keizersgracht 123"; "P.O. Box 255".
 ADDRESS = re.compile(
     rf"(?<![\w])(?:"
-    rf"\d{{1,5}}[A-Za-z]?,?\s+(?:{NAMEWORD}\s+){{0,4}}(?:{STREET_WORDS})s?\b\.?(?:\s+(?:[NSEW]{{1,2}}|north|south|east|west)\b)?"
-    rf"|\d{{1,5}}[A-Za-z]?,?\s+(?:{STREET_WORDS})\s+(?:{CONNECTOR}\s+)?{CAPWORD}(?:\s+(?:{CONNECTOR}\s+)?{CAPWORD}){{0,3}}"
+    rf"\d{{1,5}}[A-Za-z]?,?\s+(?:{STREET_WORDS})\s+(?:{CONNECTOR}\s+)?{CAPWORD}(?:\s+(?:{CONNECTOR}\s+)?{CAPWORD}){{0,3}}"
+    rf"|\d{{1,5}}[A-Za-z]?,?\s+(?:{NAMEWORD}\s+){{0,4}}(?:{STREET_WORDS})s?\b\.?(?:\s+(?:[NSEW]{{1,2}}|north|south|east|west)\b)?"
     rf"|(?:{CAPWORD}\s+){{1,3}}(?:{STREET_WORDS}|u)\.?\s+\d{{1,5}}[A-Za-z]?\b"
     rf"|(?:{STREET_WORDS})\.?\s+(?:{NAMEWORD}\s+){{0,4}}?{NAMEWORD},?\s+\d{{1,5}}[A-Za-z]?\b"
     rf"|(?:{STREET_WORDS})\s+(?:(?:de|del|de la|di|da|do|dos|das|des|du|della|of|the)\s+)?{NAMEWORD}(?:\s+{NAMEWORD}){{0,2}}?(?=\s*(?:,|\n|$))"
@@ -157,7 +159,7 @@ ADDRESS_CUE = re.compile(
 PLACE_CUE = re.compile(r"(?:\b(?:at|to|in|address(?:es)?:?|is|located)\s+|\n\s*|:\s+)$", re.I)
 NAMED_NUMBER = re.compile(
     rf"(?<![\w])(?:{CAPWORD}\s+(?:{CONNECTOR}\s+)?){{0,3}}{CAPWORD},?\s+\d{{1,5}}[A-Za-z]?\b\.?"
-    rf"(?=\s*(?:$|[,.;:!?\n]|\s(?:on|in|at|for|before|after|last|next|tomorrow|today|tonight)\b))")
+    rf"(?=\s*(?:$|[,.;:!?\n]|\s(?:on|in|at|for|before|after|last|next|tomorrow|today|tonight|is|was|and)\b))")
 STREET_WORD = re.compile(STREET_WORDS, re.I)
 CONNECTORS = {"de", "la", "le", "del", "della", "di", "da", "do", "dos", "das", "des", "du", "of", "the", "van", "von", "der"}
 UNIT = re.compile(r"(?<![\w])(?:apt|apartment|unit|suite|ste|flat)\.?\s*#?\s*\d[\w-]{0,5}(?![\w])", re.I)
@@ -178,6 +180,7 @@ DATE = re.compile(
 )
 # NER labels of things other than people: a word inside one is not a name by the proper-noun rule.
 OTHER_ENTITIES = {"ORG", "GPE", "LOC", "NORP", "FAC", "PRODUCT", "EVENT", "WORK_OF_ART", "LANGUAGE", "LAW"}
+COMPANIES = {"ORG", "PRODUCT"}  # what the NER is right about often enough on a word no dictionary has
 BIRTH = re.compile(r"\b(?:born|birth|birthday|bday|b-day|dob|d\.o\.b|birthdate|date of birth|geboren|née?)\b", re.I)
 BIRTH_WINDOW = 60  # characters before a date in which a word about birth makes it a date of birth
 
@@ -267,6 +270,7 @@ class Detector:
         self.inflected = frozenset(form for pos in ("noun", "verb", "adj", "adv") for form in exceptions.get(pos, {}))
         self.suffixes = tuple({(old, new) for pos in ("noun", "verb", "adj") for old, new in rules.get(pos, []) if old})
         self.stop_words = self.nlp.Defaults.stop_words
+        self.vocabulary = self.lemmas | self.inflected
         self._english = lru_cache(maxsize=1 << 16)(self._in_dictionary)
         self.names, _, _ = gazetteer()
         self.recognizers = [
@@ -339,7 +343,7 @@ class Detector:
         chars = list(text)
         for m in WORD.finditer(text):
             w = m.group()
-            if w.islower() and (w == "i" or self._name_word(w) or self._unknown_word(w) and _person_cue(text, m.start())):
+            if w.islower() and (w == "i" or self._name_word(w) or _person_cue(text, m.start()) and self._unknown_word(w)):
                 chars[m.start()] = w[0].upper()
         for m in re.finditer(r"(?:^|[.!?\n]\s+)([a-z])", text):
             chars[m.start(1)] = m.group(1).upper()
@@ -368,13 +372,17 @@ class Detector:
     def _typo(self, lower: str) -> bool:
         """One edit away from an English word (chat's "carreer", "acheive"); short words are
         left alone, since many short names are one edit from a word ("sven", "elise")."""
-        if len(lower) < TYPO_MIN:
+        if not TYPO_MIN <= len(lower) <= TYPO_MAX:
             return False
         letters = "abcdefghijklmnopqrstuvwxyz"
-        splits = [(lower[:i], lower[i:]) for i in range(len(lower) + 1)]
-        edits = ([a + b[1:] for a, b in splits if b] + [a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1]
-                 + [a + c + b[1:] for a, b in splits if b for c in letters] + [a + c + b for a, b in splits for c in letters])
-        return any(e != lower and self._english(e) and e not in self.names for e in edits)  # not "philipp"
+        for stem in {lower, *(lower.removesuffix(end) for end in ("s", "es", "ed", "ing", "ly") if lower.endswith(end))}:
+            splits = [(stem[:i], stem[i:]) for i in range(len(stem) + 1)]
+            edits = ([a + b[1:] for a, b in splits if b] + [a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1]
+                     + [a + c + b[1:] for a, b in splits if b for c in letters] + [a + c + b for a, b in splits for c in letters])
+            # Set look-ups only (a bounded cost per word); a first name's variant is no typo ("philipp").
+            if any(e != stem and e in self.vocabulary and e not in self.names for e in edits):
+                return True
+        return False
 
     def _name_word(self, word: str) -> bool:
         """A first name that is not also an everyday word."""
@@ -494,13 +502,15 @@ class Detector:
             # (a lone word the NER calls one is as often a name it does not know).
             lone = t.ent_iob_ == "B" and not (t.i + 1 < len(t.doc) and t.doc[t.i + 1].ent_iob_ == "I")
             return (self._unknown(word) and t.pos_ == "PROPN"
-                    and (t.ent_type_ not in OTHER_ENTITIES or lone or t.i in unknown_org))
+                    and (t.ent_type_ not in OTHER_ENTITIES or lone and t.ent_type_ not in COMPANIES or t.i in unknown_org))
         if lower in NOT_NAMES or lower in PLACES or not (known or unknown):
             return False
         # Opening a sentence, or typed in lower case: a name when the tagger reads it as one,
         # a word about a person comes before it, or it is a verb's subject.
         previous = t.doc[t.i - 1] if t.i > 0 else None
         determined = previous is not None and previous.pos_ in ("DET", "ADJ", "NUM", "PRON") and not opening
+        if t.ent_type_ in COMPANIES:  # "Microsoft and the UN met": a company, unless a person is expected
+            return cue
         return cue or t.pos_ == "PROPN" and (known or word[0].isupper()) or subject and not determined
 
     def _surname(self, t, text: str, offset: int) -> bool:
