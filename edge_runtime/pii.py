@@ -87,7 +87,8 @@ RELATION = re.compile(
     r"classmate|student|doctor|landlord|landlady|tenant|client|patient|customer|ex|twin|stepmom|stepdad|babysitter|"
     r"nanny|coach|pal)s?\s+$", re.I)
 # What a lone word the NER reads as a place comes after when it is a place after all.
-LOCATIVE = re.compile(r"\b(?:in|at|to|from|near|into|visit|visited|visiting|around|across|towards?|via|of|and|or)\s+$", re.I)
+LOCATIVE = re.compile(r"(?:\b(?:in|at|to|from|near|into|visit|visited|visiting|around|across|towards?|via|of)"
+                      r"|(?<!\bme)(?<!\bi)(?<!\byou)(?<!\bhim)(?<!\bher)(?<!\bus)\s+(?:and|or))\s+$", re.I)  # not "me and Ana"
 # Chat's interjections, laughs, elongations and abbreviations: never a name.
 CHATTER = re.compile(
     r"[a-z]*([a-z])\1\1[a-z]*|(?:a?h+[ae]+)+h*|(?:h+e+)+|a*h+|h?u+[hm]+|[hm]*m[hm]*|o+h*|a+w+|e+w+|u+g+h*|g+e+z+e*|y+[aeiu]*[hsyp]*"
@@ -180,7 +181,7 @@ DATE = re.compile(
 )
 # NER labels of things other than people: a word inside one is not a name by the proper-noun rule.
 OTHER_ENTITIES = {"ORG", "GPE", "LOC", "NORP", "FAC", "PRODUCT", "EVENT", "WORK_OF_ART", "LANGUAGE", "LAW"}
-COMPANIES = {"ORG", "PRODUCT"}  # what the NER is right about often enough on a word no dictionary has
+COMPANIES = {"ORG", "PRODUCT"}  # what the NER is right about often enough on a lone word no dictionary has
 BIRTH = re.compile(r"\b(?:born|birth|birthday|bday|b-day|dob|d\.o\.b|birthdate|date of birth|geboren|née?)\b", re.I)
 BIRTH_WINDOW = 60  # characters before a date in which a word about birth makes it a date of birth
 
@@ -483,8 +484,10 @@ class Detector:
         following = next((n for n in t.doc[t.i + 1 :] if n.pos_ not in ("ADV", "PART")), None)
         # "Sven is coming", "Agnes just sent", "Igor, can you", "Nicu: are you", "Petr and I":
         # the subject of a verb, a greeting's addressee, one of a pair.
-        subject = following is not None and (following.pos_ in ("VERB", "AUX") or following.text in (",", ":", "&", "'s", "’s")
-                                             or following.lower_ == "and")
+        after = t.doc[following.i + 1] if following is not None and following.i + 1 < len(t.doc) else None
+        subject = following is not None and (
+            following.pos_ in ("VERB", "AUX") or following.text in (",", ":", "'s", "’s")
+            or following.lower_ in ("and", "&") and after is not None and after.lower_ in ("i", "me", "my", "his", "her"))
         # A lone word the small model reads as a place or a people ("in Geneva", "to
         # Georgia", "German") is one after a word about places, or when a dictionary has it;
         # a word no dictionary has is a name as the subject of a verb or after a word about a
@@ -496,7 +499,7 @@ class Detector:
                 return False
         opening = not before.rstrip() or before.rstrip()[-1] in ".!?:;\"\n"
         if word[0].isupper() and not opening:
-            if known or cue and unknown:
+            if known or unknown and (cue or subject):
                 return True
             # A capitalised proper noun that no dictionary holds, and no other kind of entity
             # (a lone word the NER calls one is as often a name it does not know).
@@ -509,8 +512,10 @@ class Detector:
         # a word about a person comes before it, or it is a verb's subject.
         previous = t.doc[t.i - 1] if t.i > 0 else None
         determined = previous is not None and previous.pos_ in ("DET", "ADJ", "NUM", "PRON") and not opening
-        if t.ent_type_ in COMPANIES:  # "Microsoft and the UN met": a company, unless a person is expected
-            return cue
+        # "Microsoft and the UN met": a company, unless it acts like a person; two words no
+        # dictionary has ("Tymon Kral") are a name whatever the NER says.
+        if t.ent_type_ in COMPANIES and not (t.i in unknown_org and following is not None and following.i in unknown_org):
+            return cue or subject and not determined
         return cue or t.pos_ == "PROPN" and (known or word[0].isupper()) or subject and not determined
 
     def _surname(self, t, text: str, offset: int) -> bool:
