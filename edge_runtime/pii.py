@@ -94,7 +94,7 @@ CHATTER = re.compile(
     r"[a-z]*([a-z])\1\1[a-z]*|(?:a?h+[ae]+)+h*|(?:h+e+)+|a*h+|h?u+[hm]+|[hm]*m[hm]*|o+h*|a+w+|e+w+|u+g+h*|g+e+z+e*|y+[aeiu]*[hsyp]*"
     r"|n+a+h*|nope|b+y+e*|l+o+l+|lmf?a+o+|rofl|omf?g|idk|ikr|jk|tbh|imh?o|btw|brb|smh|wtf|ffs|tho|thx|ty|pls|plz|nvm|irl"
     r"|fyi|gonna|wanna|gotta|kinda|sorta|dunno|lemme|gimme|okie|ok+|k+|xd+|yay|woo+|wow+|whoa|oops|ouch|meh|hmph|psst|shh"
-    r"|aha|huh|eh|oi|ah|oh|uh|um|er|erm|hey|hiya|yo|sup|cya|ttyl|gg|np|nm|ur|u|r|thru|cuz|coz|cos|bc|pic|pics|congrats|gotcha",
+    r"|aha|huh|eh|oi|ah|oh|uh|um|er|erm|hey|hiya|yo|sup|cya|ttyl|gg|np|nm|ur|u|r|thru|cuz|coz|cos|bc|pic|pics|congrats|gotcha|hola|ciao|salut|bonjour|aloha|howdy",
     re.I)
 
 # Linear patterns: each starts only where its run starts (a lookbehind), and every
@@ -511,12 +511,13 @@ class Detector:
         # Opening a sentence, or typed in lower case: a name when the tagger reads it as one,
         # a word about a person comes before it, or it is a verb's subject.
         previous = t.doc[t.i - 1] if t.i > 0 else None
-        determined = previous is not None and previous.pos_ in ("DET", "ADJ", "NUM", "PRON") and not opening
+        if not cue and not opening and previous is not None and previous.pos_ in ("DET", "ADJ", "NUM", "PRON"):
+            return False  # "a pretty good cliff", "the dime"
         # "Microsoft and the UN met": a company, unless it acts like a person; two words no
         # dictionary has ("Tymon Kral") are a name whatever the NER says.
         if t.ent_type_ in COMPANIES and not (t.i in unknown_org and following is not None and following.i in unknown_org):
-            return cue or subject and not determined
-        return cue or t.pos_ == "PROPN" and (known or word[0].isupper()) or subject and not determined
+            return cue or subject
+        return cue or t.pos_ == "PROPN" and (known or word[0].isupper()) or subject
 
     def _surname(self, t, text: str, offset: int) -> bool:
         word = text[offset + t.idx : offset + t.idx + len(t)]
