@@ -86,6 +86,8 @@ RELATION = re.compile(
     r"manager|colleague|coworker|co-worker|neighbou?r|teacher|tutor|kid|baby|roommate|flatmate|housemate|buddy|mate|"
     r"classmate|student|doctor|landlord|landlady|tenant|client|patient|customer|ex|twin|stepmom|stepdad|babysitter|"
     r"nanny|coach|pal)s?\s+$", re.I)
+# Words that a person, not a thing, follows: "tell jack", "hi mark".
+ADDRESSED = re.compile(r"\b(?:tell|ask|call|text|remind|invite|meet|met|thank|thanks|dear|hi|hello|hey)\s+$", re.I)
 # What a lone word the NER reads as a place comes after when it is a place after all.
 LOCATIVE = re.compile(r"(?:\b(?:in|at|to|from|near|into|visit|visited|visiting|around|across|towards?|via|of)"
                       r"|(?<!\bme)(?<!\bi)(?<!\byou)(?<!\bhim)(?<!\bher)(?<!\bus)\s+(?:and|or))\s+$", re.I)  # not "me and Ana"
@@ -506,8 +508,10 @@ class Detector:
             lone = t.ent_iob_ == "B" and not (t.i + 1 < len(t.doc) and t.doc[t.i + 1].ent_iob_ == "I")
             return (self._unknown(word) and t.pos_ == "PROPN"
                     and (t.ent_type_ not in OTHER_ENTITIES or lone and t.ent_type_ not in COMPANIES or t.i in unknown_org))
-        if lower in NOT_NAMES or lower in PLACES or not (known or unknown):
+        if lower in NOT_NAMES or lower in PLACES:
             return False
+        if not (known or unknown):  # a first name that is also a word ("jack"): only where a person is addressed
+            return lower in self.names and (ADDRESSED.search(before) is not None or RELATION.search(before) is not None)
         # Opening a sentence, or typed in lower case: a name when the tagger reads it as one,
         # a word about a person comes before it, or it is a verb's subject.
         previous = t.doc[t.i - 1] if t.i > 0 else None
