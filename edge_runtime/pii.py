@@ -471,7 +471,7 @@ class Detector:
     def _unknown(self, word: str) -> bool:
         """Capitalised (not all capitals) and in no dictionary: a proper noun."""
         lower = word.lower()
-        return word[:1].isupper() and not word.isupper() and lower not in self.words and lower not in self.nouns
+        return word[:1].isupper() and not word.isupper() and not self._english(lower)
 
     def _is_name(self, t, text: str, offset: int, person: set[int], unknown_org: set[int]) -> bool:
         at = offset + t.idx
