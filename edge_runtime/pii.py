@@ -284,7 +284,8 @@ class Detector:
         self.stop_words = self.nlp.Defaults.stop_words
         self.vocabulary = self.lemmas | self.inflected
         self._english = lru_cache(maxsize=1 << 16)(self._in_dictionary)
-        self.names, _, _ = gazetteer()
+        self.names, _, surnames = gazetteer()
+        self.surnames = frozenset(n.lower() for n in surnames)
         self.recognizers = [
             (CreditCardRecognizer(), "card"), (IbanRecognizer(), "iban"), (IpRecognizer(), "ip"),
             (_OfflineEmail.make(), "email"), (UsSsnRecognizer(), "ssn"),
@@ -464,8 +465,9 @@ class Detector:
         words = [t for t in ent if t.is_alpha]
         if not words:
             return False
-        if len(words) == 1 and words[0].lower_ in NOT_SURNAMES:
-            return False
+        if len(words) == 1 and (words[0].lower_ in NOT_SURNAMES or self._english(words[0].lower_)
+                                and words[0].lower_ not in self.names and words[0].lower_ not in self.surnames):
+            return False  # "send Learning suite messages"
         return any(t.pos_ == "PROPN" or t.lower_ in self.names for t in words)
 
     def _unknown(self, word: str) -> bool:
