@@ -21,7 +21,7 @@ import torch
 
 from fedsea_shared import defaults
 from fedsea_shared.prefix import PrefixHasher, run_key
-from fedsea_shared.protocol import ErrorCode, ProtocolError
+from fedsea_shared.protocol import ErrorCode, Load, ProtocolError
 from fedsea_shared.shard import warm_linear_kernels
 from fedsea_shared.threads import run_here, serial
 
@@ -272,6 +272,9 @@ class Engine:
         self.metrics.prefix_evictions.set(stats["evictions"])
         self.metrics.sessions.set(len(self.sessions))
         self.metrics.queue_depth.set(len(self.scheduler))
+        # Read by the websocket side for Welcome/Opened/Closed (one reference swap: no lock).
+        self.load = Load(sessions=len(self.sessions), waiting=self.scheduler.blocked() + len(self._opens),
+                         free_blocks=stats["free"] + stats["evictable"], blocks=self.pool.allocator.num_blocks)
 
     # ---- commands (run on the worker thread) -------------------------------------------
 

@@ -130,6 +130,10 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self.queue)
 
+    def blocked(self) -> int:
+        """Steps waiting for KV blocks (or their tenant's quota) to start."""
+        return sum(w.blocked_since is not None for w in self.queue)
+
     def arrival(self) -> int:
         """The priority of a session opening now: after every session opened before."""
         return next(self._arrivals)
