@@ -211,6 +211,17 @@ class AsyncEdgeClient:
         fresh = conn.load is not None and time.monotonic() - conn.load_at <= LOAD_TTL_S
         return Occupancy(len(conn.sessions), conn.load if fresh else None)
 
+    def server_stats(self) -> dict[str, dict]:
+        """Each server's load as this edge sees it: its own sessions there, the server's
+        latest report (None: none fresh), whether it is banned, and the sessions opened on
+        it since start, on their conversation's own server ("home") or not ("away")."""
+        stats = {}
+        for url in self.servers.urls:
+            occupancy = self.occupancy(url)
+            stats[url] = {"sessions": occupancy.own, "reported": occupancy.reported, "banned": self.servers.banned(url),
+                          "opens": {where: self.servers.opens[url, where] for where in ("home", "away")}}
+        return stats
+
     def stats(self) -> dict:
         """The decode loops' iterations, rows decoded through them and the most rows in one
         iteration (summed over adapters), and the base model's worker's batches."""

@@ -230,6 +230,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def prometheus() -> Response:
         if backend.client is not None:
             metrics.observe_edge_prefixes(backend.client.prefixes.stats())
+            metrics.observe_servers(backend.client.server_stats())
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     paths = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses",

@@ -78,7 +78,7 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self.quota = quota
-        self.scheduler = Scheduler(pool, settings.token_budget, settings.wait_timeout)
+        self.scheduler = Scheduler(pool, settings.token_budget, settings.wait_timeout, quota)
         self.sessions: dict[Hashable, Session] = {}
         self._opens: list[tuple[Hashable, _OpenRequest, Future, float]] = []  # waiting for capacity
         self._next_idle_sweep = 0.0
@@ -228,8 +228,6 @@ class Engine:
         its next one) fails with `preempted`, and its edge reopens it and sends again."""
         log.info("session %s preempted: its KV blocks went to an older session", session.key)
         self.metrics.preemptions.inc()
-        if self.quota is not None:
-            self.quota.release(session.key)
         if work is not None:
             self._fail_future(work.future, _preempted_error(session.key[-1]))
 
@@ -313,7 +311,12 @@ class Engine:
         a copy of the rows after them that a cached block starts with (the digests match
         only if their bytes do); resolve to the tokens held."""
         prefix, partial = spec.prefix, spec.partial
-        hits = self.pool.share_prefix(session.table, prefix) if prefix else 0
+        # Blocks taken up are held like any other: charged now, and no more than the
+        # tenant's quota has room for (the edge sends the rest again).
+        room = self.quota.room(session.key) if self.quota is not None else len(prefix)
+        hits = self.pool.share_prefix(session.table, prefix[:max(0, room)]) if prefix else 0
+        if self.quota is not None:
+            self.quota.reserve(session.key, hits)
         rows = 0
         if partial and hits == len(prefix):
             # The copy is a block of the session's own: charged to its tenant now, not at its first step.
@@ -368,10 +371,13 @@ class Engine:
                 f"{self.pool.allocator.num_blocks} (a shorter context, or a server with more --kv-cache-memory)",
                 sid,
             ))
-        if self.quota is not None:
-            refusal = self.quota.reserve(key, blocks)
-            if refusal:
-                return self._fail_future(fut, ProtocolError(ErrorCode.LIMIT, refusal, sid))
+        if self.quota is not None and blocks > self.quota.limit:  # over it for now: it waits (scheduler)
+            return self._fail_future(fut, ProtocolError(
+                ErrorCode.LIMIT,
+                f"the session would hold {blocks} KV blocks after this step; this tenant's whole quota is "
+                f"{self.quota.limit} (a shorter context, or a server with a larger --kv-quota)",
+                sid,
+            ))
         session.last_active = time.monotonic()
         session.work = StepWork(session, hidden, length, fut)
         self.scheduler.add(session.work)
