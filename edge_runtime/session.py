@@ -10,10 +10,11 @@ to the server's cache (block keys), so a server that still holds them is not sen
 
 A session is the unit of failover: when its connection drops or its server sends an
 invalid reply, it reopens on the server the client's policy picks next (edge_runtime.servers)
-and replays there; the policy places it by its affinity key, the key of its conversation's
-first private block (`affinity`), so a conversation's turns meet their prefix cache; when its server preempts it (ErrorCode.PREEMPTED), it reopens the same
-server session (Open.reopen: it keeps its place in the server's queue), and the server
-answers what it still caches.  Either way the step goes on and returns
+and replays there (the policy places it by its affinity key, the key of its
+conversation's first private block, so a conversation's turns meet their prefix cache);
+when its server preempts it (ErrorCode.PREEMPTED), it reopens the same server session
+(Open.reopen: it keeps its place in the server's queue), and the server answers what it
+still caches.  Either way the step goes on and returns
 what it would have: the caller sees a delay.  Replays longer than the server's
 `max_message_bytes` go as several Steps at consecutive positions.
 """

@@ -158,7 +158,6 @@ class Scheduler:
         budget = self.token_budget
         head_waits = False  # a waiting step found no room: no newer waiting one may start before it
         quota_waits: set[Hashable] = set()  # tenants whose waiting step is over their quota: the same, per tenant
-        ran: set[Hashable] = set()  # tenants with chunks in this tick
         for work in order:
             if budget == 0:
                 break
@@ -186,10 +185,10 @@ class Scheduler:
                     continue
             n = min(work.remaining, budget)
             tick.chunks.append(Chunk(work, work.done, work.done + n))
-            ran.add(tenant)
             budget -= n
         # Blocks will come free where steps run, so waiting there is no timeout: anywhere
         # for the pool, in the tenant's own sessions for its quota.
+        ran = {self._tenant(c.session) for c in tick.chunks}
         for work in self.queue:
             if work.blocked_since is not None and ran and (not work.over_quota or self._tenant(work.session) in ran):
                 work.blocked_since = now
