@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator
 
@@ -45,7 +46,7 @@ from .model import EdgeModel, EdgeWorker, SequenceCache
 from .prefix_cache import Prefix, PrefixStore
 from .pseudonyms import Pseudonymizer, PseudonymizedPrompt, Pseudonyms, chat_text, output_text
 from .sampling import SamplingParams, score_prompt
-from .servers import NoOtherServer, ServerList
+from .servers import LOAD_TTL_S, NoOtherServer, Occupancy, ServerList
 from .settings import EdgeSettings
 from .session import InferenceSession
 from .text import IncrementalDetokenizer, StopMatcher
@@ -127,11 +128,14 @@ class AsyncEdgeClient:
         """Whether a connection to some server is up now (no reconnect is attempted)."""
         return any(not c.closed for c in self._conns.values())
 
-    async def connection(self, failed: ServerConnection | None = None, elsewhere: bool = False) -> ServerConnection:
-        """The shared connection to the best server now, (re)connected on demand.
-        `failed`: a connection a session found broken or misbehaving: its server is
-        banned for a while and the connection closed (its other sessions fail over too);
-        `elsewhere`: never that server (NoOtherServer if the list has no other)."""
+    async def connection(self, failed: ServerConnection | None = None, elsewhere: bool = False,
+                         affinity: bytes | None = None) -> ServerConnection:
+        """The shared connection to the best server now, (re)connected on demand: the least
+        loaded, or with `affinity` (a session's conversation key) the conversation's own
+        server where its load allows (edge_runtime.servers).  `failed`: a connection a
+        session found broken or misbehaving: its server is banned for a while and the
+        connection closed (its other sessions fail over too); `elsewhere`: never that
+        server (NoOtherServer if the list has no other)."""
         if self._connect_lock is None:
             self._connect_lock = asyncio.Lock()
         async with self._connect_lock:
@@ -143,22 +147,23 @@ class AsyncEdgeClient:
                 self.servers.failed(failed.url)
                 await failed.close()
             error: Exception | None = None
-            for url in self.servers.order(avoid):
+            for url in self.servers.order(avoid, affinity, self.occupancy):
                 conn = self._conns.get(url)
-                if conn is not None and not conn.closed:
-                    return conn
-                try:
-                    conn = await ServerConnection.connect(
-                        url, self.hello, self.settings.server_api_key, max_step_tokens=self.config.max_position_embeddings,
-                        server_ca=self.settings.server_ca,
-                    )
-                except (OSError, TimeoutError, WebSocketException, ServerError) as e:  # down, or refused this edge
-                    log.warning("server runtime %s: %s", url, e)
-                    self.servers.failed(url)
-                    error = e
-                    continue
-                self._check_welcome(conn)
-                self._conns[url] = conn
+                if conn is None or conn.closed:
+                    try:
+                        conn = await ServerConnection.connect(
+                            url, self.hello, self.settings.server_api_key,
+                            max_step_tokens=self.config.max_position_embeddings, server_ca=self.settings.server_ca,
+                        )
+                    except (OSError, TimeoutError, WebSocketException, ServerError) as e:  # down, refused this edge, or broken
+                        log.warning("server runtime %s: %s", url, e)
+                        self.servers.failed(url)
+                        error = e
+                        continue
+                    self._check_welcome(conn)
+                    self._conns[url] = conn
+                if affinity is not None:
+                    self.servers.opened(url, affinity)
                 return conn
             raise error
 
@@ -172,6 +177,26 @@ class AsyncEdgeClient:
         missing = sorted(set(s.adapters) - set(w.adapters or []))
         if missing:
             log.error("%s does not serve adapters %s: requests for them will fail", conn.url, missing)
+
+    def occupancy(self, url: str) -> Occupancy:
+        """Server `url`'s load as this edge knows it: its sessions there, and the server's
+        latest report while it is fresh."""
+        conn = self._conns.get(url)
+        if conn is None or conn.closed:
+            return Occupancy()
+        fresh = conn.load is not None and time.monotonic() - conn.load_at <= LOAD_TTL_S
+        return Occupancy(len(conn.sessions), conn.load if fresh else None)
+
+    def server_stats(self) -> dict[str, dict]:
+        """Each server's load as this edge sees it: its own sessions there, the server's
+        latest report (None: none fresh), whether it is banned, and the sessions opened on
+        it since start, on their conversation's own server ("home") or not ("away")."""
+        stats = {}
+        for url in self.servers.urls:
+            occupancy = self.occupancy(url)
+            stats[url] = {"sessions": occupancy.own, "reported": occupancy.reported, "banned": self.servers.banned(url),
+                          "opens": {where: self.servers.opens[url, where] for where in ("home", "away")}}
+        return stats
 
     def stats(self) -> dict:
         """The decode loops' iterations, rows decoded through them and the most rows in one
@@ -344,10 +369,12 @@ class AsyncEdgeClient:
                                    prior.digests[:m] if prior is not None else [],
                                    public_prefix_len(prompt_ids, self.public_ids))
         try:
-            await session.open(upto=reuse)
+            # The states first: they place the session among the servers (its affinity key).
             new = torch.tensor(prompt_ids[m:], dtype=torch.long)
             hidden = await worker.head(cache, m, new) if m < n else torch.empty(0, self.config.hidden_size, dtype=worker.model.dtype)
-            out = await session.step(hidden, prompt_ids[m:])
+            session.keep(hidden, prompt_ids[m:])
+            await session.open(upto=reuse)
+            out = await session.step(hidden[:0], [])
             logits = await worker.tail(cache, reuse, out[out.shape[0] - (n - reuse):], every=scored is not None)
         except BaseException:
             await asyncio.shield(session.close())
@@ -366,8 +393,8 @@ class AsyncEdgeClient:
             chain.seek(prior_digests[-1], len(prior_digests))
         hello = self.hello
         root = prefix_root(hello.num_layers, hello.hidden_size, hello.layers, hello.dtype, adapter)
-        return InferenceSession(self.connection, noise, chain, root, prior, prior_digests, adapter=adapter,
-                                public=public)
+        return InferenceSession(self.connection, noise, chain, root, WIRE_DTYPES[self.settings.wire_dtype], prior, prior_digests,
+                                adapter=adapter, public=public)
 
 
 def _public_prefix_ids(tokenizer) -> list[int]:

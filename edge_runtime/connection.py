@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import ssl
+import time
 
 import torch
 from websockets.asyncio.client import ClientConnection, connect
@@ -36,6 +37,7 @@ from fedsea_shared.protocol import (
     ErrorCode,
     Fork,
     Hello,
+    Load,
     Open,
     Opened,
     Output,
@@ -125,6 +127,11 @@ class ServerConnection:
         self._reader = asyncio.get_running_loop().create_task(self._read())
         self.closed = False
         self._faults = 0  # undecodable frames and errors from the server, for the log limit
+        # This edge's sessions open (or opening) on this server: its own count of the
+        # server's load, which no figure the server reports can lower.
+        self.sessions: set[int] = set()
+        self.load: Load | None = welcome.load  # the server's latest report of its load
+        self.load_at = time.monotonic()  # when it came
 
     @classmethod
     async def connect(
@@ -152,6 +159,9 @@ class ServerConnection:
         try:
             await ws.send(encode(hello))
             message, _ = decode(await ws.recv())
+        except ProtocolError as e:
+            await ws.close()
+            raise BadReply(f"undecodable welcome: {e}") from None
         except BaseException:
             await ws.close()
             raise
@@ -173,13 +183,29 @@ class ServerConnection:
         keys = [k.hex() for k in prefix] if prefix else None
         rows = [d.hex() for d in partial] if partial else None
         open_ = Open(sid=sid, noise=noise, adapter=adapter, prefix=keys, partial=rows, reopen=reopen)
-        message, _ = await self._request(sid, encode(open_), Opened)
-        return message.cached
+        return await self._open(sid, open_)
 
     async def fork(self, sid: int, parent: int) -> int:
         """Open `sid` as a copy of session `parent`; returns its length."""
-        message, _ = await self._request(sid, encode(Fork(sid=sid, parent=parent)), Opened)
+        return await self._open(sid, Fork(sid=sid, parent=parent))
+
+    async def _open(self, sid: int, request: Open | Fork) -> int:
+        """Counted as this server's from the moment it is asked for (concurrent opens see
+        it), until it is refused or closed (a cancelled open stays counted: the server may
+        open it all the same, and its session closes it; a refused reopen leaves it open)."""
+        self.sessions.add(sid)
+        try:
+            message, _ = await self._request(sid, encode(request), Opened)
+        except ServerError:
+            if not (isinstance(request, Open) and request.reopen):
+                self.sessions.discard(sid)
+            raise
+        self._reported(message.load)
         return message.cached
+
+    def _reported(self, load: Load | None) -> None:
+        if load is not None:
+            self.load, self.load_at = load, time.monotonic()
 
     async def step(self, sid: int, pos: int, hidden: torch.Tensor) -> torch.Tensor:
         """The middle blocks' output for session `sid`'s states at [pos, pos + n).  Steps
@@ -218,8 +244,12 @@ class ServerConnection:
                     self._fail(sid, ConnectionLost() if isinstance(e, ConnectionClosed) else e)
 
     async def close_session(self, sid: int) -> None:
-        if not self.closed:
-            await self._request(sid, encode(Close(sid=sid)), Closed)
+        try:
+            if not self.closed:
+                message, _ = await self._request(sid, encode(Close(sid=sid)), Closed)
+                self._reported(message.load)
+        finally:
+            self.sessions.discard(sid)
 
     async def close(self) -> None:
         self.closed = True

@@ -10,9 +10,11 @@ to the server's cache (block keys), so a server that still holds them is not sen
 
 A session is the unit of failover: when its connection drops or its server sends an
 invalid reply, it reopens on the server the client's policy picks next (edge_runtime.servers)
-and replays there; when its server preempts it (ErrorCode.PREEMPTED), it reopens the same
-server session (Open.reopen: it keeps its place in the server's queue), and the server
-answers what it still caches.  Either way the step goes on and returns
+and replays there (the policy places it by its affinity key, the key of its
+conversation's first private block, so a conversation's turns meet their prefix cache);
+when its server preempts it (ErrorCode.PREEMPTED), it reopens the same server session
+(Open.reopen: it keeps its place in the server's queue), and the server answers what it
+still caches.  Either way the step goes on and returns
 what it would have: the caller sees a delay.  Replays longer than the server's
 `max_message_bytes` go as several Steps at consecutive positions.
 """
@@ -35,26 +37,33 @@ from .servers import NoOtherServer
 log = logging.getLogger("fedsea.edge.session")
 
 PREEMPTION_BACKOFF_S = 0.05  # the first wait before reopening a preempted session; doubles, up to 1 s
+# Rows per block of the affinity key: the servers' default KV block size.  The key never
+# leaves the edge, so it need not follow any one server's --block-size.
+AFFINITY_BLOCK = 16
 
 
 class Connector(Protocol):
-    def __call__(self, failed: ServerConnection | None = None, elsewhere: bool = False) -> Awaitable[ServerConnection]:
-        """A live connection to the best server now.  `failed`: a connection this session
-        found broken (its server is banned for a while); `elsewhere`: not to that server
-        (it misbehaved), raising NoOtherServer if there is no other."""
+    def __call__(self, failed: ServerConnection | None = None, elsewhere: bool = False,
+                 affinity: bytes | None = None) -> Awaitable[ServerConnection]:
+        """A live connection to the best server now for a session with this affinity key.
+        `failed`: a connection this session found broken (its server is banned for a
+        while); `elsewhere`: not to that server (it misbehaved), raising NoOtherServer if
+        there is no other."""
 
 
 class InferenceSession:
     """`chain` is the noise chain positioned after `prior` (the states this edge sent
     before for the same token prefix, or None, with their noise digests); `root` is the
-    prefix-key root; `public`: leading positions holding only public template tokens.
-    `max_retries`: failovers per request; `max_preemptions`: reopens after preemption."""
+    prefix-key root; `wire_dtype`: the dtype states are sent in; `public`: leading positions
+    holding only public template tokens.  `max_retries`: failovers per request;
+    `max_preemptions`: reopens after preemption."""
 
-    def __init__(self, connect: Connector, noise: float, chain: NoiseChain, root: bytes,
+    def __init__(self, connect: Connector, noise: float, chain: NoiseChain, root: bytes, wire_dtype: torch.dtype,
                  prior: torch.Tensor | None = None, prior_digests: list[bytes] = (), max_retries: int = 2,
                  adapter: str | None = None, public: int = 0, max_preemptions: int = 10):
         self._connect = connect
         self.noise = noise
+        self.wire_dtype = wire_dtype
         self.public = public  # leading positions holding only public template tokens: sent un-noised
         self.adapter = adapter  # the fine-tuned model the server runs for this session
         self.chain = chain
@@ -88,10 +97,27 @@ class InferenceSession:
             need -= parts[-1].shape[0]
         return parts[0] if len(parts) == 1 else torch.cat(parts[::-1])
 
+    @property
+    def affinity(self) -> bytes | None:
+        """The key that places this session among servers: the block-key chain
+        (fedsea_shared.prefix) over the states kept, through the end of the first block
+        holding a private (noised) row, or through the last state if they end before.
+        Every turn of a conversation starts with the same states, so has the same key
+        (unless its first turn ended inside that block); conversations that share only
+        the public template do not.  None before any state is kept."""
+        sent = self.sent
+        if sent is None:
+            return None
+        end = min(sent.shape[0], (self.public // AFFINITY_BLOCK + 1) * AFFINITY_BLOCK)
+        hasher = PrefixHasher(self.root, AFFINITY_BLOCK)
+        hasher.extend(sent[:end])
+        return hasher.pending_keys[-1] if hasher.pending else hasher.keys[-1]
+
     async def open(self, upto: int | None = None) -> "InferenceSession":
         """`upto`: the first position whose output the caller will need (default: the last
-        state sent before); the server may hold everything below it."""
-        self.conn = await self._connect()
+        state kept before); the server may hold everything below it.  States kept before
+        opening (`keep`) place the session (`affinity`)."""
+        self.conn = await self._connect(affinity=self.affinity)
         await self._survive(lambda: self._attach(upto))
         return self
 
@@ -139,7 +165,7 @@ class InferenceSession:
 
     async def fork(self) -> "InferenceSession":
         """A second server session with this one's tokens, sharing its KV blocks."""
-        twin = InferenceSession(self._connect, self.noise, self.chain.fork(), self.root, self.sent,
+        twin = InferenceSession(self._connect, self.noise, self.chain.fork(), self.root, self.wire_dtype, self.sent,
                                 self.digests, self.max_retries, self.adapter, self.public, self.max_preemptions)
         twin.conn = self.conn
         sid = self.conn.new_sid()
@@ -160,17 +186,21 @@ class InferenceSession:
             raise BadReply(f"a fork of a {self.position}-token session holds {twin.position}")
         return twin
 
-    async def step(self, hidden: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
-        """Noise and send the next tokens' hidden states, after any stored states the
-        server does not hold yet; return the middle blocks' output for everything this
-        call sends (what the server lacked, then the new tokens)."""
+    def keep(self, hidden: torch.Tensor, token_ids: list[int]) -> None:
+        """Noise the next tokens' hidden states and keep them for the next step to send."""
         digests = self.chain.extend(token_ids)
         noised = keep_public(add_keyed_noise(hidden, self.noise, digests), hidden, self.length, self.public)
-        noised = noised.to(self.conn.wire_dtype)
+        noised = noised.to(self.wire_dtype)
         if noised.shape[0]:
             self._sent.append(noised)
             self.length += noised.shape[0]
             self.digests += digests
+
+    async def step(self, hidden: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+        """Noise and send the next tokens' hidden states (none: send only what was kept),
+        after any stored states the server does not hold yet; return the middle blocks'
+        output for everything this call sends (what the server lacked, then the new tokens)."""
+        self.keep(hidden, token_ids)
         start = self.position
 
         async def send() -> torch.Tensor:
@@ -220,7 +250,8 @@ class InferenceSession:
                         raise
                     log.warning("%s at position %d (%s); reopening the session", e.message, self.position, self.conn.url)
                     try:
-                        self.conn = await self._connect(self.conn, elsewhere=isinstance(e, BadReply))
+                        self.conn = await self._connect(self.conn, elsewhere=isinstance(e, BadReply),
+                                                        affinity=self.affinity)
                     except NoOtherServer:
                         raise e from None
                     self.sid, self.preempted = None, False

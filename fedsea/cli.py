@@ -126,7 +126,8 @@ def _server_security_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queued-bytes", type=_bytes, default=s.max_queued_bytes,
                    help=f"input of one connection waiting for replies (default: {_size(s.max_queued_bytes)})")
     g.add_argument("--kv-quota", type=float, default=s.kv_quota,
-                   help="share of the KV pool one API key (without keys: one connection) may hold (default: %(default)s)")
+                   help="share of the KV pool one API key (without keys: one connection) may hold; past it, its steps "
+                        "wait (default: %(default)s)")
     g.add_argument("--enable-training", action="store_true", help="serve split fine-tuning (train_*) requests")
     g.add_argument("--training-memory", type=_bytes, default=t.memory,
                    help=f"memory for training adapters, optimizer and autograd state, all jobs (default: {_size(t.memory)})")
@@ -202,8 +203,9 @@ def _gateway_parser(sub) -> None:
     _split_args(p)
     _edge_args(p)
     p.add_argument("--server", action="append", metavar="URL",
-                   help="websocket URL of a server runtime; repeat for servers of the same model and cut to fail over "
-                        f"between (a session whose server dies goes on on another; default: {EdgeSettings.server_url})")
+                   help="websocket URL of a server runtime; repeat for replicas of the same model and cut: sessions go "
+                        "to the least loaded, a conversation's turns to the server of its first, and a session whose "
+                        f"server dies goes on on another (default: {EdgeSettings.server_url})")
     g = p.add_argument_group("TLS")
     g.add_argument("--server-ca", metavar="FILE", help="PEM file verifying a wss:// --server: a private CA or the server's "
                                                        "self-signed certificate (default: the system trust store)")

@@ -21,7 +21,7 @@ import orjson
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-PROTOCOL_VERSION = 5  # docs/protocol.md lists what each version changed
+PROTOCOL_VERSION = 6  # docs/protocol.md lists what each version changed
 MAX_PREFIX_KEYS = 384  # block keys an Open may name (32 hex digits each; fits the header limit)
 MAX_PARTIAL_ROWS = 63  # row digests an Open may name after them (32 hex digits each; with 384 keys the header still fits)
 MAX_HEADER_BYTES = 16 * 1024
@@ -173,6 +173,25 @@ class Close(_Message):
 # ---- server -> edge ------------------------------------------------------------------
 
 
+class Load(_Message):
+    """What a server runtime reports of its own load, for an edge choosing among replicas
+    (edge_runtime.servers): its open sessions (of every edge), the steps and opens waiting
+    for KV blocks or a tenant's quota, and its KV pool's free (or evictable) and total blocks.
+    A claim, not a fact: an edge counts its own sessions and never takes the figure as
+    less load than that."""
+
+    sessions: Annotated[int, Field(ge=0, lt=2**53)]
+    waiting: Annotated[int, Field(ge=0, lt=2**53)]
+    free_blocks: Annotated[int, Field(ge=0, lt=2**53)]
+    blocks: Annotated[int, Field(ge=1, lt=2**53)]
+
+    @model_validator(mode="after")
+    def _fits(self) -> "Load":
+        if self.free_blocks > self.blocks:
+            raise ValueError(f"{self.free_blocks} free blocks of {self.blocks}")
+        return self
+
+
 class Welcome(_Message):
     type: Literal["welcome"] = "welcome"
     v: int = PROTOCOL_VERSION
@@ -187,6 +206,7 @@ class Welcome(_Message):
     # Fine-tuned adapters a session may open with, by name; None (left off the wire, so
     # edges that predate adapters still parse the welcome) when the server serves none.
     adapters: list[str] | None = None
+    load: Load | None = None
 
 
 class Opened(_Message):
@@ -196,6 +216,7 @@ class Opened(_Message):
     type: Literal["opened"] = "opened"
     sid: int
     cached: int = 0
+    load: Load | None = None  # the server's load after opening it
 
 
 class Output(_Rows):
@@ -208,6 +229,7 @@ class Output(_Rows):
 class Closed(_Message):
     type: Literal["closed"] = "closed"
     sid: int
+    load: Load | None = None  # the server's load after closing it
 
 
 class Error(_Message):

@@ -230,6 +230,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def prometheus() -> Response:
         if backend.client is not None:
             metrics.observe_edge_prefixes(backend.client.prefixes.stats())
+            metrics.observe_servers(backend.client.server_stats())
         body = metrics.render()
         if settings.server_metrics is not None:  # `fedsea serve`: the embedded server runtime's too
             body += settings.server_metrics()

@@ -28,6 +28,30 @@ class GatewayMetrics:
             )
         }
 
+        # Each server runtime's load as the edge sees it (AsyncEdgeClient.server_stats), at scrape time.
+        server = ["server"]
+        self.server_sessions = Gauge("fedsea_gateway_server_sessions", "This edge's sessions open on the server", server, registry=r)
+        self.server_reported = {
+            key: Gauge(f"fedsea_gateway_server_reported_{key}", help, server, registry=r) for key, help in (
+                ("sessions", "Sessions the server reports open (all edges; -1: no fresh report)"),
+                ("waiting", "Steps and opens the server reports waiting for KV blocks (-1: no fresh report)"),
+                ("free_blocks", "KV blocks the server reports free or evictable (-1: no fresh report)"),
+            )
+        }
+        self.server_banned = Gauge("fedsea_gateway_server_banned", "1 while the server is banned after a failure", server, registry=r)
+        self.server_opens = Gauge("fedsea_gateway_server_opens", "Sessions opened on the server since start, on their "
+                                  "conversation's own server (affinity=home) or another (away: it was loaded or banned)",
+                                  ["server", "affinity"], registry=r)
+
+    def observe_servers(self, stats: dict[str, dict]) -> None:
+        for url, s in stats.items():
+            self.server_sessions.labels(url).set(s["sessions"])
+            for key, gauge in self.server_reported.items():
+                gauge.labels(url).set(-1 if s["reported"] is None else getattr(s["reported"], key))
+            self.server_banned.labels(url).set(int(s["banned"]))
+            for where, n in s["opens"].items():
+                self.server_opens.labels(url, where).set(n)
+
     def observe_edge_prefixes(self, stats: dict[str, int]) -> None:
         for key, gauge in self.edge_prefix.items():
             gauge.set(stats[key])

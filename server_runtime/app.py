@@ -439,6 +439,7 @@ class ServerRuntime:
                 layers=expected, dtype=hello.dtype, noise_min=s.noise_min, noise_max=s.noise_max,
                 max_context=s.engine.max_context, max_sessions=s.max_sessions_per_connection,
                 max_message_bytes=s.max_message_bytes, block_size=s.block_size, adapters=list(s.adapters) or None,
+                load=self.engine.load,
             )))
             return
         await self._refuse(conn, error, fatal=error.code != ErrorCode.BAD_FRAME)
@@ -485,7 +486,7 @@ class ServerRuntime:
                     conn.sessions.discard(msg.sid)
                     self._forget_session(conn, msg.sid)
                 raise
-            await conn.ws.send(encode(Opened(sid=msg.sid, cached=cached)))
+            await conn.ws.send(encode(Opened(sid=msg.sid, cached=cached, load=self.engine.load)))
         except ProtocolError as e:
             e.sid = msg.sid
             await self._refuse(conn, e)
@@ -558,7 +559,7 @@ class ServerRuntime:
         conn.sessions.discard(msg.sid)
         self._forget_session(conn, msg.sid)
         await asyncio.wrap_future(self.engine.close(conn.key(msg.sid)))
-        await conn.ws.send(encode(Closed(sid=msg.sid)))
+        await conn.ws.send(encode(Closed(sid=msg.sid, load=self.engine.load)))
 
 
 async def run_server(settings: ServerSettings) -> None:

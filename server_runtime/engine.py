@@ -22,7 +22,7 @@ import torch
 
 from fedsea_shared import defaults
 from fedsea_shared.prefix import PrefixHasher, run_key
-from fedsea_shared.protocol import ErrorCode, ProtocolError
+from fedsea_shared.protocol import ErrorCode, Load, ProtocolError
 from fedsea_shared.threads import run_here, serial
 
 from .kv_pool import BlockTable
@@ -81,7 +81,7 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self.quota = quota
-        self.scheduler = Scheduler(self.pool, settings.token_budget, settings.wait_timeout)
+        self.scheduler = Scheduler(self.pool, settings.token_budget, settings.wait_timeout, quota)
         self.sessions: dict[Hashable, Session] = {}
         self._opens: list[tuple[Hashable, _OpenRequest, Future, float]] = []  # waiting for capacity
         self._next_idle_sweep = 0.0
@@ -239,8 +239,6 @@ class Engine:
         its next one) fails with `preempted`, and its edge reopens it and sends again."""
         log.info("session %s preempted: its KV blocks went to an older session", session.key)
         self.metrics.preemptions.inc()
-        if self.quota is not None:
-            self.quota.release(session.key)
         if work is not None:
             self._fail_future(work.future, _preempted_error(session.key[-1]))
 
@@ -283,6 +281,9 @@ class Engine:
         self.metrics.prefix_evictions.set(stats["evictions"])
         self.metrics.sessions.set(len(self.sessions))
         self.metrics.queue_depth.set(len(self.scheduler))
+        # Read by the websocket side for Welcome/Opened/Closed (one reference swap: no lock).
+        self.load = Load(sessions=len(self.sessions), waiting=self.scheduler.blocked() + len(self._opens),
+                         free_blocks=stats["free"] + stats["evictable"], blocks=self.pool.allocator.num_blocks)
 
     # ---- commands (run on the worker thread) -------------------------------------------
 
@@ -321,7 +322,12 @@ class Engine:
         a copy of the rows after them that a cached block starts with (the digests match
         only if their bytes do); resolve to the tokens held."""
         prefix, partial = spec.prefix, spec.partial
-        hits = self.pool.share_prefix(session.table, prefix) if prefix else 0
+        # Blocks taken up are held like any other: charged now, and no more than the
+        # tenant's quota has room for (the edge sends the rest again).
+        room = self.quota.room(session.key) if self.quota is not None else len(prefix)
+        hits = self.pool.share_prefix(session.table, prefix[:max(0, room)]) if prefix else 0
+        if self.quota is not None:
+            self.quota.reserve(session.key, hits)
         rows = 0
         if partial and hits == len(prefix):
             # The copy is a block of the session's own: charged to its tenant now, not at its first step.
@@ -376,10 +382,13 @@ class Engine:
                 f"{self.pool.allocator.num_blocks} (a shorter context, or a server with more --kv-cache-memory)",
                 sid,
             ))
-        if self.quota is not None:
-            refusal = self.quota.reserve(key, blocks)
-            if refusal:
-                return self._fail_future(fut, ProtocolError(ErrorCode.LIMIT, refusal, sid))
+        if self.quota is not None and blocks > self.quota.limit:  # over it for now: it waits (scheduler)
+            return self._fail_future(fut, ProtocolError(
+                ErrorCode.LIMIT,
+                f"the session would hold {blocks} KV blocks after this step; this tenant's whole quota is "
+                f"{self.quota.limit} (a shorter context, or a server with a larger --kv-quota)",
+                sid,
+            ))
         session.last_active = time.monotonic()
         session.work = StepWork(session, hidden, length, fut)
         self.scheduler.add(session.work)

@@ -18,34 +18,43 @@ class BlockQuota:
     """KV blocks a tenant may hold at once.  `reserve` is called before a step grows a
     session and charges the blocks the session will hold after it; the charge only grows
     until the session is released (a rolled-back step keeps its blocks in the table too),
-    so the charge is never below what the session really holds.  Engine thread only."""
+    so the charge is never below what the session really holds.  A step the quota does not
+    admit waits (server_runtime.scheduler); only one that could never fit is refused.
+    Engine thread only."""
 
     def __init__(self, limit: int, owner_of: Callable[[Hashable], Hashable]):
         if limit < 1:
             raise ValueError(f"a KV quota needs at least one block, got {limit}")
         self.limit = limit
-        self._owner_of = owner_of
+        self.owner_of = owner_of
         self._charged: dict[Hashable, int] = {}  # session key -> blocks charged
         self._held: Counter[Hashable] = Counter()  # owner -> blocks charged
 
     def reserve(self, key: Hashable, blocks: int) -> str | None:
         """Charge session `key` for holding `blocks` blocks; None if within the quota,
         else the reason it is refused (nothing is charged then)."""
-        owner = self._owner_of(key)
+        owner = self.owner_of(key)
         extra = blocks - self._charged.get(key, 0)
         if extra <= 0:
             return None
         if self._held[owner] + extra > self.limit:
-            return (f"this tenant holds {self._held[owner]} KV blocks and this step needs {extra} more; "
-                    f"its quota is {self.limit} (close sessions or shorten contexts)")
+            return f"this tenant holds {self._held[owner]} KV blocks and this step needs {extra} more; its quota is {self.limit}"
         self._charged[key] = blocks
         self._held[owner] += extra
         return None
 
+    def room(self, key: Hashable) -> int:
+        """Blocks session `key` may be charged for now (its own charge included)."""
+        return self.limit - self._held[self.owner_of(key)] + self._charged.get(key, 0)
+
+    def charged(self, key: Hashable) -> int:
+        """Blocks session `key` is charged for."""
+        return self._charged.get(key, 0)
+
     def release(self, key: Hashable) -> None:
         blocks = self._charged.pop(key, 0)
         if blocks:
-            owner = self._owner_of(key)
+            owner = self.owner_of(key)
             self._held[owner] -= blocks
             if not self._held[owner]:
                 del self._held[owner]

@@ -18,6 +18,12 @@ starve a preempted one).  A wait fails with a typed capacity error only after
 `wait_timeout` in which no step ran at all (the blocks are held by idle sessions).  A
 failed or preempted step is rolled back (the blocks it grew given back), so no session is
 left half-written.
+
+A tenant's KV quota (server_runtime.limits.BlockQuota) is applied the same way within
+the tenant, as vLLM queues rather than refuses: a step that would take its tenant over
+the quota preempts the tenant's newest session (never another tenant's), or waits, and
+the tenant's newer waiting sessions wait behind it; other tenants go on.  Its wait times
+out only after `wait_timeout` in which none of its tenant's steps ran.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch
 from fedsea_shared.prefix import PrefixHasher
 
 from .kv_pool import BlockTable, KVPool, OutOfBlocks
+from .limits import BlockQuota
 
 
 @dataclass
@@ -59,6 +66,7 @@ class StepWork:
     future: Future
     enqueued: float = field(default_factory=time.monotonic)
     blocked_since: float | None = None  # when it first found the pool too full to start; None: not blocked
+    over_quota: bool = False  # blocked by its tenant's quota rather than the pool
     reserved: bool = False  # the session's table has blocks for all of its tokens
     done: int = 0
     outputs: list[torch.Tensor] = field(default_factory=list)
@@ -115,10 +123,11 @@ class Tick:
 
 
 class Scheduler:
-    def __init__(self, pool: KVPool, token_budget: int, wait_timeout: float):
+    def __init__(self, pool: KVPool, token_budget: int, wait_timeout: float, quota: BlockQuota | None = None):
         if token_budget < 1:
             raise ValueError("token budget per tick must be >= 1")
         self.pool = pool
+        self.quota = quota
         self.token_budget = token_budget
         self.wait_timeout = wait_timeout
         self.queue: deque[StepWork] = deque()
@@ -129,6 +138,10 @@ class Scheduler:
 
     def __len__(self) -> int:
         return len(self.queue)
+
+    def blocked(self) -> int:
+        """Steps waiting for KV blocks (or their tenant's quota) to start."""
+        return sum(w.blocked_since is not None for w in self.queue)
 
     def arrival(self) -> int:
         """The priority of a session opening now: after every session opened before."""
@@ -144,33 +157,64 @@ class Scheduler:
                                                   w.session.priority))
         budget = self.token_budget
         head_waits = False  # a waiting step found no room: no newer waiting one may start before it
+        quota_waits: set[Hashable] = set()  # tenants whose waiting step is over their quota: the same, per tenant
         for work in order:
             if budget == 0:
                 break
             if work.session.work is not work:  # preempted earlier in this pass
                 continue
-            if not work.reserved and not work.session.running and head_waits:
+            tenant = self._tenant(work.session)
+            if not work.reserved and not work.session.running and (head_waits or tenant in quota_waits):
                 if work.blocked_since is None:
                     work.blocked_since = now
                 continue
             if not work.reserved:
                 preempted, was_running = len(tick.preempted), work.session.running
-                reserved = self._reserve(work, sessions, tick)
+                work.over_quota = not self._within_quota(work, sessions, tick)
+                reserved = not work.over_quota and self._reserve(work, sessions, tick)
                 if len(tick.preempted) > preempted:  # their chunks left this tick
                     budget = self.token_budget - sum(c.end - c.start for c in tick.chunks)
                 if not reserved:
                     if work.blocked_since is None:
                         work.blocked_since = now
-                    head_waits = head_waits or not was_running
+                    if not was_running:
+                        if work.over_quota:
+                            quota_waits.add(tenant)
+                        else:
+                            head_waits = True
                     continue
             n = min(work.remaining, budget)
             tick.chunks.append(Chunk(work, work.done, work.done + n))
             budget -= n
-        if tick.chunks:  # the pool turns over: blocks will come free, so waiting is no timeout
-            for work in self.queue:
-                if work.blocked_since is not None:
-                    work.blocked_since = now
+        # Blocks will come free where steps run, so waiting there is no timeout: anywhere
+        # for the pool, in the tenant's own sessions for its quota.
+        ran = {self._tenant(c.session) for c in tick.chunks}
+        for work in self.queue:
+            if work.blocked_since is not None and ran and (not work.over_quota or self._tenant(work.session) in ran):
+                work.blocked_since = now
         return tick
+
+    def _tenant(self, session: Session) -> Hashable:
+        return self.quota.owner_of(session.key) if self.quota is not None else None
+
+    def _within_quota(self, work: StepWork, sessions: Iterable[Session], tick: Tick) -> bool:
+        """Charge the work's session for the blocks it will hold after the step, preempting
+        the tenant's newer sessions (`victim` among the tenant's own) while that would go
+        over its quota; False if it must wait (or preempted its own session)."""
+        if self.quota is None:
+            return True
+        session = work.session
+        blocks = len(session.table.blocks) + session.table.blocks_needed(work.remaining)
+        tenant = self._tenant(session)
+        while self.quota.reserve(session.key, blocks):
+            own = [s for s in sessions if self._tenant(s) == tenant]
+            loser = victim(session, own, lambda s: self.quota.charged(s.key) > 0)  # one that gives back a charge
+            if loser is None:
+                return False
+            self._preempt_in(tick, loser)
+            if loser is session:
+                return False
+        return True
 
     def _reserve(self, work: StepWork, sessions: Iterable[Session], tick: Tick) -> bool:
         """Take blocks for all of the work's tokens, preempting `victim`s while the pool is
@@ -184,12 +228,15 @@ class Scheduler:
                 loser = victim(session, sessions, self._frees)
                 if loser is None:
                     return False
-                tick.preempted.append((loser, self.preempt(loser)))
-                tick.chunks = [c for c in tick.chunks if c.session is not loser]
+                self._preempt_in(tick, loser)
                 if loser is session:
                     return False
         work.reserved, work.blocked_since, session.running = True, None, True
         return True
+
+    def _preempt_in(self, tick: Tick, loser: Session) -> None:
+        tick.preempted.append((loser, self.preempt(loser)))
+        tick.chunks = [c for c in tick.chunks if c.session is not loser]
 
     def _frees(self, session: Session) -> bool:
         """Whether preempting `session` gives blocks back (it holds one nobody shares)."""
@@ -202,6 +249,8 @@ class Scheduler:
         if work is not None:
             self.queue.remove(work)
         self.pool.free(session.table)
+        if self.quota is not None:
+            self.quota.release(session.key)
         session.work, session.running, session.preempted = None, False, True
         return work
 

@@ -27,6 +27,10 @@ class FakeServer:
         self.max_sessions = max_sessions
         self.closed_sids: list[int] = []
         self.held = 0  # steps waiting in mode "hold"
+        # The load figure Welcome and Opened report (a dict, sent as is, well-formed or not;
+        # or a function of this server giving one); None: none.
+        self.load = None
+        self.open_sessions = 0  # over all connections
         self.release = asyncio.Event()  # lets the held steps answer
         self._replies: set[asyncio.Task] = set()
         self.url = ""
@@ -51,16 +55,19 @@ class FakeServer:
         async for data in ws:
             msg, tensor = decode(data)
             if isinstance(msg, Hello):
-                await ws.send(encode(Welcome(layers=msg.layers, dtype=msg.dtype, noise_min=0, noise_max=4, block_size=16,
-                                             max_context=1 << 20, max_sessions=self.max_sessions, max_message_bytes=1 << 40)))
+                await ws.send(self._with_load(encode(Welcome(
+                    layers=msg.layers, dtype=msg.dtype, noise_min=0, noise_max=4, block_size=16,
+                    max_context=1 << 20, max_sessions=self.max_sessions, max_message_bytes=1 << 40))))
             elif isinstance(msg, (Open, Fork)):
                 if len(open_sids) >= self.max_sessions:  # as the real server: a per-connection cap
                     await ws.send(encode(Error(code=ErrorCode.LIMIT, message="too many sessions", sid=msg.sid)))
                     continue
+                self.open_sessions += msg.sid not in open_sids
                 open_sids.add(msg.sid)
                 lengths[msg.sid] = lengths.get(msg.parent, 0) if isinstance(msg, Fork) else 0
-                await ws.send(encode(Opened(sid=msg.sid, cached=lengths[msg.sid])))
+                await ws.send(self._with_load(encode(Opened(sid=msg.sid, cached=lengths[msg.sid]))))
             elif isinstance(msg, Close):
+                self.open_sessions -= msg.sid in open_sids
                 open_sids.discard(msg.sid)
                 self.closed_sids.append(msg.sid)
                 await ws.send(encode(Closed(sid=msg.sid)))
@@ -79,6 +86,15 @@ class FakeServer:
             await self._answer(ws, request, x)
         except ConnectionClosed:
             pass
+
+    def _with_load(self, frame: bytes) -> bytes:
+        """`frame` (a tensorless message) with `self.load` in its header, framed by hand."""
+        load = self.load(self) if callable(self.load) else self.load
+        if load is None:
+            return frame
+        header = {**orjson.loads(frame[4:]), "load": load}
+        raw = orjson.dumps(header)
+        return struct.pack(">I", len(raw)) + raw
 
     @staticmethod
     def _frame(request, x: torch.Tensor, pos_offset: int = 0) -> bytes:

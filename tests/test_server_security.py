@@ -168,28 +168,31 @@ async def test_opens_waiting_for_capacity_are_counted_once(start_server, tiny_mo
 # ---- 5. KV quota per tenant --------------------------------------------------------------
 
 
-async def test_one_connection_cannot_take_the_whole_kv_pool(start_server, tiny_model_dir):
+async def test_one_connection_over_its_kv_quota_waits_while_others_run(start_server, tiny_model_dir):
     server = start_server(tiny_model_dir, kv_cache_memory=pool_of(8), kv_quota=0.5,
-                          engine=EngineSettings(wait_timeout=1.0))
+                          engine=EngineSettings(wait_timeout=10.0))
     greedy = await hello_ws(server.url)
-    refused = None
-    for sid in range(8):  # one-token sessions, one block each, until the quota says no
-        msg, _ = await request(greedy, encode(Open(sid=sid, noise=0.1)))
-        assert isinstance(msg, Opened)
-        msg, _ = await request(greedy, step(sid, 0, inputs(sid, 1)))
-        if isinstance(msg, Error):
-            refused = msg
-            break
-    assert refused is not None and refused.code.value == "limit" and sid == 4
+    for sid in range(4):  # one-token sessions, one block each, up to the quota of 4
+        assert isinstance((await request(greedy, encode(Open(sid=sid, noise=0.1))))[0], Opened)
+        assert isinstance((await request(greedy, step(sid, 0, inputs(sid, 1))))[0], Output)
+    assert isinstance((await request(greedy, encode(Open(sid=4, noise=0.1))))[0], Opened)
+    await greedy.send(step(4, 0, inputs(4, 1)))  # a fifth block: over the quota, so it waits
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(greedy.recv(), 0.5)
+    # A step that could never fit the quota is refused at once.
+    assert isinstance((await request(greedy, encode(Open(sid=5, noise=0.1))))[0], Opened)
+    msg, _ = await request(greedy, step(5, 0, inputs(5, 5 * 16)))
+    assert isinstance(msg, Error) and msg.code.value == "limit" and "whole quota is 4" in msg.message
     # Another connection still gets blocks for a 40-token stream.
     other = await hello_ws(server.url)
     await request(other, encode(Open(sid=0, noise=0.1)))
     msg, out = await request(other, step(0, 0, inputs(9, 40)))
     assert isinstance(msg, Output) and out.shape == (40, HIDDEN)
-    # The quota comes back when the greedy connection closes its sessions.
-    await request(greedy, encode(Close(sid=0)))
-    msg, _ = await request(greedy, step(4, 0, inputs(4, 1)))
-    assert isinstance(msg, Output)
+    # The waiting step runs when the greedy connection closes one of its sessions.
+    await greedy.send(encode(Close(sid=0)))
+    replies = [decode(await asyncio.wait_for(greedy.recv(), 5.0))[0] for _ in range(2)]
+    assert sorted(m.type for m in replies) == ["closed", "output"]
+    assert next(m for m in replies if m.type == "output").rows == [(4, 0, 1)]
     await greedy.close()
     await other.close()
 

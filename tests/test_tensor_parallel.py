@@ -25,7 +25,7 @@ from fedsea_shared.layers.tensor_parallel import TensorSplit
 from fedsea_shared.shard import Partition, load_config, load_server_shard
 from gateway import GatewaySettings, GatewayThread
 from server_runtime.kv_pool import KVPool
-from test_prefix_cache import metric
+from conftest import metric
 
 HIDDEN = 64
 LAYERS = 2  # the tiny model's middle blocks at head 2, tail 2

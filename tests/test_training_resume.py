@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from edge_runtime.connection import ServerError
+from edge_runtime.servers import rendezvous
 from fedsea_shared.protocol import AdapterState, Hello, LoraSpec, OptimSpec, TrainJoin, encode, tensor_meta
 from fedsea_shared.shard import Partition, load_config
 from training.checkpoint import Checkpoints
@@ -114,16 +115,17 @@ def test_resume_is_bit_identical_and_a_corrupt_checkpoint_falls_back(tmp_path, t
 
 def test_failover_to_the_next_server_finishes_the_job_exactly(tmp_path, tiny_model_dir, start_server, uninterrupted,
                                                              monkeypatch, caplog):
-    first = start_server(tiny_model_dir, enable_training=True)
-    second = start_server(tiny_model_dir, enable_training=True)
-    urls = [first.url, second.url]
+    servers = [start_server(tiny_model_dir, enable_training=True) for _ in range(2)]
+    cfg = _config(tmp_path / "run", tiny_model_dir, server=[s.url for s in servers])
+    urls = rendezvous(cfg.job.encode(), cfg.server)  # the job's own order of the servers
+    first = next(s for s in servers if s.url == urls[0])
 
     async def kill_first():
         await asyncio.to_thread(first.stop)
 
     _on_step(monkeypatch, 3, kill_first)  # after step 2's checkpoint
     with caplog.at_level(logging.INFO):
-        report = run(_config(tmp_path / "run", tiny_model_dir, server=urls))
+        report = run(cfg)
     assert f"lost server {urls[0]}" in caplog.text and f"checkpoint of step 2 on {urls[1]}" in caplog.text
     assert report["train"]["steps"] == STEPS
     _assert_identical(_outcome(tmp_path / "run"), uninterrupted)

@@ -40,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--server", action="append",
                    help="ws:// or wss://host:port of a running `fedsea server --enable-training` (default: an embedded "
                         "one); its API key is read from $FEDSEA_SERVER_API_KEY.  Repeat it to name servers of the same "
-                        "model and cut to fail over to: when one is lost, the job resumes from its last checkpoint on the next")
+                        "model and cut: each job runs on one of them (ranked by its name), and when that one is lost, "
+                        "resumes from its last checkpoint on the next")
     p.add_argument("--server-ca", metavar="FILE", help="PEM file verifying a wss:// server: a private CA or the server's "
                                                        "self-signed certificate (default: the system trust store)")
     g = p.add_argument_group("budget")

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from edge_runtime.connection import ConnectionLost, ServerError
+from edge_runtime.servers import rendezvous
 from fedsea_shared import defaults
 from fedsea_shared.architectures import check_context
 from fedsea_shared.models import resolve_model
@@ -129,7 +130,10 @@ class ClientRun:
     def __init__(self, cfg: FinetuneConfig, client: int, servers: list[str], resume_step: int):
         self.cfg = cfg
         self.client = client
-        self.servers = servers
+        # The job's own order of the servers: every client of a job starts on the same one
+        # and fails over in the same order (they aggregate there together), while
+        # different jobs spread over the replicas.
+        self.servers = rendezvous(cfg.job.encode(), servers)
         self.saved_step = resume_step  # of the latest checkpoint this client wrote or resumed
         model_dir = resolve_model(cfg.model)
         self.config = load_config(model_dir)
