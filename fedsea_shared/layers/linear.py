@@ -31,6 +31,17 @@ INT4_GROUP = 32
 INT4_PACK_ROWS, INT4_MIN_ROWS = 64, 16
 
 
+# oneDNN, and ideep (torch's wrapper of it), cache a primitive per product shape, 1024 of
+# each by default, and a primitive keeps scratch memory that grows with its rows: prompts of
+# ever-new lengths made a server's resident memory climb for as long as new lengths came
+# (docs/performance.md, memory).  64 holds the shapes of many recent ticks: a decode tick's
+# four products reuse theirs, and a new prompt length costs a primitive's creation (~1-2 ms)
+# either way.  Both are read when the first primitive is made; a caller's own values win.
+ONEDNN_CACHED_SHAPES = 64
+for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_variable, str(ONEDNN_CACHED_SHAPES))
+
+
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
