@@ -78,7 +78,7 @@ async def drive(args, procs: dict[str, Process], gateway_port: int, words: list[
     async def sample():
         while time.monotonic() < until:
             m = await asyncio.to_thread(metrics, gateway_port)
-            row = {"t": round(time.monotonic() - t_start, 1),
+            row = {"t": round(time.monotonic() - t_start, 1), "requests": sum(outcomes.values()),
                    "edge_prefix_mib": m.get("fedsea_gateway_edge_prefix_bytes", 0) / 2**20}
             for name, proc in procs.items():
                 row[name], row[f"{name}_anonymous"] = resident_mib(proc.proc.pid)
@@ -119,7 +119,8 @@ def plot(result: dict, path: Path) -> None:
     t = [m["t"] / 60 for m in result["memory"]]
     for name in SERIES:
         label = "gateway's edge prefix store" if name == "edge_prefix_mib" else name.replace("_", ", ")
-        ax.plot(t, [m[name] for m in result["memory"]], label=label, linestyle=":" if "anonymous" in name else "-")
+        ax.plot(t, [m[name] for m in result["memory"]], label=label, linestyle=":" if "anonymous" in name else "-",
+                color={"server": "C0", "gateway": "C1"}.get(name.split("_")[0], "C2"))
     ax.axvline(5, color="grey", linestyle=":")
     ax.set_xlabel("minutes")
     ax.set_ylabel("resident memory, MiB")
