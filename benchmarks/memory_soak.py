@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every", type=float, default=5, help="seconds between RSS samples")
     p.add_argument("--model", default=defaults.MODEL)
     p.add_argument("--kv-cache-memory", default="64MiB")
-    p.add_argument("--edge-cache-memory", default="32MiB",
+    p.add_argument("--edge-cache-memory", default="16MiB",
                    help="the gateway's store of recent conversations (its own default: 256MiB), which grows until "
                         "full by design: a budget this traffic fills in the first minutes (default: %(default)s)")
     p.add_argument("--out", type=Path, default=RESULTS / "memory_soak.json")
