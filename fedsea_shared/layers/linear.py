@@ -31,17 +31,6 @@ INT4_GROUP = 32
 INT4_PACK_ROWS, INT4_MIN_ROWS = 64, 16
 
 
-# oneDNN, and ideep (torch's wrapper of it), cache a primitive per product shape, 1024 of
-# each by default, and a primitive keeps scratch memory that grows with its rows: prompts of
-# ever-new lengths made a server's resident memory climb for as long as new lengths came
-# (docs/performance.md, memory).  64 holds the shapes of many recent ticks: a decode tick's
-# four products reuse theirs, and a new prompt length costs a primitive's creation (~1-2 ms)
-# either way.  Both are read when the first primitive is made; a caller's own values win.
-ONEDNN_CACHED_SHAPES = 64
-for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-    os.environ.setdefault(_variable, str(ONEDNN_CACHED_SHAPES))
-
-
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
@@ -113,7 +102,15 @@ class Dense(LinearMethod):
         return super().apply(layer, x)
 
     def kernel(self, layer, x):
-        return _onednn_linear(x, layer.weight, layer.bias)
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] <= WARM_ROWS:
+            return _onednn_linear(x, layer.weight, layer.bias)
+        # More rows run as pieces of row counts `warm_linear_kernels` built: oneDNN keeps a
+        # kernel per row count (1024 of them, each holding scratch memory that grows with
+        # its rows), so prompts of ever-new lengths grew a process for as long as new
+        # lengths came (docs/performance.md, memory).
+        out = torch.cat([_onednn_linear(piece, layer.weight, layer.bias) for piece in rows.split(WARM_ROWS)])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def dequantize(self, layer):
         return dense(layer.weight)
