@@ -2,8 +2,8 @@
 shapes of the default model (fused q/k/v, o, fused gate/up, down; random weights) at
 `--ticks` (2000) random row counts of 1-512, as prompts of every length make them.  "whole":
 each product at its own row count (oneDNN builds and keeps a kernel per row count, up to
-1024); "pieces": fedsea's `Linear` after `warm_linear_kernels`, which runs more than
-WARM_ROWS rows as pieces of warmed row counts.  Each runs in a fresh process.
+1024); "padded": fedsea's `Linear` (after `warm_linear_kernels`), which pads more than
+WARM_ROWS rows to one of eight row counts per doubling.  Each runs in a fresh process.
 
     python benchmarks/onednn_shapes.py [--ticks 2000]
 """
@@ -43,7 +43,7 @@ def run(mode: str, ticks: int, every: int) -> list[float]:
             rows = rng.randint(1, 512)
             for m in layers:
                 x = torch.randn(rows, m.in_features)
-                m(x) if mode == "pieces" else _onednn_linear(x, m.weight, None)
+                m(x) if mode == "padded" else _onednn_linear(x, m.weight, None)
             if tick % every == 0:
                 out.append(rss())
     return out
@@ -53,13 +53,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ticks", type=int, default=2000)
     p.add_argument("--every", type=int, default=250)
-    p.add_argument("--child", choices=["whole", "pieces"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["whole", "padded"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(run(args.child, args.ticks, args.every)))
         return
     rows = []
-    for mode in ("whole", "pieces"):
+    for mode in ("whole", "padded"):
         child = subprocess.run([sys.executable, __file__, "--child", mode, "--ticks", str(args.ticks), "--every", str(args.every)],
                                capture_output=True, text=True, check=True)
         rows.append({"mode": mode, "rss_mib": json.loads(child.stdout)})

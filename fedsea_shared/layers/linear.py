@@ -103,13 +103,17 @@ class Dense(LinearMethod):
 
     def kernel(self, layer, x):
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] <= WARM_ROWS:
+        n = rows.shape[0]
+        if n <= WARM_ROWS:
             return _onednn_linear(x, layer.weight, layer.bias)
-        # More rows run as pieces of row counts `warm_linear_kernels` built: oneDNN keeps a
-        # kernel per row count (1024 of them, each holding scratch memory that grows with
-        # its rows), so prompts of ever-new lengths grew a process for as long as new
-        # lengths came (docs/performance.md, memory).
-        out = torch.cat([_onednn_linear(piece, layer.weight, layer.bias) for piece in rows.split(WARM_ROWS)])
+        # More rows are padded to one of eight row counts per doubling (at most 1/8 more
+        # rows): oneDNN keeps a kernel per row count (up to 1024, each holding scratch
+        # memory that grows with its rows), so prompts of ever-new lengths grew a process
+        # for as long as new lengths came (docs/performance.md, memory).
+        step = 1 << (n.bit_length() - 4)
+        padded = rows.new_zeros((-(-n // step) * step, rows.shape[1]))
+        padded[:n] = rows
+        out = _onednn_linear(padded, layer.weight, layer.bias)[:n]
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def dequantize(self, layer):
