@@ -9,6 +9,7 @@ from transformers import LlamaForCausalLM
 
 from conftest import make_tiny_model, spy_safetensors
 from fedsea_shared import loading as loading_mod
+from fedsea_shared.layers.linear import WARM_ROWS
 from fedsea_shared.shard import (
     Linear,
     address,
@@ -154,6 +155,8 @@ def test_after_warm_up_a_new_batch_size_builds_no_onednn_kernel(tiny_model_dir, 
     warm_linear_kernels(edge)
     warm_linear_kernels(server)
     assert kernels_built(58) == 0
+    kernels_built(3 * WARM_ROWS + 5)
+    assert kernels_built(3 * WARM_ROWS + 7) == 0  # longer prompts share a kernel with lengths near theirs
 
 
 @needs_onednn

@@ -102,7 +102,19 @@ class Dense(LinearMethod):
         return super().apply(layer, x)
 
     def kernel(self, layer, x):
-        return _onednn_linear(x, layer.weight, layer.bias)
+        rows = x.reshape(-1, x.shape[-1])
+        n = rows.shape[0]
+        if n <= WARM_ROWS:
+            return _onednn_linear(x, layer.weight, layer.bias)
+        # More rows are padded to one of eight row counts per doubling (at most 1/8 more
+        # rows): oneDNN keeps a kernel per row count (up to 1024, each holding scratch
+        # memory that grows with its rows), so prompts of ever-new lengths grew a process
+        # for as long as new lengths came (docs/performance.md, memory).
+        step = 1 << (n.bit_length() - 4)
+        padded = rows.new_zeros((-(-n // step) * step, rows.shape[1]))
+        padded[:n] = rows
+        out = _onednn_linear(padded, layer.weight, layer.bias)[:n]
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def dequantize(self, layer):
         return dense(layer.weight)
