@@ -107,7 +107,7 @@ async def test_a_replay_larger_than_the_message_limit_goes_in_chunks(start_serve
         got.append(event.token_id)
         if len(got) == 1:  # slowed down, so the stream is still going when it dies
             dying = (await asyncio.to_thread(serving, tight))[0]
-            slow_down(dying, after_ticks=0, seconds=0.05)
+            slow_down(dying, after_ticks=0, seconds=0.5)
         if len(got) == 8:  # 43 states held: the other server, holding none, gets them all again
             await asyncio.to_thread(dying.stop)
     await client.aclose()
@@ -160,7 +160,7 @@ async def test_a_replay_after_failover_sends_the_very_bytes_of_the_first_sending
         got += 1
         if got == 1:  # slowed down, so the stream is still going when it dies
             dying = (await asyncio.to_thread(serving, servers))[0]
-            slow_down(dying, after_ticks=0, seconds=0.05)
+            slow_down(dying, after_ticks=0, seconds=0.5)
         if got == 6:
             await asyncio.to_thread(dying.stop)
     await client.aclose()
