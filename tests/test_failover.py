@@ -132,10 +132,11 @@ async def test_a_misbehaving_server_is_banned_and_the_others_serve(start_server,
         alone = AsyncEdgeClient(real.url, model=str(tiny_model_dir), noise=0.0)
         client = AsyncEdgeClient([hostile.url, real.url], model=str(tiny_model_dir), noise=0.0)
         try:
-            # Conversations go where their affinity key sends them: each has even odds of
-            # meeting the hostile server first (20 all missing it: one in a million).
+            # Conversations go where their affinity key (their first private block, here
+            # their first words) sends them: each has even odds of meeting the hostile server
+            # first (20 all missing it: one in a million).
             for i in range(20):
-                chat = [{"role": "user", "content": f"Tell me about the sea, number {i}."}]
+                chat = [{"role": "user", "content": f"{i} times, tell me about the sea."}]
                 expected = (await alone.generate(chat, max_tokens=6, temperature=0)).token_ids
                 assert (await client.generate(chat, max_tokens=6, temperature=0)).token_ids == expected
                 if client.servers.banned(hostile.url):
