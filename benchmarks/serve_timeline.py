@@ -38,15 +38,17 @@ def record(spans: list[Span]) -> None:
     from edge_runtime.model import EdgeModel
     from server_runtime.model_runner import ModelRunner
 
-    for cls, name, what in ((EdgeModel, "head", "edge head"), (EdgeModel, "tail", "edge tail"), (ModelRunner, "run", "engine tick")):
+    # Sizes: the edge's batch items, or the sequences of the tick's plan.
+    for cls, name, what, size in ((EdgeModel, "head", "edge head", len), (EdgeModel, "tail", "edge tail", len),
+                                  (ModelRunner, "execute", "engine tick", lambda plan: len(plan.seq_lens))):
         real = getattr(cls, name)
 
-        def timed(self, items, real=real, what=what):
+        def timed(self, items, real=real, what=what, size=size):
             t0 = time.monotonic()
             try:
                 return real(self, items)
             finally:
-                spans.append((what, t0, time.monotonic(), len(items)))
+                spans.append((what, t0, time.monotonic(), size(items)))
 
         setattr(cls, name, timed)
 
