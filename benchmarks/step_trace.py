@@ -111,7 +111,7 @@ def main() -> None:
     (n, source), compute = threads.compute_threads(None), threads.ComputeThread()
     threads.apply(n)
     threads.serial()  # this thread runs the edge's event loop
-    from server_runtime.app import ServerRuntime, ServerSettings, ServerThread
+    from server_runtime.app import ServerSettings, ServerThread
 
     # One model for both transports: the websocket's server runs on its own loop thread (as
     # `fedsea server` does), the in-process link on the edge's loop (as `fedsea serve` does).

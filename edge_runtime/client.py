@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Iterator
+from typing import AsyncIterator, Iterator
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig
@@ -34,7 +34,7 @@ from fedsea_shared.prefix import prefix_root
 from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello
 from fedsea_shared.shard import (ModelShard, Partition, apply_linear_kernel, fuse_projections, load_config,
                                  load_edge_shard, make_block_ops, resolve_weights, use_block_ops)
-from fedsea_shared.threads import run_here, serial
+from fedsea_shared.threads import serial
 
 from websockets.exceptions import WebSocketException
 

@@ -31,9 +31,9 @@ class SamplingParams:
     def validate(self) -> None:
         for name, bounds in BOUNDS.items():
             value = getattr(self, name)
-            if value is not None and not all(_TESTS[k](value, bound) for k, bound in bounds.items()):
+            if value is not None and not within(value, bounds):
                 raise ValueError(f"{name} must be {describe(bounds)}")
-        if not all(_within(b, LOGIT_BIAS) for b in self.logit_bias.values()):
+        if not all(within(b, LOGIT_BIAS) for b in self.logit_bias.values()):
             raise ValueError(f"logit_bias values must be {describe(LOGIT_BIAS)}")
 
 
@@ -54,7 +54,7 @@ LOGIT_BIAS = {"ge": -100, "le": 100}
 _TESTS = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
 
 
-def _within(value: float, bounds: dict[str, float]) -> bool:
+def within(value: float, bounds: dict[str, float]) -> bool:
     return all(_TESTS[k](value, bound) for k, bound in bounds.items())
 
 

@@ -260,8 +260,8 @@ async def templated(fn, *args):
 
 
 def describe(settings: GatewaySettings, backend: Backend, https: bool, models: list[str]) -> dict:
-    """The deployment as the chat page shows it: servers (the first reachable one serves,
-    the others are failover replicas), TLS on each hop, noise and pseudonymization."""
+    """The deployment as the chat page shows it: servers (replicas sessions spread over;
+    `connected` marks the supervisor's link), TLS on each hop, noise and pseudonymization."""
     client, link, edge = backend.client, backend.link, settings.edge
     welcome = link.welcome if link is not None and not link.closed else None
     return {

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from edge_runtime.client import AsyncEdgeClient, TokenEvent
@@ -23,7 +22,6 @@ from edge_runtime.constraints import Constraint
 from edge_runtime.sampling import SamplingParams
 from edge_runtime.settings import EdgeSettings
 from fedsea_shared import defaults
-from fedsea_shared.threads import run_here
 
 from . import errors
 from .limits import SessionShare

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from edge_runtime.sampling import BOUNDS, LOGIT_BIAS, SamplingParams, describe
+from edge_runtime.sampling import BOUNDS, LOGIT_BIAS, SamplingParams, describe, within
 
 Penalty = Annotated[float, Field(**BOUNDS["presence_penalty"])]
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -227,8 +227,7 @@ class _SamplingRequest(_Request):
     @field_validator("logit_bias")
     @classmethod
     def _token_biases(cls, bias):
-        low, high = LOGIT_BIAS["ge"], LOGIT_BIAS["le"]
-        bad = [k for k, v in bias.items() if not (re.fullmatch(r"[0-9]{1,9}", k) and low <= v <= high)]
+        bad = [k for k, v in bias.items() if not (re.fullmatch(r"[0-9]{1,9}", k) and within(v, LOGIT_BIAS))]
         if bad:
             raise ValueError(f"logit_bias maps token ids to biases {describe(LOGIT_BIAS)}; these entries do not: {listed(bad)}")
         return bias

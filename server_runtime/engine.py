@@ -163,8 +163,8 @@ class Engine:
                     self._fail(work, ProtocolError(ErrorCode.INTERNAL, "server error while running the step"))
                 ran = False
             self._housekeeping()
-            if not ran:
-                self.compute(self.executor.keep_alive)
+            if not ran:  # here, not via the compute thread: the engine idles between any two decode steps
+                self.executor.keep_alive()
             self._publish()
             # Runnable work: loop straight on.  Work blocked on capacity: poll. Else sleep.
             wait = 0.0 if ran else 0.05 if (len(self.scheduler) or self._opens) else 0.5
@@ -351,8 +351,8 @@ class Engine:
             return self._fail_future(fut, _preempted_error(key[-1]))
         if key in self.sessions or any(k == key for k, _, _, _ in self._opens):
             return self._fail_future(fut, ProtocolError(ErrorCode.SESSION_EXISTS, "session id already open", key[-1]))
-        twin = self.sessions[key] = Session(key, self.pool.fork(parent.table), parent.model, parent.hasher.copy(),
-                                            priority=self.scheduler.arrival(), running=parent.running)
+        self.sessions[key] = Session(key, self.pool.fork(parent.table), parent.model, parent.hasher.copy(),
+                                     priority=self.scheduler.arrival(), running=parent.running)
         parent.last_active = time.monotonic()
         _resolve(fut, parent.table.num_tokens)
 
