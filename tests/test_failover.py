@@ -101,13 +101,14 @@ async def test_a_replay_larger_than_the_message_limit_goes_in_chunks(start_serve
     alone = AsyncEdgeClient(roomy.url, model=str(tiny_model_dir), noise=0.0)
     expected = (await alone.generate(USER, max_tokens=12, temperature=0)).token_ids
     await alone.aclose()
+    for server in tight:  # slowed down from the start, so the stream is still going when it dies
+        slow_down(server, after_ticks=0, seconds=0.1)
     client = AsyncEdgeClient([r.url for r in relays], model=str(tiny_model_dir), noise=0.0, edge_cache_memory=0)
     got = []
     async for event in client.stream(USER, max_tokens=12, temperature=0):
         got.append(event.token_id)
-        if len(got) == 1:  # slowed down, so the stream is still going when it dies
+        if len(got) == 1:
             dying = (await asyncio.to_thread(serving, tight))[0]
-            slow_down(dying, after_ticks=0, seconds=0.5)
         if len(got) == 8:  # 43 states held: the other server, holding none, gets them all again
             await asyncio.to_thread(dying.stop)
     await client.aclose()
@@ -155,13 +156,14 @@ async def test_a_replay_after_failover_sends_the_very_bytes_of_the_first_sending
     servers = [start_server(tiny_model_dir) for _ in range(2)]
     relays = [record(s) for s in servers]
     frames = [r.frames for r in relays]
+    for server in servers:  # slowed down from the start, so the stream is still going when it dies
+        slow_down(server, after_ticks=0, seconds=0.1)
     client = AsyncEdgeClient([r.url for r in relays], model=str(tiny_model_dir), noise=0.5, edge_cache_memory=0)
     got = 0
     async for _ in client.stream(USER, max_tokens=12, temperature=0):
         got += 1
-        if got == 1:  # slowed down, so the stream is still going when it dies
+        if got == 1:
             dying = (await asyncio.to_thread(serving, servers))[0]
-            slow_down(dying, after_ticks=0, seconds=0.5)
         if got == 6:
             await asyncio.to_thread(dying.stop)
     await client.aclose()
