@@ -5,7 +5,8 @@
 #     bash benchmarks/setup_llamacpp.sh [PEERS_DIR]     # default $FEDSEA_PEERS or ~/.cache/fedsea/peers
 #     nohup bash benchmarks/setup_llamacpp.sh > /tmp/setup_llamacpp.log 2>&1 &   # the long build, in the background
 #
-# Result: PEERS_DIR/llamacpp/bin/llama-server and PEERS_DIR/llamacpp/smollm2-135m-instruct-f32.gguf.
+# Result: PEERS_DIR/llamacpp/bin/llama-server and PEERS_DIR/llamacpp/smollm2-135m-instruct-{f32,q8_0,q4_0}.gguf
+# (the quantized two made from the f32 one by llama.cpp's own llama-quantize).
 # Safe to re-run: each step is skipped when its output exists.
 #
 # llama.cpp's sources come from the PyPI sdist of llama-cpp-python, which vendors them (PyPI is
@@ -43,13 +44,13 @@ if [ ! -d "$SRC/vendor/llama.cpp" ]; then
 fi
 LLAMA=$SRC/vendor/llama.cpp
 
-if [ ! -x "$DEST/bin/llama-server" ]; then
+if [ ! -x "$DEST/bin/llama-server" ] || [ ! -x "$DEST/bin/llama-quantize" ]; then
   nice -n 10 cmake -S "$LLAMA" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DBUILD_SHARED_LIBS=OFF
-  nice -n 10 cmake --build "$DEST/build" --config Release --target llama-server -j "$JOBS"
+  nice -n 10 cmake --build "$DEST/build" --config Release --target llama-server llama-quantize -j "$JOBS"
   mkdir -p "$DEST/bin"
-  cp "$DEST/build/bin/llama-server" "$DEST/bin/llama-server"
+  cp "$DEST/build/bin/llama-server" "$DEST/build/bin/llama-quantize" "$DEST/bin/"
 fi
 
 GGUF=$DEST/smollm2-135m-instruct-f32.gguf
@@ -61,5 +62,12 @@ if [ ! -f "$GGUF" ]; then
     --outtype f32 --outfile "$GGUF.tmp"
   mv "$GGUF.tmp" "$GGUF"
 fi
+for TYPE in q8_0 q4_0; do
+  OUT=$DEST/smollm2-135m-instruct-$TYPE.gguf
+  if [ ! -f "$OUT" ]; then
+    nice -n 10 "$DEST/bin/llama-quantize" "$GGUF" "$OUT.tmp" "$(echo $TYPE | tr a-z A-Z)"
+    mv "$OUT.tmp" "$OUT"
+  fi
+done
 echo "llama-server: $DEST/bin/llama-server"
-echo "gguf:         $GGUF"
+ls "$DEST"/*.gguf

@@ -1,23 +1,26 @@
 """fedsea against centralized servers on the same machine, model and precision.
 
-The same OpenAI streaming workload (chat prompts, 48-token greedy answers, fp32 everywhere)
-at 1, 8 and 16 concurrent streaming clients, against each server started here on a free
-loopback port and stopped after:
+The same OpenAI streaming workload (chat prompts, 48-token greedy answers) at 1, 8 and 16
+concurrent streaming clients, against each server started here on a free loopback port and
+stopped after, every one with room for the same 16 x 512 tokens of KV cache:
 
-- `fedsea serve` with its defaults (split, default noise),
-- llama.cpp's `llama-server` (f32 GGUF of the same weights, `-t 2 -np 16`, continuous batching),
-- vLLM's OpenAI server (CPU build, `--enforce-eager`, fp32),
+- `fedsea serve` with its defaults (split, default noise), once per `--weights` format,
+- llama.cpp's `llama-server` (a GGUF of the same weights at the same bits: f32, bf16, Q8_0 for
+  fedsea's int8, Q4_0 for its int4; `-t 2 -np 16`, continuous batching),
+- vLLM's OpenAI server (CPU build, `--enforce-eager`, fp32; float32 only),
 
 plus transformers' `generate` of the full model, single stream, in this process.  Reported:
-aggregate tokens/s and mean time to first token per level, fedsea's ratio against each peer,
-the CPU idle share during each 8-client run (from /proc/stat, so it counts the whole machine,
-other jobs included), and the memory roofline of a single stream (read bandwidth measured
-with a torch sum over 1 GiB, divided by the model's fp32 bytes).  A peer that is not set up
+aggregate tokens/s and mean time to first token per level, fedsea's ratio against each peer
+at the same weight format, the CPU idle share during each 8-client run (from /proc/stat, so it
+counts the whole machine, other jobs included), each server's resident memory after its
+runs (its whole process tree), and the memory roofline of a single stream (read bandwidth
+measured with a torch sum over 1 GiB, divided by the model's bytes in each format).  A peer that is not set up
 is skipped with a message; set them up (outside the repo) with
 
-    bash benchmarks/setup_llamacpp.sh      # llama-server + f32 GGUF (~10 min on 2 cores)
+    bash benchmarks/setup_llamacpp.sh      # llama-server + f32/Q8_0/Q4_0 GGUFs (~10 min on 2 cores)
     bash benchmarks/setup_vllm.sh          # vLLM CPU venv (~3.4 GB, ~3 min)
     python benchmarks/vs_peers.py [--peers-dir DIR] [--clients 1 8 16] [--repeat 3] [--only fedsea llamacpp ...]
+    python benchmarks/vs_peers.py --weights int8 int4 --only fedsea llamacpp   # fedsea int8 vs Q8_0, int4 vs Q4_0
     python benchmarks/vs_peers.py --baseline DIR --only fedsea fedsea-baseline   # this commit vs another
 
 This shared VM's speed drifts by a third within minutes: `--repeat N` runs the servers in
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -48,9 +52,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.gateway_bench import transformers_phase  # noqa: E402
 from fedsea_shared import defaults  # noqa: E402
 from fedsea_shared.models import resolve_model  # noqa: E402
+from fedsea_shared.shard import Partition  # noqa: E402
+from server_runtime.kv_pool import KVPool  # noqa: E402
 from server_runtime.process import free_port  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+# fedsea's --weights beside the GGUF type llama.cpp serves at the same bits.
+GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "int4": "q4_0"}
+BITS = {"float32": 32, "bfloat16": 16, "int8": 8, "int4": 4}
+SLOTS, SLOT_TOKENS = 16, 512  # every server's KV cache holds 16 streams of 512 tokens
 LOGS = Path(tempfile.gettempdir()) / "fedsea_vs_peers"
 MODEL_NAME = defaults.MODEL  # every server is asked for this name (vLLM is told to serve it)
 # Sixteen distinct prompts, each asking for more than 48 tokens, so no two concurrent streams
@@ -110,25 +120,39 @@ def _process(name: str, cmd: list[str], port: int, health: str, env: dict | None
 REPO = Path(__file__).resolve().parent.parent
 
 
-def fedsea_server(peers: Path, threads: int, tree: Path = REPO, name: str = "fedsea"):
+def kv_cache_bytes() -> int:
+    """The server's float32 KV pool for SLOTS x SLOT_TOKENS tokens of its middle blocks (the
+    edge keeps its own blocks' cache per conversation)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(defaults.MODEL))
+    layers = len(Partition(config.num_hidden_layers, defaults.HEAD, defaults.TAIL).server_layers)
+    head_dim = config.hidden_size // config.num_attention_heads
+    return SLOTS * SLOT_TOKENS * KVPool.bytes_per_block(layers, 1, config.num_key_value_heads, head_dim, torch.float32)
+
+
+def fedsea_server(peers: Path, threads: int, tree: Path = REPO, name: str = "fedsea", weights: str = "float32"):
     """`fedsea serve` from the checkout at `tree` (another commit's worktree: --baseline)."""
     port = free_port()
-    return _process(name, [sys.executable, "-m", "fedsea.cli", "serve", "--port", str(port)], port, "/health",
-                    env={"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(tree)})
+    cmd = [sys.executable, "-m", "fedsea.cli", "serve", "--port", str(port), "--kv-cache-memory", str(kv_cache_bytes())]
+    if weights != "float32":  # older commits (--baseline) know no --weights
+        cmd += ["--weights", weights]
+    return _process(name, cmd, port, "/health", env={"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(tree)})
 
 
-def llamacpp_server(peers: Path, threads: int):
-    binary, gguf = peers / "llamacpp/bin/llama-server", peers / "llamacpp/smollm2-135m-instruct-f32.gguf"
+def llamacpp_server(peers: Path, threads: int, weights: str = "float32"):
+    binary = peers / "llamacpp/bin/llama-server"
+    gguf = peers / f"llamacpp/smollm2-135m-instruct-{GGUF_TYPES[weights]}.gguf"
     if not (binary.is_file() and gguf.is_file()):
         return f"not set up ({binary} / {gguf} missing): run bash benchmarks/setup_llamacpp.sh"
     port = free_port()
-    # 16 slots of 512 tokens each: every stream of the 16-client level gets its own slot.
+    # One slot per stream of the 16-client level, each of SLOT_TOKENS.
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
-           "-np", "16", "-c", str(16 * 512), "-cb", "--jinja"]
-    return _process("llamacpp", cmd, port, "/health")
+           "-np", str(SLOTS), "-c", str(SLOTS * SLOT_TOKENS), "-cb", "--jinja"]
+    return _process(f"llamacpp-{GGUF_TYPES[weights]}", cmd, port, "/health")
 
 
-def vllm_server(peers: Path, threads: int):
+def vllm_server(peers: Path, threads: int, weights: str = "float32"):
     python = peers / "vllm-venv/bin/python"
     if not python.is_file():
         return f"not set up ({python} missing): run bash benchmarks/setup_vllm.sh"
@@ -144,6 +168,40 @@ SERVERS = {"fedsea": fedsea_server, "vllm": vllm_server, "llamacpp": llamacpp_se
 BASELINE = "fedsea-baseline"
 LABELS = {"fedsea": f"fedsea serve (split, noise {defaults.NOISE})", "llamacpp": "llama.cpp llama-server (f32)",
           "vllm": "vLLM CPU (eager, fp32)", "transformers": "transformers generate (full)"}
+
+
+def variant(server: str, weights: str) -> str:
+    """A server's name at a weight format: the float32 one keeps the plain name."""
+    return server if weights == "float32" else f"{server} {weights}"
+
+
+def weights_of(name: str) -> str:
+    return name.split(" ", 1)[1] if " " in name else "float32"
+
+
+def label(name: str) -> str:
+    server, weights = name.split(" ", 1)[0], weights_of(name)
+    if weights == "float32":
+        return LABELS[server]
+    if server == "llamacpp":
+        return f"llama.cpp llama-server ({GGUF_TYPES[weights].upper()})"
+    return f"{LABELS[server]} {weights}"
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of `pid` and all its descendants (vLLM's engine runs in a child)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            continue
+    return total / 1024
 
 
 # --- workload ------------------------------------------------------------------------------
@@ -210,23 +268,25 @@ async def run_level(url: str, clients: int, rounds: int, max_tokens: int) -> dic
     }
 
 
-async def bench_server(url: str, levels: list[int], rounds: int, max_tokens: int) -> dict:
+async def bench_server(url: str, pid: int, levels: list[int], rounds: int, max_tokens: int) -> dict:
     async with _client(url, 1) as http:  # warm-up: first-request costs
         await stream_chat(http, "Hi", 4)
     out = {}
     for c in levels:
         # The lone stream runs a few requests back to back so its numbers are not one sample.
         out[str(c)] = await run_level(url, c, max(rounds, 4) if c == 1 else rounds, max_tokens)
+        out[str(c)]["rss_mib"] = rss_mib(pid)
         print(f"  {c:>2} clients: {out[str(c)]['tok_s']:6.1f} tok/s, TTFT {out[str(c)]['mean_ttft_s']:.3f} s, "
-              f"CPU idle {out[str(c)]['cpu_idle_pct']:.0f}%", flush=True)
+              f"CPU idle {out[str(c)]['cpu_idle_pct']:.0f}%, RSS {out[str(c)]['rss_mib']:.0f} MiB", flush=True)
     return out
 
 
 # --- roofline ------------------------------------------------------------------------------
 
-def memory_roofline(threads: int) -> dict:
-    """Read bandwidth (best of 5 sums over 1 GiB of fp32) and the fp32 single-stream bound:
-    every decode step reads every weight once, so tokens/s <= bandwidth / model bytes."""
+def memory_roofline(threads: int, formats: list[str]) -> dict:
+    """Read bandwidth (best of 5 sums over 1 GiB of fp32) and the single-stream bound per
+    weight format: every decode step reads every weight once, so tokens/s <= bandwidth /
+    model bytes (scales and zeros left out)."""
     from safetensors import safe_open
 
     torch.set_num_threads(threads)
@@ -244,7 +304,8 @@ def memory_roofline(threads: int) -> dict:
                 for d in t.get_shape():
                     numel *= d
                 model_bytes += numel * 4
-    return {"read_gb_s": bandwidth / 1e9, "model_fp32_bytes": model_bytes, "tok_s": bandwidth / model_bytes}
+    return {"read_gb_s": bandwidth / 1e9, "model_fp32_bytes": model_bytes, "tok_s": bandwidth / model_bytes,
+            "tok_s_by_format": {f: bandwidth / (model_bytes * BITS[f] / 32) for f in formats}}
 
 
 def _timed(fn) -> float:
@@ -266,16 +327,19 @@ def median_levels(runs: list[dict]) -> dict:
 
 
 def ratios(results: dict, levels: list[int]) -> dict:
-    """fedsea's tokens/s over each peer's (>1 means fedsea is faster) and TTFT over theirs
-    (<1 means fedsea answers sooner), per level."""
-    fed = results.get("fedsea")
+    """Each fedsea variant's tokens/s over each peer's at the same weight format (>1 means
+    fedsea is faster) and TTFT over theirs (<1 means fedsea answers sooner), per level, keyed
+    "fedsea / peer"."""
     out = {}
-    for peer, res in results.items():
-        if peer == "fedsea" or fed is None or not isinstance(res, dict):
+    for own, fed in results.items():
+        if own.split(" ", 1)[0] != "fedsea" or not isinstance(fed, dict):
             continue
-        out[peer] = {str(c): {"tok_s": fed[str(c)]["tok_s"] / res[str(c)]["tok_s"],
-                              "ttft": fed[str(c)]["mean_ttft_s"] / res[str(c)]["mean_ttft_s"]}
-                     for c in levels if str(c) in res and str(c) in fed}
+        for peer, res in results.items():
+            if peer.split(" ", 1)[0] == "fedsea" or weights_of(peer) != weights_of(own) or not isinstance(res, dict):
+                continue
+            out[f"{own} / {peer}"] = {str(c): {"tok_s": fed[str(c)]["tok_s"] / res[str(c)]["tok_s"],
+                                               "ttft": fed[str(c)]["mean_ttft_s"] / res[str(c)]["mean_ttft_s"]}
+                                      for c in levels if str(c) in res and str(c) in fed}
     return out
 
 
@@ -294,15 +358,15 @@ def plot(results: dict, hf: dict, roofline: dict, levels: list[int], path: Path)
     width = 0.8 / max(len(servers), 1)
     for i, s in enumerate(servers):
         xs = [j + i * width for j in range(len(levels))]
-        ax.bar(xs, [results[s][str(c)]["tok_s"] for c in levels], width, label=LABELS[s])
-        bx.bar(xs, [results[s][str(c)]["mean_ttft_s"] for c in levels], width, label=LABELS[s])
-    ax.axhline(roofline["tok_s"], color="k", ls="--", lw=1, label=f"single-stream roofline {roofline['tok_s']:.0f}")
+        ax.bar(xs, [results[s][str(c)]["tok_s"] for c in levels], width, label=label(s))
+        bx.bar(xs, [results[s][str(c)]["mean_ttft_s"] for c in levels], width, label=label(s))
+    ax.axhline(roofline["tok_s"], color="k", ls="--", lw=1, label=f"fp32 single-stream roofline {roofline['tok_s']:.0f}")
     ax.axhline(hf["tok_s"], color="grey", ls=":", lw=1, label=f"transformers generate, 1 stream {hf['tok_s']:.0f}")
     for a, title in ((ax, "aggregate tokens/s"), (bx, "mean time to first token, s")):
         a.set_xticks([j + width * (len(servers) - 1) / 2 for j in range(len(levels))], [f"{c} clients" for c in levels])
         a.set_title(title)
     ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M fp32, 48-token greedy chat answers, 2-core CPU shared with other jobs", fontsize=9)
+    fig.suptitle("SmolLM2-135M, 48-token greedy chat answers, 2-core CPU shared with other jobs", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -323,17 +387,22 @@ def main() -> None:
                          "does batching still pay when the cores are shared?)")
     ap.add_argument("--baseline", type=Path, help="a checkout of another fedsea commit (git worktree add DIR REV): "
                                                  f"its `fedsea serve` runs too, as {BASELINE!r}, taking turns with this one")
+    ap.add_argument("--weights", nargs="+", default=["float32"], choices=list(GGUF_TYPES),
+                    help="fedsea's --weights formats, each against llama.cpp at the same bits (vLLM and --baseline: "
+                         "float32 only; default: %(default)s)")
     args = ap.parse_args()
     if args.max_tokens < 2 or args.rounds < 1 or args.repeat < 1 or any(c < 1 for c in args.clients):
         ap.error("--max-tokens must be >= 2, --rounds, --repeat and --clients >= 1")
     RESULTS.mkdir(exist_ok=True)
-    servers = dict(SERVERS)
+    kinds = dict(SERVERS)
     if args.baseline:
         rev = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True).stdout.strip() or str(args.baseline)
         LABELS[BASELINE] = f"fedsea serve at {rev}"
-        servers[BASELINE] = lambda peers, threads: fedsea_server(peers, threads, args.baseline.resolve(), BASELINE)
-    chosen = args.only or [*servers, "transformers"]
+        kinds[BASELINE] = lambda peers, threads, weights: fedsea_server(peers, threads, args.baseline.resolve(), BASELINE)
+    chosen = args.only or [*kinds, "transformers"]
+    servers = {variant(kind, w): functools.partial(start, weights=w) for w in args.weights for kind, start in kinds.items()
+               if kind in chosen and (w == "float32" or kind in ("fedsea", "llamacpp"))}
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     load_before = os.getloadavg()
 
@@ -341,69 +410,71 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     for repeat in range(args.repeat):  # servers take turns, so a slow spell of the machine hits them all
         for name, start in servers.items():
-            if name not in chosen or isinstance(results.get(name), str):
+            if isinstance(results.get(name), str):
                 continue
-            print(f"\n{LABELS[name]}" + (f", run {repeat + 1} of {args.repeat}" if args.repeat > 1 else ""), flush=True)
+            print(f"\n{label(name)}" + (f", run {repeat + 1} of {args.repeat}" if args.repeat > 1 else ""), flush=True)
             server = start(args.peers_dir, args.threads)
             if isinstance(server, str):
                 print(f"  skipped: {server}")
                 results[name] = f"skipped: {server}"
                 continue
             t0 = time.perf_counter()
-            with server as (url, _):
+            with server as (url, pid):
                 print(f"  up in {time.perf_counter() - t0:.0f} s at {url}", flush=True)
-                runs.setdefault(name, []).append(asyncio.run(bench_server(url, args.clients, args.rounds, args.max_tokens)))
+                runs.setdefault(name, []).append(asyncio.run(bench_server(url, pid, args.clients, args.rounds, args.max_tokens)))
     results.update({name: median_levels(r) for name, r in runs.items()})
 
     hf = None
     if "transformers" in chosen:
         torch.set_num_threads(args.threads)
-        runs = transformers_phase(args.max_tokens)
-        ttft = sum(r["ttft_s"] for r in runs) / len(runs)
+        hf_runs = transformers_phase(args.max_tokens)
+        ttft = sum(r["ttft_s"] for r in hf_runs) / len(hf_runs)
         # Whole-request rate, comparable with the servers' 1-client aggregate.
-        seconds = sum(r["ttft_s"] + (r["tokens"] - 1) / r["decode_tok_s"] for r in runs if r["decode_tok_s"])
-        hf = {"tok_s": sum(r["tokens"] for r in runs) / seconds, "mean_ttft_s": ttft, "runs": runs}
+        seconds = sum(r["ttft_s"] + (r["tokens"] - 1) / r["decode_tok_s"] for r in hf_runs if r["decode_tok_s"])
+        hf = {"tok_s": sum(r["tokens"] for r in hf_runs) / seconds, "mean_ttft_s": ttft, "runs": hf_runs}
     load_after = os.getloadavg()
     for hog in hogs:
         hog.kill()
-    roofline = memory_roofline(args.threads)
+    roofline = memory_roofline(args.threads, args.weights)
 
     levels = args.clients
-    print(f"\nSmolLM2-135M-Instruct fp32, {args.max_tokens}-token greedy chat answers, {args.threads} threads each; "
+    print(f"\nSmolLM2-135M-Instruct, {args.max_tokens}-token greedy chat answers, {args.threads} threads each; "
           + (f"{args.busy} busy-loop processes beside them; " if args.busy else "")
           + f"machine shared with other jobs (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)"
           + (f"; medians of {args.repeat} runs each, taking turns" if args.repeat > 1 else ""))
     head = "".join(f"{f'{c} cl tok/s':>12}{'TTFT s':>8}" for c in levels)
-    print(f"{'server':36}{head}{'idle@8':>8}")
+    print(f"{'server':40}{head}{'idle@8':>8}{'RSS MiB':>9}")
     for name in servers:
         res = results.get(name)
         if isinstance(res, dict):
             cells = "".join(f"{res[str(c)]['tok_s']:12.1f}{res[str(c)]['mean_ttft_s']:8.3f}" for c in levels)
-            idle = f"{res['8']['cpu_idle_pct']:7.0f}%" if "8" in res else ""
-            print(f"{LABELS[name]:36}{cells}{idle}")
+            idle = f"{res['8']['cpu_idle_pct']:7.0f}%" if "8" in res else " " * 8
+            print(f"{label(name):40}{cells}{idle}{res[str(levels[-1])]['rss_mib']:9.0f}")
         elif res:
-            print(f"{LABELS[name]:36}{res}")
+            print(f"{label(name):40}{res}")
     if hf:
-        print(f"{LABELS['transformers']:36}{hf['tok_s']:12.1f}{hf['mean_ttft_s']:8.3f}")
-    print(f"memory read {roofline['read_gb_s']:.1f} GB/s / {roofline['model_fp32_bytes'] / 1e6:.0f} MB fp32 "
-          f"= single-stream roofline {roofline['tok_s']:.1f} tok/s")
+        print(f"{LABELS['transformers']:40}{hf['tok_s']:12.1f}{hf['mean_ttft_s']:8.3f}")
+    print(f"memory read {roofline['read_gb_s']:.1f} GB/s / {roofline['model_fp32_bytes'] / 1e6:.0f} MB fp32: "
+          "single-stream roofline " + ", ".join(f"{w} {t:.1f} tok/s" for w, t in roofline["tok_s_by_format"].items()))
     rs = ratios(results, levels)
-    for peer, per in rs.items():
+    for pair, per in rs.items():
         cells = ", ".join(f"{c} cl {v['tok_s']:.2f}x tok/s, {v['ttft']:.2f}x TTFT" for c, v in per.items())
-        print(f"fedsea / {peer}: {cells}")
+        print(f"{pair}: {cells}")
     for name in servers:
         res = results.get(name)
         if isinstance(res, dict) and "1" in res and len(levels) > 1:
-            print(f"{LABELS[name]}: " + ", ".join(f"{c} clients {res[str(c)]['tok_s'] / res['1']['tok_s']:.2f}x one client"
-                                                  for c in levels if c != 1))
-    fed = results.get("fedsea")
-    if isinstance(fed, dict) and "1" in fed:
-        print(f"fedsea single stream: {100 * fed['1']['tok_s'] / roofline['tok_s']:.0f}% of the roofline")
+            print(f"{label(name)}: " + ", ".join(f"{c} clients {res[str(c)]['tok_s'] / res['1']['tok_s']:.2f}x one client"
+                                                 for c in levels if c != 1))
+        if isinstance(res, dict) and "1" in res and name.startswith("fedsea"):
+            bound = roofline["tok_s_by_format"].get(weights_of(name))
+            if bound:
+                print(f"{label(name)} single stream: {100 * res['1']['tok_s'] / bound:.0f}% of its roofline")
 
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "shared": True,
                     "loadavg_before": load_before, "loadavg_after": load_after},
-        "settings": {"model": defaults.MODEL, "dtype": "float32", "max_tokens": args.max_tokens, "clients": levels,
+        "settings": {"model": defaults.MODEL, "weights": args.weights, "kv_tokens": SLOTS * SLOT_TOKENS,
+                     "fedsea_kv_cache_bytes": kv_cache_bytes(), "max_tokens": args.max_tokens, "clients": levels,
                      "rounds": args.rounds, "threads": args.threads, "head": defaults.HEAD, "tail": defaults.TAIL,
                      "noise": defaults.NOISE, "repeat": args.repeat, "busy": args.busy},
         "servers": results, "runs": runs, "transformers": hf, "roofline": roofline, "fedsea_ratios": rs,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from benchmarks.profile_serve import parse_raw
 from benchmarks.step_trace import PHASES, cycles
-from benchmarks.vs_peers import llamacpp_server, median_levels, ratios, vllm_server
+from benchmarks.vs_peers import label, llamacpp_server, median_levels, ratios, vllm_server
 
 
 def test_a_peer_that_is_not_set_up_is_skipped_with_its_setup_script(tmp_path):
@@ -21,9 +21,27 @@ def test_ratios_are_fedsea_over_each_peer_per_level_and_skip_skipped_peers():
         "vllm": "skipped: not set up",
     }
     r = ratios(results, [1, 8])
-    assert set(r) == {"llamacpp"}
-    assert r["llamacpp"]["1"] == {"tok_s": 0.25, "ttft": 4.0}
-    assert r["llamacpp"]["8"]["tok_s"] == 0.3
+    assert set(r) == {"fedsea / llamacpp"}
+    assert r["fedsea / llamacpp"]["1"] == {"tok_s": 0.25, "ttft": 4.0}
+    assert r["fedsea / llamacpp"]["8"]["tok_s"] == 0.3
+
+
+def test_each_weight_format_is_compared_with_the_peer_at_the_same_bits():
+    level = lambda tok_s: {"1": {"tok_s": tok_s, "mean_ttft_s": 0.1}}  # noqa: E731
+    results = {"fedsea": level(10.0), "fedsea int8": level(20.0), "fedsea int4": level(30.0),
+               "llamacpp": level(40.0), "llamacpp int8": level(50.0), "llamacpp int4": level(60.0), "vllm": level(5.0)}
+    r = ratios(results, [1])
+    assert set(r) == {"fedsea / llamacpp", "fedsea / vllm", "fedsea int8 / llamacpp int8", "fedsea int4 / llamacpp int4"}
+    assert r["fedsea int4 / llamacpp int4"]["1"]["tok_s"] == 0.5
+    assert "Q8_0" in label("llamacpp int8") and "int4" in label("fedsea int4")
+
+
+def test_a_missing_quantized_gguf_is_named_with_its_setup_script(tmp_path):
+    (tmp_path / "llamacpp/bin").mkdir(parents=True)
+    (tmp_path / "llamacpp/bin/llama-server").touch()
+    (tmp_path / "llamacpp/smollm2-135m-instruct-f32.gguf").touch()
+    missing = llamacpp_server(tmp_path, 2, weights="int4")
+    assert "q4_0.gguf" in missing and "setup_llamacpp.sh" in missing
 
 
 def test_profile_buckets_by_innermost_known_frame_per_thread(tmp_path):
