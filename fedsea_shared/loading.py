@@ -205,21 +205,29 @@ def gguf_format(raw) -> str:
 _GGUF_DENSE = {"F32": "float32", "F16": "float16", "BF16": "uint16"}
 
 
-def gguf_index(path: Path) -> dict[str, dict]:
-    """Where each tensor of a GGUF file lies: {name: {type, shape, offset, bytes}}, kept in
-    the prepared directory so loading maps only a shard's tensors and never parses the
-    file's metadata again (gguf's reader builds an array per vocabulary entry: 5 s and
-    160 MiB for SmolLM2's 49k tokens here)."""
+def gguf_source(path: Path) -> dict:
+    """A GGUF file's path, its `general.architecture` and where each of its tensors lies
+    ({name: {type, shape, offset, bytes}}), kept in the prepared directory so loading maps
+    only a shard's tensors and never parses the file's metadata again (gguf's reader builds
+    an array per vocabulary entry: 5 s and 160 MiB for SmolLM2's 49k tokens here)."""
     import gguf
 
-    return {t.name: {"type": t.tensor_type.name, "shape": [int(d) for d in t.shape], "offset": int(t.data_offset),
-                     "bytes": int(t.n_bytes)} for t in gguf.GGUFReader(str(path)).tensors}
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: {"type": t.tensor_type.name, "shape": [int(d) for d in t.shape], "offset": int(t.data_offset),
+                        "bytes": int(t.n_bytes)} for t in reader.tensors}
+    return {"path": str(path), "architecture": reader.fields["general.architecture"].contents(), "tensors": tensors}
+
+
+# The GGUF architectures whose q/k rows llama.cpp's converter reorders for its rope kernel
+# (its LlamaModel; Qwen2's and Mistral's own converters keep the checkpoint's order), as
+# transformers' GGUF reader undoes it.
+_ROPE_PERMUTED = {"llama"}
 
 
 def gguf_tensors(source: dict, wanted: set[str], config,
                  slice_of: SliceOf = whole) -> Iterator[tuple[str, torch.Tensor | Prequantized]]:
     """The wanted tensors of the GGUF file `source` names (models.GGUF_SOURCE: its path and
-    `gguf_index`), each mapped from the file only when reached (other sides' tensors are
+    `gguf_source`), each mapped from the file only when reached (other sides' tensors are
     never touched), and of each only the rows or whole quantization blocks of columns
     `slice_of` names.  Q4_0/Q4_1 come with their int4 tensors: the same codes, and per group
     of 32 the same scale and zero (Q4_0: w = d(q - 8), Q4_1: w = dq + m = d(q - 8) + (m + 8d)),
@@ -227,6 +235,8 @@ def gguf_tensors(source: dict, wanted: set[str], config,
     import gguf
     import numpy as np
 
+    # Directories prepared before the architecture was recorded hold llama files only.
+    permuted = source.get("architecture", "llama") in _ROPE_PERMUTED
     for gname, info in source["tensors"].items():
         name = hf_name(gname)
         if name not in wanted:
@@ -235,14 +245,17 @@ def gguf_tensors(source: dict, wanted: set[str], config,
         rows = math.prod(info["shape"][1:])
         data = np.memmap(source["path"], np.uint8, "r", offset=info["offset"], shape=(info["bytes"],))
         block, size = (1, 1) if kind in _GGUF_DENSE else gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+        vector = not info["shape"][1:]
         if kind in _GGUF_DENSE:
-            data = data.view(_GGUF_DENSE[kind]).reshape(rows, cols)
+            # A vector (norm, bias) as a column: its entries are the rows that q/k's order and
+            # a tensor-parallel slice pick.
+            data = data.view(_GGUF_DENSE[kind]).reshape((cols, 1) if vector else (rows, cols))
         else:
             data = data.reshape(rows, cols // block * size)
         heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
-        order = next((rope_rows(data.shape[0], n) for part, n in heads.items() if f".{part}." in name), None)
+        order = next((rope_rows(data.shape[0], n) for part, n in heads.items() if f".{part}." in name and permuted), None)
         part = slice_of(name)
-        if part is not None and (part[0] == 1 or not info["shape"][1:]):  # columns (a vector's are its entries)
+        if part is not None and part[0] == 1:  # columns
             _, start, stop = part
             if start % block or stop % block:
                 raise ValueError(f"{name}: columns [{start}, {stop}) split {kind}'s blocks of {block}")
@@ -254,7 +267,7 @@ def gguf_tensors(source: dict, wanted: set[str], config,
         if kind in ("F32", "F16", "BF16"):
             tensor = torch.from_numpy(np.array(data))  # a copy: the map is read-only
             tensor = tensor.view(torch.bfloat16) if kind == "BF16" else tensor
-            yield name, tensor if info["shape"][1:] else tensor.view(-1)
+            yield name, tensor.view(-1) if vector else tensor
             continue
         qtype = gguf.GGMLQuantizationType[kind]
 

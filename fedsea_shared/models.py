@@ -30,7 +30,7 @@ _PACKAGED_GGUF = {
 _PACKAGED_GGUF_DIRECT = {
     f"{DEFAULT_MODEL}-q4_1": DEFAULT_MODEL,
 }
-GGUF_SOURCE = "gguf_source.json"  # the file and where its tensors lie (fedsea_shared.loading.gguf_index)
+GGUF_SOURCE = "gguf_source.json"  # the file and where its tensors lie (fedsea_shared.loading.gguf_source)
 
 
 def cache_dir() -> Path:
@@ -71,20 +71,27 @@ def prepare_gguf(path: Path, name: str | None = None) -> Path:
 
 
 def _gguf_metadata(path: Path, out: Path) -> None:
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig
+    from transformers import AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    from .architectures import architecture
+    from .loading import gguf_source
+
     cfg = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
-    if cfg.get("model_type") != "llama":
-        raise ValueError(f"{path}: GGUF architecture {cfg.get('model_type')!r} is not supported (llama)")
-    config = LlamaConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    try:
+        family = architecture(cfg.get("model_type"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    source = gguf_source(path)
+    # GGUF metadata has no key for Llama's `attention_bias`: the file's bias tensors say it.
+    if any(name.endswith(".attn_q.bias") for name in source["tensors"]):
+        cfg["attention_bias"] = True
+    config = family.config_class(**{k: v for k, v in cfg.items() if not k.startswith("_")})
     config.save_pretrained(out)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id).save_pretrained(out)
     AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(out)
-    from .loading import gguf_index
-
-    (out / GGUF_SOURCE).write_text(json.dumps({"path": str(path), "tensors": gguf_index(path)}))
+    (out / GGUF_SOURCE).write_text(json.dumps(source))
 
 
 def _prepare_packaged(name: str) -> Path:

@@ -13,7 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import make_tiny_model
 from edge_runtime.client import AsyncEdgeClient
+from edge_runtime.sampling import SamplingParams
+from fedsea_shared.architectures import load_config
+from fedsea_shared.layers.tensor_parallel import TensorSplit
 from fedsea_shared.layers.linear import DENSE, INT4, INT8, Linear
 from fedsea_shared.loading import rope_rows
 from fedsea_shared.models import is_gguf, resolve_model
@@ -36,11 +40,12 @@ def gguf_name(hf: str) -> str:
 
 
 def write_gguf(path: Path, model_dir: Path, qtype) -> Path:
-    """A GGUF of the checkpoint in model_dir as llama.cpp's converter writes one: q/k rows
-    permuted for its rope, linears quantized, norms F32, the tokenizer from the packaged file."""
+    """A GGUF of the checkpoint in model_dir as llama.cpp's converter writes one: for llama
+    q/k rows permuted for its rope (Qwen2's keep their order), linears quantized, norms and
+    biases F32, the tokenizer from the packaged file."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), cfg.model_type)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -65,7 +70,7 @@ def write_gguf(path: Path, model_dir: Path, qtype) -> Path:
         a = t.numpy()
         heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
         for part, n in heads.items():
-            if f".{part}." in name:
+            if f".{part}." in name and cfg.model_type == "llama":
                 a = a[np.argsort(rope_rows(a.shape[0], n).numpy())]  # the inverse of what the reader undoes
         if a.ndim == 2:
             w.add_tensor(gguf_name(name), gguf.quants.quantize(a, qtype), raw_dtype=qtype)
@@ -135,6 +140,46 @@ async def test_split_greedy_from_gguf_equals_the_dequantized_weights(tiny_gguf, 
         server.stop()
     assert out[str(path), "float32"] == out[str(dequantized), "float32"]
     assert len(out[str(path), "auto"]) == 8
+
+
+async def test_a_qwen2_gguf_generates_what_transformers_reads_from_it(tmp_path, default_model_dir, start_server):
+    """Another family from GGUF: Qwen2's q/k/v biases come from the file, and its q/k rows
+    stay in the order its converter keeps (the llama un-permutation would scramble them)."""
+    tiny = make_tiny_model(tmp_path / "qwen2", default_model_dir, "qwen2", initializer_range=0.2)
+    path = write_gguf(tmp_path / "qwen2.gguf", tiny, Q.Q8_0)
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="qwen2.gguf", dtype=torch.float32).eval()
+    prompt = [1, 504, 3622, 314, 253, 1345]
+    with torch.no_grad():
+        expected = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
+    model_dir = resolve_model(str(path))
+    assert load_config(model_dir).model_type == "qwen2" and not list(model_dir.glob("*.safetensors"))
+    server = start_server(str(path), weights="float32")
+    client = AsyncEdgeClient(server.url, model=str(path), noise=0.0, weights="float32")
+    try:
+        got = [e.token_id async for e in client.stream_tokens(prompt, SamplingParams(max_tokens=10, temperature=0))]
+    finally:
+        await client.aclose()
+    assert got == expected
+
+
+@pytest.mark.parametrize("family, overrides", [("llama", {"attention_bias": True}), ("qwen2", {})],
+                         ids=["llama-with-biases", "qwen2"])
+def test_an_f32_gguf_loads_exactly_the_checkpoint_whole_and_as_a_tensor_parallel_slice(
+        tmp_path, default_model_dir, family, overrides):
+    """q/k weights and biases back in the checkpoint's order (llama's un-permuted, Qwen2's as
+    stored), and a tensor-parallel rank's rows and columns, biases included, read from the file."""
+    tiny = make_tiny_model(tmp_path / family, default_model_dir, family, **overrides)
+    model_dir = resolve_model(str(write_gguf(tmp_path / f"{family}.gguf", tiny, Q.F32)))
+    partition, config = Partition(6, 2, 2), load_config(tiny)
+    want = load_server_shard(tiny, partition).state_dict()
+    got = load_server_shard(model_dir, partition).state_dict()
+    assert any(n.endswith("q_proj.bias") for n in want)
+    assert want.keys() == got.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    split = TensorSplit.of(config, 1, 2)
+    assert torch.equal(
+        torch.cat([v.flatten() for v in load_server_shard(model_dir, partition, split=split).state_dict().values()]),
+        torch.cat([v.flatten() for v in load_server_shard(tiny, partition, split=split).state_dict().values()]))
 
 
 def test_packaged_q4_1_loads_as_int4_without_a_float32_copy():
