@@ -9,7 +9,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -270,12 +269,9 @@ def test_a_tick_mixing_models_runs_one_forward_per_model(tiny_model_dir, adapter
     models = [None, NAME, None]
     for i, model in enumerate(models):
         engine.open(("mixed", i), model).result(timeout=30)
-    # Hold the worker so that the three steps are taken as one burst, hence one tick.
-    gate = threading.Event()
-    engine._submit(lambda fut: gate.wait(30))
     calls.clear()
-    futures = [engine.step(("mixed", i), 0, hidden) for i in range(len(models))]
-    gate.set()
+    # One frame's steps, as a connection hands them over: one command, hence one tick.
+    futures = engine.step_many([(("mixed", i), 0, hidden) for i in range(len(models))])
     for model, fut in zip(models, futures):
         torch.testing.assert_close(fut.result(timeout=30), alone[model], atol=1e-5, rtol=1e-5)
     assert len(calls) == 2 and dict(calls) == {None: 2, NAME: 1}
