@@ -1,8 +1,13 @@
-"""Resident weight size of each side of the split, and where each process's memory goes.
+"""Resident weight size of each side of the split per weight format, the edge's time per
+token, and where each process's memory goes.
 
-Default model: the shards are really loaded (each from the safetensors checkpoint, only
-its own tensors) and their parameter bytes counted.  Llama-2-7B shape: shards are built
-on the meta device from the architecture alone (no weights needed) and counted at fp16.
+Per weight format (`--formats`), for the default model and for Llama 3.2 1B / 3B and Llama
+3.1 8B shapes (`--shapes`; random bf16 weights written once to a scratch checkpoint holding
+the edge's blocks and one middle block): the edge shard (embedding, first and last `head` /
+`tail` blocks, final norm, LM head) and one middle block are really loaded in the format,
+their bytes counted (the server's: one block's times the middle's block count), and the
+edge's forward of one token timed (embedding, its blocks with the token attending to
+itself only, norm, LM head: the products, which are nearly all of an edge step).
 
 Then each side is built as `fedsea server` and `fedsea gateway` build it, in a fresh
 process: resident memory (/proc/self/smaps_rollup) after importing torch and fedsea, and
@@ -10,6 +15,7 @@ after loading (weights, the dense copies of the `mixed` linear kernel, the gatew
 LM-head copy, the server's KV pool), beside the byte counts of those tensors.
 
     python benchmarks/resident_size.py [--head 2 --tail 2] [--kv-cache-memory 64MiB]
+        [--shapes default llama3.2-1b llama3.2-3b llama3.1-8b] [--formats float32 bfloat16 int8 int4]
 """
 
 from __future__ import annotations
@@ -18,31 +24,97 @@ import argparse
 import json
 import multiprocessing
 import os
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.memory_soak import resident_mib  # noqa: E402
 from fedsea_shared import defaults  # noqa: E402
 from fedsea_shared.models import resolve_model  # noqa: E402
-from fedsea_shared.shard import (ModelShard, Partition, address, edge_layers, load_edge_shard,  # noqa: E402
-                                 load_server_shard, resident_bytes)
+from fedsea_shared.architectures import load_config  # noqa: E402
+from fedsea_shared.shard import (ModelShard, Partition, address, causal_attention, edge_layers,  # noqa: E402
+                                 head_dim, load_shard, resident_bytes, shard_tensor_names)
 
 RESULTS = Path(__file__).parent / "results"
+FORMATS = ("float32", "bfloat16", "int8", "int4")
+_LLAMA3 = dict(vocab_size=128256, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
+               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192})
+SHAPES = {  # the published configs' shapes
+    "llama3.2-1b": dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, tie_word_embeddings=True),
+    "llama3.2-3b": dict(_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                        num_attention_heads=24, tie_word_embeddings=True),
+    "llama3.1-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, tie_word_embeddings=False, rope_scaling={**_LLAMA3["rope_scaling"], "factor": 8.0}),
+}
 
-LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
 
-
-def meta_bytes(config: LlamaConfig, layers: list[int], edge: bool, itemsize: int) -> int:
+def shape_checkpoint(name: str, head: int, tail: int, root: Path) -> Path:
+    """A checkpoint of the shape `name` with random bf16 weights for the edge's tensors and
+    one middle block (layer `head`) only: load_shard reads nothing else."""
+    config = LlamaConfig(**SHAPES[name])
+    path = root / name
+    if (path / "model.safetensors").is_file():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    layers = [*edge_layers(Partition(config.num_hidden_layers, head, tail)), head]
+    gen = torch.Generator().manual_seed(0)
     with torch.device("meta"):
-        shard = ModelShard(config, layers, edge)
-    if edge and config.tie_word_embeddings:
-        shard.lm_head.weight = shard.model.embed_tokens.weight
-    return sum(p.numel() for p in shard.parameters()) * itemsize  # parameters() dedupes tied weights
+        shapes = ModelShard(config, layers, True).state_dict()
+    tensors = {n: (torch.randn(shapes[n].shape, generator=gen, dtype=torch.float32) * 0.02).to(torch.bfloat16)
+               for n in shard_tensor_names(config, layers, True)}
+    for n, t in tensors.items():
+        if n.endswith("norm.weight"):
+            t.fill_(1.0)
+    save_file(tensors, str(path / "model.safetensors"))
+    config.save_pretrained(path)
+    return path
+
+
+def edge_ms_per_token(edge: ModelShard, layers: list[int], rounds: int = 7) -> float:
+    """Median ms of one token through the edge: embedding, its blocks (the token attending
+    to itself only), final norm and LM head."""
+    scale = head_dim(edge.config) ** -0.5
+
+    def attend(layer, q, k, v):
+        return causal_attention(q, k, v, scale)
+
+    def token() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hidden = edge.embed(torch.tensor([1]))
+            hidden = edge.run_blocks(layers, hidden, torch.tensor([0]), attend)
+            edge.logits(hidden)
+        return (time.perf_counter() - t0) * 1e3
+
+    token()  # first-call costs (kernel choice, packing)
+    return statistics.median(token() for _ in range(rounds))
+
+
+def format_rows(model_dir: Path, label: str, head: int, tail: int, formats: list[str]) -> list[dict]:
+    """Per format: the edge's and the server's resident bytes and the edge's ms per token."""
+    config = load_config(model_dir)
+    part = Partition(config.num_hidden_layers, head, tail)
+    rows = []
+    for fmt in formats:
+        edge = load_shard(model_dir, edge_layers(part), True, weights=fmt)
+        block = load_shard(model_dir, [head], False, weights=fmt)
+        row = {"model": label, "weights": fmt, "edge_bytes": resident_bytes(edge),
+               "server_bytes": resident_bytes(block) * len(part.server_layers),
+               "edge_ms_per_token": edge_ms_per_token(edge, edge_layers(part))}
+        del edge, block
+        print(f"{label:>14} {fmt:>9} {row['edge_bytes'] / 1e6:>9.0f} {row['server_bytes'] / 1e6:>10.0f} "
+              f"{row['edge_ms_per_token']:>9.1f}", flush=True)
+        rows.append(row)
+    return rows
 
 
 def smaps_mib() -> dict[str, float]:
@@ -104,24 +176,27 @@ def main() -> None:
     p.add_argument("--head", type=int, default=defaults.HEAD)
     p.add_argument("--tail", type=int, default=defaults.TAIL)
     p.add_argument("--kv-cache-memory", default="64MiB", help="the server's KV pool (default: %(default)s)")
+    p.add_argument("--shapes", nargs="*", default=["default", *SHAPES], choices=["default", *SHAPES])
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    p.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "fedsea_shapes",
+                   help="where the shapes' random checkpoints are written once (8B: 4.3 GB)")
+    p.add_argument("--no-processes", action="store_true", help="skip the two processes' memory breakdown")
     args = p.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    print(f"head={args.head}, tail={args.tail}, {os.cpu_count()} threads")
+    print(f"{'model':>14} {'weights':>9} {'edge MB':>9} {'server MB':>10} {'edge ms':>9}")
     rows = []
-    model_dir = resolve_model(defaults.MODEL)
-    part = Partition(30, args.head, args.tail)
-    edge, server = load_edge_shard(model_dir, part), load_server_shard(model_dir, part)
-    total = meta_bytes(edge.config, list(range(30)), True, 4)
-    rows.append({"model": "SmolLM2-135M-Instruct (fp32)", "edge_bytes": resident_bytes(edge),
-                 "server_bytes": resident_bytes(server), "full_bytes": total})
-    part7 = Partition(32, args.head, args.tail)
-    rows.append({"model": "Llama-2-7B shape (fp16)",
-                 "edge_bytes": meta_bytes(LLAMA2_7B, edge_layers(part7), True, 2),
-                 "server_bytes": meta_bytes(LLAMA2_7B, list(part7.server_layers), False, 2),
-                 "full_bytes": meta_bytes(LLAMA2_7B, list(range(32)), True, 2)})
-    print(f"head={args.head}, tail={args.tail}")
-    print(f"{'model':>30} {'edge MB':>9} {'server MB':>10} {'full MB':>9} {'edge share':>11}")
-    for r in rows:
-        print(f"{r['model']:>30} {r['edge_bytes'] / 1e6:>9.1f} {r['server_bytes'] / 1e6:>10.1f} "
-              f"{r['full_bytes'] / 1e6:>9.1f} {r['edge_bytes'] / r['full_bytes']:>10.1%}")
+    for shape in args.shapes:
+        model_dir = resolve_model(defaults.MODEL) if shape == "default" else shape_checkpoint(
+            shape, args.head, args.tail, args.scratch)
+        rows += format_rows(model_dir, "smollm2-135m" if shape == "default" else shape, args.head, args.tail,
+                            args.formats)
+    RESULTS.mkdir(exist_ok=True)
+    result = {"head": args.head, "tail": args.tail, "rows": rows, "kv_cache_memory": args.kv_cache_memory,
+              "loadavg": os.getloadavg()}
+    if args.no_processes:
+        (RESULTS / "resident_size.json").write_text(json.dumps(result, indent=2))
+        return
     memory = measured_memory(args.kv_cache_memory)
     print(f"\n{'MiB':>28} {'server':>8} {'gateway':>8}")
     for label, get in (("RSS after imports", lambda m: m["imported"]["rss"]),
@@ -133,10 +208,7 @@ def main() -> None:
                        ("  KV pool", lambda m: m.get("kv_pool", 0.0))):
         print(f"{label:>28} {get(memory['server']):>8.0f} {get(memory['gateway']):>8.0f}")
     print(f"(the gateway's linear kernel: {memory['gateway']['linear_kernel']}, timed at start-up)")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "resident_size.json").write_text(json.dumps({"head": args.head, "tail": args.tail, "rows": rows,
-                                                            "kv_cache_memory": args.kv_cache_memory,
-                                                            "memory_mib": memory}, indent=2))
+    (RESULTS / "resident_size.json").write_text(json.dumps({**result, "memory_mib": memory}, indent=2))
 
 
 if __name__ == "__main__":
