@@ -5,8 +5,8 @@
 #     bash benchmarks/setup_llamacpp.sh [PEERS_DIR]     # default $FEDSEA_PEERS or ~/.cache/fedsea/peers
 #     nohup bash benchmarks/setup_llamacpp.sh > /tmp/setup_llamacpp.log 2>&1 &   # the long build, in the background
 #
-# Result: PEERS_DIR/llamacpp/bin/llama-server and PEERS_DIR/llamacpp/smollm2-135m-instruct-{f32,q8_0,q4_0}.gguf
-# (the quantized two made from the f32 one by llama.cpp's own llama-quantize).
+# Result: PEERS_DIR/llamacpp/bin/llama-server and PEERS_DIR/llamacpp/smollm2-135m-instruct-{f32,bf16,q8_0,q4_0}.gguf
+# (the other three made from the f32 one by llama.cpp's own llama-quantize).
 # Safe to re-run: each step is skipped when its output exists.
 #
 # llama.cpp's sources come from the PyPI sdist of llama-cpp-python, which vendors them (PyPI is
@@ -62,7 +62,7 @@ if [ ! -f "$GGUF" ]; then
     --outtype f32 --outfile "$GGUF.tmp"
   mv "$GGUF.tmp" "$GGUF"
 fi
-for TYPE in q8_0 q4_0; do
+for TYPE in bf16 q8_0 q4_0; do
   OUT=$DEST/smollm2-135m-instruct-$TYPE.gguf
   if [ ! -f "$OUT" ]; then
     nice -n 10 "$DEST/bin/llama-quantize" "$GGUF" "$OUT.tmp" "$(echo $TYPE | tr a-z A-Z)"

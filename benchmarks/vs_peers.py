@@ -149,6 +149,10 @@ def llamacpp_server(peers: Path, threads: int, weights: str = "float32"):
     # One slot per stream of the 16-client level, each of SLOT_TOKENS.
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
            "-np", str(SLOTS), "-c", str(SLOTS * SLOT_TOKENS), "-cb", "--jinja"]
+    if weights in ("int8", "int4"):
+        # Repacking Q8_0/Q4_0 for its CPU kernels crashed llama-server at start on the Xeon VM
+        # (SIGSEGV after "threadpool init", llama-cpp-python 0.3.36's llama.cpp).
+        cmd.append("--no-repack")
     return _process(f"llamacpp-{GGUF_TYPES[weights]}", cmd, port, "/health")
 
 
