@@ -104,6 +104,7 @@ RELATION = re.compile(
     r"nanny|coach|pal)s?\s+$", re.I)
 # Words that a person, not a thing, follows: "tell jack", "hi mark".
 ADDRESSED = re.compile(r"\b(?:tell|ask|call|text|remind|invite|meet|met|thank|thanks|dear|hi|hello|hey)\s+$", re.I)
+PAIRED = re.compile(r"\b(?:me|you|him|her|us|them)\s+(?:and|&)\s+$", re.I)  # "me and nils"
 # What a lone word the NER reads as a place comes after when it is a place after all.
 LOCATIVE = re.compile(r"(?:\b(?:in|at|to|from|near|into|visit|visited|visiting|around|across|towards?|via|of)"
                       r"|(?<!\bme)(?<!\bi)(?<!\byou)(?<!\bhim)(?<!\bher)(?<!\bus)\s+(?:and|or))\s+$", re.I)  # not "me and Ana"
@@ -203,6 +204,7 @@ OTHER_ENTITIES = {"ORG", "GPE", "LOC", "NORP", "FAC", "PRODUCT", "EVENT", "WORK_
 COMPANIES = {"ORG", "PRODUCT"}  # what the NER is right about often enough on a lone word no dictionary has
 BIRTH = re.compile(r"\b(?:born|birth|birthday|bday|b-day|dob|d\.o\.b|birthdate|date of birth|geboren|née?)\b", re.I)
 WEEKDAYS = r"(?:monday|tuesday|wednesday|thursday|friday|saturday|sunday)"
+CALENDAR = re.compile(rf"{MONTHS}|{WEEKDAYS}", re.I)
 # "Valentine's Day", "Patrick's Day", "Christmas Eve"; "Easter Monday" when the word is also a dictionary word.
 HOLIDAY_DAY = re.compile(r"(?:['’]s)?\s+(?:day|eve)\b", re.I)
 HOLIDAY_WEEKDAY = re.compile(rf"\s+{WEEKDAYS}\b", re.I)
@@ -421,11 +423,12 @@ class Detector:
         return any(lower.endswith(old) and lower[: -len(old)] + new in self.lemmas for old, new in self.suffixes)
 
     def _unknown_word(self, word: str) -> bool:
-        """In no dictionary, no chat word, no acronym and no typo of a word: a proper noun
-        whatever its case."""
+        """In no dictionary, no chat word, no acronym and no typo of a word (a first name of
+        some country is none: "marius", "branka"): a proper noun whatever its case."""
         lower = word.lower()
         return (len(word) >= (4 if word.islower() else 3) and not (word.isupper() or CHATTER.fullmatch(lower) or self._english(lower))
-                and lower not in self.names and not (word.islower() and (self._typo(lower) or self._compound(lower))))
+                and lower not in self.names and not (word.islower() and lower not in self.first_names
+                                                     and (self._typo(lower) or self._compound(lower))))
 
     def _compound(self, lower: str) -> bool:
         """Two English words run together (chat's "superhero", "photoshop")."""
@@ -454,9 +457,14 @@ class Detector:
                 and not self._english(lower))
 
     def _name_word(self, word: str) -> bool:
-        """A first name that is not also an everyday word."""
+        """A first name that is not also an everyday word: a census first name that is no verb,
+        adjective or adverb, or a first name of another country that no dictionary lists as a
+        word ("Mathias", "Petter"; not "Sky", "River")."""
         w = word.lower()
-        return w in self.names and w not in NOT_NAMES and w not in PLACES and w not in self.words
+        if w in NOT_NAMES or w in PLACES or CHATTER.fullmatch(w):
+            return False
+        return w in self.names and w not in self.words or w in self.first_names and not (
+            w in self.lemmas or w in self.inflected or w in self.stop_words)
 
     def _docs(self, text: str):
         pieces, at = [], 0
@@ -486,7 +494,11 @@ class Detector:
                     # the name; an everyday word that is no first name leads no name.
                     while len(words) > 1 and words[0].lower_ in self.words and words[0].lower_ not in self.names:
                         words.pop(0)
-                    person.update(t.i for t in words)
+                    # It also runs a name on into what follows ("Zvonimira 8 2 before noon"): a
+                    # name ends before a number or a lower-case stop word other than a particle.
+                    end = next((k for k, w in enumerate(words) if k and (not w.is_alpha or w.is_lower and w.is_stop
+                                                                         and w.lower_ not in PARTICLES)), len(words))
+                    person.update(t.i for t in words[:end])
                 elif ent.label_ == "ORG" and all(self._unknown(t.text) for t in ent if t.is_alpha):
                     unknown_org.update(t.i for t in ent)  # the small model often calls a foreign name an ORG
             tokens = list(doc)
@@ -509,11 +521,25 @@ class Detector:
                     j -= 1
                 first_kind = "last" if title or (t.lower_ not in self.names and j == i + 1 and i in person
                                                   and i > 0 and tokens[i - 1].i in person) else "first"
+                # "Angel Diaconu", "Georgia Branaola": a first name of some country right before
+                # a name is its first name, even one that is also a word or a place.
+                previous = tokens[i - 1] if i > 0 else None
+                if not title and self._first_name_before(t, text, offset) and not (out and out[-1].end > offset + previous.idx):
+                    out.append(Span(offset + previous.idx, offset + previous.idx + len(previous), "first"))
+                    first_kind = "last"
                 out.append(Span(start, start + len(t), first_kind))
                 if j > i + 1:
                     out.append(Span(offset + tokens[i + 1].idx, offset + tokens[j - 1].idx + len(tokens[j - 1]), "last"))
                 i = j
         return out
+
+    def _first_name_before(self, t, text: str, offset: int) -> bool:
+        """The word right before `t` is a capitalised first name of some country (not a stop
+        word, a month or a weekday, nor after an article: "the Red Sox")."""
+        previous = t.doc[t.i - 1] if t.i > 0 else None
+        return (previous is not None and previous.is_alpha and previous.whitespace_ and text[offset + previous.idx].isupper()
+                and previous.lower_ in self.first_names and previous.lower_ not in self.stop_words
+                and not CALENDAR.fullmatch(previous.lower_) and not _owned(previous))
 
     def _plausible(self, ent) -> bool:
         """A PERSON entity worth hiding: some word in it is a proper noun and not an
@@ -561,6 +587,14 @@ class Detector:
         subject = following is not None and (
             following.pos_ in ("VERB", "AUX") or following.text in (",", ":", "'s", "’s")
             or following.lower_ in ("and", "&") and after is not None and after.lower_ in ("i", "me", "my", "his", "her"))
+        # "Leokadia Sokołowska", "Georgia Branaola": a first name, then a capitalised word no
+        # dictionary holds, whatever the NER calls the pair.
+        surname = t.doc[t.i + 1] if t.whitespace_ and t.i + 1 < len(t.doc) else None
+        if known and word[0].isupper() and surname is not None and surname.is_alpha and text[offset + surname.idx].isupper() \
+                and not self._english(surname.lower_) and not self._well_known(surname.lower_):
+            return True
+        if unknown and word[0].isupper() and t.i > 0 and self._first_name_before(t, text, offset):
+            return True
         end = at + len(t)
         if HOLIDAY_DAY.match(text, end) or self._english(lower) and (
                 t.ent_type_ in ("DATE", "TIME") or HOLIDAY_WEEKDAY.match(text, end)):
@@ -587,8 +621,11 @@ class Detector:
                     and (t.ent_type_ not in OTHER_ENTITIES or lone and t.ent_type_ not in COMPANIES or t.i in unknown_org))
         if lower in NOT_NAMES or lower in PLACES:
             return False
-        if not (known or unknown):  # a first name that is also a word ("jack"): only where a person is addressed
-            return lower in self.names and (ADDRESSED.search(before) is not None or RELATION.search(before) is not None)
+        if not (known or unknown):
+            # A first name that is also a word ("jack", "pascal"): where a person is addressed,
+            # named by a relation or paired with one; a census name also as a verb's subject.
+            return (lower in self.first_names and any(p.search(before) for p in (ADDRESSED, RELATION, PAIRED))
+                    or lower in self.names and subject)
         # Opening a sentence, or typed in lower case: a name when the tagger reads it as one,
         # a word about a person comes before it, or it is a verb's subject.
         previous = t.doc[t.i - 1] if t.i > 0 else None
