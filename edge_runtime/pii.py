@@ -463,8 +463,7 @@ class Detector:
         w = word.lower()
         if w in NOT_NAMES or w in PLACES or CHATTER.fullmatch(w):
             return False
-        return w in self.names and w not in self.words or w in self.first_names and not (
-            w in self.lemmas or w in self.inflected or w in self.stop_words)
+        return w in self.names and w not in self.words or w in self.first_names and not self._english(w)
 
     def _docs(self, text: str):
         pieces, at = [], 0
@@ -535,11 +534,11 @@ class Detector:
 
     def _first_name_before(self, t, text: str, offset: int) -> bool:
         """The word right before `t` is a capitalised first name of some country (not a stop
-        word, a month or a weekday, nor after an article: "the Red Sox")."""
+        word, a month, a weekday or an interjection, nor after an article: "the Red Sox")."""
         previous = t.doc[t.i - 1] if t.i > 0 else None
         return (previous is not None and previous.is_alpha and previous.whitespace_ and text[offset + previous.idx].isupper()
                 and previous.lower_ in self.first_names and previous.lower_ not in self.stop_words
-                and not CALENDAR.fullmatch(previous.lower_) and not _owned(previous))
+                and not (CALENDAR.fullmatch(previous.lower_) or CHATTER.fullmatch(previous.lower_)) and not _owned(previous))
 
     def _plausible(self, ent) -> bool:
         """A PERSON entity worth hiding: some word in it is a proper noun and not an
@@ -624,7 +623,8 @@ class Detector:
         if not (known or unknown):
             # A first name that is also a word ("jack", "pascal"): where a person is addressed,
             # named by a relation or paired with one; a census name also as a verb's subject.
-            return (lower in self.first_names and any(p.search(before) for p in (ADDRESSED, RELATION, PAIRED))
+            return (lower in self.first_names and t.pos_ in ("PROPN", "NOUN")
+                    and any(p.search(before) for p in (ADDRESSED, RELATION, PAIRED))
                     or lower in self.names and subject)
         # Opening a sentence, or typed in lower case: a name when the tagger reads it as one,
         # a word about a person comes before it, or it is a verb's subject.
