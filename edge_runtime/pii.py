@@ -169,7 +169,7 @@ ADDRESS = re.compile(
     rf"|(?:{STREET_WORDS})\s+(?:(?:de|del|de la|di|da|do|dos|das|des|du|della|of|the)\s+)?{NAMEWORD}(?:\s+{NAMEWORD}){{0,2}}?(?=\s*(?:,|\n|$))"
     rf"|[^\W\d_]{{2,30}}{STREET_SUFFIX}\s+{HOUSE_NUMBER}\b"
     rf"|p\.?\s?o\.?\s+box\s+\d{{1,6}}"
-    rf")(?:,?\s+(?:apt|apartment|unit|suite|ste|flat|floor|fl|puerta|piso|piano|étage|etage|no)\.?\s*#?\s*[\w-]{{1,6}})?",
+    rf")(?:,?\s+(?:apt|apartment|unit|suite|ste|flat|floor|fl|puerta|piso|piano|étage|etage|no)\b\.?\s*#?\s*[\w-]{{1,6}})?",
     re.I,
 )
 ADDRESS_CUE = re.compile(
@@ -383,11 +383,12 @@ class Detector:
         return out
 
     def _street_name(self, text: str) -> bool:
-        """Written like a street after an address cue: its first word capitalised, the others
-        capitalised too, connectors, street words, or words no English dictionary holds
-        ("Cankarjevo nabrežje 8c", "Na úvrati 62"; not "Berlin in 2015")."""
+        """Written like a street after an address cue: its first word capitalised or a street
+        word ("93 rue Bonneterie"), the others capitalised too, connectors, street words, or
+        words no English dictionary holds ("Cankarjevo nabrežje 8c", "Na úvrati 62"; not
+        "Berlin in 2015")."""
         words = _words(text)
-        return bool(words) and words[0][0].isupper() and all(
+        return bool(words) and (words[0][0].isupper() or STREET_WORD.fullmatch(words[0])) and all(
             w[0].isupper() or w.lower() in CONNECTORS or STREET_WORD.fullmatch(w) or not self._english(w.lower())
             for w in words[1:])
 
