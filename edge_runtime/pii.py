@@ -26,7 +26,7 @@ holds, unless a title, an introduction or a greeting names a person with them ("
 words common in English text (wordfreq's list of words seen at least once per million) that
 no dictionary and no first-name list of any country holds: brands, products, currencies,
 games ("Bitcoin fell", "buy Nvidia stock"), unless a greeting, a relation or a title names a
-person with them or the NER reads a verb's subject as one; organisations the NER names,
+person with them; organisations the NER names,
 unless they act as a person; places after a word about places ("in Geneva"); chat's
 interjections, laughs, abbreviations, typos and run-together words.  A rarer capitalised
 word that no dictionary holds is hidden mid-sentence (a name the tagger cannot tell from a
@@ -601,8 +601,8 @@ class Detector:
         if HOLIDAY_DAY.match(text, end) or self._english(lower) and (
                 t.ent_type_ in ("DATE", "TIME") or HOLIDAY_WEEKDAY.match(text, end)):
             return False  # a holiday's name
-        if self._well_known(lower):  # "Bitcoin fell", "buy Nvidia stock", but "ask Sven", "Sven is coming"
-            return (ADDRESSED.search(before) or RELATION.search(before)) is not None or t.ent_type_ == "PERSON" and subject
+        if self._well_known(lower):  # "Bitcoin was less than a cent" (the NER says PERSON), "buy Nvidia stock"
+            return (ADDRESSED.search(before) or RELATION.search(before)) is not None
         # A lone word the small model reads as a place or a people ("in Geneva", "to
         # Georgia", "German") is one after a word about places, or when a dictionary has it;
         # a word no dictionary has is a name as the subject of a verb or after a word about a

@@ -189,6 +189,7 @@ KEPT = [  # ordinary text: nothing replaced
 # are brands and public entities far more often than a user's acquaintances.
 NOT_PEOPLE = [
     "Bitcoin fell again this morning, so I bought more Ethereum.",
+    "Back when Bitcoin was cheap I bought none.",  # the NER reads this subject as a PERSON
     "Netflix raised its prices, so we switched to Spotify.",
     "Uber was faster than the bus.",
     "Minecraft is still the best game ever made.",
