@@ -614,7 +614,7 @@ class Detector:
                 return False
         opening = not before.rstrip() or before.rstrip()[-1] in ".!?:;\"\n"
         if word[0].isupper() and not opening:
-            if known or unknown and (cue or subject):
+            if known or unknown and (cue or subject) and not _owned(t):  # not "The Kardashians are"
                 return True
             # A capitalised proper noun that no dictionary holds, and no other kind of entity
             # (a lone word the NER calls one is as often a name it does not know).

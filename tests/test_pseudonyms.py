@@ -200,6 +200,7 @@ NOT_PEOPLE = [
     "Happy Valentine's Day to you both!",
     "Can you convert 50 Euros to Dollars for me?",
     "The Yankees lost to the Red Sox.",
+    "The Kardashians are on TV again.",
 ]
 # ...while first names that are just as common in English text stay names.
 COMMON_FIRST_NAMES = [("Sven is coming to the party, said Lars.", ["Sven", "Lars"]), ("Ask Igor about the keys.", ["Igor"])]
