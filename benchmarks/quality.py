@@ -11,10 +11,11 @@ Fine-tuning (one run per task x configuration x seed):
     every noise x cut x clients (1, or K with IID / by-label shards) asked for;
   * one budget for all: `--samples` training samples, each seen once, in `--samples /
     --batch` optimizer steps of `--batch` samples (K clients: --batch/K each per step),
-    one learning-rate schedule over those steps.  Centralized takes exactly the batches
-    of the one-client split run (training.federation.client_batch) and starts from the
-    same adapter, so split with 1 client at noise 0 differs from it only by clipping each
-    side's gradient on its own (tests/test_benchmark_scripts.py checks the parity).
+    one learning-rate schedule over those steps.  Centralized (one per cut) takes exactly
+    the batches of the one-client split run (training.federation.client_batch) and starts
+    from the split run's adapter at its cut, so split with 1 client at noise 0 differs
+    from it only by clipping each side's gradient on its own (tests/test_benchmark_scripts.py
+    checks the parity at two cuts).
 Every model is scored by the same code: the unsplit model with the run's adapter and the
 run's noise added at the cut (a hook on the last head block), on the same validation
 examples.
@@ -100,8 +101,11 @@ class Config:
 
     @property
     def name(self) -> str:
-        if self.kind != "split":
+        if self.kind == "base":
             return self.kind
+        if self.kind == "centralized":  # one per cut: it starts from the split run's adapter at that cut
+            default_cut = (self.head, self.tail) == (defaults.HEAD, defaults.TAIL)
+            return self.kind if default_cut else f"{self.kind}-h{self.head}t{self.tail}"
         shards = "" if self.clients == 1 else ("-label" if self.by_label else "-iid")
         return f"split-h{self.head}t{self.tail}-k{self.clients}{shards}-n{self.noise:g}"
 
@@ -142,11 +146,11 @@ def centralized_model(model_dir, lora: LoraSpec, head: int, tail: int, seed: int
 
 
 def train_centralized(model_dir, train: list[Example], budget: Budget, seed: int, pad_id: int,
-                      optim: OptimSpec | None = None) -> tuple[LlamaForCausalLM, float]:
+                      cfg: Config) -> tuple[LlamaForCausalLM, float]:
     torch.manual_seed(seed)
-    model = centralized_model(model_dir, budget.lora(), defaults.HEAD, defaults.TAIL, seed)
+    model = centralized_model(model_dir, budget.lora(), cfg.head, cfg.tail, seed)
     model.train()
-    optim = optim or budget.optim()
+    optim = budget.optim()
     opt = AdapterOptimizer(lora_parameters(model, ADAPTER), optim, optim.total_steps)
     per_epoch = steps_per_epoch(len(train), 1, budget.batch)
     started = time.perf_counter()
@@ -378,10 +382,12 @@ def serving_cost(model: str, queries: int, seed: int) -> dict:
 
 
 def grid(args) -> list[Config]:
-    configs = [Config(kind) for kind in args.baselines]
+    cuts = [tuple(int(x) for x in cut.split("/")) for cut in args.cuts]
+    configs = [Config("base")] if "base" in args.baselines else []
+    if "centralized" in args.baselines:
+        configs += [Config("centralized", head=head, tail=tail) for head, tail in cuts]
     for noise in args.noise:
-        for cut in args.cuts:
-            head, tail = (int(x) for x in cut.split("/"))
+        for head, tail in cuts:
             for k in args.clients:
                 for by_label in ([False] if k == 1 else [s == "label" for s in args.sharding]):
                     configs.append(Config("split", noise, head, tail, k, by_label))
@@ -407,7 +413,7 @@ def run_task(name: str, task: Task, configs: list[Config], budget: Budget, seeds
                 if cfg.kind == "base":
                     model, train_s = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), 0.0
                 elif cfg.kind == "centralized":
-                    model, train_s = train_centralized(model_dir, ds.train, budget, seed, pad_id)
+                    model, train_s = train_centralized(model_dir, ds.train, budget, seed, pad_id, cfg)
                 else:
                     model, train_s = train_split(model_dir, task, cfg, budget, seed, work / "run")
                     extra["server_steps"] = server_steps(work / "run", cfg.clients)
@@ -430,7 +436,8 @@ def task_result(task: Task, configs: list[Config], runs: list[dict]) -> dict:
         mine = sorted((r for r in runs if r["config"] == cfg.name), key=lambda r: r["seed"])
         if not mine:
             continue
-        ref = {r["seed"]: r for r in runs if r["config"] == "centralized"}
+        reference = Config("centralized", head=cfg.head, tail=cfg.tail).name
+        ref = {r["seed"]: r for r in runs if r["config"] == reference}
         if cfg.kind == "split" and all(r["seed"] in ref for r in mine):
             ref_runs = [ref[r["seed"]] for r in mine]
         else:
@@ -457,32 +464,49 @@ def table(name: str, result: dict) -> str:
 
 
 def plot(name: str, result: dict, path: Path) -> None:
+    """The metric against the noise at one cut, or, when several cuts were measured,
+    against the cut (one series per noise level, centralized LoRA as a series of its own)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metric = TASKS[name].metric
+    trained = [s for s in result["summary"].values() if s["config"]["kind"] != "base"]
+    cuts = sorted({(s["config"]["head"], s["config"]["tail"]) for s in trained})
+    by_cut = len(cuts) > 1
     fig, ax = plt.subplots(figsize=(6, 4))
-    lines: dict[str, list[tuple[float, dict]]] = {}
-    for s in result["summary"].values():
+    series: dict[str, list[tuple[float, dict]]] = {}
+    for s in trained:
         c = s["config"]
-        if c["kind"] == "split":
-            label = f"split {c['head']}/{c['tail']}, {c['clients']} client" + ("s" if c["clients"] > 1 else "")
-            label += "" if c["clients"] == 1 else (" by label" if c["by_label"] else " IID")
-            lines.setdefault(label, []).append((c["noise"], s[metric]))
-    for label, pts in sorted(lines.items()):
+        if c["kind"] == "centralized":
+            if by_cut:
+                series.setdefault("centralized", []).append((cuts.index((c["head"], c["tail"])), s[metric]))
+            continue
+        label = f"split, {c['clients']} client" + ("s" if c["clients"] > 1 else "")
+        label += "" if c["clients"] == 1 else (" by label" if c["by_label"] else " IID")
+        if by_cut:
+            series.setdefault(f"{label}, noise {c['noise']:g}", []).append((cuts.index((c["head"], c["tail"])), s[metric]))
+        else:
+            series.setdefault(f"{label}, cut {c['head']}/{c['tail']}", []).append((c["noise"], s[metric]))
+    shift = 0.06 if by_cut else 0.0  # side by side at each cut, so the intervals do not hide each other
+    for i, (label, pts) in enumerate(sorted(series.items())):
         pts.sort(key=lambda p: p[0])
-        xs = [p[0] for p in pts]
+        xs = [p[0] + shift * (i - (len(series) - 1) / 2) for p in pts]
         ys = [p[1]["mean"] for p in pts]
         err = [[y - p[1]["example_ci"][0] for y, p in zip(ys, pts)], [p[1]["example_ci"][1] - y for y, p in zip(ys, pts)]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
-    for kind, style in (("centralized", "-"), ("base", ":")):
+    horizontal = [("base", ":")] + ([] if by_cut else [("centralized", "-")])
+    for kind, style in horizontal:
         if kind in result["summary"]:
             m = result["summary"][kind][metric]
             ax.axhline(m["mean"], color="k", linestyle=style, label=kind)
             ax.axhspan(*m["example_ci"], color="k", alpha=0.08)
-    ax.set_xlabel("noise (relative to per-token RMS)")
+    if by_cut:
+        ax.set_xticks(range(len(cuts)), [f"{h}/{t}" for h, t in cuts])
+        ax.set_xlabel("cut (edge blocks head/tail)")
+    else:
+        ax.set_xlabel("noise (relative to per-token RMS)")
     ax.set_ylabel(metric + (" (points)" if metric in POINTS else ""))
     ax.set_title(f"{name}: split vs centralized LoRA (95% example bootstrap)")
     ax.legend(fontsize=7)

@@ -32,20 +32,21 @@ def test_gpu_decode_benchmark_runs_on_cpu(tmp_path):
 
 def test_quality_harness_intervals_and_split_centralized_parity(tiny_model_dir, tmp_path):
     """The harness at a tiny budget: the JSON's structure, both intervals, and that split
-    fine-tuning with one client at noise 0 ends where centralized LoRA does: the same
-    batches, schedule, steps, LoRA targets and initial adapter (clipping off, since each
-    side of the split clips its own gradient).  A baseline that takes more or larger
-    steps than the split run, as the first BBC comparison did, fails here."""
+    fine-tuning with one client at noise 0 ends where centralized LoRA does, at every cut:
+    the same batches, schedule, steps, LoRA targets and initial adapter (clipping off, since
+    each side of the split clips its own gradient).  A baseline that takes more or larger
+    steps than the split run, as the first BBC comparison did, or that starts from another
+    cut's adapter, fails here."""
     quality = _load("quality")
     out = tmp_path / "q.json"
-    args = ["--model", str(tiny_model_dir), "--tasks", "bbc-topic", "--samples", "8", "--batch", "4",
-            "--valid", "6", "--seeds", "0", "1", "--clients", "1", "--noise", "0", "--grad-clip", "0", "--out", str(out)]
+    args = ["--model", str(tiny_model_dir), "--tasks", "bbc-topic", "--samples", "8", "--batch", "4", "--valid", "6",
+            "--seeds", "0", "1", "--clients", "1", "--noise", "0", "--cuts", "2/2", "1/1", "--grad-clip", "0", "--out", str(out)]
     got = quality.main(args)
     resumed = quality.main([*args, "--resume"])  # nothing left to run: the same runs and summary
     assert resumed["tasks"] == got["tasks"]
     assert json.loads(out.read_text())["budget"]["steps"] == 2
     task = got["tasks"]["bbc-topic"]
-    assert set(task["summary"]) == {"base", "centralized", "split-h2t2-k1-n0"}
+    assert set(task["summary"]) == {"base", "centralized", "centralized-h1t1", "split-h2t2-k1-n0", "split-h1t1-k1-n0"}
     for name, s in task["summary"].items():
         for metric in ("accuracy", "loss"):
             m = s[metric]
@@ -54,6 +55,7 @@ def test_quality_harness_intervals_and_split_centralized_parity(tiny_model_dir, 
         assert ("gap_vs_centralized" in s["accuracy"]) == name.startswith("split")
     runs = {(r["config"], r["seed"]): r["scores"]["nll"] for r in task["runs"]}
     for seed in (0, 1):
-        assert runs["base", seed] != runs["centralized", seed]  # training moved the model
-        for a, b in zip(runs["centralized", seed], runs["split-h2t2-k1-n0", seed]):
-            assert abs(a - b) <= 1e-4 * abs(a)
+        for centralized, split in (("centralized", "split-h2t2-k1-n0"), ("centralized-h1t1", "split-h1t1-k1-n0")):
+            assert runs["base", seed] != runs[centralized, seed]  # training moved the model
+            for a, b in zip(runs[centralized, seed], runs[split, seed]):
+                assert abs(a - b) <= 1e-4 * abs(a)
