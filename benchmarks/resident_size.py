@@ -148,7 +148,7 @@ def side_memory(side: str, kv_cache_memory: str, queue) -> None:
         shard, extra = runtime.shard, {"kv_pool": runtime.pool.nbytes / 2**20}
     else:
         g = GatewaySettings()
-        client = AsyncEdgeClient(g.server_url, lm_head_copy=g.lm_head_copy)  # connects later, on first use
+        client = AsyncEdgeClient(g.edge)  # connects later, on first use
         shard, extra = client.worker.model.shard, {"linear_kernel": client.linear_kernel}
     head = getattr(shard, "lm_head", None)
     lm_head_copy = head.weight.numel() * head.weight.element_size() / 2**20 if head is not None and head.weight.is_mkldnn else 0.0
