@@ -82,7 +82,7 @@ class AsyncEdgeClient:
         model_dir = resolve_model(s.model)
         self.config = load_config(model_dir)
         self.partition = Partition(self.config.num_hidden_layers, s.head, s.tail)
-        self.weights = resolve_weights(s.weights, s.device, "edge", is_gguf(model_dir))
+        self.weights = resolve_weights(s.weights, s.device, "edge", is_gguf(model_dir), self.config.dtype)
         shard = load_edge_shard(model_dir, self.partition, dtype=WIRE_DTYPES[s.dtype], device=s.device, config=self.config,
                                 weights=self.weights)
         self.linear_kernel = apply_linear_kernel(shard, s.linear_kernel, s.device, copy_shared=s.lm_head_copy)

@@ -50,8 +50,8 @@ def _split_args(p: argparse.ArgumentParser) -> None:
                         "one row, else onednn where it runs, else torch")
     p.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS,
                    help="how this side stores its linear layers' weights: dense float32/bfloat16/float16, int8 with a "
-                        "scale per output channel, or int4 in groups of 32 (the embedding int8 per row); auto = "
-                        "float32 (see README, weight formats)")
+                        "scale per output channel, or int4 in groups of 32 (the embedding int8 per row); auto = a "
+                        "GGUF file's own formats, a bfloat16/float16 checkpoint's own dtype, else float32")
     p.add_argument("--block-ops", default="auto", choices=BLOCK_OPS,
                    help="a block's norms, rotary, SiLU-and-mul and short decode attention: native (fused C kernels "
                         "built with the machine's compiler on first use; float32 CPU), vllm (vLLM's RMSNorm) or "

@@ -75,7 +75,7 @@ class Worker:
         if ranks and s.adapters:
             raise ValueError("a tensor-parallel server serves no adapters yet (--adapter): their merged weights "
                              "would need slicing as well")
-        self.weights = resolve_weights(s.weights, self.device, "server", is_gguf(model_dir))
+        self.weights = resolve_weights(s.weights, self.device, "server", is_gguf(model_dir), self.config.dtype)
         self.shard = load_server_shard(model_dir, self.partition, dtype=self.dtype, device=self.device,
                                        config=self.config, weights=self.weights, split=self.split)
         local = self.shard.config  # this rank's heads

@@ -200,3 +200,28 @@ def test_finetune_over_a_quantized_base_and_serve_its_adapter(tmp_path, tiny_mod
     merged = merged_shard(load_edge_shard(tiny_model_dir, p, weights=fmt), LoraAdapter.read(tmp_path / "run" / "adapter"))
     with torch.inference_mode():
         assert torch.isfinite(_edge_forward(merged, p, torch.tensor([1, 5, 9]), torch.randn(3, 64))).all()
+
+
+async def test_auto_keeps_a_half_precision_checkpoint_in_its_own_dtype(tmp_path, tiny_model_dir, start_server):
+    """A checkpoint stored in bf16 (as most published Llama 3 / Qwen2 ones are) is served in
+    bf16 on both sides under auto, not widened to float32; a float32 one stays float32, and
+    an explicit format wins."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import TOKENIZER_FILES
+
+    half = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(half)
+    for name in TOKENIZER_FILES:
+        if (tiny_model_dir / name).exists():
+            (half / name).write_bytes((tiny_model_dir / name).read_bytes())
+    for model, asked, expected in ((half, "auto", "bfloat16"), (tiny_model_dir, "auto", "float32"),
+                                   (half, "float32", "float32")):
+        server = start_server(str(model), weights=asked)
+        client = AsyncEdgeClient(server.url, model=str(model), noise=0.0, weights=asked)
+        try:
+            assert (server.runtime.weights, client.weights) == (expected, expected), (model.name, asked)
+            assert len((await client.generate(CHATS[0], max_tokens=4, temperature=0)).token_ids) == 4
+        finally:
+            await client.aclose()
+            server.stop()

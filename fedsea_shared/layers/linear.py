@@ -530,16 +530,23 @@ def address(t: torch.Tensor) -> int:
     return torch.ops.mkldnn.data_ptr(t) if t.is_mkldnn else t.data_ptr()
 
 
-def resolve_weights(weights: str, device: torch.device | str, side: str, gguf: bool = False) -> str:
+def resolve_weights(weights: str, device: torch.device | str, side: str, gguf: bool = False,
+                    stored: torch.dtype | None = None) -> str:
     """The weight format a side stores its linears in: `weights`, or for auto the policy
     below; logged, so an operator sees what each side chose.
 
     auto: a GGUF file's tensors in the formats matching their types ("file": Q8_0 int8,
-    Q4_0/Q4_1 int4, see fedsea_shared.loading), else float32 (today's behaviour; int8 and
-    int4 are faster here but not yet measured within a stated quality loss)."""
+    Q4_0/Q4_1 int4, see fedsea_shared.loading); a checkpoint stored in bfloat16 or float16
+    (`stored`, config.json's dtype: most published Llama 3, Qwen2 and Mistral checkpoints) in
+    that dtype, since widening it to float32 doubles the memory and adds no precision (vLLM's
+    dtype auto keeps it too); else float32, the one format exact against `transformers`.
+    Narrower formats of a float32 checkpoint cost measured quality and are asked for by name
+    (docs/performance.md: bf16 is 1.4x float32 at 8-16 clients on a CPU with native bf16,
+    and emulated, so slower, on one without)."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
-    chosen = weights if weights != "auto" else "file" if gguf else "float32"
+    kept = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    chosen = weights if weights != "auto" else "file" if gguf else kept.get(stored, "float32")
     log.info("%s weights: %s%s", side, "as the GGUF file stores them" if chosen == "file" else chosen,
              " (auto)" if weights == "auto" else "")
     return chosen
