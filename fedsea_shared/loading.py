@@ -264,7 +264,7 @@ def gguf_tensors(source: dict, wanted: set[str], config,
             order = torch.arange(part[1], part[2]) if order is None else order[part[1]: part[2]]
         if order is not None:
             data = data[order.numpy()]
-        if kind in ("F32", "F16", "BF16"):
+        if kind in _GGUF_DENSE:
             tensor = torch.from_numpy(np.array(data))  # a copy: the map is read-only
             tensor = tensor.view(torch.bfloat16) if kind == "BF16" else tensor
             yield name, tensor.view(-1) if vector else tensor
