@@ -58,7 +58,7 @@ from fedsea_shared.protocol import LoraSpec, OptimSpec
 from fedsea_shared.shard import Partition, edge_layers
 from fedsea_shared.training import AdapterOptimizer, inject_lora, lora_parameters
 from training.checkpoint import Checkpoints
-from training.data import Example, build_dataset, padded
+from training.data import Example, build_dataset, padded, shard
 from training.federation import FinetuneConfig, client_batch, run, steps_per_epoch
 
 RESULTS = Path(__file__).parent / "results"
@@ -98,16 +98,23 @@ class Config:
     tail: int = defaults.TAIL
     clients: int = 1
     by_label: bool = False
+    average: str = "adapters"  # what several clients' edges average (FinetuneConfig.average)
 
     @property
     def name(self) -> str:
         if self.kind == "base":
             return self.kind
-        if self.kind == "centralized":  # one per cut: it starts from the split run's adapter at that cut
-            default_cut = (self.head, self.tail) == (defaults.HEAD, defaults.TAIL)
-            return self.kind if default_cut else f"{self.kind}-h{self.head}t{self.tail}"
         shards = "" if self.clients == 1 else ("-label" if self.by_label else "-iid")
+        if self.kind == "centralized":  # one per cut and client split: the split runs' adapter and batches
+            default_cut = (self.head, self.tail) == (defaults.HEAD, defaults.TAIL)
+            cut = "" if default_cut else f"-h{self.head}t{self.tail}"
+            return f"{self.kind}{cut}" + (f"-k{self.clients}{shards}" if self.clients > 1 else "")
+        shards += "-grads" if self.clients > 1 and self.average == "gradients" else ""
         return f"split-h{self.head}t{self.tail}-k{self.clients}{shards}-n{self.noise:g}"
+
+    def reference(self) -> "Config":
+        """The centralized run a split run is compared with: same cut, same clients' batches."""
+        return Config("centralized", head=self.head, tail=self.tail, clients=self.clients, by_label=self.by_label)
 
 
 @dataclass(frozen=True)
@@ -152,11 +159,16 @@ def train_centralized(model_dir, train: list[Example], budget: Budget, seed: int
     model.train()
     optim = budget.optim()
     opt = AdapterOptimizer(lora_parameters(model, ADAPTER), optim, optim.total_steps)
-    per_epoch = steps_per_epoch(len(train), 1, budget.batch)
+    # Each step takes the batches the split run's clients take at that step, and the mean of
+    # their losses: the objective FedAvg and the batched server pass optimise.
+    k, size = cfg.clients, budget.batch // cfg.clients
+    shards = [shard(train, k, c, cfg.by_label) for c in range(k)]
+    per_epoch = steps_per_epoch(len(train), k, size)
     started = time.perf_counter()
     for step in range(budget.steps):
-        ids, mask, labels = padded(client_batch(train, seed, 0, step, budget.batch, per_epoch), pad_id)
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        for c, examples in enumerate(shards):
+            ids, mask, labels = padded(client_batch(examples, seed, c, step, size, per_epoch), pad_id)
+            (model(input_ids=ids, attention_mask=mask, labels=labels).loss / k).backward()
         opt.micro_step()
     return model.eval(), time.perf_counter() - started
 
@@ -171,7 +183,7 @@ def train_split(model_dir, task: Task, cfg: Config, budget: Budget, seed: int, o
     run_cfg = FinetuneConfig(
         data=task.data, out=str(out), model=str(model_dir), head=cfg.head, tail=cfg.tail, noise=cfg.noise, clients=cfg.clients,
         mode="batched", steps=budget.steps, batch_size=budget.batch // cfg.clients, max_length=task.max_length,
-        lora=budget.lora(), optim=budget.optim(), fedavg_every=budget.fedavg_every, by_label=cfg.by_label,
+        lora=budget.lora(), optim=budget.optim(), fedavg_every=budget.fedavg_every, average=cfg.average, by_label=cfg.by_label,
         max_train=budget.samples, max_valid=4, valid_fraction=budget.valid_fraction, seed=seed, progress=False,
     )
     report = run(run_cfg)
@@ -384,13 +396,15 @@ def serving_cost(model: str, queries: int, seed: int) -> dict:
 def grid(args) -> list[Config]:
     cuts = [tuple(int(x) for x in cut.split("/")) for cut in args.cuts]
     configs = [Config("base")] if "base" in args.baselines else []
+    splits = [(k, by_label) for k in args.clients for by_label in ([False] if k == 1 else [s == "label" for s in args.sharding])]
     if "centralized" in args.baselines:
-        configs += [Config("centralized", head=head, tail=tail) for head, tail in cuts]
+        configs += [Config("centralized", head=head, tail=tail, clients=k, by_label=by_label)
+                    for head, tail in cuts for k, by_label in splits]
     for noise in args.noise:
         for head, tail in cuts:
-            for k in args.clients:
-                for by_label in ([False] if k == 1 else [s == "label" for s in args.sharding]):
-                    configs.append(Config("split", noise, head, tail, k, by_label))
+            for k, by_label in splits:
+                for average in (["adapters"] if k == 1 else args.average):
+                    configs.append(Config("split", noise, head, tail, k, by_label, average))
     return configs
 
 
@@ -436,7 +450,7 @@ def task_result(task: Task, configs: list[Config], runs: list[dict]) -> dict:
         mine = sorted((r for r in runs if r["config"] == cfg.name), key=lambda r: r["seed"])
         if not mine:
             continue
-        reference = Config("centralized", head=cfg.head, tail=cfg.tail).name
+        reference = cfg.reference().name
         ref = {r["seed"]: r for r in runs if r["config"] == reference}
         if cfg.kind == "split" and all(r["seed"] in ref for r in mine):
             ref_runs = [ref[r["seed"]] for r in mine]
@@ -523,6 +537,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cuts", nargs="+", default=[f"{defaults.HEAD}/{defaults.TAIL}"], help="head/tail blocks, e.g. 1/1 2/2 4/4")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4])
     p.add_argument("--sharding", nargs="+", default=["iid"], choices=["iid", "label"], help="shards of multi-client runs")
+    p.add_argument("--average", nargs="+", default=["adapters"], choices=["adapters", "gradients"],
+                   help="what multi-client runs' edges average (fedsea-finetune --average)")
     p.add_argument("--baselines", nargs="*", default=["base", "centralized"], choices=["base", "centralized"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--samples", type=int, default=160, help="training samples, all clients together, each seen once")

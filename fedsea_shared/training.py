@@ -83,12 +83,16 @@ def flatten(params: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_flat(params: dict[str, torch.Tensor], flat: torch.Tensor) -> None:
+def load_flat(params: dict[str, torch.Tensor], flat: torch.Tensor, grads: bool = False) -> None:
+    """Copy a flat vector into the parameters (`grads`: into their gradients)."""
     total = sum(p.numel() for p in params.values())
     if flat.numel() != total:
         raise ValueError(f"adapter vector has {flat.numel()} values, this adapter has {total}")
     for p, chunk in zip(params.values(), flat.split([p.numel() for p in params.values()])):
-        p.copy_(chunk.view_as(p))
+        if grads:
+            p.grad = chunk.view_as(p).to(p.dtype).clone()
+        else:
+            p.copy_(chunk.view_as(p))
 
 
 def lr_lambda(spec: OptimSpec, total_steps: int):

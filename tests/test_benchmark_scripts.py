@@ -59,3 +59,24 @@ def test_quality_harness_intervals_and_split_centralized_parity(tiny_model_dir, 
             assert runs["base", seed] != runs[centralized, seed]  # training moved the model
             for a, b in zip(runs[centralized, seed], runs[split, seed]):
                 assert abs(a - b) <= 1e-4 * abs(a)
+
+
+def test_clients_averaging_gradients_end_where_centralized_lora_does(tiny_model_dir, tmp_path):
+    """Two clients whose edges average gradients every step (`--average gradients`, FedSGD)
+    take the steps centralized LoRA takes on the same clients' batches (noise 0, clipping
+    off): the same validation losses to float rounding.  FedAvg of adapters (each client
+    stepping AdamW on its own batch) does not, which this test also checks, so the parity
+    is the averaging's and not a baseline that cannot tell runs apart."""
+    quality = _load("quality")
+    got = quality.main(["--model", str(tiny_model_dir), "--tasks", "bbc-topic", "--samples", "16", "--batch", "4",
+                        "--valid", "6", "--seeds", "0", "--clients", "2", "--noise", "0", "--average", "gradients",
+                        "adapters", "--baselines", "centralized", "--grad-clip", "0", "--lr", "1e-2",
+                        "--out", str(tmp_path / "q.json")])
+    runs = {r["config"]: r["scores"]["nll"] for r in got["tasks"]["bbc-topic"]["runs"]}
+    assert set(runs) == {"centralized-k2-iid", "split-h2t2-k2-iid-grads-n0", "split-h2t2-k2-iid-n0"}
+
+    def furthest(name: str) -> float:
+        return max(abs(a - b) / abs(a) for a, b in zip(runs["centralized-k2-iid"], runs[name]))
+
+    assert furthest("split-h2t2-k2-iid-grads-n0") <= 1e-4
+    assert furthest("split-h2t2-k2-iid-n0") > 1e-3

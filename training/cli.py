@@ -65,6 +65,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g = p.add_argument_group("federation")
     g.add_argument("--fedavg-every", type=int, default=10, help="local steps between FedAvg rounds (and checkpoints)")
+    g.add_argument("--average", choices=["adapters", "gradients"], default="adapters",
+                   help="what the clients' edges average: adapters, FedAvg every --fedavg-every steps (each client "
+                        "steps on its own batches in between); gradients, before every optimizer step (FedSGD: one "
+                        "edge adapter trained on all clients' batches, as centralized training would; one more round "
+                        "trip per step)")
     g.add_argument("--by-label", action="store_true", help="non-IID shards: each client gets a slice of the label-sorted data")
     g.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: before and after only)")
     g.add_argument("--seed", type=int, default=0)
@@ -79,7 +84,7 @@ def config_from_args(args) -> FinetuneConfig:
         clients=args.clients, mode=args.mode, server=args.server, steps=args.steps, epochs=args.epochs,
         server_ca=args.server_ca, server_api_key=os.environ.get("FEDSEA_SERVER_API_KEY"),
         batch_size=args.batch_size, max_length=args.max_length, max_train=args.max_train, max_valid=args.max_valid,
-        valid_fraction=args.valid_fraction, fedavg_every=args.fedavg_every, by_label=args.by_label,
+        valid_fraction=args.valid_fraction, fedavg_every=args.fedavg_every, average=args.average, by_label=args.by_label,
         eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress,
         lora=LoraSpec(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                       targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())),

@@ -109,8 +109,11 @@ class EdgeTrainer:
         out = self.shard.run_blocks(self.partition.tail_layers, mid, packed.positions.to(self.device), packed_attention(packed.lengths))
         return self.shard.logits(out[rows.to(self.device)]).float()
 
-    async def train_step(self, conn: TrainingConnection, batch: list[Example]) -> tuple[float, bool]:
-        """One micro-batch through the split; returns (loss, whether the edge adapter stepped)."""
+    async def train_step(self, conn: TrainingConnection, batch: list[Example],
+                         average_round: int | None = None) -> tuple[float, bool]:
+        """One micro-batch through the split; returns (loss, whether the edge adapter stepped).
+        `average_round`: before stepping, replace the edge's gradient by the clients' average
+        in that aggregation round (FedSGD), so every client takes the same step."""
         packed = Packed.of(batch)
         head_out = self._head(packed)
         sid, mid = await conn.forward(packed.lengths, add_noise(head_out.detach(), self.noise, self._noise_gen))
@@ -120,7 +123,13 @@ class EdgeTrainer:
         sent = protect_gradient(mid.grad, packed.lengths, self.send_grad_clip, self.send_grad_noise, self._noise_gen)
         grad_in, _ = await conn.backward(sid, sent)
         head_out.backward(grad_in.to(self.device, head_out.dtype))
-        return loss.item(), self.optimizer.micro_step()
+        if not self.optimizer.accumulate():
+            return loss.item(), False
+        if average_round is not None:
+            avg, _ = await conn.aggregate(average_round, len(batch), self.gradient_vector())
+            load_flat(self.params, avg, grads=True)
+        self.optimizer.step()
+        return loss.item(), True
 
     @torch.no_grad()
     async def evaluate(self, conn: TrainingConnection, examples: list[Example], label_tokens: dict[str, int] | None,
@@ -167,6 +176,9 @@ class EdgeTrainer:
 
     def adapter_vector(self) -> torch.Tensor:
         return flatten(self.params)
+
+    def gradient_vector(self) -> torch.Tensor:
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in self.params.values()])
 
     def load_adapter_vector(self, flat: torch.Tensor) -> None:
         load_flat(self.params, flat)

@@ -74,6 +74,10 @@ class FinetuneConfig(BaseModel):
     lora: LoraSpec = LoraSpec()
     optim: OptimSpec = OptimSpec()
     fedavg_every: int = Field(10, ge=1)  # R: local steps between FedAvg rounds (and checkpoints)
+    # What the clients' edges average: "adapters", FedAvg every R steps, each client stepping
+    # AdamW on its own batches in between (the paper's); "gradients", every optimizer step
+    # before stepping (FedSGD), so the edges stay one adapter trained on all clients' batches.
+    average: Literal["adapters", "gradients"] = "adapters"
     eval_every: int = Field(0, ge=0)  # steps between validations (0: before and after only)
     eval_batch_size: int = Field(16, ge=1)
     by_label: bool = False  # non-IID shards: each client gets a run of the label-sorted data
@@ -258,7 +262,10 @@ class ClientRun:
         samples, tokens, since, started = 0, 0, 0, time.perf_counter()
         while step < self.total_steps:
             batch = self.batch(step)
-            loss, _ = await self.trainer.train_step(conn, batch)
+            average_round = rnd if cfg.average == "gradients" else None
+            loss, stepped = await self.trainer.train_step(conn, batch, average_round)
+            if stepped and average_round is not None:
+                rnd += 1
             step += 1
             samples += len(batch)
             since += len(batch)
