@@ -44,7 +44,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -108,13 +108,18 @@ class Config:
         if self.kind == "centralized":  # one per cut and client split: the split runs' adapter and batches
             default_cut = (self.head, self.tail) == (defaults.HEAD, defaults.TAIL)
             cut = "" if default_cut else f"-h{self.head}t{self.tail}"
-            return f"{self.kind}{cut}" + (f"-k{self.clients}{shards}" if self.clients > 1 else "")
+            # noise > 0: the same trained model, evaluated with that noise at the cut (noise
+            # at inference only, as a split trained at noise 0 would serve)
+            return (f"{self.kind}{cut}" + (f"-k{self.clients}{shards}" if self.clients > 1 else "")
+                    + (f"-n{self.noise:g}" if self.noise else ""))
         shards += "-grads" if self.clients > 1 and self.average == "gradients" else ""
         return f"split-h{self.head}t{self.tail}-k{self.clients}{shards}-n{self.noise:g}"
 
-    def reference(self) -> "Config":
-        """The centralized run a split run is compared with: same cut, same clients' batches."""
-        return Config("centralized", head=self.head, tail=self.tail, clients=self.clients, by_label=self.by_label)
+    def reference(self, noise: float = 0.0) -> "Config":
+        """The centralized run a split run is compared with: same cut, same clients' batches,
+        evaluated at `noise` (0: centralized LoRA as it is; the split's noise: only the
+        noise in training differs)."""
+        return Config("centralized", noise, self.head, self.tail, self.clients, self.by_label)
 
 
 @dataclass(frozen=True)
@@ -398,8 +403,9 @@ def grid(args) -> list[Config]:
     configs = [Config("base")] if "base" in args.baselines else []
     splits = [(k, by_label) for k in args.clients for by_label in ([False] if k == 1 else [s == "label" for s in args.sharding])]
     if "centralized" in args.baselines:
-        configs += [Config("centralized", head=head, tail=tail, clients=k, by_label=by_label)
-                    for head, tail in cuts for k, by_label in splits]
+        noises = [0.0] + [n for n in args.noise if n > 0]
+        configs += [Config("centralized", noise, head, tail, k, by_label)
+                    for head, tail in cuts for k, by_label in splits for noise in noises]
     for noise in args.noise:
         for head, tail in cuts:
             for k, by_label in splits:
@@ -418,6 +424,7 @@ def run_task(name: str, task: Task, configs: list[Config], budget: Budget, seeds
     done = {(r["config"], r["seed"]) for r in runs}
     for seed in seeds:
         ds = build_dataset(task.data, tok, task.max_length, seed, budget.valid_fraction, budget.samples, budget.valid)
+        centralized: dict[Config, tuple] = {}  # this seed's trained models, evaluated at every noise
         for cfg in configs:
             if (cfg.name, seed) in done:
                 continue
@@ -427,7 +434,10 @@ def run_task(name: str, task: Task, configs: list[Config], budget: Budget, seeds
                 if cfg.kind == "base":
                     model, train_s = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), 0.0
                 elif cfg.kind == "centralized":
-                    model, train_s = train_centralized(model_dir, ds.train, budget, seed, pad_id, cfg)
+                    trained = replace(cfg, noise=0.0)
+                    if trained not in centralized:
+                        centralized[trained] = train_centralized(model_dir, ds.train, budget, seed, pad_id, cfg)
+                    model, train_s = centralized[trained]
                 else:
                     model, train_s = train_split(model_dir, task, cfg, budget, seed, work / "run")
                     extra["server_steps"] = server_steps(work / "run", cfg.clients)
@@ -458,13 +468,20 @@ def task_result(task: Task, configs: list[Config], runs: list[dict]) -> dict:
             ref_runs = None
         summary[cfg.name] = {"config": asdict(cfg), "seeds": [r["seed"] for r in mine],
                              **{m: summarize(m, mine, ref_runs) for m in TASK_METRICS[task.kind]}}
+        # Against centralized evaluated at the same noise: what training with the noise costs.
+        same = {r["seed"]: r for r in runs if r["config"] == cfg.reference(cfg.noise).name}
+        if cfg.kind == "split" and cfg.noise > 0 and all(r["seed"] in same for r in mine):
+            summary[cfg.name]["gap_vs_centralized_at_same_noise"] = {
+                m: summarize(m, mine, [same[r["seed"]] for r in mine])["gap_vs_centralized"] for m in TASK_METRICS[task.kind]}
     return {"task": asdict(task), "valid_examples": len(runs[0]["scores"]["one"]) if runs else 0, "summary": summary, "runs": runs}
 
 
 def table(name: str, result: dict) -> str:
     metric = TASKS[name].metric if name in TASKS else "accuracy"
-    lines = [f"\n{name}: {metric} (95% intervals: seeds t / examples bootstrap), gap = split - centralized",
-             f"{'config':<30}{'mean':>8}  {'seed CI':>16}  {'example CI':>16}  {'gap':>7}  {'gap example CI':>16}"]
+    lines = [f"\n{name}: {metric} (95% intervals: seeds t / examples bootstrap), gap = split - centralized "
+             "(same noise: centralized evaluated with the split's noise)",
+             f"{'config':<30}{'mean':>8}  {'seed CI':>16}  {'example CI':>16}  {'gap':>7}  {'gap example CI':>16}"
+             f"  {'same noise':>10}  {'example CI':>16}"]
 
     def fmt(ci):
         return "-" if ci is None else f"[{ci[0]:.1f}, {ci[1]:.1f}]"
@@ -472,8 +489,10 @@ def table(name: str, result: dict) -> str:
     for cname, s in result["summary"].items():
         m = s[metric]
         gap = m.get("gap_vs_centralized")
+        same = s.get("gap_vs_centralized_at_same_noise", {}).get(metric)
         lines.append(f"{cname:<30}{m['mean']:>8.2f}  {fmt(m['seed_ci']):>16}  {fmt(m['example_ci']):>16}  "
-                     + (f"{gap['mean']:>+7.2f}  {fmt(gap['example_ci']):>16}" if gap else ""))
+                     + (f"{gap['mean']:>+7.2f}  {fmt(gap['example_ci']):>16}" if gap else "")
+                     + (f"  {same['mean']:>+10.2f}  {fmt(same['example_ci']):>16}" if same else ""))
     return "\n".join(lines)
 
 
@@ -494,8 +513,11 @@ def plot(name: str, result: dict, path: Path) -> None:
     for s in trained:
         c = s["config"]
         if c["kind"] == "centralized":
-            if by_cut:
-                series.setdefault("centralized", []).append((cuts.index((c["head"], c["tail"])), s[metric]))
+            batches = "" if c["clients"] == 1 else f", {c['clients']} clients' batches"
+            if by_cut and not c["noise"]:
+                series.setdefault(f"centralized{batches}", []).append((cuts.index((c["head"], c["tail"])), s[metric]))
+            elif not by_cut and any(t["config"]["kind"] == "centralized" and t["config"]["noise"] for t in trained):
+                series.setdefault(f"centralized{batches}, noise at evaluation only", []).append((c["noise"], s[metric]))
             continue
         label = f"split, {c['clients']} client" + ("s" if c["clients"] > 1 else "")
         label += "" if c["clients"] == 1 else (" by label" if c["by_label"] else " IID")
