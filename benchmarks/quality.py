@@ -521,6 +521,7 @@ def plot(name: str, result: dict, path: Path) -> None:
             continue
         label = f"split, {c['clients']} client" + ("s" if c["clients"] > 1 else "")
         label += "" if c["clients"] == 1 else (" by label" if c["by_label"] else " IID")
+        label += ", averaging gradients" if c.get("average") == "gradients" else ""
         if by_cut:
             series.setdefault(f"{label}, noise {c['noise']:g}", []).append((cuts.index((c["head"], c["tail"])), s[metric]))
         else:
