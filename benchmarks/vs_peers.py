@@ -135,7 +135,7 @@ def fedsea_server(peers: Path, threads: int, tree: Path = REPO, name: str = "fed
     """`fedsea serve` from the checkout at `tree` (another commit's worktree: --baseline)."""
     port = free_port()
     cmd = [sys.executable, "-m", "fedsea.cli", "serve", "--port", str(port), "--kv-cache-memory", str(kv_cache_bytes())]
-    if weights != "float32":  # older commits (--baseline) know no --weights
+    if tree == REPO or weights != "float32":  # older commits (--baseline) know no --weights
         cmd += ["--weights", weights]
     return _process(name, cmd, port, "/health", env={"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(tree)})
 

@@ -42,7 +42,7 @@ class EdgeSettings:
     # A packed copy of an LM head tied to the embedding: the embedding's size again (113 MB
     # for SmolLM2-135M), about twice as fast at 8-16 rows, for an edge serving many generations.
     lm_head_copy: bool = True
-    weights: str = "auto"  # the shard's weight format (fedsea_shared.layers.linear.resolve_weights)
+    weights: str = field(default_factory=defaults.weights)  # the shard's format (fedsea_shared.layers.linear.resolve_weights)
 
     def __post_init__(self) -> None:
         if not (self.noise >= 0 and math.isfinite(self.noise)):  # NaN fails both

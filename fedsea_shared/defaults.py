@@ -1,6 +1,8 @@
 """Deployment defaults shared by `fedsea serve`, `fedsea server` and `fedsea gateway`, so
 each starts with no flags beyond addresses and they agree on the split."""
 
+import os
+
 from .models import DEFAULT_MODEL
 
 MODEL = DEFAULT_MODEL
@@ -18,5 +20,14 @@ PUBLIC_TEMPLATE = True
 PSEUDONYMIZE = True
 MAX_CONTEXT = 8192  # tokens a session may hold on the server (prompt and generated)
 KV_CACHE_MEMORY = "1GiB"  # the server's KV pool: bytes, or a fraction of free accelerator memory
+
+
+def weights() -> str:
+    """The default weight format of the server, the gateway's edge, `fedsea serve` and
+    `EdgeClient`: $FEDSEA_WEIGHTS (e.g. float32, to stay exact against `transformers` on
+    any machine), else auto (fedsea_shared.layers.linear.resolve_weights)."""
+    return os.environ.get("FEDSEA_WEIGHTS", "auto")
+
+
 SERVER_PORT = 8765
 GATEWAY_PORT = 8000

@@ -74,7 +74,7 @@ class ServerSettings:
     kv_cache_memory: str = defaults.KV_CACHE_MEMORY
     block_size: int = 16
     attention_backend: str = "auto"  # torch | vllm (vLLM's paged-attention kernels) | auto: vllm where installed and fit
-    weights: str = "auto"  # the middle blocks' weight format (fedsea_shared.layers.linear.resolve_weights)
+    weights: str = field(default_factory=defaults.weights)  # the middle blocks' format (layers.linear.resolve_weights)
     linear_kernel: str = "auto"  # onednn | mixed | torch | auto: timed at start-up (fedsea_shared.shard.apply_linear_kernel)
     block_ops: str = "auto"  # norms, rotary, SiLU, short decode attention: native | vllm | torch | auto (shard.make_block_ops)
     decode_attention: str = "auto"  # torch backend: gather | flex | auto: flex (reads the pool in place) on CUDA, gather on CPU

@@ -4,6 +4,7 @@ in-process server runtimes on free ports."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 from pathlib import Path
@@ -13,6 +14,11 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoConfig, AutoModelForCausalLM
+
+# Every server, edge and subprocess a test starts stores float32 weights unless the test
+# asks for a format: exactness against `transformers` is a float32 property, and auto picks
+# int4 on CPUs with native bf16 (tests/test_weight_formats.py checks that policy).
+os.environ["FEDSEA_WEIGHTS"] = "float32"
 
 from fedsea_shared.models import DEFAULT_MODEL, resolve_model
 from fedsea_shared.threads import run_here

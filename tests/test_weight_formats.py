@@ -8,7 +8,8 @@ import torch
 
 from edge_runtime.client import AsyncEdgeClient
 from fedsea_shared.adapters import merged_shard
-from fedsea_shared.layers.linear import INT4, INT8, FusedLinear, Linear, quantize
+from fedsea_shared.layers import linear
+from fedsea_shared.layers.linear import INT4, INT8, FusedLinear, Linear, native_bf16_cpu, quantize, resolve_weights
 from fedsea_shared.protocol import LoraSpec
 from fedsea_shared.shard import Partition, causal_attention, load_edge_shard
 from fedsea_shared.training import inject_lora, lora_parameters
@@ -202,10 +203,10 @@ def test_finetune_over_a_quantized_base_and_serve_its_adapter(tmp_path, tiny_mod
         assert torch.isfinite(_edge_forward(merged, p, torch.tensor([1, 5, 9]), torch.randn(3, 64))).all()
 
 
-async def test_auto_keeps_a_half_precision_checkpoint_in_its_own_dtype(tmp_path, tiny_model_dir, start_server):
+async def test_auto_keeps_a_half_precision_checkpoint_and_picks_the_machines_format(tmp_path, tiny_model_dir, start_server):
     """A checkpoint stored in bf16 (as most published Llama 3 / Qwen2 ones are) is served in
-    bf16 on both sides under auto, not widened to float32; a float32 one stays float32, and
-    an explicit format wins."""
+    bf16 on both sides under auto, not widened to float32; a float32 one in int4 on a CPU
+    with native bf16 (the fastest format there), float32 elsewhere; an explicit format wins."""
     from transformers import AutoModelForCausalLM
 
     from conftest import TOKENIZER_FILES
@@ -215,7 +216,8 @@ async def test_auto_keeps_a_half_precision_checkpoint_in_its_own_dtype(tmp_path,
     for name in TOKENIZER_FILES:
         if (tiny_model_dir / name).exists():
             (half / name).write_bytes((tiny_model_dir / name).read_bytes())
-    for model, asked, expected in ((half, "auto", "bfloat16"), (tiny_model_dir, "auto", "float32"),
+    fast = "int4" if native_bf16_cpu() else "float32"
+    for model, asked, expected in ((half, "auto", "bfloat16"), (tiny_model_dir, "auto", fast),
                                    (half, "float32", "float32")):
         server = start_server(str(model), weights=asked)
         client = AsyncEdgeClient(server.url, model=str(model), noise=0.0, weights=asked)
@@ -225,3 +227,24 @@ async def test_auto_keeps_a_half_precision_checkpoint_in_its_own_dtype(tmp_path,
         finally:
             await client.aclose()
             server.stop()
+
+
+def test_auto_policy_and_the_environments_default(monkeypatch):
+    """auto: a GGUF as stored, a half-precision checkpoint in its dtype, a float32 one in
+    int4 only on a CPU with native bf16; $FEDSEA_WEIGHTS is every side's default."""
+    from edge_runtime.settings import EdgeSettings
+    from server_runtime.app import ServerSettings
+
+    for native in (True, False):
+        monkeypatch.setattr(linear, "native_bf16_cpu", lambda native=native: native)
+        assert resolve_weights("auto", "cpu", "edge") == ("int4" if native else "float32")
+        assert resolve_weights("auto", "cuda", "server") == "float32"
+        assert resolve_weights("auto", "cpu", "edge", gguf=True) == "file"
+        assert resolve_weights("auto", "cpu", "edge", stored=torch.bfloat16) == "bfloat16"
+        assert resolve_weights("int8", "cpu", "edge") == "int8"
+    with pytest.raises(ValueError, match="weights must be one of"):
+        resolve_weights("int3", "cpu", "edge")
+    monkeypatch.setenv("FEDSEA_WEIGHTS", "int8")
+    assert ServerSettings().weights == EdgeSettings().weights == "int8"
+    monkeypatch.delenv("FEDSEA_WEIGHTS")
+    assert ServerSettings().weights == EdgeSettings().weights == "auto"

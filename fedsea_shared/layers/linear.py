@@ -12,10 +12,13 @@ its input to what its kernel computes in and its output back.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -530,6 +533,17 @@ def address(t: torch.Tensor) -> int:
     return torch.ops.mkldnn.data_ptr(t) if t.is_mkldnn else t.data_ptr()
 
 
+@functools.cache
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), which torch's int8
+    and int4 CPU kernels need to be fast: they take bf16 activations, emulated elsewhere."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to tell, so no
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
 def resolve_weights(weights: str, device: torch.device | str, side: str, gguf: bool = False,
                     stored: torch.dtype | None = None) -> str:
     """The weight format a side stores its linears in: `weights`, or for auto the policy
@@ -539,14 +553,17 @@ def resolve_weights(weights: str, device: torch.device | str, side: str, gguf: b
     Q4_0/Q4_1 int4, see fedsea_shared.loading); a checkpoint stored in bfloat16 or float16
     (`stored`, config.json's dtype: most published Llama 3, Qwen2 and Mistral checkpoints) in
     that dtype, since widening it to float32 doubles the memory and adds no precision (vLLM's
-    dtype auto keeps it too); else float32, the one format exact against `transformers`.
-    Narrower formats of a float32 checkpoint cost measured quality and are asked for by name
-    (docs/performance.md: bf16 is 1.4x float32 at 8-16 clients on a CPU with native bf16,
-    and emulated, so slower, on one without)."""
+    dtype auto keeps it too).  A float32 checkpoint: int4 on a CPU with native bf16, the
+    fastest format there at 1-16 clients and half float32's memory, for +0.2-0.4% perplexity
+    on the default model (whose float32 weights are its Q4_1 GGUF's, so int4 reproduces
+    them; docs/performance.md); float32 elsewhere (the quantized kernels are emulated, so
+    slower) and on accelerators.  float32 is the one format exact against `transformers`:
+    ask for it by name (or $FEDSEA_WEIGHTS) where that matters."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
     kept = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
-    chosen = weights if weights != "auto" else "file" if gguf else kept.get(stored, "float32")
+    fast = "int4" if torch.device(device).type == "cpu" and native_bf16_cpu() else "float32"
+    chosen = weights if weights != "auto" else "file" if gguf else kept.get(stored, fast)
     log.info("%s weights: %s%s", side, "as the GGUF file stores them" if chosen == "file" else chosen,
              " (auto)" if weights == "auto" else "")
     return chosen
