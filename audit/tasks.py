@@ -120,8 +120,10 @@ def measure(
     from server_runtime.engine import EngineSettings
 
     adapters = adapters or {}
+    # float32 on both sides: each configuration is compared with the exact unsplit model, so
+    # the weight format's own cost stays out (benchmarks/weight_quality.py measures it).
     server = ServerThread(ServerSettings(
-        model=model, head=head, tail=tail, port=0, adapters={n: str(s) for n, (_, s) in adapters.items()},
+        model=model, head=head, tail=tail, port=0, weights="float32", adapters={n: str(s) for n, (_, s) in adapters.items()},
         # A queued step may wait long on a loaded CPU; the audit would rather wait than fail.
         engine=EngineSettings(wait_timeout=3600.0),
     ))
@@ -131,7 +133,7 @@ def measure(
             for public, pseudonymize in sorted({(s.public_template, s.pseudonymize) for s in servings}):
                 clients[public, pseudonymize] = stack.enter_context(EdgeClient(
                     server.url, model=model, head=head, tail=tail, public_template=public, pseudonymize=pseudonymize,
-                    adapters={n: str(e) for n, (e, _) in adapters.items()},
+                    weights="float32", adapters={n: str(e) for n, (e, _) in adapters.items()},
                 ))
             return [_run(clients[s.public_template, s.pseudonymize], s, p) for s in servings]
     finally:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from fedsea_shared.adapters import load_adapters
 from fedsea_shared.architectures import check_context
+from fedsea_shared.layers.linear import NO_DENSE_WEIGHTS
 from fedsea_shared.layers.tensor_parallel import AllReduceStats, TensorSplit, shard_blocks
 from fedsea_shared.models import is_gguf, resolve_model
 from fedsea_shared.protocol import WIRE_DTYPES
@@ -81,7 +82,7 @@ class Worker:
         local = self.shard.config  # this rank's heads
         self.choices = self._share(self._choose() if not ranks or ranks.rank == 0 else None)
         c = self.choices
-        if ranks and ranks.rank:
+        if ranks and ranks.rank and c.linear_kernel != NO_DENSE_WEIGHTS:  # rank 0's choice, for the same formats
             apply_linear_kernel(self.shard, c.linear_kernel, self.device)
         self.pool = KVPool(
             len(self.layers), c.num_blocks, s.block_size, local.num_key_value_heads, head_dim(local), self.dtype,

@@ -343,6 +343,7 @@ def use_onednn(shard: nn.Module, copy_shared: bool = False) -> None:
 
 
 LINEAR_KERNELS = ("auto", "onednn", "mixed", "torch")
+NO_DENSE_WEIGHTS = "none (no dense weights)"  # what a quantized shard's linears run on: their format's kernel
 
 
 def apply_linear_kernel(shard: nn.Module, kernel: str, device: torch.device | str, copy_shared: bool = False) -> str:
@@ -357,7 +358,7 @@ def apply_linear_kernel(shard: nn.Module, kernel: str, device: torch.device | st
         raise ValueError(f"linear kernel must be one of {', '.join(LINEAR_KERNELS)}, not {kernel!r}")
     linears = dense_linears(shard)
     if not linears:
-        return "none (no dense weights)"
+        return NO_DENSE_WEIGHTS
     dtype = linears[0].weight.dtype
     if kernel == "torch" or not onednn_available(device, dtype):
         if kernel in ("onednn", "mixed"):
