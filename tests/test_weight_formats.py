@@ -242,7 +242,7 @@ def test_auto_policy_and_the_environments_default(monkeypatch):
         assert resolve_weights("auto", "cpu", "edge", gguf=True) == "file"
         assert resolve_weights("auto", "cpu", "edge", stored=torch.bfloat16) == "bfloat16"
         assert resolve_weights("int8", "cpu", "edge") == "int8"
-    with pytest.raises(ValueError, match="weights must be one of"):
+    with pytest.raises(ValueError, match=r"FEDSEA_WEIGHTS\) must be one of"):
         resolve_weights("int3", "cpu", "edge")
     monkeypatch.setenv("FEDSEA_WEIGHTS", "int8")
     assert ServerSettings().weights == EdgeSettings().weights == "int8"

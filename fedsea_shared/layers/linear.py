@@ -561,7 +561,7 @@ def resolve_weights(weights: str, device: torch.device | str, side: str, gguf: b
     slower) and on accelerators.  float32 is the one format exact against `transformers`:
     ask for it by name (or $FEDSEA_WEIGHTS) where that matters."""
     if weights not in WEIGHT_FORMATS:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
+        raise ValueError(f"weights (--weights or $FEDSEA_WEIGHTS) must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
     kept = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
     fast = "int4" if torch.device(device).type == "cpu" and native_bf16_cpu() else "float32"
     chosen = weights if weights != "auto" else "file" if gguf else kept.get(stored, fast)
