@@ -71,12 +71,12 @@ def _on_step(monkeypatch, step: int, action) -> None:
     original = EdgeTrainer.train_step
     calls = 0
 
-    async def train_step(self, conn, batch):
+    async def train_step(self, conn, batch, *args):
         nonlocal calls
         calls += 1
         if calls == step + 1:
             await action()
-        return await original(self, conn, batch)
+        return await original(self, conn, batch, *args)
 
     monkeypatch.setattr(EdgeTrainer, "train_step", train_step)
 
