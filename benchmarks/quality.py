@@ -53,7 +53,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from fedsea_shared import defaults
 from fedsea_shared.models import resolve_model
-from fedsea_shared.noise import add_noise
+from fedsea_shared.noise import add_noise, public_prefix_ids, public_prefix_len
 from fedsea_shared.protocol import LoraSpec, OptimSpec
 from fedsea_shared.shard import Partition, edge_layers
 from fedsea_shared.training import AdapterOptimizer, inject_lora, lora_parameters
@@ -213,14 +213,25 @@ def _blocks(model) -> torch.nn.ModuleList:
 
 
 class NoiseAtCut:
-    """Adds the edge's noise to the last head block's output, as the split sends it."""
+    """Adds the edge's noise to the last head block's output, as the split sends it: each
+    row's public template prefix (`clean`: its positions, set per batch) stays un-noised,
+    as the serving edge and fedsea-finetune send it."""
 
     def __init__(self, model, head: int, noise: float, seed: int):
         self.gen = torch.Generator().manual_seed(seed)
+        self.noise = noise
+        self.clean: list[slice] = []
         self.handle = None
         if noise > 0:
             self.handle = _blocks(model)[head - 1].register_forward_hook(
-                lambda _m, _i, out: (add_noise(out[0], noise, self.gen), *out[1:]) if isinstance(out, tuple) else add_noise(out, noise, self.gen))
+                lambda _m, _i, out: (self._noised(out[0]), *out[1:]) if isinstance(out, tuple) else self._noised(out))
+
+    def _noised(self, hidden: torch.Tensor) -> torch.Tensor:
+        noised = add_noise(hidden, self.noise, self.gen)
+        if self.clean and hidden.shape[1] >= max(r.stop for r in self.clean):  # the prompt's pass, not a decode step
+            for row, positions in enumerate(self.clean):
+                noised[row, positions] = hidden[row, positions]
+        return noised
 
     def __enter__(self):
         return self
@@ -244,10 +255,12 @@ def evaluate(model, task: Task, valid: list[Example], labels: list[str] | None, 
     if labels_first:
         scores["hit"] = [0.0] * len(valid)
     order = sorted(range(len(valid)), key=lambda i: len(valid[i].ids))
-    with NoiseAtCut(model, head, noise, seed + 12345):
+    public = public_prefix_ids(tok) if defaults.PUBLIC_TEMPLATE else []
+    with NoiseAtCut(model, head, noise, seed + 12345) as at_cut:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             batch = [valid[i] for i in rows]
+            at_cut.clean = [slice(0, public_prefix_len(ex.ids, public)) for ex in batch]  # right-padded rows
             ids, mask, target = padded(batch, pad_id)
             hidden = base.model(input_ids=ids, attention_mask=mask).last_hidden_state
             for r, (i, ex) in enumerate(zip(rows, batch)):
@@ -258,11 +271,12 @@ def evaluate(model, task: Task, valid: list[Example], labels: list[str] | None, 
                 if labels_first:
                     scores["hit"][i] = float(list(labels_first)[logits[-1, choices].argmax().item()] == ex.label)
         if task.kind == "summarize":
-            scores.update(_rouge(model, valid, tok, pad_id, batch_size))
+            scores.update(_rouge(model, valid, tok, pad_id, batch_size, at_cut, public))
     return scores
 
 
-def _rouge(model, valid: list[Example], tok, pad_id: int, batch_size: int) -> dict[str, list[float]]:
+def _rouge(model, valid: list[Example], tok, pad_id: int, batch_size: int, at_cut: NoiseAtCut,
+           public: list[int]) -> dict[str, list[float]]:
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
@@ -275,6 +289,8 @@ def _rouge(model, valid: list[Example], tok, pad_id: int, batch_size: int) -> di
         for r, ex in enumerate(batch):  # left-padded prompts
             ids[r, longest - ex.prompt_len :] = torch.tensor(ex.ids[: ex.prompt_len])
             mask[r, longest - ex.prompt_len :] = 1
+        pad = [longest - ex.prompt_len for ex in batch]
+        at_cut.clean = [slice(p, p + public_prefix_len(ex.ids[: ex.prompt_len], public)) for p, ex in zip(pad, batch)]
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=HEADLINE_TOKENS, do_sample=False, pad_token_id=pad_id)
         for r, ex in enumerate(batch):
             guess = tok.decode(gen[r, longest:], skip_special_tokens=True).strip()

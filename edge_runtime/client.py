@@ -29,7 +29,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from fedsea_shared.adapters import load_adapters
 from fedsea_shared.architectures import context_limit
 from fedsea_shared.models import is_gguf, resolve_model
-from fedsea_shared.noise import KEY_BYTES, NoiseChain, public_prefix_len
+from fedsea_shared.noise import KEY_BYTES, NoiseChain, public_prefix_ids, public_prefix_len
 from fedsea_shared.prefix import prefix_root
 from fedsea_shared.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello
 from fedsea_shared.shard import (ModelShard, Partition, apply_linear_kernel, fuse_projections, load_config,
@@ -106,7 +106,7 @@ class AsyncEdgeClient:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.eos_ids = _eos_ids(model_dir, self.tokenizer)
         self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.eos_ids)
-        self.public_ids = _public_prefix_ids(self.tokenizer) if s.public_template else []
+        self.public_ids = public_prefix_ids(self.tokenizer) if s.public_template else []
         self._conns: dict[str, ServerConnection] = {}  # by server URL
         self._decode_loops: dict[str | None, DecodeLoop] = {}  # by adapter
         self._connect_lock: asyncio.Lock | None = None
@@ -395,16 +395,6 @@ class AsyncEdgeClient:
         root = prefix_root(hello.num_layers, hello.hidden_size, hello.layers, hello.dtype, adapter)
         return InferenceSession(self.connection, noise, chain, root, WIRE_DTYPES[self.settings.wire_dtype], prior, prior_digests,
                                 adapter=adapter, public=public)
-
-
-def _public_prefix_ids(tokenizer) -> list[int]:
-    """Token ids the chat template puts before the first user message's content."""
-    sentinel = "\x00fedsea-user-content\x00"
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False)
-    except ValueError:  # no chat template: nothing is known to be public
-        return []
-    return tokenizer(text[: text.index(sentinel)], add_special_tokens=False).input_ids
 
 
 def _eos_ids(model_dir, tokenizer) -> set[int]:

@@ -84,6 +84,16 @@ def add_keyed_noise(hidden: torch.Tensor, scale: float, digests: list[bytes]) ->
     return (hidden.float() + noise.to(hidden.device) * rms * scale).to(hidden.dtype)
 
 
+def public_prefix_ids(tokenizer) -> list[int]:
+    """Token ids the chat template puts before the first user message's content."""
+    sentinel = "\x00fedsea-user-content\x00"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False)
+    except ValueError:  # no chat template: nothing is known to be public
+        return []
+    return tokenizer(text[: text.index(sentinel)], add_special_tokens=False).input_ids
+
+
 def public_prefix_len(prompt_ids: list[int], public_ids: list[int]) -> int:
     """How many leading positions of a prompt hold only public tokens, whose states may go
     un-noised: the whole public template prefix (e.g. the chat template's default system

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedsea_shared.noise import add_noise
+from fedsea_shared.noise import add_noise, public_prefix_len
 from fedsea_shared.protocol import LoraSpec, OptimSpec
 from fedsea_shared.shard import Partition, edge_layers, load_edge_shard
 from fedsea_shared.training import (
@@ -84,11 +84,13 @@ class EdgeTrainer:
         self, model_dir, partition: Partition, lora: LoraSpec, optim: OptimSpec, noise: float,
         seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
         send_grad_clip: float = 0.0, send_grad_noise: float = 0.0, weights: str | None = None,
+        public_ids: list[int] | None = None,
     ):
         if send_grad_noise > 0 and send_grad_clip <= 0:
             raise ValueError("gradient noise is relative to the clip bound: set a gradient clip too")
         self.partition = partition
         self.noise = noise
+        self.public_ids = public_ids or []  # the chat template's public prefix, sent clean as serving sends it
         self.send_grad_clip = send_grad_clip
         self.send_grad_noise = send_grad_noise
         self.seed = seed
@@ -105,6 +107,19 @@ class EdgeTrainer:
         hidden = self.shard.embed(packed.ids.to(self.device))
         return self.shard.run_blocks(self.partition.head_layers, hidden, packed.positions.to(self.device), packed_attention(packed.lengths))
 
+    def _sent(self, hidden: torch.Tensor, packed: Packed, gen: torch.Generator) -> torch.Tensor:
+        """The head output as the server gets it: noised, except each sequence's public
+        template prefix (fedsea_shared.noise.public_prefix_len), as the serving edge sends it."""
+        noised = add_noise(hidden, self.noise, gen)
+        if not self.public_ids or self.noise == 0:
+            return noised
+        ids, start = packed.ids.tolist(), 0
+        for n in packed.lengths:
+            k = public_prefix_len(ids[start : start + n], self.public_ids)
+            noised[start : start + k] = hidden[start : start + k]
+            start += n
+        return noised
+
     def _tail_logits(self, packed: Packed, mid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         out = self.shard.run_blocks(self.partition.tail_layers, mid, packed.positions.to(self.device), packed_attention(packed.lengths))
         return self.shard.logits(out[rows.to(self.device)]).float()
@@ -116,7 +131,7 @@ class EdgeTrainer:
         in that aggregation round (FedSGD), so every client takes the same step."""
         packed = Packed.of(batch)
         head_out = self._head(packed)
-        sid, mid = await conn.forward(packed.lengths, add_noise(head_out.detach(), self.noise, self._noise_gen))
+        sid, mid = await conn.forward(packed.lengths, self._sent(head_out.detach(), packed, self._noise_gen))
         mid = mid.to(self.device, head_out.dtype).requires_grad_()
         loss = F.cross_entropy(self._tail_logits(packed, mid, packed.rows), packed.labels.to(self.device))
         (loss / self.optimizer.spec.grad_accum).backward()
@@ -143,7 +158,7 @@ class EdgeTrainer:
             for i in range(0, len(examples), batch_size):
                 batch = examples[i : i + batch_size]
                 packed = Packed.of(batch)
-                _, mid = await conn.forward(packed.lengths, add_noise(self._head(packed), self.noise, gen), backward=False)
+                _, mid = await conn.forward(packed.lengths, self._sent(self._head(packed), packed, gen), backward=False)
                 starts = torch.tensor([0, *packed.lengths[:-1]]).cumsum(0)
                 answer_rows = torch.tensor([s + ex.prompt_len - 1 for s, ex in zip(starts.tolist(), batch)])
                 logits = self._tail_logits(packed, mid.to(self.device, self.dtype), torch.cat([packed.rows, answer_rows]))

@@ -39,6 +39,7 @@ from edge_runtime.servers import rendezvous
 from fedsea_shared import defaults
 from fedsea_shared.architectures import check_context
 from fedsea_shared.models import resolve_model
+from fedsea_shared.noise import public_prefix_ids
 from fedsea_shared.protocol import Hello, LoraSpec, OptimSpec, TrainJoin, TrainMode
 from fedsea_shared.shard import Partition, load_config
 
@@ -62,6 +63,7 @@ class FinetuneConfig(BaseModel):
     head: int = defaults.HEAD
     tail: int = defaults.TAIL
     noise: float = Field(defaults.NOISE, ge=0)
+    public_template: bool = defaults.PUBLIC_TEMPLATE  # the chat template's public prefix goes un-noised, as in serving
     weights: Literal["float32", "bfloat16", "float16", "int8", "int4"] = "float32"  # the frozen base's weight format on the edge and an embedded server (QLoRA-style when quantized)
     send_grad_clip: float = Field(0.0, ge=0)  # per-sample L2 bound on the gradient sent to the server (0: off)
     send_grad_noise: float = Field(0.0, ge=0)  # Gaussian noise on it, std as a multiple of the bound
@@ -161,7 +163,8 @@ class ClientRun:
     def _new_trainer(self) -> EdgeTrainer:
         cfg = self.cfg
         return EdgeTrainer(self.model_dir, self.partition, cfg.lora, self.optim, cfg.noise, seed=cfg.seed, weights=cfg.weights,
-                           send_grad_clip=cfg.send_grad_clip, send_grad_noise=cfg.send_grad_noise)
+                           send_grad_clip=cfg.send_grad_clip, send_grad_noise=cfg.send_grad_noise,
+                           public_ids=public_prefix_ids(self.tokenizer) if cfg.public_template else None)
 
     def _label_tokens(self) -> dict[str, int] | None:
         if not self.dataset.labels:
