@@ -102,3 +102,47 @@ def _hello(config, partition) -> Hello:
 
 def _join() -> TrainJoin:
     return TrainJoin(sid=0, job="parity", client=0, clients=1, mode="sequential", lora=LORA, optim=OPTIM, seed=0)
+
+
+class _RecordingConnection:
+    """Stands in for the server: keeps what a train step sends and answers with zeros."""
+
+    def __init__(self):
+        self.sent: list[torch.Tensor] = []
+
+    async def forward(self, lengths, hidden, backward=True):
+        self.sent.append(hidden.clone())
+        return 1, torch.zeros_like(hidden)
+
+    async def backward(self, sid, grad):
+        return torch.zeros_like(grad), False
+
+
+@pytest.mark.parametrize("public_template", [True, False])
+async def test_training_sends_the_public_template_prefix_clean_and_the_rest_noised(tiny_model_dir, public_template):
+    """As serving does: the chat template's public prefix (attention sink included) reaches
+    the server un-noised, every row after it noised; with public_template off, all noised."""
+    from transformers import AutoTokenizer
+
+    from fedsea_shared.noise import public_prefix_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    public = public_prefix_ids(tok)
+    text = tok.apply_chat_template([{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi"}],
+                                   tokenize=False)
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert ids[: len(public)] == public and len(public) > 1
+    batch = [Example(ids, [j >= len(ids) - 3 for j in range(len(ids))], len(ids) - 3)] * 2
+    partition = Partition(load_config(tiny_model_dir).num_hidden_layers, 2, 2)
+    sent = {}
+    for noise in (0.0, 0.5):
+        trainer = EdgeTrainer(tiny_model_dir, partition, LORA, OPTIM, noise=noise, seed=0,
+                              public_ids=public if public_template else None)
+        conn = _RecordingConnection()
+        await trainer.train_step(conn, batch)
+        sent[noise] = conn.sent[0]
+    same = (sent[0.5] == sent[0.0]).all(-1)  # per row: sent exactly as computed
+    prefix = len(public) if public_template else 0
+    for start in (0, len(ids)):  # both packed sequences
+        assert same[start : start + prefix].all()
+        assert not same[start + prefix : start + len(ids)].any()
