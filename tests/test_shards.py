@@ -227,7 +227,7 @@ def test_auto_keeps_no_dense_copies_that_would_crowd_memory(tiny_model_dir, monk
     server = load_server_shard(tiny_model_dir, Partition(6, 2, 2))
     before = resident_bytes(server)
     weights = sum(m.weight.nbytes for m in server.modules() if isinstance(m, Linear))
-    monkeypatch.setattr(shard_module, "_available_memory", lambda: 4 * weights - 1)
+    monkeypatch.setattr(shard_module, "available_memory", lambda: 4 * weights - 1)
     monkeypatch.setattr(shard_module, "few_rows_limit", lambda dense: pytest.fail("timed although the copies do not fit"))
     assert apply_linear_kernel(server, "auto", "cpu") == "onednn"
     assert resident_bytes(server) == before

@@ -38,6 +38,7 @@ from edge_runtime.connection import ConnectionLost, ServerError
 from edge_runtime.servers import rendezvous
 from fedsea_shared import defaults
 from fedsea_shared.architectures import check_context
+from fedsea_shared.layers.linear import available_memory
 from fedsea_shared.models import resolve_model
 from fedsea_shared.noise import public_prefix_ids
 from fedsea_shared.protocol import Hello, LoraSpec, OptimSpec, TrainJoin, TrainMode
@@ -336,9 +337,13 @@ def run(cfg: FinetuneConfig) -> dict:
     server = None
     if cfg.server is None:
         from server_runtime.app import ServerSettings, ServerThread
+        from server_runtime.training_service import TrainingSettings
 
+        # It trains this job alone, in this process: its budget is the memory free here, not
+        # a shared server's share (2 GiB refused one step of 8 BBC articles).
+        memory = max(TrainingSettings.memory, (available_memory() or 0) // 2)
         server = ServerThread(ServerSettings(model=cfg.model, head=cfg.head, tail=cfg.tail, port=0, weights=cfg.weights, kv_cache_memory="64MiB",
-                                            enable_training=True))
+                                            enable_training=True, training=TrainingSettings(memory=memory)))
     servers = cfg.server or [server.url]
     started = time.perf_counter()
     try:

@@ -370,7 +370,7 @@ def apply_linear_kernel(shard: nn.Module, kernel: str, device: torch.device | st
         return "onednn"
     if kernel == "auto":
         extra = sum(w.nbytes for m, w in dense_weights.items() if m.weight.is_mkldnn)  # kept beside a packed copy
-        free = _available_memory()
+        free = available_memory()
         if free is not None and extra > free // 4:
             log.info("linear kernel auto: onednn (dense copies of %.0f MB would take over a quarter of the "
                      "%.0f MB of memory available)", extra / 1e6, free / 1e6)
@@ -388,7 +388,7 @@ def dense_linears(shard: nn.Module) -> list[Linear]:
     return [m for m in shard.modules() if isinstance(m, Linear) and m.method is DENSE]
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
     """Bytes of physical memory available now (None where the OS does not say)."""
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
