@@ -7,18 +7,20 @@ Fine-tuning (one run per task x configuration x seed):
     `rouge-score`), chitchat (next-turn perplexity of the assistant turns);
   * configurations: `base` (no training), `centralized` (LoRA via `peft` on the whole
     `transformers` model) and `split` (`training.federation.run`, the code behind
-    `fedsea-finetune`: embedded server runtime, batched mode, FedAvg every R steps) for
-    every noise x cut x clients (1, or K with IID / by-label shards) asked for;
+    `fedsea-finetune`: embedded server runtime, batched mode, the edges averaging adapters
+    every R steps or gradients every step) for every noise x cut x clients (1, or K with
+    IID / by-label shards) x averaging asked for;
   * one budget for all: `--samples` training samples, each seen once, in `--samples /
     --batch` optimizer steps of `--batch` samples (K clients: --batch/K each per step),
-    one learning-rate schedule over those steps.  Centralized (one per cut) takes exactly
-    the batches of the one-client split run (training.federation.client_batch) and starts
-    from the split run's adapter at its cut, so split with 1 client at noise 0 differs
-    from it only by clipping each side's gradient on its own (tests/test_benchmark_scripts.py
-    checks the parity at two cuts).
+    one learning-rate schedule over those steps.  Centralized (one per cut and client
+    split) takes exactly the batches the split run's clients take (training.federation.
+    client_batch, the mean of their losses) and starts from the split run's adapter at its
+    cut, so split with 1 client at noise 0 differs from it only by clipping each side's
+    gradient on its own (tests/test_benchmark_scripts.py checks the parity at two cuts, and
+    K clients averaging gradients).  Centralized is also evaluated at each split noise.
 Every model is scored by the same code: the unsplit model with the run's adapter and the
-run's noise added at the cut (a hook on the last head block), on the same validation
-examples.
+run's noise added at the cut (a hook on the last head block; the public template prefix
+clean, as serving sends it), on the same validation examples.
 
 Intervals (95%): `seed_ci` is a t-interval over the seeds' values (>= 2 seeds); `example_ci`
 a percentile bootstrap over validation examples (resampled jointly for all seeds; for

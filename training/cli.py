@@ -69,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
                    help="what the clients' edges average: adapters, FedAvg every --fedavg-every steps (each client "
                         "steps on its own batches in between); gradients, before every optimizer step (FedSGD: one "
                         "edge adapter trained on all clients' batches, as centralized training would; one more round "
-                        "trip per step)")
+                        "trip per step, and the server sees each client's edge gradient every step, not only its "
+                        "adapter every --fedavg-every steps)")
     g.add_argument("--by-label", action="store_true", help="non-IID shards: each client gets a slice of the label-sorted data")
     g.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: before and after only)")
     g.add_argument("--seed", type=int, default=0)

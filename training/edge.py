@@ -193,7 +193,7 @@ class EdgeTrainer:
         return flatten(self.params)
 
     def gradient_vector(self) -> torch.Tensor:
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in self.params.values()])
+        return flatten({n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.params.items()})
 
     def load_adapter_vector(self, flat: torch.Tensor) -> None:
         load_flat(self.params, flat)

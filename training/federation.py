@@ -79,7 +79,8 @@ class FinetuneConfig(BaseModel):
     fedavg_every: int = Field(10, ge=1)  # R: local steps between FedAvg rounds (and checkpoints)
     # What the clients' edges average: "adapters", FedAvg every R steps, each client stepping
     # AdamW on its own batches in between (the paper's); "gradients", every optimizer step
-    # before stepping (FedSGD), so the edges stay one adapter trained on all clients' batches.
+    # before stepping (FedSGD), so the edges stay one adapter trained on all clients' batches;
+    # the server then sees each client's edge gradient every step.
     average: Literal["adapters", "gradients"] = "adapters"
     eval_every: int = Field(0, ge=0)  # steps between validations (0: before and after only)
     eval_batch_size: int = Field(16, ge=1)
