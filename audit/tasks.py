@@ -20,7 +20,8 @@ from pydantic import BaseModel, Field
 
 from training import data as task_data
 
-TASKS = {"bbc-topic": task_data.bbc_news, "tweet-sentiment": task_data.tweet_sentiment}
+TASKS = {"bbc-topic": task_data.bbc_news, "bbc-lead": task_data.bbc_leads, "tweet-sentiment": task_data.tweet_sentiment}
+DEFAULT_TASKS = ("bbc-topic", "tweet-sentiment")
 ANSWER_TOKENS = 3  # room for one label word
 CHAT_TOKENS = 16
 
@@ -63,15 +64,16 @@ class TaskUtility(BaseModel):
         return sum(fractions) / max(1, len(fractions))
 
 
-def prompts(per_task: int, chats: int, seed: int) -> Prompts:
+def prompts(per_task: int, chats: int, seed: int, tasks: tuple[str, ...] = DEFAULT_TASKS) -> Prompts:
     """Few-shot prompts (one shot per label, the same shots for every query; queries taken
     round-robin over labels so a skewed task does not reward always answering its
     majority label) and single-turn chat prompts from the end of chitchat (the audit's
-    victims and utility text come from its start)."""
+    victims and utility text come from its start).  A task gets at most as many queries as
+    its rarest label allows (BBC: 5 x 385)."""
     rng = random.Random(seed)
     classify = {}
-    for task, load in TASKS.items():
-        records = load()
+    for task in tasks:
+        records = TASKS[task]()
         rng.shuffle(records)
         by_label: dict[str, list] = {}
         for r in records:
@@ -80,8 +82,8 @@ def prompts(per_task: int, chats: int, seed: int) -> Prompts:
         shots = [by_label[label].pop() for label in labels]
         rng.shuffle(shots)
         context = [m for s in shots for m in s.messages]
-        queries = []
-        while len(queries) < per_task:
+        queries, count = [], min(per_task, len(labels) * min(map(len, by_label.values())))
+        while len(queries) < count:
             label = labels[len(queries) % len(labels)]
             queries.append((context + [by_label[label].pop().messages[0]], label))
         classify[task] = queries

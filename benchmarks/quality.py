@@ -27,14 +27,15 @@ a percentile bootstrap over validation examples (resampled jointly for all seeds
 gaps, paired: the same resample for both configurations).  The seed interval includes
 training variance; the example interval only evaluation-sample variance.
 
-Serving cost (`--serving N`): N few-shot queries per classification task and N/4 chat
-prompts through the real serving path (audit.tasks), the serving default (noise, public
-template, pseudonyms) against the unsplit model: accuracy difference with a paired
-bootstrap interval, and greedy agreement.
+Serving cost (`--serving N`): N few-shot queries per classification task (`--serving-tasks`)
+and `--serving-chats` chat prompts through the real serving path (audit.tasks), the serving
+default (noise, public template, pseudonyms) against the unsplit model: accuracy difference
+with a paired bootstrap interval per task and over all their queries, and greedy agreement.
 
     nice -n 10 python benchmarks/quality.py --quick
     nice -n 10 python benchmarks/quality.py --tasks bbc-topic --noise 0 0.1 --clients 1 4 --seeds 0 1
     nice -n 10 python benchmarks/quality.py --serving 500 --tasks   # serving cost only
+    nice -n 10 python benchmarks/quality.py --tasks --serving 1925 --serving-tasks bbc-topic bbc-lead
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from audit import tasks as audit_tasks
 from fedsea_shared import defaults
 from fedsea_shared.models import resolve_model
 from fedsea_shared.noise import add_noise, public_prefix_ids, public_prefix_len
@@ -379,37 +381,43 @@ def binomial_upper(k: int, n: int, alpha: float = 0.025) -> float:
 # ---- the serving default ---------------------------------------------------------------
 
 
-def serving_cost(model: str, queries: int, seed: int) -> dict:
+def serving_cost(model: str, queries: int, chats: int, task_names: tuple[str, ...], seed: int) -> dict:
     """The serving default against the unsplit model through the real serving path."""
-    from audit import tasks
     from audit.frontier import serving_default
 
     default = serving_default()
-    p = tasks.prompts(queries, max(1, queries // 4), seed)
+    p = audit_tasks.prompts(queries, chats, seed, task_names)
     started = time.perf_counter()
-    unsplit, served = tasks.measure(model, default.head, defaults.TAIL, [
-        tasks.Serving(0.0),
-        tasks.Serving(default.noise, default.public_template, pseudonymize=default.pseudonymize),
+    unsplit, served = audit_tasks.measure(model, default.head, defaults.TAIL, [
+        audit_tasks.Serving(0.0),
+        audit_tasks.Serving(default.noise, default.public_template, pseudonymize=default.pseudonymize),
     ], p)
-    out = {"setting": default.model_dump(), "queries_per_task": queries, "chat_prompts": len(p.chat),
+    out = {"setting": default.model_dump(), "chat_prompts": len(p.chat),
            "seconds": time.perf_counter() - started, "tasks": {}}
     g = torch.Generator().manual_seed(seed)
-    for task in unsplit.hits:
-        a = torch.tensor(unsplit.hits[task], dtype=torch.float64)
-        b = torch.tensor(served.hits[task], dtype=torch.float64)
+
+    def paired(a: list[bool], b: list[bool]) -> dict:
+        a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
         idx = torch.randint(0, len(a), (BOOTSTRAP, len(a)), generator=g)
         diff = b[idx].mean(1) - a[idx].mean(1)
-        out["tasks"][task] = {"unsplit": 100 * a.mean().item(), "serving_default": 100 * b.mean().item(),
-                              "delta": 100 * (b.mean() - a.mean()).item(),
-                              "delta_ci": [100 * diff.quantile(q).item() for q in (0.025, 0.975)],
-                              "correctness_changed": int((a != b).sum()),
-                              # |delta| is at most the share of queries whose correctness changed;
-                              # unlike the bootstrap, this bound does not collapse when none did.
-                              "abs_delta_upper": 100 * binomial_upper(int((a != b).sum()), len(a))}
-    agreement = torch.tensor(served.agreement_per_prompt(unsplit), dtype=torch.float64)
-    idx = torch.randint(0, len(agreement), (BOOTSTRAP, len(agreement)), generator=g)
-    out["greedy_agreement"] = {"mean": agreement.mean().item(),
-                               "ci": [agreement[idx].mean(1).quantile(q).item() for q in (0.025, 0.975)]}
+        changed = int((a != b).sum())
+        return {"queries": len(a), "unsplit": 100 * a.mean().item(), "serving_default": 100 * b.mean().item(),
+                "delta": 100 * (b.mean() - a.mean()).item(),
+                "delta_ci": [100 * diff.quantile(q).item() for q in (0.025, 0.975)],
+                "correctness_changed": changed,
+                # |delta| is at most the share of queries whose correctness changed; unlike
+                # the bootstrap, this bound does not collapse when none did.
+                "abs_delta_upper": 100 * binomial_upper(changed, len(a))}
+
+    for task in unsplit.hits:
+        out["tasks"][task] = paired(unsplit.hits[task], served.hits[task])
+    if len(unsplit.hits) > 1:  # every query of every task, paired: the interval the target asks of
+        out["pooled"] = paired(sum(unsplit.hits.values(), []), sum(served.hits.values(), []))
+    if p.chat:
+        agreement = torch.tensor(served.agreement_per_prompt(unsplit), dtype=torch.float64)
+        idx = torch.randint(0, len(agreement), (BOOTSTRAP, len(agreement)), generator=g)
+        out["greedy_agreement"] = {"mean": agreement.mean().item(),
+                                   "ci": [agreement[idx].mean(1).quantile(q).item() for q in (0.025, 0.975)]}
     return out
 
 
@@ -593,6 +601,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--valid-fraction", type=float, default=0.1,
                    help="records held out for validation (BBC has 2225: raise this for more than 222 validation examples)")
     p.add_argument("--serving", type=int, default=0, help="few-shot queries per task for the serving default's cost (0: skip)")
+    p.add_argument("--serving-tasks", nargs="+", default=list(audit_tasks.DEFAULT_TASKS), choices=list(audit_tasks.TASKS),
+                   help="few-shot tasks of --serving (bbc-lead: the BBC articles again, classified from their lead)")
+    p.add_argument("--serving-chats", type=int, default=125, help="chat prompts of --serving, for greedy agreement")
     p.add_argument("--quick", action="store_true", help="minutes: bbc-topic, noise 0 and default, 1 client, 1 seed, 64 samples")
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     p.add_argument("--plot", action="store_true", help="one PNG per task next to --out")
@@ -636,13 +647,14 @@ def main(argv: list[str] | None = None) -> dict:
         save(name, result)
         print(table(name, result), flush=True)
     if args.serving:
-        results["serving_default"] = s = serving_cost(args.model, args.serving, args.seeds[0])
-        for task, t in s["tasks"].items():
+        results["serving_default"] = s = serving_cost(args.model, args.serving, args.serving_chats,
+                                                       tuple(args.serving_tasks), args.seeds[0])
+        for task, t in [*s["tasks"].items(), *([("pooled", s["pooled"])] if "pooled" in s else [])]:
             print(f"serving default, {task}: {t['serving_default']:.1f} vs unsplit {t['unsplit']:.1f} "
                   f"(delta {t['delta']:+.1f}, 95% [{t['delta_ci'][0]:+.1f}, {t['delta_ci'][1]:+.1f}], |delta| <= "
-                  f"{t['abs_delta_upper']:.1f}; {t['correctness_changed']} of {args.serving} changed)")
-        g = s["greedy_agreement"]
-        print(f"greedy agreement {g['mean']:.3f} [{g['ci'][0]:.3f}, {g['ci'][1]:.3f}] over {s['chat_prompts']} chats")
+                  f"{t['abs_delta_upper']:.1f}; {t['correctness_changed']} of {t['queries']} changed)")
+        if g := s.get("greedy_agreement"):
+            print(f"greedy agreement {g['mean']:.3f} [{g['ci'][0]:.3f}, {g['ci'][1]:.3f}] over {s['chat_prompts']} chats")
     results["wall_seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")

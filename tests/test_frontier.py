@@ -68,7 +68,7 @@ def test_task_utility_runs_through_the_serving_path(tiny_model_dir, adapted):
         [tasks.Serving(0.0), tasks.Serving(0.0, False), tasks.Serving(3.0), tasks.Serving(0.1, True, "obf")],
         p, adapters={"obf": (real.edge_dir, real.server_dir)},
     )
-    assert set(ref.accuracy) == set(tasks.TASKS)
+    assert set(ref.accuracy) == set(tasks.DEFAULT_TASKS)
     for task, hits in ref.hits.items():  # per query, for paired intervals
         assert len(hits) == 2 and ref.accuracy[task] == sum(hits) / 2
     assert same.agreement(ref) == 1.0  # noise 0 is the unsplit model, template exemption or not
@@ -76,7 +76,19 @@ def test_task_utility_runs_through_the_serving_path(tiny_model_dir, adapted):
     assert loud.agreement(ref) < 1.0
     # The edge's half and the server's half were each loaded and served under one name
     # (a side without it refuses the generation).
-    assert set(adapted_.accuracy) == set(tasks.TASKS) and len(adapted_.greedy) == 2
+    assert set(adapted_.accuracy) == set(tasks.DEFAULT_TASKS) and len(adapted_.greedy) == 2
+
+
+def test_few_shot_queries_stay_label_balanced_up_to_the_rarest_label():
+    p = tasks.prompts(10_000, 0, seed=0, tasks=("bbc-topic", "bbc-lead"))
+    for task, queries in p.classify.items():
+        labels = [label for _, label in queries]
+        per_label = {label: labels.count(label) for label in set(labels)}
+        # BBC's rarest topic (entertainment) has 386 articles, one of them the shot.
+        assert len(per_label) == 5 and set(per_label.values()) == {385}, (task, per_label)
+        assert all(m[:-1] == queries[0][0][:-1] for m, _ in queries)  # the same shots before every query
+    headline, lead = (p.classify[t][0][0][-1]["content"] for t in ("bbc-topic", "bbc-lead"))
+    assert "Headline:" in headline and "Article:" in lead
 
 
 def test_serving_default_json(tiny_model_dir, tmp_path, capsys):

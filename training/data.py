@@ -80,6 +80,17 @@ def bbc_news() -> list[Record]:
     return [_pair(f"{question}\nHeadline: {headline}", topic, topic) for topic, headline, _ in _bbc_articles("bbc-news")]
 
 
+LEAD_WORDS = 40  # about the first sentence: the lead names the story's subject
+
+
+def bbc_leads() -> list[Record]:
+    """The same articles, classified from their lead instead of their headline: a second
+    query per article for measurements that need more than 2225 queries."""
+    question = "Classify the topic of this BBC News article as business, entertainment, politics, sport or tech. Answer with one word."
+    return [_pair(f"{question}\nArticle: {' '.join(body.split()[:LEAD_WORDS])}", topic, topic)
+            for topic, _, body in _bbc_articles("bbc-news")]
+
+
 HEADLINE_WORDS = 80  # of the article's start: the lead carries the story and keeps samples short
 
 
