@@ -3,6 +3,8 @@ and half-precision shards serve through the split, LoRA keeps working over them.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -164,7 +166,8 @@ async def test_int8_greedy_agrees_with_float32_on_the_default_model(start_server
     for fmt in ("float32", "int8"):
         server = start_server(default_model_dir, weights=fmt)
         client = AsyncEdgeClient(server.url, model=str(default_model_dir), noise=0.0, weights=fmt)
-        answers[fmt] = [(await client.generate(c, max_tokens=24, temperature=0)).token_ids for c in CHATS]
+        answers[fmt] = [r.token_ids for r in await asyncio.gather(*(client.generate(c, max_tokens=24, temperature=0)
+                                                                     for c in CHATS))]
         await client.aclose()
         server.stop()
     same = total = 0
