@@ -52,9 +52,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.gateway_bench import transformers_phase  # noqa: E402
 from fedsea_shared import defaults  # noqa: E402
 from fedsea_shared.models import resolve_model  # noqa: E402
+from fedsea_shared.protocol import WIRE_DTYPES  # noqa: E402
 from fedsea_shared.shard import Partition  # noqa: E402
 from server_runtime.kv_pool import KVPool  # noqa: E402
 from server_runtime.process import free_port  # noqa: E402
+from server_runtime.worker import resolve_kv_dtype  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # fedsea's --weights beside the GGUF type llama.cpp serves at the same bits.
@@ -120,21 +122,23 @@ def _process(name: str, cmd: list[str], port: int, health: str, env: dict | None
 REPO = Path(__file__).resolve().parent.parent
 
 
-def kv_cache_bytes() -> int:
-    """The server's float32 KV pool for SLOTS x SLOT_TOKENS tokens of its middle blocks (the
-    edge keeps its own blocks' cache per conversation)."""
+def kv_cache_bytes(weights: str) -> int:
+    """The server's KV pool for SLOTS x SLOT_TOKENS tokens of its middle blocks, in the dtype
+    `fedsea serve` stores them in under these weights (the edge keeps its own blocks' cache
+    per conversation)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(resolve_model(defaults.MODEL))
     layers = len(Partition(config.num_hidden_layers, defaults.HEAD, defaults.TAIL).server_layers)
     head_dim = config.hidden_size // config.num_attention_heads
-    return SLOTS * SLOT_TOKENS * KVPool.bytes_per_block(layers, 1, config.num_key_value_heads, head_dim, torch.float32)
+    kv_dtype = WIRE_DTYPES[resolve_kv_dtype("auto", "float32", weights, converts=True)]
+    return SLOTS * SLOT_TOKENS * KVPool.bytes_per_block(layers, 1, config.num_key_value_heads, head_dim, kv_dtype)
 
 
 def fedsea_server(peers: Path, threads: int, tree: Path = REPO, name: str = "fedsea", weights: str = "float32"):
     """`fedsea serve` from the checkout at `tree` (another commit's worktree: --baseline)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "fedsea.cli", "serve", "--port", str(port), "--kv-cache-memory", str(kv_cache_bytes())]
+    cmd = [sys.executable, "-m", "fedsea.cli", "serve", "--port", str(port), "--kv-cache-memory", str(kv_cache_bytes(weights))]
     if tree == REPO or weights != "float32":  # older commits (--baseline) know no --weights
         cmd += ["--weights", weights]
     return _process(name, cmd, port, "/health", env={"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(tree)})
@@ -478,7 +482,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "shared": True,
                     "loadavg_before": load_before, "loadavg_after": load_after},
         "settings": {"model": defaults.MODEL, "weights": args.weights, "kv_tokens": SLOTS * SLOT_TOKENS,
-                     "fedsea_kv_cache_bytes": kv_cache_bytes(), "max_tokens": args.max_tokens, "clients": levels,
+                     "fedsea_kv_cache_bytes": {w: kv_cache_bytes(w) for w in args.weights}, "max_tokens": args.max_tokens, "clients": levels,
                      "rounds": args.rounds, "threads": args.threads, "head": defaults.HEAD, "tail": defaults.TAIL,
                      "noise": defaults.NOISE, "repeat": args.repeat, "busy": args.busy},
         "servers": results, "runs": runs, "transformers": hf, "roofline": roofline, "fedsea_ratios": rs,

@@ -27,6 +27,11 @@ from server_runtime.training_service import TrainingSettings
 # flags' wording lives here.
 
 
+KV_DTYPE_HELP = ("what the server's KV pool stores K/V in; auto = bfloat16 where the middle blocks' weights are "
+                 "bfloat16/int8/int4 (their products already round to bf16) and the torch backend's gather "
+                 "decode reads it, float16 for float16 weights, else the compute dtype: a bfloat16 pool holds "
+                 "twice the tokens per byte (default: %(default)s)")
+
 def _bytes(text: str) -> int:
     """A size flag: bytes, or with a unit (512MiB, 2GiB)."""
     return parse_memory(text)
@@ -75,6 +80,7 @@ def _server_parser(sub) -> None:
     p.add_argument("--device", default=s.device)
     p.add_argument("--dtype", default=s.dtype, choices=list(WIRE_DTYPES))
     p.add_argument("--kv-cache-memory", default=s.kv_cache_memory, help="KV pool size: bytes (2GiB, 512MiB) or a fraction of free GPU memory (0.8)")
+    p.add_argument("--kv-dtype", default=s.kv_dtype, choices=["auto", *WIRE_DTYPES], help=KV_DTYPE_HELP)
     p.add_argument("--block-size", type=int, default=s.block_size, help="tokens per KV block")
     _attention_backend_arg(p)
     p.add_argument("--decode-attention", default=s.decode_attention, choices=["auto", "gather", "flex"],
@@ -193,6 +199,7 @@ def _serve_parser(sub) -> None:
                    help="weight format of the edge's blocks, embedding and LM head (default: --weights)")
     p.add_argument("--device", default=ServerSettings.device, help="device of the server runtime's middle blocks")
     p.add_argument("--kv-cache-memory", default=ServerSettings.kv_cache_memory, help="KV pool size of the server runtime")
+    p.add_argument("--kv-dtype", default=ServerSettings.kv_dtype, choices=["auto", *WIRE_DTYPES], help=KV_DTYPE_HELP)
     _max_context_arg(p)
     _attention_backend_arg(p)
     p.add_argument("--threads", type=int, metavar="N",
@@ -293,7 +300,7 @@ def server_settings(args) -> ServerSettings:
     """`fedsea server`'s settings from its flags."""
     return ServerSettings(
         model=args.model, head=args.head, tail=args.tail, host=args.host, port=args.port,
-        device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+        device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, kv_dtype=args.kv_dtype,
         block_size=args.block_size, attention_backend=args.attention_backend, linear_kernel=args.linear_kernel,
         weights=args.weights, block_ops=args.block_ops, decode_attention=args.decode_attention, cuda_graphs=args.cuda_graphs,
         max_graph_batch=args.max_graph_batch, noise_min=args.noise_min, noise_max=args.noise_max,
@@ -324,6 +331,7 @@ def _run_serve(args) -> None:
     logging.getLogger("fedsea").info("torch intra-op threads: %d on the compute thread of both sides (%s)", n, source)
     server = ServerRuntime(ServerSettings(
         model=args.model, head=args.head, tail=args.tail, device=args.device, kv_cache_memory=args.kv_cache_memory,
+        kv_dtype=args.kv_dtype,
         adapters=_adapters(args), attention_backend=args.attention_backend, linear_kernel=args.linear_kernel,
         block_ops=args.block_ops, weights=args.server_weights or args.weights,
         kv_quota=1.0,  # its only tenant is this process's own gateway

@@ -103,67 +103,83 @@ void fs_silu_mul(const float *gate_up, int64_t gu_stride, float *out, int64_t ro
 #define MAX_GROUP 8
 #define LANES 16
 
-static void group_scores(const float *qg, const float *kt, int64_t group, int64_t d, float scale,
-                         float *scores, int64_t stride) {
-    float acc[MAX_GROUP][LANES] = {{0}};
-    for (int64_t i = 0; i < d; i += LANES)
-        for (int64_t h = 0; h < group; h++)
-#pragma omp simd
-            for (int64_t l = 0; l < LANES; l++) acc[h][l] += qg[h * d + i + l] * kt[i + l];
+static inline float kv_float(float x) { return x; }
+static inline float kv_bfloat16(uint16_t x) {
+    union { uint32_t u; float f; } c = {.u = (uint32_t)x << 16};
+    return c.f;
+}
+
+/* scores [group, len] -> softmax over each head's row, in place; that head's output row zeroed */
+static void softmax_rows(float *scores, int64_t group, int64_t len, float *og, int64_t d) {
     for (int64_t h = 0; h < group; h++) {
-        float dot = 0.f;
-        for (int64_t l = 0; l < LANES; l++) dot += acc[h][l];
-        scores[h * stride] = dot * scale;
+        float *sc = scores + h * len, mx = -INFINITY, total = 0.f;
+#pragma omp simd reduction(max : mx)
+        for (int64_t t = 0; t < len; t++) mx = sc[t] > mx ? sc[t] : mx;
+#pragma omp simd
+        for (int64_t t = 0; t < len; t++) sc[t] = exp_f32(sc[t] - mx);
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < len; t++) total += sc[t];
+        float inv = 1.0f / total;
+#pragma omp simd
+        for (int64_t t = 0; t < len; t++) sc[t] *= inv;
+        memset(og + h * d, 0, (size_t)d * sizeof(float));
     }
 }
 
-int fs_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
-                              int64_t table_width, const int64_t *lens, int64_t rows, int64_t heads,
-                              int64_t kv_heads, int64_t d, int64_t block_size, float scale, float *out) {
-    int64_t group = heads / kv_heads, longest = 0;
-    if (group > MAX_GROUP || d % LANES) return -2;
-    for (int64_t r = 0; r < rows; r++) longest = lens[r] > longest ? lens[r] : longest;
-    float *scores = malloc((size_t)(longest * group) * sizeof(float));
-    if (!scores) return -1;
-    int64_t slot_stride = kv_heads * d;
-    for (int64_t r = 0; r < rows; r++) {
-        const int64_t *table = tables + r * table_width;
-        int64_t len = lens[r];
-        for (int64_t g = 0; g < kv_heads; g++) {
-            const float *qg = q + (r * heads + g * group) * d;
-            float *og = out + (r * heads + g * group) * d;
-            for (int64_t b = 0; b * block_size < len; b++) {
-                int64_t first = b * block_size, n = len - first < block_size ? len - first : block_size;
-                const float *kb = k_cache + table[b] * block_size * slot_stride + g * d;
-                for (int64_t t = 0; t < n; t++)
-                    group_scores(qg, kb + t * slot_stride, group, d, scale, scores + first + t, len);
-            }
-            for (int64_t h = 0; h < group; h++) {
-                float *sc = scores + h * len, mx = -INFINITY, total = 0.f;
-#pragma omp simd reduction(max : mx)
-                for (int64_t t = 0; t < len; t++) mx = sc[t] > mx ? sc[t] : mx;
-#pragma omp simd
-                for (int64_t t = 0; t < len; t++) sc[t] = exp_f32(sc[t] - mx);
-#pragma omp simd reduction(+ : total)
-                for (int64_t t = 0; t < len; t++) total += sc[t];
-                float inv = 1.0f / total;
-#pragma omp simd
-                for (int64_t t = 0; t < len; t++) sc[t] *= inv;
-                memset(og + h * d, 0, (size_t)d * sizeof(float));
-            }
-            for (int64_t b = 0; b * block_size < len; b++) {
-                int64_t first = b * block_size, n = len - first < block_size ? len - first : block_size;
-                const float *vb = v_cache + table[b] * block_size * slot_stride + g * d;
-                for (int64_t t = 0; t < n; t++)
-                    for (int64_t h = 0; h < group; h++) {
-                        float p = scores[h * len + first + t], *oh = og + h * d;
-                        const float *vt = vb + t * slot_stride;
-#pragma omp simd
-                        for (int64_t i = 0; i < d; i++) oh[i] += p * vt[i];
-                    }
-            }
-        }
+/* The kernel over a cache of KV_T, each element widened to float by LOAD as it is read:
+ * float32, or bfloat16 (a pool of half the bytes; the arithmetic stays float32). */
+#define PAGED_DECODE_ATTENTION(NAME, KV_T, LOAD)                                                           \
+    static void NAME##_scores(const float *qg, const KV_T *kt, int64_t group, int64_t d, float scale,      \
+                              float *scores, int64_t stride) {                                             \
+        float acc[MAX_GROUP][LANES] = {{0}};                                                               \
+        for (int64_t i = 0; i < d; i += LANES)                                                             \
+            for (int64_t h = 0; h < group; h++)                                                            \
+                _Pragma("omp simd") for (int64_t l = 0; l < LANES; l++) acc[h][l] +=                       \
+                    qg[h * d + i + l] * LOAD(kt[i + l]);                                                   \
+        for (int64_t h = 0; h < group; h++) {                                                              \
+            float dot = 0.f;                                                                               \
+            for (int64_t l = 0; l < LANES; l++) dot += acc[h][l];                                          \
+            scores[h * stride] = dot * scale;                                                              \
+        }                                                                                                  \
+    }                                                                                                      \
+                                                                                                           \
+    int NAME(const float *q, const KV_T *k_cache, const KV_T *v_cache, const int64_t *tables,              \
+             int64_t table_width, const int64_t *lens, int64_t rows, int64_t heads, int64_t kv_heads,      \
+             int64_t d, int64_t block_size, float scale, float *out) {                                     \
+        int64_t group = heads / kv_heads, longest = 0;                                                     \
+        if (group > MAX_GROUP || d % LANES) return -2;                                                     \
+        for (int64_t r = 0; r < rows; r++) longest = lens[r] > longest ? lens[r] : longest;                \
+        float *scores = malloc((size_t)(longest * group) * sizeof(float));                                 \
+        if (!scores) return -1;                                                                            \
+        int64_t slot_stride = kv_heads * d;                                                                \
+        for (int64_t r = 0; r < rows; r++) {                                                               \
+            const int64_t *table = tables + r * table_width;                                               \
+            int64_t len = lens[r];                                                                         \
+            for (int64_t g = 0; g < kv_heads; g++) {                                                       \
+                const float *qg = q + (r * heads + g * group) * d;                                         \
+                float *og = out + (r * heads + g * group) * d;                                             \
+                for (int64_t b = 0; b * block_size < len; b++) {                                           \
+                    int64_t first = b * block_size, n = len - first < block_size ? len - first : block_size; \
+                    const KV_T *kb = k_cache + table[b] * block_size * slot_stride + g * d;                \
+                    for (int64_t t = 0; t < n; t++)                                                        \
+                        NAME##_scores(qg, kb + t * slot_stride, group, d, scale, scores + first + t, len); \
+                }                                                                                          \
+                softmax_rows(scores, group, len, og, d);                                                   \
+                for (int64_t b = 0; b * block_size < len; b++) {                                           \
+                    int64_t first = b * block_size, n = len - first < block_size ? len - first : block_size; \
+                    const KV_T *vb = v_cache + table[b] * block_size * slot_stride + g * d;                \
+                    for (int64_t t = 0; t < n; t++)                                                        \
+                        for (int64_t h = 0; h < group; h++) {                                              \
+                            float p = scores[h * len + first + t], *oh = og + h * d;                       \
+                            const KV_T *vt = vb + t * slot_stride;                                         \
+                            _Pragma("omp simd") for (int64_t i = 0; i < d; i++) oh[i] += p * LOAD(vt[i]);  \
+                        }                                                                                  \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+        free(scores);                                                                                      \
+        return 0;                                                                                          \
     }
-    free(scores);
-    return 0;
-}
+
+PAGED_DECODE_ATTENTION(fs_paged_decode_attention, float, kv_float)
+PAGED_DECODE_ATTENTION(fs_paged_decode_attention_bf16, uint16_t, kv_bfloat16)

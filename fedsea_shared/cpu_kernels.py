@@ -42,7 +42,10 @@ _SIGNATURES = {
     "fs_rope": [_p, _i, _i, _i, _p, _p, _i],
     "fs_silu_mul": [_p, _i, _p, _i, _i],
     "fs_paged_decode_attention": [_p, _p, _p, _p, _i, _p, _i, _i, _i, _i, _i, _f, _p],
+    "fs_paged_decode_attention_bf16": [_p, _p, _p, _p, _i, _p, _i, _i, _i, _i, _i, _f, _p],
 }
+# The decode attention for each cache dtype it reads (the query and output stay float32).
+DECODE_ATTENTION = {torch.float32: "fs_paged_decode_attention", torch.bfloat16: "fs_paged_decode_attention_bf16"}
 MAX_ROPE_DIM = 512  # fs_rope's stack buffer
 
 
@@ -95,7 +98,7 @@ def load() -> ctypes.CDLL | None:
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
-        fn.restype = ctypes.c_int if name == "fs_paged_decode_attention" else None
+        fn.restype = ctypes.c_int if name in DECODE_ATTENTION.values() else None
     return lib
 
 
@@ -165,9 +168,10 @@ MAX_DECODE_CONTEXT = 320
 
 def decode_attention_fits(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                           device: torch.device) -> bool:
-    """Whether the fused decode attention takes this model's caches: float32 on the CPU,
+    """Whether the fused decode attention takes this model's caches: float32 or bfloat16 on
+    the CPU (the kernels run only where the shard computes in float32: make_block_ops),
     head_dim a multiple of 16, at most 8 query heads per KV head."""
-    return (dtype == torch.float32 and device.type == "cpu" and head_dim % 16 == 0
+    return (dtype in DECODE_ATTENTION and device.type == "cpu" and head_dim % 16 == 0
             and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= 8)
 
 
@@ -181,9 +185,9 @@ def paged_decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Ten
     rows, heads, d = q.shape
     q = q.contiguous()
     out = torch.empty(rows, heads * d, dtype=q.dtype)
-    status = lib.fs_paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-                                           tables.shape[1], lens.data_ptr(), rows, heads, k_cache.shape[1], d,
-                                           block_size, scale, out.data_ptr())
+    kernel = getattr(lib, DECODE_ATTENTION[k_cache.dtype])
+    status = kernel(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
+                    lens.data_ptr(), rows, heads, k_cache.shape[1], d, block_size, scale, out.data_ptr())
     if status == -1:
         raise MemoryError("fused decode attention: out of memory for its scores")
     if status != 0:

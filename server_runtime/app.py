@@ -70,8 +70,9 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = defaults.SERVER_PORT
     device: str = "cpu"
-    dtype: str = "float32"  # compute and KV dtype
+    dtype: str = "float32"  # compute dtype
     kv_cache_memory: str = defaults.KV_CACHE_MEMORY
+    kv_dtype: str = "auto"  # the KV pool's: float32 | bfloat16 | float16 | auto (worker.resolve_kv_dtype)
     block_size: int = 16
     attention_backend: str = "auto"  # torch | vllm (vLLM's paged-attention kernels) | auto: vllm where installed and fit
     weights: str = field(default_factory=defaults.weights)  # the middle blocks' format (layers.linear.resolve_weights)

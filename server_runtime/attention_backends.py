@@ -93,7 +93,7 @@ class TorchAttention:
             rows = metadata.decode_rows
             out[rows] = self._decode(layer, q[rows], metadata)[: len(rows)]
         for a, b, ctx in metadata.prefill:
-            kc, vc = self.pool.read(layer, ctx)
+            kc, vc = self.pool.read(layer, ctx, q.dtype)
             out[a:b] = causal_attention(q[a:b], kc, vc, self.scale)
         return out
 

@@ -290,11 +290,12 @@ class KVPool:
             self._by_block(t).index_fill_(1, blocks, 0)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer].index_copy_(0, slots, k)
-        self.v[layer].index_copy_(0, slots, v)
+        self.k[layer].index_copy_(0, slots, k.to(self.k.dtype))
+        self.v[layer].index_copy_(0, slots, v.to(self.v.dtype))
 
-    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
+    def read(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots' K and V, in `dtype` (the pool may store them narrower)."""
+        return self.k[layer].index_select(0, slots).to(dtype), self.v[layer].index_select(0, slots).to(dtype)
 
 
 def parse_memory(text: str, total_free: int | None = None) -> int:

@@ -120,8 +120,8 @@ class GatherAttention:
                                           self.block_size, self.scale)
         blocks, valid, masked = plan
         by_block = (-1, self.block_size, *k_cache.shape[1:])
-        k = k_cache.view(by_block).index_select(0, blocks)
-        v = v_cache.view(by_block).index_select(0, blocks)
+        k = k_cache.view(by_block).index_select(0, blocks).to(q.dtype)  # a narrower pool's, widened
+        v = v_cache.view(by_block).index_select(0, blocks).to(q.dtype)
         if masked is None:  # one row, `valid` tokens long
             return causal_attention(q, k.flatten(0, 1)[:valid], v.flatten(0, 1)[:valid], self.scale)
         shape = (*valid.shape, *k_cache.shape[1:])

@@ -1,5 +1,5 @@
 """One rank's share of the server's model: it loads its middle blocks (all of them, or a
-tensor-parallel rank's slice), settles the kernels they run on, sizes its KV pool and
+tensor-parallel rank's slice), settles the kernels they run on, sizes its KV pool (and picks what it stores K/V in) and
 runs a `TickPlan` through them.
 
 The choices that could come out differently per rank (the linear kernel, timed at
@@ -56,6 +56,7 @@ class Choices:
     attention_backend: str
     decode_attention: str
     cuda_graphs: bool
+    kv_dtype: str
     num_blocks: int
 
 
@@ -85,7 +86,7 @@ class Worker:
         if ranks and ranks.rank and c.linear_kernel != NO_DENSE_WEIGHTS:  # rank 0's choice, for the same formats
             apply_linear_kernel(self.shard, c.linear_kernel, self.device)
         self.pool = KVPool(
-            len(self.layers), c.num_blocks, s.block_size, local.num_key_value_heads, head_dim(local), self.dtype,
+            len(self.layers), c.num_blocks, s.block_size, local.num_key_value_heads, head_dim(local), WIRE_DTYPES[c.kv_dtype],
             self.device, pool_layer_shape(c.attention_backend, c.num_blocks + 1, s.block_size,
                                           local.num_key_value_heads, head_dim(local), self.device),
         )
@@ -119,30 +120,36 @@ class Worker:
         graphs = s.cuda_graphs and on_cuda and attention == "flex" and backend == "torch" and self.ranks is None
         if graphs and s.max_graph_batch < 1:
             raise ValueError(f"--max-graph-batch must be >= 1 (got {s.max_graph_batch})")
-        return Choices(linear_kernel, block_ops, backend, attention, graphs, self._num_blocks())
+        kv_dtype = resolve_kv_dtype(s.kv_dtype, s.dtype, self.weights, backend == "torch" and attention == "gather")
+        return Choices(linear_kernel, block_ops, backend, attention, graphs, kv_dtype, self._num_blocks(kv_dtype))
 
-    def _num_blocks(self) -> int:
-        """Blocks of --kv-cache-memory (per rank: each holds its KV heads of every block),
-        the fewest any rank's memory allows."""
+    def _num_blocks(self, kv_dtype: str) -> int:
+        """Blocks of --kv-cache-memory in `kv_dtype` (per rank: each holds its KV heads of
+        every block), as many as the rank with the least memory can hold."""
         s, local = self.settings, self.shard.config
         per_block = KVPool.bytes_per_block(len(self.layers), s.block_size, local.num_key_value_heads,
-                                           head_dim(local), self.dtype)
+                                           head_dim(local), WIRE_DTYPES[kv_dtype])
+        return self._kv_memory() // per_block - 1  # minus the scratch block
+
+    def _kv_memory(self) -> int:
+        """The KV pool's bytes: --kv-cache-memory, the least any rank's memory allows."""
+        s = self.settings
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         if free is not None and s.enable_training:
             free = max(0, free - s.training.memory)  # a fraction of free memory leaves training its budget
-        blocks = parse_memory(s.kv_cache_memory, free) // per_block - 1  # minus the scratch block
+        memory = parse_memory(s.kv_cache_memory, free)
         if self.ranks:
-            fewest = torch.tensor([blocks], device=comm_device(self.device))
-            dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
-            blocks = int(fewest.item())
-        return blocks
+            least = torch.tensor([memory], device=comm_device(self.device))
+            dist.all_reduce(least, op=dist.ReduceOp.MIN)
+            memory = int(least.item())
+        return memory
 
     def _share(self, choices: Choices | None) -> Choices:
         """Rank 0's choices, on every rank."""
         if self.ranks is None:
             return choices
         if self.ranks.rank:
-            self._num_blocks()  # rank 0 sizes the pool in _choose: take part in its all-reduce
+            self._kv_memory()  # rank 0 sizes the pool in _choose: take part in its all-reduce
         box = [choices]
         dist.broadcast_object_list(box, src=0, device=comm_device(self.device))
         return box[0]
@@ -158,9 +165,33 @@ class Worker:
         c = self.choices
         attention = "vllm" if c.attention_backend == "vllm" else f"torch ({c.decode_attention} decode)"
         ranks = f", tensor-parallel rank {self.ranks.rank} of {self.ranks.world}" if self.ranks else ""
-        return (f"KV pool {c.num_blocks} blocks x {self.settings.block_size} tokens ({self.pool.nbytes / 2**20:.1f} MiB), "
+        return (f"KV pool {c.num_blocks} blocks x {self.settings.block_size} tokens in {c.kv_dtype} "
+                f"({self.pool.nbytes / 2**20:.1f} MiB), "
                 f"attention {attention}{' + CUDA graphs' if c.cuda_graphs else ''}, weights {self.weights}, "
                 f"linear {c.linear_kernel}, block ops {self.block_ops.name}{ranks}")
+
+
+# Weight formats whose products already round K and V to bfloat16 (the int8/int4 CPU kernels
+# take bf16 activations) or come from bf16 weights: a bfloat16 pool halves the KV memory,
+# so a GiB holds twice the tokens, for little further rounding.
+BF16_PRODUCTS = ("bfloat16", "int8", "int4", "file")
+
+
+def resolve_kv_dtype(kv_dtype: str, compute: str, weights: str, converts: bool) -> str:
+    """The KV pool's dtype.  `converts`: the attention path reads K/V in another dtype than
+    it computes in (the torch backend's gather decode and prefill do; flex attention, CUDA
+    graphs and vLLM's kernels take the pool as they compute).  auto: bfloat16 for weights
+    in `BF16_PRODUCTS` with a float32 compute dtype where the path converts, float16 for
+    float16 weights likewise, else the compute dtype."""
+    if kv_dtype not in ("auto", *WIRE_DTYPES):
+        raise ValueError(f"--kv-dtype must be auto or one of {', '.join(WIRE_DTYPES)}, not {kv_dtype!r}")
+    if kv_dtype == "auto":
+        narrow = "float16" if weights == "float16" else "bfloat16" if weights in BF16_PRODUCTS else compute
+        return narrow if converts and compute == "float32" else compute
+    if kv_dtype != compute and not converts:
+        raise ValueError(f"--kv-dtype {kv_dtype} with --dtype {compute} needs the torch attention backend with "
+                         f"gather decode (--attention-backend torch --decode-attention gather)")
+    return kv_dtype
 
 
 def rank_device(device: str, rank: int | None) -> torch.device:

@@ -93,12 +93,13 @@ def reference_attention(q, k_cache, v_cache, tables, lens, block_size, scale):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads, d, block_size", [(9, 3, 64, 16), (4, 2, 32, 16), (8, 1, 16, 4)])
-def test_paged_decode_attention_reads_only_each_rows_own_slots(heads, kv_heads, d, block_size):
+def test_paged_decode_attention_reads_only_each_rows_own_slots(heads, kv_heads, d, block_size, cache_dtype):
     lib = cpu_kernels.load()
     g = torch.Generator().manual_seed(d)
     blocks = 40
-    k_cache = torch.full((blocks * block_size, kv_heads, d), float("nan"))
+    k_cache = torch.full((blocks * block_size, kv_heads, d), float("nan"), dtype=cache_dtype)
     v_cache = torch.full_like(k_cache, float("inf"))
     lens = torch.tensor([1, block_size, block_size + 1, 3 * block_size - 1, 5 * block_size], dtype=torch.long)
     order = torch.randperm(blocks, generator=g)  # blocks out of order
@@ -111,19 +112,21 @@ def test_paged_decode_attention_reads_only_each_rows_own_slots(heads, kv_heads, 
         tables[r, : len(own)] = own
         pos = torch.arange(n)
         slots = own[pos // block_size] * block_size + pos % block_size
-        k_cache[slots] = torch.randn(n, kv_heads, d, generator=g)
-        v_cache[slots] = torch.randn(n, kv_heads, d, generator=g)
+        k_cache[slots] = torch.randn(n, kv_heads, d, generator=g).to(cache_dtype)
+        v_cache[slots] = torch.randn(n, kv_heads, d, generator=g).to(cache_dtype)
     q = torch.randn(len(lens), heads, d, generator=g)
     got = cpu_kernels.paged_decode_attention(lib, q, k_cache, v_cache, tables, lens, block_size, d**-0.5)
-    assert torch.isfinite(got).all()  # the NaN/Inf past each row's length is never read
-    torch.testing.assert_close(got, reference_attention(q, k_cache, v_cache, tables, lens, block_size, d**-0.5))
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()  # the NaN/Inf past each row's length is never read
+    # A bfloat16 cache is read widened, exactly: the float32 products of the same values.
+    expected = reference_attention(q, k_cache.float(), v_cache.float(), tables, lens, block_size, d**-0.5)
+    torch.testing.assert_close(got, expected)
 
 
 def test_paged_decode_attention_refuses_shapes_it_does_not_take():
     lib = cpu_kernels.load()
     assert not cpu_kernels.decode_attention_fits(9, 3, 60, torch.float32, torch.device("cpu"))
     assert not cpu_kernels.decode_attention_fits(18, 2, 64, torch.float32, torch.device("cpu"))
-    assert not cpu_kernels.decode_attention_fits(9, 3, 64, torch.bfloat16, torch.device("cpu"))
+    assert not cpu_kernels.decode_attention_fits(9, 3, 64, torch.float16, torch.device("cpu"))
     q, cache = torch.randn(1, 9, 60), torch.randn(16, 3, 60)
     with pytest.raises(ValueError, match="head_dim"):
         cpu_kernels.paged_decode_attention(lib, q, cache, cache, torch.zeros(1, 1, dtype=torch.long),

@@ -33,7 +33,7 @@ def reference(q, pool, tables, lengths, scale):
     out = []
     for i, (blocks, n) in enumerate(zip(tables, lengths)):
         slots = BlockTable(BLOCK, list(blocks)).slots(0, n)
-        k, v = pool.read(0, slots)
+        k, v = pool.read(0, slots, pool.k.dtype)
         o = F.scaled_dot_product_attention(q[i][:, None], k.transpose(0, 1), v.transpose(0, 1),
                                            scale=scale, enable_gqa=True)
         out.append(o[:, 0].reshape(-1))

@@ -202,12 +202,15 @@ async def test_quantized_middle_blocks_on_two_ranks_match_one_rank(tiny_model_di
     """Each rank quantizes its own slice (no dense weights, so no linear kernel to share): the
     2-rank server's greedy tokens and top logprobs are the 1-rank server's, to bf16 rounding
     (the kernels compute in bf16, and the ranks sum their halves in another order)."""
-    got = {}
+    got, blocks = {}, {}
     for ranks in (2, 1):
         server = start_server(tiny_model_dir, tensor_parallel=ranks, kv_cache_memory="8MiB", weights=fmt)
+        blocks[ranks] = metric(server, "fedsea_kv_blocks_free") + metric(server, "fedsea_kv_blocks_used")
         client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0, weights=fmt, edge_cache_memory=0)
         got[ranks] = await client.generate(CHATS[1], max_tokens=8, temperature=0, logprobs=5)
         await client.aclose()
+    # Every rank stores its half of the KV heads in the same (bfloat16) dtype: twice the blocks.
+    assert blocks[2] in (2 * blocks[1], 2 * blocks[1] + 1)
     assert got[2].token_ids == got[1].token_ids
     for two, one in zip(got[2].events, got[1].events):
         assert max(abs(a - b) for (_, a), (_, b) in zip(two.top_logprobs, one.top_logprobs)) < 0.05

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 import torch
 
+from conftest import metric
 from edge_runtime.client import AsyncEdgeClient
 from fedsea_shared.adapters import merged_shard
 from fedsea_shared.layers import linear
@@ -84,6 +85,33 @@ async def test_split_serves_greedy_generation_in_each_format(start_server, tiny_
     assert out.completion_tokens == 6
     assert all(torch.isfinite(torch.tensor(e.logprob)) for e in out.events)
     await client.aclose()
+
+
+async def test_quantized_weights_keep_kv_in_bfloat16_twice_the_tokens_per_byte(start_server, tiny_model_dir):
+    """auto stores K/V in bfloat16 under int4 weights (their products are bf16 already): the
+    same --kv-cache-memory holds twice the blocks, and generation reads the narrower pool
+    back, short contexts and long (past the fused kernel's reach) alike."""
+    blocks, replies = {}, {}
+    for kv in ("float32", "auto"):
+        server = start_server(tiny_model_dir, weights="int4", kv_dtype=kv, kv_cache_memory="4MiB")
+        blocks[kv] = metric(server, "fedsea_kv_blocks_free") + metric(server, "fedsea_kv_blocks_used")
+        client = AsyncEdgeClient(server.url, model=str(tiny_model_dir), noise=0.0, weights="int4")
+        long_chat = [{"role": "user", "content": " ".join(["a long prompt"] * 150)}]
+        replies[kv] = [await client.generate(c, max_tokens=8, temperature=0, logprobs=3) for c in (CHATS[0], long_chat)]
+        await client.aclose()
+        server.stop()
+    assert blocks["auto"] in (2 * blocks["float32"], 2 * blocks["float32"] + 1)  # less one scratch block each
+    for wide, narrow in zip(replies["float32"], replies["auto"]):
+        assert narrow.token_ids == wide.token_ids
+        for a, b in zip(wide.events, narrow.events):
+            assert abs(a.logprob - b.logprob) < 0.02
+
+
+def test_a_kv_dtype_the_attention_path_cannot_read_is_refused_at_start(tiny_model_dir):
+    from server_runtime.app import ServerSettings, ServerThread
+
+    with pytest.raises(ValueError, match="--kv-dtype bfloat16 .* gather decode"):
+        ServerThread(ServerSettings(model=str(tiny_model_dir), port=0, kv_dtype="bfloat16", decode_attention="flex"))
 
 
 def test_quantized_edge_is_smaller_and_ties_its_int8_head_to_the_embedding(tiny_model_dir):
