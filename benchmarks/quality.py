@@ -382,18 +382,21 @@ def binomial_upper(k: int, n: int, alpha: float = 0.025) -> float:
 
 
 def serving_cost(model: str, queries: int, chats: int, task_names: tuple[str, ...], seed: int) -> dict:
-    """The serving default against the unsplit model through the real serving path."""
+    """The serving default against the unsplit model through the real serving path; with
+    pseudonyms in the default, also its noise alone (the same split, noise and template,
+    pseudonyms off), so that each part's cost shows."""
     from audit.frontier import serving_default
 
     default = serving_default()
     p = audit_tasks.prompts(queries, chats, seed, task_names)
     started = time.perf_counter()
-    unsplit, served = audit_tasks.measure(model, default.head, defaults.TAIL, [
-        audit_tasks.Serving(0.0),
-        audit_tasks.Serving(default.noise, default.public_template, pseudonymize=default.pseudonymize),
-    ], p)
+    servings = [audit_tasks.Serving(0.0),
+                audit_tasks.Serving(default.noise, default.public_template, pseudonymize=default.pseudonymize)]
+    if default.pseudonymize:
+        servings.append(audit_tasks.Serving(default.noise, default.public_template))
+    unsplit, served, *noise_only = audit_tasks.measure(model, default.head, defaults.TAIL, servings, p)
     out = {"setting": default.model_dump(), "chat_prompts": len(p.chat),
-           "seconds": time.perf_counter() - started, "tasks": {}}
+           "seconds": time.perf_counter() - started}
     g = torch.Generator().manual_seed(seed)
 
     def paired(a: list[bool], b: list[bool]) -> dict:
@@ -401,7 +404,7 @@ def serving_cost(model: str, queries: int, chats: int, task_names: tuple[str, ..
         idx = torch.randint(0, len(a), (BOOTSTRAP, len(a)), generator=g)
         diff = b[idx].mean(1) - a[idx].mean(1)
         changed = int((a != b).sum())
-        return {"queries": len(a), "unsplit": 100 * a.mean().item(), "serving_default": 100 * b.mean().item(),
+        return {"queries": len(a), "unsplit": 100 * a.mean().item(), "served": 100 * b.mean().item(),
                 "delta": 100 * (b.mean() - a.mean()).item(),
                 "delta_ci": [100 * diff.quantile(q).item() for q in (0.025, 0.975)],
                 "correctness_changed": changed,
@@ -409,10 +412,18 @@ def serving_cost(model: str, queries: int, chats: int, task_names: tuple[str, ..
                 # the bootstrap, this bound does not collapse when none did.
                 "abs_delta_upper": 100 * binomial_upper(changed, len(a))}
 
-    for task in unsplit.hits:
-        out["tasks"][task] = paired(unsplit.hits[task], served.hits[task])
-    if len(unsplit.hits) > 1:  # every query of every task, paired: the interval the target asks of
-        out["pooled"] = paired(sum(unsplit.hits.values(), []), sum(served.hits.values(), []))
+    def against_unsplit(utility) -> dict:
+        tasks = {task: paired(unsplit.hits[task], utility.hits[task]) for task in unsplit.hits}
+        if len(tasks) > 1:  # every query of every task, paired: the interval the target asks of
+            tasks["pooled"] = paired(sum(unsplit.hits.values(), []), sum(utility.hits.values(), []))
+        return tasks
+
+    out["serving_default"] = against_unsplit(served)
+    if noise_only:
+        out["noise_only"] = against_unsplit(noise_only[0])
+    # Per query, in prompts() order: which configuration answered it right.
+    out["hits"] = {name: {t: [int(h) for h in u.hits[t]] for t in u.hits}
+                   for name, u in zip(("unsplit", "serving_default", "noise_only"), (unsplit, served, *noise_only))}
     if p.chat:
         agreement = torch.tensor(served.agreement_per_prompt(unsplit), dtype=torch.float64)
         idx = torch.randint(0, len(agreement), (BOOTSTRAP, len(agreement)), generator=g)
@@ -647,12 +658,13 @@ def main(argv: list[str] | None = None) -> dict:
         save(name, result)
         print(table(name, result), flush=True)
     if args.serving:
-        results["serving_default"] = s = serving_cost(args.model, args.serving, args.serving_chats,
-                                                       tuple(args.serving_tasks), args.seeds[0])
-        for task, t in [*s["tasks"].items(), *([("pooled", s["pooled"])] if "pooled" in s else [])]:
-            print(f"serving default, {task}: {t['serving_default']:.1f} vs unsplit {t['unsplit']:.1f} "
-                  f"(delta {t['delta']:+.1f}, 95% [{t['delta_ci'][0]:+.1f}, {t['delta_ci'][1]:+.1f}], |delta| <= "
-                  f"{t['abs_delta_upper']:.1f}; {t['correctness_changed']} of {t['queries']} changed)")
+        results["serving"] = s = serving_cost(args.model, args.serving, args.serving_chats,
+                                               tuple(args.serving_tasks), args.seeds[0])
+        for name in ("serving_default", "noise_only"):
+            for task, t in s.get(name, {}).items():
+                print(f"{name.replace('_', ' ')}, {task}: {t['served']:.1f} vs unsplit {t['unsplit']:.1f} "
+                      f"(delta {t['delta']:+.1f}, 95% [{t['delta_ci'][0]:+.1f}, {t['delta_ci'][1]:+.1f}], |delta| <= "
+                      f"{t['abs_delta_upper']:.1f}; {t['correctness_changed']} of {t['queries']} changed)")
         if g := s.get("greedy_agreement"):
             print(f"greedy agreement {g['mean']:.3f} [{g['ci'][0]:.3f}, {g['ci'][1]:.3f}] over {s['chat_prompts']} chats")
     results["wall_seconds"] = time.perf_counter() - started
