@@ -79,7 +79,9 @@ def _server_parser(sub) -> None:
     p.add_argument("--port", type=int, default=s.port)
     p.add_argument("--device", default=s.device)
     p.add_argument("--dtype", default=s.dtype, choices=list(WIRE_DTYPES))
-    p.add_argument("--kv-cache-memory", default=s.kv_cache_memory, help="KV pool size: bytes (2GiB, 512MiB) or a fraction of free GPU memory (0.8)")
+    p.add_argument("--kv-cache-memory", default=defaults.kv_cache_memory(),
+                   help="KV pool size: bytes (2GiB, 512MiB) or a fraction of free GPU memory (0.8) (default: "
+                        "$FEDSEA_KV_CACHE_MEMORY, else 1GiB)")
     p.add_argument("--kv-dtype", default=s.kv_dtype, choices=["auto", *WIRE_DTYPES], help=KV_DTYPE_HELP)
     p.add_argument("--block-size", type=int, default=s.block_size, help="tokens per KV block")
     _attention_backend_arg(p)
@@ -198,7 +200,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--edge-weights", choices=WEIGHT_FORMATS,
                    help="weight format of the edge's blocks, embedding and LM head (default: --weights)")
     p.add_argument("--device", default=ServerSettings.device, help="device of the server runtime's middle blocks")
-    p.add_argument("--kv-cache-memory", default=ServerSettings.kv_cache_memory, help="KV pool size of the server runtime")
+    p.add_argument("--kv-cache-memory", default=defaults.kv_cache_memory(),
+                   help="KV pool size of the server runtime (default: $FEDSEA_KV_CACHE_MEMORY, else 1GiB)")
     p.add_argument("--kv-dtype", default=ServerSettings.kv_dtype, choices=["auto", *WIRE_DTYPES], help=KV_DTYPE_HELP)
     _max_context_arg(p)
     _attention_backend_arg(p)

@@ -19,7 +19,12 @@ PUBLIC_TEMPLATE = True
 # becomes token ids, and map them back in the output (edge_runtime.pseudonyms).
 PSEUDONYMIZE = True
 MAX_CONTEXT = 8192  # tokens a session may hold on the server (prompt and generated)
-KV_CACHE_MEMORY = "1GiB"  # the server's KV pool: bytes, or a fraction of free accelerator memory
+
+
+def kv_cache_memory() -> str:
+    """The server's KV pool (bytes, or a fraction of free accelerator memory), preallocated
+    at start: $FEDSEA_KV_CACHE_MEMORY, else 1GiB."""
+    return os.environ.get("FEDSEA_KV_CACHE_MEMORY", "1GiB")
 
 
 def weights() -> str:

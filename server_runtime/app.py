@@ -71,7 +71,7 @@ class ServerSettings:
     port: int = defaults.SERVER_PORT
     device: str = "cpu"
     dtype: str = "float32"  # compute dtype
-    kv_cache_memory: str = defaults.KV_CACHE_MEMORY
+    kv_cache_memory: str = field(default_factory=defaults.kv_cache_memory)
     kv_dtype: str = "auto"  # the KV pool's: float32 | bfloat16 | float16 | auto (worker.resolve_kv_dtype)
     block_size: int = 16
     attention_backend: str = "auto"  # torch | vllm (vLLM's paged-attention kernels) | auto: vllm where installed and fit
