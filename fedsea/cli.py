@@ -32,6 +32,7 @@ KV_DTYPE_HELP = ("what the server's KV pool stores K/V in; auto = bfloat16 where
                  "decode reads it, float16 for float16 weights, else the compute dtype: a bfloat16 pool holds "
                  "twice the tokens per byte (default: %(default)s)")
 
+
 def _bytes(text: str) -> int:
     """A size flag: bytes, or with a unit (512MiB, 2GiB)."""
     return parse_memory(text)

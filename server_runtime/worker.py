@@ -1,6 +1,6 @@
 """One rank's share of the server's model: it loads its middle blocks (all of them, or a
-tensor-parallel rank's slice), settles the kernels they run on, sizes its KV pool (and picks what it stores K/V in) and
-runs a `TickPlan` through them.
+tensor-parallel rank's slice), settles the kernels they run on, sizes its KV pool and picks
+its dtype, and runs a `TickPlan` through them.
 
 The choices that could come out differently per rank (the linear kernel, timed at
 start-up; block ops and attention backends, which depend on what builds or is installed
@@ -173,7 +173,8 @@ class Worker:
 
 # Weight formats whose products already round K and V to bfloat16 (the int8/int4 CPU kernels
 # take bf16 activations) or come from bf16 weights: a bfloat16 pool halves the KV memory,
-# so a GiB holds twice the tokens, for little further rounding.
+# so a GiB holds twice the tokens, for little further rounding.  "file" (a GGUF's own
+# formats) counts as quantized; an all-F32 GGUF gets the bf16 pool too under auto.
 BF16_PRODUCTS = ("bfloat16", "int8", "int4", "file")
 
 

