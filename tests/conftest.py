@@ -20,8 +20,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 # int4 on CPUs with native bf16 (tests/test_weight_formats.py checks that policy).
 os.environ["FEDSEA_WEIGHTS"] = "float32"
 # A server preallocates its whole KV pool; the tests start about a hundred, several at a time
-# in each of two workers, and at the product's 1GiB each a worker held over 10 GB. 256MiB
-# holds 6,600 tokens of the default model (tests that need a size ask for it).
+# (in each worker under -n 2), and at the product's 1GiB each a process held over 10 GB.
+# 256MiB holds 6,600 tokens of the default model (tests that need a size ask for it).
 os.environ["FEDSEA_KV_CACHE_MEMORY"] = "256MiB"
 
 from fedsea_shared.models import DEFAULT_MODEL, resolve_model
