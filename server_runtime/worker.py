@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from fedsea_shared.adapters import load_adapters
 from fedsea_shared.architectures import check_context
-from fedsea_shared.layers.linear import NO_DENSE_WEIGHTS
+from fedsea_shared.layers.linear import NO_DENSE_WEIGHTS, loaded_format
 from fedsea_shared.layers.tensor_parallel import AllReduceStats, TensorSplit, shard_blocks
 from fedsea_shared.models import is_gguf, resolve_model
 from fedsea_shared.protocol import WIRE_DTYPES
@@ -120,7 +120,9 @@ class Worker:
         graphs = s.cuda_graphs and on_cuda and attention == "flex" and backend == "torch" and self.ranks is None
         if graphs and s.max_graph_batch < 1:
             raise ValueError(f"--max-graph-batch must be >= 1 (got {s.max_graph_batch})")
-        kv_dtype = resolve_kv_dtype(s.kv_dtype, s.dtype, self.weights, backend == "torch" and attention == "gather")
+        # The shard's own formats, not --weights: a GGUF's ("file") may be all float32.
+        converts = backend == "torch" and attention == "gather"
+        kv_dtype = resolve_kv_dtype(s.kv_dtype, s.dtype, loaded_format(self.shard), converts)
         return Choices(linear_kernel, block_ops, backend, attention, graphs, kv_dtype, self._num_blocks(kv_dtype))
 
     def _num_blocks(self, kv_dtype: str) -> int:
@@ -173,9 +175,8 @@ class Worker:
 
 # Weight formats whose products already round K and V to bfloat16 (the int8/int4 CPU kernels
 # take bf16 activations) or come from bf16 weights: a bfloat16 pool halves the KV memory,
-# so a GiB holds twice the tokens, for little further rounding.  "file" (a GGUF's own
-# formats) counts as quantized; an all-F32 GGUF gets the bf16 pool too under auto.
-BF16_PRODUCTS = ("bfloat16", "int8", "int4", "file")
+# so a GiB holds twice the tokens, for little further rounding.
+BF16_PRODUCTS = ("bfloat16", "int8", "int4")
 
 
 def resolve_kv_dtype(kv_dtype: str, compute: str, weights: str, converts: bool) -> str:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, metric
 from edge_runtime.client import AsyncEdgeClient
 from edge_runtime.sampling import SamplingParams
 from fedsea_shared.architectures import load_config
@@ -161,6 +161,21 @@ async def test_a_qwen2_gguf_generates_what_transformers_reads_from_it(tmp_path, 
     finally:
         await client.aclose()
     assert got == expected
+
+
+def test_kv_dtype_auto_follows_the_files_own_formats(tmp_path, tiny_model_dir, start_server):
+    """Served as the file stores it, a Q4_0 file computes K/V in bf16 (int4 kernels), so auto
+    stores them in a bfloat16 pool, twice the tokens per byte; an F32 file's float32 products
+    keep a float32 pool, which bfloat16 would round."""
+    blocks = {}
+    for qtype in (Q.F32, Q.Q4_0):
+        model_dir = resolve_model(str(write_gguf(tmp_path / f"{qtype.name}.gguf", tiny_model_dir, qtype)))
+        server = start_server(model_dir, weights="auto", kv_cache_memory="4MiB")
+        blocks[qtype] = metric(server, "fedsea_kv_blocks_free") + metric(server, "fedsea_kv_blocks_used")
+        server.stop()
+    reference = start_server(tiny_model_dir, weights="float32", kv_cache_memory="4MiB")
+    assert blocks[Q.F32] == metric(reference, "fedsea_kv_blocks_free") + metric(reference, "fedsea_kv_blocks_used")
+    assert blocks[Q.Q4_0] in (2 * blocks[Q.F32], 2 * blocks[Q.F32] + 1)  # less one scratch block each
 
 
 @pytest.mark.parametrize("family, overrides", [("llama", {"attention_bias": True}), ("qwen2", {})],

@@ -388,6 +388,21 @@ def dense_linears(shard: nn.Module) -> list[Linear]:
     return [m for m in shard.modules() if isinstance(m, Linear) and m.method is DENSE]
 
 
+def loaded_format(shard: nn.Module) -> str:
+    """The weight format a loaded shard's linears hold, named as `--weights` names it: int4
+    or int8 where any linear has it (a GGUF file's own formats mix), else its dense weights'
+    dtype."""
+    methods = {m.method.name for m in shard.modules() if isinstance(m, Linear)}
+    for fmt in ("int4", "int8"):
+        if fmt in methods:
+            return fmt
+    dtypes = {m.weight.dtype for m in dense_linears(shard)}
+    for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+        if dtype in dtypes:
+            return name
+    return "float32"
+
+
 def available_memory() -> int | None:
     """Bytes of physical memory available now (None where the OS does not say)."""
     try:
