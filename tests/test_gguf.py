@@ -163,19 +163,22 @@ async def test_a_qwen2_gguf_generates_what_transformers_reads_from_it(tmp_path, 
     assert got == expected
 
 
-def test_kv_dtype_auto_follows_the_files_own_formats(tmp_path, tiny_model_dir, start_server):
-    """Served as the file stores it, a Q4_0 file computes K/V in bf16 (int4 kernels), so auto
-    stores them in a bfloat16 pool, twice the tokens per byte; an F32 file's float32 products
-    keep a float32 pool, which bfloat16 would round."""
-    blocks = {}
-    for qtype in (Q.F32, Q.Q4_0):
-        model_dir = resolve_model(str(write_gguf(tmp_path / f"{qtype.name}.gguf", tiny_model_dir, qtype)))
-        server = start_server(model_dir, weights="auto", kv_cache_memory="4MiB")
-        blocks[qtype] = metric(server, "fedsea_kv_blocks_free") + metric(server, "fedsea_kv_blocks_used")
-        server.stop()
-    reference = start_server(tiny_model_dir, weights="float32", kv_cache_memory="4MiB")
-    assert blocks[Q.F32] == metric(reference, "fedsea_kv_blocks_free") + metric(reference, "fedsea_kv_blocks_used")
-    assert blocks[Q.Q4_0] in (2 * blocks[Q.F32], 2 * blocks[Q.F32] + 1)  # less one scratch block each
+@pytest.fixture(scope="module")
+def f32_gguf(tmp_path_factory, tiny_model_dir) -> Path:
+    return resolve_model(str(write_gguf(tmp_path_factory.mktemp("F32") / "tiny.gguf", tiny_model_dir, Q.F32)))
+
+
+def test_kv_dtype_auto_follows_the_files_own_formats(tiny_gguf, f32_gguf, tiny_model_dir, start_server):
+    """Served as the file stores it, a Q8_0/Q4_0 file computes K/V in bf16 (int8/int4
+    kernels), so auto stores them in a bfloat16 pool, twice the tokens per byte; an F32
+    file's float32 products keep a float32 pool, which bfloat16 would round."""
+    def blocks(model, weights):
+        server = start_server(model, weights=weights, kv_cache_memory="4MiB")
+        return metric(server, "fedsea_kv_blocks_free") + metric(server, "fedsea_kv_blocks_used")
+
+    f32 = blocks(f32_gguf, "auto")
+    assert f32 == blocks(tiny_model_dir, "float32")
+    assert blocks(resolve_model(str(tiny_gguf[0])), "auto") in (2 * f32, 2 * f32 + 1)  # less one scratch block each
 
 
 @pytest.mark.parametrize("family, overrides", [("llama", {"attention_bias": True}), ("qwen2", {})],
